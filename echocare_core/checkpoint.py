@@ -1,0 +1,311 @@
+"""Self-describing checkpoints and the one loading path for foreign weights.
+
+A checkpoint is a folder written atomically (temp folder, then rename):
+
+    step_000100/
+      model.safetensors        weights; its header also carries the JSON metadata
+      meta.json                format version, toolkit version, model config, ontology, input spec, step, metrics
+      train_state.safetensors  optimizer/scheduler tensors (resume only)
+      train_state.json         the rest of the training state, tensors replaced by references
+
+Nothing here unpickles arbitrary objects: safetensors and JSON only, and `torch.load(weights_only=True)`
+for foreign `.pth` files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_patch_embed, resize_rel_pos_bias_table
+from torch import nn
+
+from echocare_core import __version__
+from echocare_core.config import from_dict, to_dict
+from echocare_core.data.ontology import Ontology
+from echocare_core.models.pretrain import EchoCarePretrainModel
+from echocare_core.models.swin import EncoderConfig, SwinEncoder
+
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "read_meta", "load_weights", "load_train_state",
+           "latest_checkpoint", "prune_checkpoints", "build_from_checkpoint", "unwrap", "filter_state_dict",
+           "load_encoder_weights", "LoadReport"]
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+MODEL_FILE, META_FILE = "model.safetensors", "meta.json"
+STATE_FILE, STATE_JSON = "train_state.safetensors", "train_state.json"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_module.")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP, torch.compile and Opacus wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or getattr(model, "_module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON skeleton of `obj` with tensors moved into `tensors` (dict keys may be ints)."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _flatten(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _unflatten(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__dict__" in obj:
+        return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: dict[str, Any],
+                    train_state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder atomically; an existing folder of that name is replaced.
+
+    Args:
+        directory: the checkpoint folder to create, e.g. `run/checkpoints/step_000100`.
+        model: the model (wrappers are removed first).
+        meta: JSON-able description: model config, ontology, step, metrics, ...
+        train_state: optimizer/scheduler/progress state for resuming; tensors allowed anywhere.
+
+    Returns:
+        The folder.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    meta = {"format_version": FORMAT_VERSION, "toolkit_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
+    text = json.dumps(meta, indent=2, sort_keys=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(state, str(tmp / MODEL_FILE), metadata={"echocare": text})
+    if train_state is not None:
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = _flatten(train_state, "s", tensors)
+        save_file(tensors, str(tmp / STATE_FILE))
+        (tmp / STATE_JSON).write_text(json.dumps(skeleton), encoding="utf-8")
+    (tmp / META_FILE).write_text(text, encoding="utf-8")
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+    return directory
+
+
+def _model_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    file = path / MODEL_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a checkpoint folder or a .safetensors file)")
+    return file
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Metadata of a checkpoint folder or of a bare `model.safetensors` (its header carries it).
+
+    Raises:
+        FileNotFoundError: nothing there.
+        ValueError: the file is not an EchoCare checkpoint or is from a newer format.
+    """
+    file = _model_file(path)
+    with safe_open(str(file), framework="pt") as f:
+        text = (f.metadata() or {}).get("echocare")
+    if text is None:
+        raise ValueError(f"{file} has no EchoCare metadata; load foreign weights with load_encoder_weights()")
+    meta = json.loads(text)
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{file} has checkpoint format {meta['format_version']}; this toolkit "
+                         f"({__version__}) reads up to {FORMAT_VERSION}: upgrade echocare")
+    return meta
+
+
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return load_file(str(_model_file(path)), device=str(device))
+
+
+def load_train_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """The resume state saved with a checkpoint (tensors on the CPU).
+
+    Raises:
+        FileNotFoundError: the checkpoint was saved without training state.
+    """
+    directory = Path(directory)
+    if not (directory / STATE_JSON).is_file():
+        raise FileNotFoundError(f"{directory} holds no training state (it is a weights-only checkpoint)")
+    tensors = load_file(str(directory / STATE_FILE))
+    return _unflatten(json.loads((directory / STATE_JSON).read_text("utf-8")), tensors)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The complete `step_N` folder with the highest N under `root`, or None."""
+    root = Path(root)
+    found = [(int(m.group(1)), p) for p in root.glob("step_*")
+             if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file()] if root.is_dir() else []
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` `step_N` folders (and stale temp folders)."""
+    root = Path(root)
+    steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name)))
+    for _, p in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".step_*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint describes and load its weights, from the checkpoint alone.
+
+    Raises:
+        ValueError: the checkpoint describes a model kind this toolkit version cannot build.
+    """
+    meta = read_meta(path)
+    kind = meta.get("model_kind")
+    if kind != "pretrain":
+        raise ValueError(f"{path}: model_kind {kind!r} is not buildable here (known: 'pretrain')")
+    cfg = from_dict(EncoderConfig, meta["encoder"], "encoder")
+    model = EchoCarePretrainModel(cfg, Ontology.from_tree(meta["ontology"], f"{path} ontology"))
+    model.load_state_dict(load_weights(path), strict=True)
+    return model.to(device), meta
+
+
+def encoder_meta(cfg: EncoderConfig) -> dict[str, Any]:
+    """The JSON description of an encoder stored in checkpoints."""
+    return to_dict(cfg)
+
+
+@dataclass
+class LoadReport:
+    """What a foreign-weights load did."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.adapted)} adapted"
+                + (f"; missing e.g. {self.missing[:3]}" if self.missing else "")
+                + (f"; unexpected e.g. {self.unexpected[:3]}" if self.unexpected else ""))
+
+
+def _read_foreign(source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"weights not found: {path}")
+    if path.is_dir() or path.suffix == ".safetensors":
+        return load_weights(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError and friends for unsafe or broken files
+        raise ValueError(f"{path}: cannot be read as plain tensors ({type(exc).__name__}); only tensor "
+                         f"checkpoints are loaded, never pickled code") from None
+    for key in ("model", "state_dict", "module"):  # training scripts nest the weights
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def filter_state_dict(state: Mapping[str, torch.Tensor], encoder: SwinEncoder
+                      ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Map a foreign state dict onto `encoder`'s names and shapes (pure: the encoder is not changed).
+
+    Handles timm and original Swin layouts, SimMIM/MAE `encoder.` prefixes, DDP `module.`,
+    `torch.compile` `_orig_mod.`, Opacus `_module.`; adapts 3-channel stems to 1 channel (and back),
+    resamples the patch embedding to another patch size and resizes relative-position tables.
+    """
+    report = LoadReport()
+    items = dict(state)
+    for prefix in (*WRAPPER_PREFIXES, "encoder."):
+        if any(k.startswith(prefix) for k in items):
+            report.unexpected += [k for k in items if not k.startswith(prefix)]
+            items = {k[len(prefix):]: v for k, v in items.items() if k.startswith(prefix)}
+    original_layout = "layers.0.downsample.reduction.weight" in items  # downsample at stage end
+    target = encoder.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in items.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            continue  # computed buffers
+        if original_layout:
+            key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
+        key = key.replace("attn.relative_position_bias_table", "attn.rel_pos.relative_position_bias_table")
+        if key not in target:
+            report.unexpected.append(key)
+            continue
+        want = target[key].shape
+        if value.shape != want:
+            adapted = _adapt(key, value, want, encoder)
+            if adapted is None:
+                report.unexpected.append(f"{key} (shape {tuple(value.shape)}, encoder wants {tuple(want)})")
+                continue
+            value = adapted
+            report.adapted.append(key)
+        out[key] = value.to(target[key].dtype)
+    report.missing = [k for k in target if k not in out]
+    return out, report
+
+
+def _adapt(key: str, value: torch.Tensor, want: torch.Size, encoder: SwinEncoder) -> torch.Tensor | None:
+    """Adapt one tensor to the shape `want`, or None when no rule applies."""
+    if key == "patch_embed.proj.weight" and value.ndim == 4:
+        if value.shape[1] != want[1]:
+            # 3 -> 1: sum over colours (a gray image is R=G=B); 1 -> 3: spread evenly
+            value = value.sum(1, keepdim=True) if want[1] == 1 else value.repeat(1, want[1], 1, 1) / want[1]
+        if value.shape[-2:] != want[-2:]:
+            value = resample_patch_embed(value, list(want[-2:]), interpolation="bicubic", antialias=True)
+        return value if value.shape == want else None
+    if key.endswith("relative_position_bias_table") and value.ndim == 2 and value.shape[1] == want[1]:
+        module = encoder.get_submodule(key.rsplit(".", 1)[0])
+        return resize_rel_pos_bias_table(value, new_window_size=(module.window, module.window),
+                                         new_bias_shape=tuple(want))
+    return None
+
+
+def load_encoder_weights(encoder: SwinEncoder, source: str | os.PathLike | Mapping[str, torch.Tensor]
+                         ) -> LoadReport:
+    """Load foreign or EchoCare weights into an encoder through `filter_state_dict`.
+
+    Args:
+        encoder: the target encoder.
+        source: a checkpoint folder, `.safetensors`, `.pth/.pt/.bin` file, or a state dict.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file cannot be read as tensors, or nothing in it matches the encoder.
+    """
+    state = dict(source) if isinstance(source, Mapping) else _read_foreign(source)
+    filtered, report = filter_state_dict(state, encoder)
+    if not filtered:
+        raise ValueError(f"no tensor of {source if not isinstance(source, Mapping) else 'the state dict'} "
+                         f"matches the encoder ({report.summary()})")
+    encoder.load_state_dict(filtered, strict=False)
+    log.info("loaded encoder weights: %s", report.summary())
+    return report

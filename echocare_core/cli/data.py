@@ -1,0 +1,132 @@
+"""`echocare-data`: dataset tools for sites and researchers.
+
+Subcommands:
+    synth   write synthetic ultrasound dataset folders, one per simulated site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from echocare_core.cli.common import console as err_console
+from echocare_core.cli.common import fail, setup_logging
+from echocare_core.data import synthetic
+
+PROG = "echocare-data"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except for options without one (required ones)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= `low`, with a one-line error otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _size(text: str) -> int:
+    value = _int_at_least(synthetic.MIN_SIZE)(text)
+    if value > synthetic.MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"must be <= {synthetic.MAX_SIZE}, got {value}")
+    return value
+
+
+def _add_synth(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "synth", help="write synthetic ultrasound datasets, one folder per site",
+        description="Write OUT/site_00, OUT/site_01, ... each a dataset folder (dataset.yaml, "
+                    "manifest.csv, images/, masks/) imaged with a different device profile.",
+        formatter_class=_HelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="parent folder of the site folders")
+    p.add_argument("--sites", type=_int_at_least(1), required=True, help="number of sites")
+    p.add_argument("--per-site", type=_int_at_least(1), required=True, help="images per site")
+    p.add_argument("--task", choices=synthetic.TASKS, required=True, help="what the labels are for")
+    p.add_argument("--size", type=_size, default=128, help="image height and width in pixels")
+    p.add_argument("--seed", type=int, default=0, help="base seed; same seed, same bytes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace images/, masks/, manifest.csv and dataset.yaml in non-empty site folders")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=_run_synth)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the `echocare-data` argument parser (one subparser per subcommand)."""
+    parser = argparse.ArgumentParser(prog=PROG, description="EchoCare dataset tools.",
+                                     formatter_class=_HelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_synth(subparsers)
+    return parser
+
+
+def _site_summary(folder: Path) -> str:
+    """One line per written site, read back from its manifest and dataset.yaml."""
+    meta = yaml.safe_load((folder / "dataset.yaml").read_text(encoding="utf-8"))
+    with open(folder / "manifest.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    splits = Counter(r["split"] for r in rows)
+    patients = len({r["patient"] for r in rows})
+    line = (f"{folder}: {len(rows)} images, {patients} patients, train/val/test "
+            f"{splits['train']}/{splits['val']}/{splits['test']}, profile {meta['device_profile']}")
+    if meta["task"] == "classification":
+        labels = Counter(r["label"] for r in rows)
+        line += ", " + ", ".join(f"{c} {labels[c]}" for c in meta["classes"])
+    return line
+
+
+def _run_synth(args: argparse.Namespace, console: Console) -> int:
+    folders = [args.out / f"site_{i:02d}" for i in range(args.sites)]
+    busy = [f for f in folders if f.exists() and (not f.is_dir() or any(f.iterdir()))]
+    if busy and not args.overwrite:
+        return fail(f"{PROG} synth", f"{busy[0]} is not empty; pass --overwrite to replace it "
+                    "or choose another --out")
+    with Progress(TextColumn("[bold]synth {task.fields[what]}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True,
+                  disable=not err_console.is_terminal) as progress:
+        bar = progress.add_task("images", total=args.sites * args.per_site, what=args.task)
+        try:
+            written = synthetic.write_dataset(
+                args.out, args.task, args.sites, args.per_site, size=args.size, seed=args.seed,
+                overwrite=args.overwrite, on_image=lambda: progress.advance(bar))
+        except FileExistsError as err:  # a site folder appeared or is a file
+            return fail(f"{PROG} synth", str(err))
+    for folder in written:
+        console.print(_site_summary(folder), highlight=False, soft_wrap=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `echocare-data` with `argv` (default: sys.argv[1:]) and return the exit code.
+
+    Raises:
+        SystemExit: code 2 with a one-line reason on bad arguments (argparse), 0 after --help.
+    """
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return args.func(args, Console())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

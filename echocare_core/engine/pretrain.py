@@ -1,0 +1,270 @@
+"""The pretraining loop: MIM + hierarchy, AdamW/cosine, accumulation, DDP, checkpoint and exact resume.
+
+Randomness is a function of the saved state: data randomness of (seed, epoch, sample index),
+model randomness (drop-path) of (seed, step, rank), re-seeded at every optimizer step. A resumed run
+therefore continues the very loss curve an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from echocare_core.checkpoint import (encoder_meta, latest_checkpoint, load_train_state, load_weights,
+                                      load_encoder_weights, prune_checkpoints, read_meta, save_checkpoint)
+from echocare_core.config import save_config, to_dict
+from echocare_core.data.ontology import load_ontology
+from echocare_core.data.pretrain import (INPUT_MEAN, INPUT_STD, MaskGenerator, PretrainDataset, ShardedSampler,
+                                         build_index, collate_skipping, write_skip_log)
+from echocare_core.engine.distributed import DistInfo, all_reduce_sum, init_distributed, rank_fingerprints, shutdown
+from echocare_core.engine.optim import build_optimizer, warmup_cosine
+from echocare_core.engine.pretrain_config import PretrainConfig
+from echocare_core.models.pretrain import EchoCarePretrainModel
+
+__all__ = ["run_pretraining", "NonFiniteLossError", "PretrainResult"]
+
+log = logging.getLogger(__name__)
+StepCallback = Callable[[int, int, dict[str, float]], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass
+class PretrainResult:
+    status: str  # "finished" or "stopped"
+    step: int
+    resumed_from: int
+    output: Path
+    skipped: dict[str, int] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint we resume from, so the curve continues cleanly."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text("utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class _Run:
+    """State of one pretraining run in one process."""
+
+    def __init__(self, cfg: PretrainConfig, dist: DistInfo, stop: Callable[[], bool]) -> None:
+        self.cfg, self.dist, self.stop = cfg, dist, stop
+        self.out = Path(cfg.output)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.ontology = load_ontology(cfg.data.ontology)
+        index = build_index(cfg.data.sources, self.ontology)
+        masks = MaskGenerator(cfg.model.img_size, cfg.mim.mask_patch_size, cfg.model.patch_size, cfg.mim.mask_ratio)
+        self.dataset = PretrainDataset(index, cfg.model.img_size, cfg.model.in_chans, masks, cfg.data.augment,
+                                       cfg.data.frame_step, cfg.data.min_nonzero, cfg.seed)
+        self.sampler = ShardedSampler(len(index), dist.rank, dist.world, cfg.seed)
+        o = cfg.optim
+        if o.batch_size % (o.micro_batch * dist.world):
+            raise ValueError(f"optim.batch_size={o.batch_size} must be a multiple of micro_batch x processes "
+                             f"= {o.micro_batch} x {dist.world}")
+        self.accum = o.batch_size // (o.micro_batch * dist.world)
+        self.steps_per_epoch = self.sampler.per_rank // (o.micro_batch * self.accum)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(index)} images are fewer than one batch of {o.batch_size}; "
+                             f"lower optim.batch_size or add data")
+        self.loader = DataLoader(self.dataset, batch_size=o.micro_batch, sampler=self.sampler, drop_last=True,
+                                 num_workers=cfg.data.num_workers, collate_fn=collate_skipping,
+                                 worker_init_fn=_worker_init, pin_memory=dist.device.type == "cuda",
+                                 persistent_workers=False)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
+        self.model = EchoCarePretrainModel(cfg.model, self.ontology).to(dist.device)
+        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, o.betas)
+        self.scheduler = warmup_cosine(self.optimizer, o.warmup_steps, o.steps, o.min_lr / o.lr)
+        self.bf16 = o.precision == "bf16" or (o.precision == "auto" and dist.device.type == "cuda")
+        self.step = 0
+        self.skipped = {"unreadable": 0, "near-empty": 0}
+        self.resumed_from = self._resume_or_init()
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[dist.device.index] if dist.device.index
+                                            is not None else None) if dist.world > 1 else self.model)
+
+    def _resume_or_init(self) -> int:
+        ckpt = latest_checkpoint(self.ckpt_dir)
+        if ckpt is None:
+            if self.cfg.init_weights:
+                report = load_encoder_weights(self.model.encoder, self.cfg.init_weights)
+                log.info("initial encoder weights from %s: %s", self.cfg.init_weights, report.summary())
+            return 0
+        meta = read_meta(ckpt)
+        if meta.get("encoder") != encoder_meta(self.cfg.model):
+            raise ValueError(f"{ckpt} was made with another model config; resume needs the same `model:` "
+                             f"section, or choose a new output folder")
+        state = load_train_state(ckpt)
+        self.model.load_state_dict(load_weights(ckpt, self.dist.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.skipped = dict(state["skipped"])
+        log.info("resumed from %s at step %d", ckpt, self.step)
+        return self.step
+
+    def _micro_step(self, batch: dict[str, Any], sync: bool) -> dict[str, torch.Tensor]:
+        dev = self.dist.device
+        ctx = contextlib.nullcontext() if sync or self.dist.world == 1 else self.ddp.no_sync()
+        with ctx:
+            if batch["image"] is None:  # every image of the micro-batch was skipped: keep ranks in step
+                loss = sum(p.sum() for p in self.model.parameters()) * 0.0
+                parts = {"loss_mim": torch.zeros((), device=dev), "loss_hie": torch.zeros((), device=dev),
+                         "labelled": torch.zeros((), device=dev)}
+                n = 0
+            else:
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss, parts, _ = self.ddp(batch["image"].to(dev, non_blocking=True),
+                                              batch["token_mask"].to(dev, non_blocking=True),
+                                              batch["anatomy"].to(dev, non_blocking=True), self.cfg.hie_weight)
+                n = batch["image"].shape[0]
+            (loss / self.accum).backward()
+        kinds = [k for k, _, _ in batch["skipped"]]
+        return {"loss": loss.detach(), **parts, "images": torch.tensor(float(n), device=dev),
+                "unreadable": torch.tensor(float(kinds.count("unreadable")), device=dev),
+                "near-empty": torch.tensor(float(kinds.count("near-empty")), device=dev)}
+
+    def _optimizer_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        torch.manual_seed(hash((self.cfg.seed, self.step, self.dist.rank)) & 0x7FFFFFFF)
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            for k, v in self._micro_step(batch, sync=i == len(batches) - 1).items():
+                sums[k] = sums.get(k, 0.0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad or float("inf"))
+        keys = ("loss", "loss_mim", "loss_hie", "labelled", "images", "unreadable", "near-empty")
+        packed = all_reduce_sum(torch.stack([sums[k].float() for k in keys] + [grad_norm.float()]))
+        scale = torch.tensor([self.accum * self.dist.world] * 3 + [1.0] * 4 + [self.dist.world], device=packed.device)
+        loss, mim, hie, labelled, images, unreadable, empty, gnorm = (packed / scale).tolist()
+        self.skipped["unreadable"] += int(unreadable)
+        self.skipped["near-empty"] += int(empty)
+        if not all(map(lambda v: v == v and abs(v) != float("inf"), (loss, gnorm))):
+            raise NonFiniteLossError(
+                f"non-finite {'loss' if loss != loss or abs(loss) == float('inf') else 'gradient'} at step "
+                f"{self.step + 1} (loss_mim={mim}, loss_hie={hie}, grad_norm={gnorm}); the last good checkpoint "
+                f"is kept in {self.ckpt_dir}. Lower optim.lr, raise optim.warmup_steps or use precision: fp32")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": loss, "loss_mim": mim, "loss_hie": hie, "grad_norm": gnorm,
+                "labelled_frac": labelled / max(images, 1.0), "images": images,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def save(self, metrics: dict[str, float]) -> None:
+        fingerprints = rank_fingerprints(self.model)
+        if max(fingerprints) - min(fingerprints) > 1e-6 * max(1.0, abs(fingerprints[0])):
+            raise RuntimeError(f"ranks disagree on the weights at step {self.step}: {fingerprints}")
+        if not self.dist.is_main:
+            return
+        meta = {"model_kind": "pretrain", "encoder": encoder_meta(self.cfg.model),
+                "ontology": self.ontology.to_tree(), "step": self.step,
+                "epoch": self.step / self.steps_per_epoch, "metrics": metrics,
+                "input": {"channels": self.cfg.model.in_chans, "size": self.cfg.model.img_size,
+                          "mean": INPUT_MEAN, "std": INPUT_STD},
+                "rank_fingerprints": fingerprints, "config": to_dict(self.cfg)}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "step": self.step, "skipped": self.skipped}
+        save_checkpoint(self.ckpt_dir / f"step_{self.step:06d}", self.model, meta, state)
+        prune_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+
+    def train(self, on_step: StepCallback | None) -> PretrainResult:
+        cfg, o = self.cfg, self.cfg.optim
+        metrics_file = self.out / "metrics.jsonl"
+        skip_file = self.out / ("skipped_files.csv" if self.dist.world == 1 else f"skipped_files.rank{self.dist.rank}.csv")
+        if self.dist.is_main:
+            _truncate_metrics(metrics_file, self.step)
+        last: dict[str, float] = {}
+        status = "finished"
+        t_wait = t_other = 0.0
+        t_window, images_window = time.perf_counter(), 0.0
+        while self.step < o.steps and status == "finished":
+            epoch, done = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch, done * o.micro_batch * self.accum)
+            self.dataset.set_epoch(epoch)
+            batches = iter(self.loader)
+            for _ in range(self.steps_per_epoch - done):
+                t0 = time.perf_counter()
+                group = [next(batches) for _ in range(self.accum)]
+                t_wait += time.perf_counter() - t0
+                last = self._optimizer_step(group)
+                images_window += last["images"]
+                t1 = time.perf_counter()
+                skipped_rows = [row for b in group for row in b["skipped"]]
+                if skipped_rows:
+                    write_skip_log(skip_file, skipped_rows)
+                    for kind, path, reason in skipped_rows:
+                        log.warning("skipped %s image %s: %s", kind, path, reason)
+                if self.step % cfg.log_every == 0 or self.step == o.steps:
+                    elapsed = time.perf_counter() - t_window
+                    last.update(epoch=self.step / self.steps_per_epoch, images_per_s=images_window / elapsed,
+                                outside_share=(t_wait + t_other) / elapsed)
+                    t_wait = t_other = 0.0
+                    t_window, images_window = time.perf_counter(), 0.0
+                    if self.dist.is_main:
+                        with metrics_file.open("a", encoding="utf-8") as f:
+                            f.write(json.dumps({"step": self.step, **last}) + "\n")
+                stop = self._stop_requested()
+                if self.step % cfg.checkpoint.every_steps == 0 or self.step == o.steps or stop:
+                    self.save(last)
+                if on_step is not None and self.dist.is_main:
+                    on_step(self.step, o.steps, last)
+                t_other += time.perf_counter() - t1
+                if stop:
+                    status = "stopped"
+                    break
+                if self.step >= o.steps:
+                    break
+        return PretrainResult(status, self.step, self.resumed_from, self.out, dict(self.skipped), last)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop() else 0.0], device=self.dist.device)
+        return all_reduce_sum(flag).item() > 0
+
+
+def run_pretraining(cfg: PretrainConfig, on_step: StepCallback | None = None,
+                    stop: Callable[[], bool] = lambda: False) -> PretrainResult:
+    """Pretrain (or resume pretraining) as `cfg` says, in this process or as one rank under torchrun.
+
+    Args:
+        cfg: the resolved config.
+        on_step: called on rank 0 after every optimizer step with `(step, total, last_metrics)`.
+        stop: polled after every optimizer step; when it returns True (e.g. after Ctrl-C) the run
+            saves a checkpoint and returns with status "stopped".
+
+    Raises:
+        NonFiniteLossError: the loss or gradient became NaN/inf.
+        ValueError, FileNotFoundError: bad data or config.
+    """
+    dist = init_distributed(cfg.device)
+    try:
+        out = Path(cfg.output)
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        run = _Run(cfg, dist, stop)
+        result = run.train(on_step)
+        if dist.is_main:
+            from echocare_core.engine.report import write_pretrain_report
+            write_pretrain_report(out, result.skipped)
+        return result
+    finally:
+        shutdown()
