@@ -98,6 +98,7 @@ class _Run:
         self.bf16 = o.precision == "bf16" or (o.precision == "auto" and dist.device.type == "cuda")
         self.step = 0
         self.skipped = {"unreadable": 0, "near-empty": 0}
+        self.last_metrics: dict[str, float] = {}
         self.resumed_from = self._resume_or_init()
         self.ddp = (DistributedDataParallel(self.model, device_ids=[dist.device.index] if dist.device.index
                                             is not None else None) if dist.world > 1 else self.model)
@@ -119,6 +120,7 @@ class _Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.skipped = dict(state["skipped"])
+        self.last_metrics = dict(meta.get("metrics", {}))
         log.info("resumed from %s at step %d", ckpt, self.step)
         return self.step
 
@@ -192,7 +194,7 @@ class _Run:
         skip_file = self.out / ("skipped_files.csv" if self.dist.world == 1 else f"skipped_files.rank{self.dist.rank}.csv")
         if self.dist.is_main:
             _truncate_metrics(metrics_file, self.step)
-        last: dict[str, float] = {}
+        last = self.last_metrics
         status = "finished"
         t_wait = t_other = 0.0
         t_window, images_window = time.perf_counter(), 0.0
