@@ -30,14 +30,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from echocare_core.data.ontology import load_ontology
 from echocare_core.engine.optim import build_optimizer
 from echocare_core.models.pretrain import EchoCarePretrainModel
-from echocare_core.models.swin import EncoderConfig
+from echocare_core.models.swin import EncoderConfig, RelPosBias
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "hospital_configs" / "pretrain_demo.yaml"
@@ -58,7 +58,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     except OSError:
         pass
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "loadavg_at_start": os.getloadavg()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
@@ -88,10 +89,14 @@ def parse_entry(entry: str, default_batch: int) -> tuple[str, int, int]:
     return name, patch, batch
 
 
-def build(variant: str, size: int, patch: int, device: torch.device, fused: bool = True
-          ) -> tuple[EchoCarePretrainModel, torch.optim.Optimizer]:
+def build(variant: str, size: int, patch: int, device: torch.device, fused: bool = True,
+          freeze_bias: bool = False) -> tuple[EchoCarePretrainModel, torch.optim.Optimizer]:
+    """Model and AdamW; `freeze_bias` (a diagnostic) stops gradients into the rel-pos tables."""
     cfg = EncoderConfig(variant=variant, img_size=size, patch_size=patch, drop_path=0.1, fused_attn=fused)
     model = EchoCarePretrainModel(cfg, load_ontology()).to(device).train()
+    for m in model.modules():
+        if isinstance(m, RelPosBias):
+            m.relative_position_bias_table.requires_grad_(not freeze_bias)
     return model, build_optimizer(model, 1e-4, 0.05, (0.9, 0.999))
 
 
@@ -129,26 +134,29 @@ def time_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[
     for _ in range(warmup):
         train_step(model, opt, batch, bf16, params)
     sync(device)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         train_step(model, opt, batch, bf16, params)
     sync(device)
-    step_s = (time.perf_counter() - t1) / steps
-    return {"ms_per_step": step_s * 1e3, "images_per_s": batch[0].shape[0] / step_s, "warmup_s": t1 - t0}
+    wall = time.perf_counter() - t1
+    row = {"ms_per_step": wall / steps * 1e3, "images_per_s": batch[0].shape[0] * steps / wall, "warmup_s": t1 - t0}
+    if device.type == "cpu":  # under 1.0: other processes took cores from us (shared machine)
+        row["cpu_share"] = (time.process_time() - c1) / (wall * torch.get_num_threads())
+    return row
 
 
 def measure(variant: str, size: int, patch: int, batch: int, args: argparse.Namespace, device: torch.device,
-            fused: bool = True, compile_model: bool = False) -> dict[str, Any]:
+            fused: bool = True, compile_model: bool = False, freeze_bias: bool = False) -> dict[str, Any]:
     """Build, time and free one configuration; an out-of-memory error becomes a row, not a crash."""
     row: dict[str, Any] = {"variant": variant, "size": size, "patch": patch, "batch": batch, "fused_attn": fused,
-                           "compiled": compile_model, "precision": "bf16" if device.type == "cuda" else "fp32"}
+                           "compiled": compile_model, "bias_frozen": freeze_bias, "precision": "bf16" if device.type == "cuda" else "fp32"}
     gc.collect()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        model, opt = build(variant, size, patch, device, fused)
+        model, opt = build(variant, size, patch, device, fused, freeze_bias)
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         run = torch.compile(model) if compile_model else model
         row.update(time_steps(run, opt, make_batch(model, batch, device), args.steps, args.warmup,
@@ -217,37 +225,46 @@ def profile_kernels(variant: str, size: int, patch: int, batch: int, device: tor
             "top_kernels": [{"kernel": n[:110], "share": us / total} for n, us in ranked]}
 
 
-def mfu_sweep(args: argparse.Namespace, device: torch.device, peak: float | None) -> dict[str, Any]:
-    """Step time over batch sizes for one configuration, and MFU against the card's bf16 peak."""
+def mfu_sweep(args: argparse.Namespace, device: torch.device, peak: float | None, out: dict[str, Any],
+              save: Callable[[], None]) -> None:
+    """Step time over batch sizes for one configuration and MFU against the card's bf16 peak, into `out`.
+
+    At the fastest batch it also times explicit attention, fused attention with the rel-pos tables
+    frozen (how much the bias gradient costs), and `torch.compile` when asked.
+    """
     v, size, patch = args.mfu_variant, args.mfu_size, args.mfu_patch
     b0 = min(args.mfu_batches)
     flops_fused, ops_fused = count_flops(v, size, patch, b0, device, fused=True)
     flops_explicit, ops_explicit = count_flops(v, size, patch, b0, device, fused=False)
-    sdpa_ops = sorted(k for k in ops_fused if "attention" in k)
     per_image = max(flops_fused, flops_explicit) / b0  # every counted op is linear in the batch
-    out: dict[str, Any] = {
-        "variant": v, "size": size, "patch": patch, "flops_counted_at_batch": b0,
-        "gflops_per_image_fused_count": flops_fused / b0 / 1e9,
-        "gflops_per_image_explicit_count": flops_explicit / b0 / 1e9,
-        "sdpa_ops_counted": sdpa_ops, "flops_by_op_explicit": ops_explicit, "rows": []}
-    variants = [(b, True, False) for b in args.mfu_batches]
-    for b, fused, comp in variants + [("best", False, False)] + ([("best", True, True)] if args.compile else []):
-        ok = [r for r in out["rows"] if r["status"] == "ok"]
-        if b == "best":
-            if not ok:
-                break
-            b = max(ok, key=lambda r: r["images_per_s"])["batch"]
-        row = measure(v, size, patch, b, args, device, fused=fused, compile_model=comp)
+    out.update(variant=v, size=size, patch=patch, flops_counted_at_batch=b0,
+               gflops_per_image_fused_count=flops_fused / b0 / 1e9,
+               gflops_per_image_explicit_count=flops_explicit / b0 / 1e9,
+               sdpa_ops_counted=sorted(k for k in ops_fused if "attention" in k),
+               flops_by_op_fused=ops_fused, flops_by_op_explicit=ops_explicit, rows=[])
+
+    def add(b: int, **kw: bool) -> None:
+        row = measure(v, size, patch, b, args, device, **kw)
         if row["status"] == "ok":
             row["tflops_per_s"] = per_image * b / (row["ms_per_step"] / 1e3) / 1e12
             row["mfu"] = row["tflops_per_s"] * 1e12 / peak if peak else None
         out["rows"].append(row)
-        log.info("mfu row %s", row)
+        print(f"  mfu {b} {kw}: {row.get('mfu', row['status'])}", file=sys.stderr)
+        save()
+
+    for b in args.mfu_batches:
+        add(b)
     ok = [r for r in out["rows"] if r["status"] == "ok"]
-    if ok and args.profile and device.type == "cuda":
-        best = max(ok, key=lambda r: r["images_per_s"])
-        out["profile"] = {"batch": best["batch"], **profile_kernels(v, size, patch, best["batch"], device)}
-    return out
+    if not ok:
+        return
+    best = max(ok, key=lambda r: r["images_per_s"])["batch"]
+    add(best, fused=False)
+    add(best, freeze_bias=True)
+    if args.compile:
+        add(best, compile_model=True)
+    if args.profile and device.type == "cuda":
+        out["profile"] = {"batch": best, **profile_kernels(v, size, patch, best, device)}
+        save()
 
 
 def run_loop(args: argparse.Namespace) -> dict[str, Any]:
@@ -301,11 +318,14 @@ def step_rows(rows: list[dict[str, Any]], cuda: bool, mfu: bool = False) -> list
     for r in rows:
         mem = r.get("peak_mem_gib") if cuda else r.get("peak_rss_growth_gib")
         cells = [r["variant"], str(r["size"]), str(r["patch"]), str(r["batch"]), r["precision"],
-                 "fused" if r["fused_attn"] else "explicit", "yes" if r["compiled"] else "no",
+                 ("fused" if r["fused_attn"] else "explicit") + (", bias frozen" if r.get("bias_frozen") else ""),
+                 "yes" if r["compiled"] else "no",
                  fmt(r.get("params_m")), fmt(r.get("images_per_s")), fmt(r.get("ms_per_step")), fmt(mem, ".2f"),
                  r["status"]]
+        if not cuda:
+            cells[-1:-1] = [fmt(r.get("cpu_share"), ".2f")]
         if mfu:
-            cells[-1:-1] = [fmt(r.get("tflops_per_s")), fmt(r["mfu"] * 100 if r.get("mfu") else None)]
+            cells[-1:-1] = [fmt(r.get("tflops_per_s"), ".3g"), fmt(r["mfu"] * 100 if r.get("mfu") else None)]
         out.append(cells)
     return out
 
@@ -313,9 +333,12 @@ def step_rows(rows: list[dict[str, Any]], cuda: bool, mfu: bool = False) -> list
 def report(results: dict[str, Any], cuda: bool) -> None:
     m = results["machine"]
     print(f"machine: {m.get('gpu', m['cpu'])}; cpu {m['cpu']} x{m['cpu_count']}; torch {m['torch']}; "
-          f"threads {m['torch_threads']}")
+          f"threads {m['torch_threads']}; load average (1/5/15 min) at start {m['loadavg_at_start']}, "
+          f"at end {m['loadavg_at_end']}")
     head = ["variant", "size", "patch", "batch", "prec", "attn", "compiled", "params M", "img/s", "ms/step",
             "peak GiB" if cuda else "RSS growth GiB", "status"]
+    if not cuda:
+        head[-1:-1] = ["CPU share"]
     if results.get("steps"):
         print_table("Optimizer-step throughput", head, step_rows(results["steps"], cuda))
     if results.get("mfu"):
@@ -335,8 +358,9 @@ def report(results: dict[str, Any], cuda: bool) -> None:
                         [[k["kernel"], f"{k['share'] * 100:.1f}"] for k in p["top_kernels"]])
     if results.get("loop"):
         lp = results["loop"]
-        print_table(f"Real loop: {lp['config']} ({', '.join(lp['overrides'])}), {lp['steps']} steps in "
-                    f"{lp['wall_s']:.0f} s", ["step", "img/s", "outside share %"],
+        print(f"Real loop: {lp['config']} with {', '.join(lp['overrides'])}: {lp['steps']} steps in "
+              f"{lp['wall_s']:.0f} s")
+        print_table("run_pretraining metrics.jsonl", ["step", "img/s", "outside share %"],
                     [[str(w["step"]), f"{w['images_per_s']:.1f}", f"{w['outside_share'] * 100:.1f}"]
                      for w in lp["windows"]])
         print(f"median over windows after the first: outside_share {lp['median_outside_share'] * 100:.1f}%, "
@@ -399,11 +423,13 @@ def main(argv: list[str] | None = None) -> int:
                 save()
     if args.mfu_batches:
         peak, source = peak_bf16(results["machine"].get("gpu", "cpu"), args.peak_tflops)
-        results["mfu"] = {**mfu_sweep(args, device, peak), "peak_flops": peak, "peak_source": source}
-        save()
+        results["mfu"] = {"peak_flops": peak, "peak_source": source}
+        mfu_sweep(args, device, peak, results["mfu"], save)
     if not args.skip_loop:
         results["loop"] = run_loop(args)
         save()
+    results["machine"]["loadavg_at_end"] = os.getloadavg()
+    save()
     report(results, device.type == "cuda")
     print(f"wrote {args.out}")
     return 0

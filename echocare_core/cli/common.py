@@ -6,17 +6,15 @@ import argparse
 import logging
 import signal
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from echocare_core.config import ConfigError, load_config
 
-__all__ = ["config_parser", "load_or_exit", "setup_logging", "fail", "StopFlag", "step_progress"]
+__all__ = ["config_parser", "setup_logging", "fail", "StopFlag", "step_progress"]
 
-T = TypeVar("T")
 console = Console(stderr=True)
 
 
@@ -34,14 +32,6 @@ def fail(prog: str, message: str, code: int = 2) -> int:
     """Print a one-line reason and return the exit code (2: usage or input error)."""
     console.print(f"[bold red]{prog}: error:[/] {message}", highlight=False, soft_wrap=True)
     return code
-
-
-def load_or_exit(prog: str, cls: type[T], path: str, overrides: list[str]) -> T:
-    """Load a config, or exit with code 2 and a message naming the file, key and fix."""
-    try:
-        return load_config(cls, path, overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        raise SystemExit(fail(prog, str(exc)))
 
 
 def setup_logging(verbose: bool = False, rank: int = 0) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
-from echocare_core.cli.common import StopFlag, config_parser, console, fail, load_or_exit, setup_logging, step_progress
+from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging, step_progress
+from echocare_core.config import ConfigError, load_config
 from echocare_core.engine.pretrain import NonFiniteLossError, run_pretraining
 from echocare_core.engine.pretrain_config import PretrainConfig
 
@@ -21,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(args.verbose, rank)
-    cfg = load_or_exit(PROG, PretrainConfig, args.config, args.overrides)
+    try:
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        return fail(PROG, str(exc))
     stop = StopFlag("saving a checkpoint after this step, then stopping")
     progress, update = step_progress("pretrain", {"loss": "loss {:.4f}", "loss_mim": "mim {:.4f}",
                                                   "loss_hie": "hie {:.4f}", "images_per_s": "{:.1f} img/s"})

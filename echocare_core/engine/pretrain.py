@@ -213,8 +213,8 @@ class _Run:
                 skipped_rows = [row for b in group for row in b["skipped"]]
                 if skipped_rows:
                     write_skip_log(skip_file, skipped_rows)
-                    for kind, path, reason in skipped_rows:
-                        log.warning("skipped %s image %s: %s", kind, path, reason)
+                    for kind, _, reason in skipped_rows:
+                        log.warning("skipped %s image: %s", kind, reason)
                 if self.step % cfg.log_every == 0 or self.step == o.steps:
                     elapsed = time.perf_counter() - t_window
                     last.update(epoch=self.step / self.steps_per_epoch, images_per_s=images_window / elapsed,

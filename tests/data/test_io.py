@@ -14,9 +14,7 @@ from pydicom.pixels import convert_color_space, get_decoder
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     JPEG2000,
-    ExplicitVRLittleEndian,
     UltrasoundImageStorage,
-    UltrasoundMultiFrameImageStorage,
     generate_uid,
 )
 
@@ -30,33 +28,12 @@ from echocare_core.data.io import (
     sampled_frames,
 )
 
-PATIENT = "Doe^Jane^Secret"
+from helpers import PATIENT
+from helpers import write_dicom as _write_dicom
 
 
 def _gradient(h: int = 32, w: int = 48) -> np.ndarray:
     return (np.arange(h * w, dtype=np.int64).reshape(h, w) % 256).astype(np.uint8)
-
-
-def _write_dicom(
-    path: Path,
-    arr: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int = 8,
-    **elements: object,
-) -> Path:
-    """Write ``arr`` as an Explicit VR Little Endian DICOM file (Part 10 format)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    multi = arr.ndim == 4 or (arr.ndim == 3 and photometric.startswith("MONO"))
-    ds.SOPClassUID = UltrasoundMultiFrameImageStorage if multi else UltrasoundImageStorage
-    ds.PatientName = PATIENT
-    ds.PatientID = "ID-12345"
-    ds.set_pixel_data(arr, photometric, bits_stored)
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def _write_j2k_garbage(path: Path) -> Path:
