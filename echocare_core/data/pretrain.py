@@ -43,6 +43,22 @@ class PathTable:
         np.cumsum([len(b) for b in encoded], out=offsets[1:])
         return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets)
 
+    @classmethod
+    def from_arrow(cls, array: Any) -> PathTable:
+        """From a pyarrow string array, without making one Python object per row."""
+        import pyarrow as pa
+
+        array = array.cast(pa.large_string())  # int64 offsets
+        offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset:array.offset + len(array) + 1]
+        data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+        return cls(data.copy(), offsets - offsets[0])
+
+    @classmethod
+    def concat(cls, tables: Sequence[PathTable]) -> PathTable:
+        starts = np.cumsum([0] + [len(t.data) for t in tables[:-1]])
+        offsets = np.concatenate([[0]] + [t.offsets[1:] + s for t, s in zip(tables, starts)]).astype(np.int64)
+        return cls(np.concatenate([t.data for t in tables]), offsets)
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
@@ -61,8 +77,9 @@ class ImageIndex:
         return len(self.paths)
 
 
-def _read_manifest(folder: Path, ontology: Ontology) -> tuple[list[str], np.ndarray]:
+def _read_manifest(folder: Path, ontology: Ontology) -> tuple[PathTable, np.ndarray]:
     """Read `manifest.csv` with pyarrow (fast at millions of rows); resolve anatomy labels once per value."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     from pyarrow import csv as pacsv
 
@@ -74,12 +91,12 @@ def _read_manifest(folder: Path, ontology: Ontology) -> tuple[list[str], np.ndar
         raise ValueError(f"{file}: cannot be read as CSV: {exc}") from None
     if "image" not in table.column_names:
         raise ValueError(f"{file}: missing required column 'image' (found: {', '.join(table.column_names)})")
-    images = table.column("image").to_pylist()
-    if any(not p for p in images):
-        row = next(i for i, p in enumerate(images) if not p) + 2
+    images = table.column("image").combine_chunks()
+    empty = pc.or_(pc.is_null(images), pc.equal(pc.utf8_length(images), 0))
+    if pc.any(empty).as_py():
+        row = int(np.argmax(empty.to_numpy(zero_copy_only=False))) + 2
         raise ValueError(f"{file}, row {row}: column 'image' is empty")
-    prefix = str(folder) + os.sep
-    paths = [prefix + p for p in images]
+    paths = PathTable.from_arrow(pc.binary_join_element_wise(pa.scalar(str(folder) + os.sep), images, ""))
     if "anatomy" not in table.column_names:
         return paths, np.full(len(paths), -1, dtype=np.int32)
     encoded = pc.dictionary_encode(table.column("anatomy").combine_chunks())
@@ -110,7 +127,7 @@ def build_index(sources: Sequence[str | os.PathLike], ontology: Ontology) -> Ima
         FileNotFoundError: a source does not exist.
         ValueError: a manifest is malformed or names an anatomy path not in the ontology, or no image found.
     """
-    paths: list[str] = []
+    paths: list[PathTable] = []
     anatomy: list[np.ndarray] = []
     for src in map(Path, sources):
         if not src.is_dir():
@@ -118,15 +135,15 @@ def build_index(sources: Sequence[str | os.PathLike], ontology: Ontology) -> Ima
         if (src / "manifest.csv").is_file():
             p, a = _read_manifest(src, ontology)
         else:
-            p = _scan_folder(src)
+            p = PathTable.from_strings(_scan_folder(src))
             a = np.full(len(p), -1, dtype=np.int32)
         log.info("%s: %d images, %d with anatomy labels", src, len(p), int((a >= 0).sum()))
-        paths += p
+        paths.append(p)
         anatomy.append(a)
-    if not paths:
+    if not sum(map(len, paths)):
         raise ValueError(f"no images found in {', '.join(map(str, sources))} "
                          f"(looked for a manifest.csv or PNG/JPG/BMP/TIFF/DICOM files)")
-    return ImageIndex(PathTable.from_strings(paths), np.concatenate(anatomy))
+    return ImageIndex(PathTable.concat(paths), np.concatenate(anatomy))
 
 
 class MaskGenerator:
