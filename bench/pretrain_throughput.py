@@ -260,11 +260,11 @@ def mfu_sweep(args: argparse.Namespace, device: torch.device, peak: float | None
     best = max(ok, key=lambda r: r["images_per_s"])["batch"]
     add(best, fused=False)
     add(best, freeze_bias=True)
-    if args.compile:
-        add(best, compile_model=True)
     if args.profile and device.type == "cuda":
         out["profile"] = {"batch": best, **profile_kernels(v, size, patch, best, device)}
         save()
+    if args.compile:  # last: compiling can take minutes
+        add(best, compile_model=True)
 
 
 def run_loop(args: argparse.Namespace) -> dict[str, Any]:

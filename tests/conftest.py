@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from echocare_core.config import load_config
-from echocare_core.data.synthetic import write_dataset
+from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.pretrain_config import PretrainConfig
 from echocare_core.models.swin import EncoderConfig
 

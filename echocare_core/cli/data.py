@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from echocare_core.cli.common import console as err_console
 from echocare_core.cli.common import fail, setup_logging
 from echocare_core.data import synthetic
+from echocare_core.data.synthetic_dataset import write_dataset
 
 PROG = "echocare-data"
 
@@ -107,7 +108,7 @@ def _run_synth(args: argparse.Namespace, console: Console) -> int:
                   disable=not err_console.is_terminal) as progress:
         bar = progress.add_task("images", total=args.sites * args.per_site, what=args.task)
         try:
-            written = synthetic.write_dataset(
+            written = write_dataset(
                 args.out, args.task, args.sites, args.per_site, size=args.size, seed=args.seed,
                 overwrite=args.overwrite, on_image=lambda: progress.advance(bar))
         except FileExistsError as err:  # a site folder appeared or is a file

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from echocare_core.cli import pretrain
 from echocare_core.cli.common import console, fail, setup_logging
-from echocare_core.data import synthetic
+from echocare_core.data.synthetic_dataset import write_dataset
 
 PROG = "echocare-demo"
 SITES, PER_SITE = 2, 160
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         if data.exists() and any(data.iterdir()):
             return fail(PROG, f"{data} holds something other than the demo data; choose another --out")
         console.print(f"writing synthetic ultrasound for {SITES} sites x {PER_SITE} images to {data}")
-        synthetic.write_dataset(data, "pretrain", SITES, PER_SITE, size=128, seed=0)
+        write_dataset(data, "pretrain", SITES, PER_SITE, size=128, seed=0)
     sources = ",".join(str(data / f"site_{i:02d}") for i in range(SITES))
     with resources.as_file(resources.files("echocare_core.resources") / "pretrain_demo.yaml") as config:
         return pretrain.main(["--config", str(config), "--set", f"data.sources=[{sources}]",

@@ -29,9 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag("saving a checkpoint after this step, then stopping")
     progress, update = step_progress("pretrain", {"loss": "loss {:.4f}", "loss_mim": "mim {:.4f}",
                                                   "loss_hie": "hie {:.4f}", "images_per_s": "{:.1f} img/s"})
+
+    def on_step(step: int, total: int, metrics: dict) -> None:
+        update(step, total, metrics)
+        if progress.disable and (step % cfg.log_every == 0 or step == total):  # no terminal: log lines instead
+            log.info("step %d/%d  loss %.4f  mim %.4f  hie %.4f  %.1f img/s", step, total, metrics["loss"],
+                     metrics["loss_mim"], metrics["loss_hie"], metrics.get("images_per_s", float("nan")))
+
     try:
         with progress:
-            result = run_pretraining(cfg, on_step=update, stop=stop)
+            result = run_pretraining(cfg, on_step=on_step, stop=stop)
     except NonFiniteLossError as exc:
         return fail(PROG, str(exc), code=1)
     except (ValueError, FileNotFoundError) as exc:

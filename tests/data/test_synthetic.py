@@ -12,7 +12,8 @@ from PIL import Image
 
 from echocare_core.cli.data import main
 from echocare_core.data import synthetic
-from echocare_core.data.synthetic import DEVICE_PROFILES, LESIONS, SCENES, generate_image, write_dataset
+from echocare_core.data.synthetic import DEVICE_PROFILES, LESIONS, SCENES, generate_image
+from echocare_core.data.synthetic_dataset import manifest_anatomy, write_dataset
 
 ONTOLOGY = Path(synthetic.__file__).resolve().parents[1] / "resources" / "ontology.yaml"
 
@@ -121,7 +122,7 @@ def test_bad_arguments_raise() -> None:
 def test_manifest_anatomy_stops_at_every_level() -> None:
     rng = np.random.default_rng(0)
     path = "Thorax/Heart/Apical four-chamber"
-    depths = [len(a.split("/")) if a else 0 for a in (synthetic.manifest_anatomy(path, rng) for _ in range(400))]
+    depths = [len(a.split("/")) if a else 0 for a in (manifest_anatomy(path, rng) for _ in range(400))]
     counts = np.bincount(depths, minlength=4) / 400
     assert counts[3] > 0.5 and all(0.05 < c < 0.25 for c in counts[:3])
 
