@@ -198,6 +198,7 @@ class _Run:
         status = "finished"
         t_wait = t_other = 0.0
         t_window, images_window = time.perf_counter(), 0.0
+        window: dict[str, float] = {}
         while self.step < o.steps and status == "finished":
             epoch, done = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch, done * o.micro_batch * self.accum)
@@ -209,6 +210,9 @@ class _Run:
                 t_wait += time.perf_counter() - t0
                 last = self._optimizer_step(group)
                 images_window += last["images"]
+                for key in ("loss", "loss_mim", "loss_hie"):
+                    window[key] = window.get(key, 0.0) + last[key]
+                window["n"] = window.get("n", 0) + 1
                 t1 = time.perf_counter()
                 skipped_rows = [row for b in group for row in b["skipped"]]
                 if skipped_rows:
@@ -217,9 +221,12 @@ class _Run:
                         log.warning("skipped %s image: %s", kind, reason)
                 if self.step % cfg.log_every == 0 or self.step == o.steps:
                     elapsed = time.perf_counter() - t_window
-                    last.update(epoch=self.step / self.steps_per_epoch, images_per_s=images_window / elapsed,
+                    # losses are averaged over the steps since the last line: a smoother, honest curve
+                    last.update({k: v / window["n"] for k, v in window.items() if k != "n"},
+                                epoch=self.step / self.steps_per_epoch, images_per_s=images_window / elapsed,
                                 outside_share=(t_wait + t_other) / elapsed)
                     t_wait = t_other = 0.0
+                    window = {}
                     t_window, images_window = time.perf_counter(), 0.0
                     if self.dist.is_main:
                         with metrics_file.open("a", encoding="utf-8") as f:
