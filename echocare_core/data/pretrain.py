@@ -239,6 +239,8 @@ class PretrainDataset(Dataset):
             img = read_image(path, self.channels, self.frame_step, frame_pick=rng.random())
         except ImageReadError as exc:
             return {"skip": "unreadable", "path": path, "reason": str(exc)}
+        except Exception as exc:  # a decoder bug on one odd file must not end a days-long run
+            return {"skip": "unreadable", "path": path, "reason": f"{path}: {type(exc).__name__}: {exc}"}
         if nonzero_pixels(img) < self.min_nonzero:
             return {"skip": "near-empty", "path": path, "reason": f"fewer than {self.min_nonzero} non-zero pixels"}
         return {"image": augment(img, self.img_size, rng, self.augment_cfg),
