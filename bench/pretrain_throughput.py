@@ -146,7 +146,8 @@ def time_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[
 
 
 def measure(variant: str, size: int, patch: int, batch: int, args: argparse.Namespace, device: torch.device,
-            fused: bool = True, compile_model: bool = False, freeze_bias: bool = False) -> dict[str, Any]:
+            fused: bool = True, compile_model: bool = False, freeze_bias: bool = False, profile: bool = False
+            ) -> dict[str, Any]:
     """Build, time and free one configuration; an out-of-memory error becomes a row, not a crash."""
     row: dict[str, Any] = {"variant": variant, "size": size, "patch": patch, "batch": batch, "fused_attn": fused,
                            "compiled": compile_model, "bias_frozen": freeze_bias, "precision": "bf16" if device.type == "cuda" else "fp32"}
@@ -159,14 +160,16 @@ def measure(variant: str, size: int, patch: int, batch: int, args: argparse.Name
         model, opt = build(variant, size, patch, device, fused, freeze_bias)
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         run = torch.compile(model) if compile_model else model
-        row.update(time_steps(run, opt, make_batch(model, batch, device), args.steps, args.warmup,
-                              device.type == "cuda"))
+        data = make_batch(model, batch, device)
+        row.update(time_steps(run, opt, data, args.steps, args.warmup, device.type == "cuda"))
+        if profile and device.type == "cuda":
+            row["profile"] = profile_steps(run, opt, data)
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
     else:
         row["status"] = "ok"
     finally:
-        model = opt = run = None  # noqa: F841 - free before the next configuration
+        model = opt = run = data = None  # noqa: F841 - free before the next configuration
         gc.collect()
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -191,38 +194,74 @@ def count_flops(variant: str, size: int, patch: int, batch: int, device: torch.d
     return float(counter.get_total_flops()), per_op
 
 
-def profile_kernels(variant: str, size: int, patch: int, batch: int, device: torch.device, top: int = 15
-                    ) -> dict[str, Any]:
-    """GPU kernel time of 3 steps, grouped into coarse classes, plus the top kernels by name."""
+KERNEL_CLASSES = {"matmul": ("gemm", "nvjet", "xmma", "cutlass_80", "sm90_", "cublas"),
+                  "attention": ("fmha", "attention", "flash"), "layernorm": ("layer_norm",),
+                  "optimizer": ("multi_tensor", "adam", "foreach"), "compiled (triton)": ("triton_",),
+                  "roll": ("roll",), "copy/cast": ("copy",), "reduce": ("reduce",),
+                  "other elementwise": ("elementwise",)}
+
+
+def _attribute(evt: Any) -> str:
+    """Where a host op came from: model line + the aten op it called, autograd node, or the bench."""
+    op, e = evt.name, evt
+    while e is not None:
+        frames = [f for f in (getattr(e, "stack", None) or []) if "echocare_core/" in f]  # innermost first
+        for name in frames[:1] + [e.name]:
+            if "echocare_core/" in name:
+                return f"{name.split('echocare_core/')[-1]}: {op}"
+        if e.name.startswith("autograd::engine::evaluate_function: "):
+            return f"backward: {e.name.split(': ', 1)[1]}"
+        if "pretrain_throughput.py" in e.name:
+            return f"bench {e.name.split(': ')[-1]}: {op}"
+        if e.name.startswith("aten::"):
+            op = e.name  # keep the outermost aten op below the Python frame (e.g. aten::roll, not aten::copy_)
+        e = e.cpu_parent
+    return f"untraced: {op}"
+
+
+def _is_op(e: Any) -> bool:
+    """A host-side op (not a Python frame or a user annotation such as `Optimizer.step#AdamW.step`)."""
+    return (e.device_type == torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+            and "#" not in e.key and ".py(" not in e.key)
+
+
+def _self_us(e: Any) -> float:
+    return float(e.self_device_time_total if hasattr(e, "self_device_time_total") else e.self_cuda_time_total)
+
+
+def profile_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
+                  steps: int = 3, top: int = 10) -> dict[str, Any]:
+    """GPU time of `steps` steps: by kernel class, kernel, aten op, and model function or autograd node."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, opt = build(variant, size, patch, device)
-    data, params = make_batch(model, batch, device), list(model.parameters())
-    for _ in range(2):
-        train_step(model, opt, data, True, params)
-    sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            train_step(model, opt, data, True, params)
-        sync(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        for _ in range(steps):
+            train_step(model, opt, batch, True, params)
+        sync(batch[0].device)
     kernels: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+    for e in prof.events():  # device kernels, without GPU-side annotation ranges that would count twice
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False) \
+                and "#" not in e.name:
             kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us()
     total = sum(kernels.values()) or 1.0
-    classes = {"matmul": ("gemm", "nvjet", "xmma", "cutlass_80", "sm90", "cublas"),
-               "attention": ("fmha", "attention", "flash", "cudnn"), "layernorm": ("layer_norm",),
-               "optimizer": ("multi_tensor", "adam", "foreach"), "softmax": ("softmax",),
-               "copy/elementwise": ("elementwise", "copy", "cat", "roll", "index", "gather", "scatter", "fill"),
-               "reduce": ("reduce",)}
-    shares: dict[str, float] = {}
+    classes: dict[str, float] = {}
     for name, us in kernels.items():
-        low = name.lower()
-        cls = next((c for c, keys in classes.items() if any(k in low for k in keys)), "other")
-        shares[cls] = shares.get(cls, 0.0) + us / total
-    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    return {"gpu_ms_per_step": total / 3e3, "class_share": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{"kernel": n[:110], "share": us / total} for n, us in ranked]}
+        cls = next((c for c, keys in KERNEL_CLASSES.items() if any(k in name.lower() for k in keys)), "other")
+        classes[cls] = classes.get(cls, 0.0) + us / total
+    ops = {e.key: _self_us(e) / total for e in prof.key_averages() if _is_op(e) and _self_us(e) > 0}
+    sources: dict[str, float] = {}
+    for e in prof.events():
+        if _is_op(e) and _self_us(e) > 0:
+            key = _attribute(e)
+            sources[key] = sources.get(key, 0.0) + _self_us(e) / total
+
+    def ranked(d: dict[str, float], n: int) -> dict[str, float]:
+        return dict(sorted(d.items(), key=lambda kv: -kv[1])[:n])
+
+    return {"gpu_ms_per_step": total / steps / 1e3, "class_share": ranked(classes, 99),
+            "top_kernels": {k[:100]: v / total for k, v in ranked(kernels, top).items()},
+            "top_ops": ranked(ops, top), "top_sources": ranked(sources, top)}
 
 
 def mfu_sweep(args: argparse.Namespace, device: torch.device, peak: float | None, out: dict[str, Any],
@@ -236,7 +275,9 @@ def mfu_sweep(args: argparse.Namespace, device: torch.device, peak: float | None
     b0 = min(args.mfu_batches)
     flops_fused, ops_fused = count_flops(v, size, patch, b0, device, fused=True)
     flops_explicit, ops_explicit = count_flops(v, size, patch, b0, device, fused=False)
-    per_image = max(flops_fused, flops_explicit) / b0  # every counted op is linear in the batch
+    # model FLOPs: the explicit count (the fused count adds the recomputation inside the SDPA backward);
+    # every counted op is linear in the batch, so one count serves all batch sizes
+    per_image = flops_explicit / b0
     out.update(variant=v, size=size, patch=patch, flops_counted_at_batch=b0,
                gflops_per_image_fused_count=flops_fused / b0 / 1e9,
                gflops_per_image_explicit_count=flops_explicit / b0 / 1e9,
@@ -258,13 +299,11 @@ def mfu_sweep(args: argparse.Namespace, device: torch.device, peak: float | None
     if not ok:
         return
     best = max(ok, key=lambda r: r["images_per_s"])["batch"]
+    add(best, profile=args.profile)  # the same configuration again: shows the run-to-run spread
     add(best, fused=False)
     add(best, freeze_bias=True)
-    if args.profile and device.type == "cuda":
-        out["profile"] = {"batch": best, **profile_kernels(v, size, patch, best, device)}
-        save()
     if args.compile:  # last: compiling can take minutes
-        add(best, compile_model=True)
+        add(best, compile_model=True, profile=args.profile)
 
 
 def run_loop(args: argparse.Namespace) -> dict[str, Any]:
@@ -330,6 +369,17 @@ def step_rows(rows: list[dict[str, Any]], cuda: bool, mfu: bool = False) -> list
     return out
 
 
+def print_profile(row: dict[str, Any]) -> None:
+    p = row["profile"]
+    what = f"{row['variant']} batch {row['batch']} {'compiled' if row['compiled'] else 'eager'}"
+    print(f"\nProfile of 3 steps, {what}: GPU kernel time {p['gpu_ms_per_step']:.1f} ms/step "
+          f"(step time {row['ms_per_step']:.1f} ms)")
+    for key, title, col in (("class_share", "kernel class", "class"), ("top_kernels", "top kernels", "kernel"),
+                            ("top_ops", "top aten ops (self GPU time)", "kernel"),
+                            ("top_sources", "GPU time by model function / autograd node", "kernel")):
+        print_table(f"{what}: {title}", [col, "share %"], [[k, f"{v * 100:.1f}"] for k, v in p[key].items()])
+
+
 def report(results: dict[str, Any], cuda: bool) -> None:
     m = results["machine"]
     print(f"machine: {m.get('gpu', m['cpu'])}; cpu {m['cpu']} x{m['cpu_count']}; torch {m['torch']}; "
@@ -349,13 +399,9 @@ def report(results: dict[str, Any], cuda: bool) -> None:
               f"{', '.join(f['sdpa_ops_counted']) or 'none'}); peak used: {f['peak_source']}")
         print_table("Model FLOP utilisation", head[:-1] + ["TFLOP/s", "MFU %", "status"],
                     step_rows(f["rows"], cuda, mfu=True))
-        if "profile" in f:
-            p = f["profile"]
-            print(f"GPU kernel time at batch {p['batch']}: {p['gpu_ms_per_step']:.1f} ms/step")
-            print_table("Kernel time by class", ["class", "share %"],
-                        [[k, f"{v * 100:.1f}"] for k, v in p["class_share"].items()])
-            print_table("Top kernels", ["kernel", "share %"],
-                        [[k["kernel"], f"{k['share'] * 100:.1f}"] for k in p["top_kernels"]])
+        for r in f["rows"]:
+            if "profile" in r:
+                print_profile(r)
     if results.get("loop"):
         lp = results["loop"]
         print(f"Real loop: {lp['config']} with {', '.join(lp['overrides'])}: {lp['steps']} steps in "
@@ -371,9 +417,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", nargs="+", help="entries variant[:pN][:bN]; default CPU: test mini tiny, "
-                   "CUDA: tiny small base large base:p2:b16")
+                   "CUDA: tiny small base large base:p2:b32")
     p.add_argument("--sizes", nargs="+", type=int, help="input sizes; default CPU: 128 256, CUDA: 256")
-    p.add_argument("--batch", type=int, help="images per step; default CPU: 8, CUDA: 64")
+    p.add_argument("--batch", type=int, help="images per step; default CPU: 8, CUDA: 128 (at 64 "
+                   "eager Swin steps are bound by the host's kernel launches)")
     p.add_argument("--steps", type=int, help="timed optimizer steps; default CPU: 5, CUDA: 10")
     p.add_argument("--warmup", type=int, help="untimed steps first; default CPU: 2, CUDA: 3")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -394,8 +441,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, f"{p.prog}: error: --device cuda but torch {torch.__version__} sees no CUDA GPU\n")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    defaults = {"variants": ["tiny", "small", "base", "large", "base:p2:b16"] if cuda else ["test", "mini", "tiny"],
-                "sizes": [256] if cuda else [128, 256], "batch": 64 if cuda else 8, "steps": 10 if cuda else 5,
+    defaults = {"variants": ["tiny", "small", "base", "large", "base:p2:b32"] if cuda else ["test", "mini", "tiny"],
+                "sizes": [256] if cuda else [128, 256], "batch": 128 if cuda else 8, "steps": 10 if cuda else 5,
                 "warmup": 3 if cuda else 2, "mfu_batches": [64, 128, 256] if cuda else []}
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -127,18 +127,19 @@ class _Run:
     def _micro_step(self, batch: dict[str, Any], sync: bool) -> dict[str, torch.Tensor]:
         dev = self.dist.device
         ctx = contextlib.nullcontext() if sync or self.dist.world == 1 else self.ddp.no_sync()
+        n = 0 if batch["image"] is None else batch["image"].shape[0]
+        if n == 0:  # every image of the micro-batch was skipped: a blank stand-in with weight 0 keeps ranks in step
+            size, chans = self.cfg.model.img_size, self.cfg.model.in_chans
+            patches = size // self.cfg.model.patch_size
+            batch = {"image": torch.zeros(1, chans, size, size), "token_mask": torch.zeros(1, patches, patches),
+                     "anatomy": torch.full((1,), -1, dtype=torch.long), "skipped": batch["skipped"]}
         with ctx:
-            if batch["image"] is None:  # every image of the micro-batch was skipped: keep ranks in step
-                loss = sum(p.sum() for p in self.model.parameters()) * 0.0
-                parts = {"loss_mim": torch.zeros((), device=dev), "loss_hie": torch.zeros((), device=dev),
-                         "labelled": torch.zeros((), device=dev)}
-                n = 0
-            else:
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss, parts, _ = self.ddp(batch["image"].to(dev, non_blocking=True),
-                                              batch["token_mask"].to(dev, non_blocking=True),
-                                              batch["anatomy"].to(dev, non_blocking=True), self.cfg.hie_weight)
-                n = batch["image"].shape[0]
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss, parts, _ = self.ddp(batch["image"].to(dev, non_blocking=True),
+                                          batch["token_mask"].to(dev, non_blocking=True),
+                                          batch["anatomy"].to(dev, non_blocking=True), self.cfg.hie_weight)
+            if n == 0:
+                loss, parts = loss * 0.0, {k: v * 0.0 for k, v in parts.items()}
             (loss / self.accum).backward()
         kinds = [k for k, _, _ in batch["skipped"]]
         return {"loss": loss.detach(), **parts, "images": torch.tensor(float(n), device=dev),

@@ -120,6 +120,18 @@ def test_unreadable_files_are_reported_and_skipped(pretrain_data, tmp_path):
     assert "2 unreadable, 2 near-empty" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_a_micro_batch_with_nothing_readable_still_steps(pretrain_data, tmp_path):
+    folder = tmp_path / "mostly_broken"
+    folder.mkdir()
+    shutil.copy(sorted((pretrain_data[0] / "images").iterdir())[0], folder / "good.png")
+    for i in range(3):
+        (folder / f"broken{i}.png").write_bytes(b"nope")
+    result = run_pretraining(tiny_pretrain_cfg([folder], tmp_path / "run", ["optim.steps=4", "optim.batch_size=1",
+                                                                            "optim.micro_batch=1"]))
+    assert result.status == "finished" and result.skipped["unreadable"] == 3
+    assert all(np.isfinite(loss) for _, loss in _losses(tmp_path / "run"))
+
+
 def test_non_finite_loss_stops_with_a_clear_message(pretrain_data, tmp_path):
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 1"):
         run_pretraining(tiny_pretrain_cfg(pretrain_data, tmp_path / "run", hie_weight=float("nan")))
