@@ -43,8 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "hospital_configs" / "pretrain_demo.yaml"
 # Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's datasheets; first match wins.
 PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0)]
-log = logging.getLogger("bench.pretrain_throughput")
+                    ("A100", 312.0), ("L40S", 362.0)]
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -78,14 +77,19 @@ def peak_bf16(gpu_name: str, override: float | None) -> tuple[float | None, str]
 
 
 def parse_entry(entry: str, default_batch: int) -> tuple[str, int, int]:
-    """`variant[:pN][:bN]` -> (variant, patch_size, batch)."""
+    """`variant[:pN][:bN]` -> (variant, patch_size, batch).
+
+    Raises:
+        ValueError: the entry has another form or names an unknown variant.
+    """
     name, *opts = entry.split(":")
     patch, batch = 4, default_batch
     for opt in opts:
         if opt[:1] in ("p", "b") and opt[1:].isdigit():
             patch, batch = (int(opt[1:]), batch) if opt[0] == "p" else (patch, int(opt[1:]))
         else:
-            raise SystemExit(f"bad entry '{entry}': use variant[:pN][:bN], e.g. base:p2:b16")
+            raise ValueError(f"bad entry '{entry}': use variant[:pN][:bN], e.g. base:p2:b16")
+    EncoderConfig(variant=name, img_size=256, patch_size=patch)  # unknown variant -> ValueError with a hint
     return name, patch, batch
 
 
@@ -150,7 +154,8 @@ def measure(variant: str, size: int, patch: int, batch: int, args: argparse.Name
             ) -> dict[str, Any]:
     """Build, time and free one configuration; an out-of-memory error becomes a row, not a crash."""
     row: dict[str, Any] = {"variant": variant, "size": size, "patch": patch, "batch": batch, "fused_attn": fused,
-                           "compiled": compile_model, "bias_frozen": freeze_bias, "precision": "bf16" if device.type == "cuda" else "fp32"}
+                           "compiled": compile_model, "bias_frozen": freeze_bias,
+                           "precision": "bf16" if device.type == "cuda" else "fp32"}
     gc.collect()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
@@ -239,10 +244,13 @@ def profile_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tup
         for _ in range(steps):
             train_step(model, opt, batch, True, params)
         sync(batch[0].device)
+    # device kernels, without GPU-side copies of annotations (`Optimizer.step#AdamW.step`) that would count
+    # twice; kernel names may hold '#' too (`{lambda()#3}`) but never appear as host events
+    host = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and "#" in e.name}
     kernels: dict[str, float] = {}
-    for e in prof.events():  # device kernels, without GPU-side annotation ranges that would count twice
+    for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False) \
-                and "#" not in e.name:
+                and e.name not in host:
             kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us()
     total = sum(kernels.values()) or 1.0
     classes: dict[str, float] = {}
@@ -309,7 +317,10 @@ def mfu_sweep(args: argparse.Namespace, device: torch.device, peak: float | None
 def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     """The real `run_pretraining` on the demo config and fresh synthetic data, on the CPU."""
     from echocare_core.config import load_config
-    from echocare_core.data.synthetic import write_dataset
+    try:
+        from echocare_core.data.synthetic_dataset import write_dataset
+    except ImportError:  # before the dataset writer moved out of `synthetic`
+        from echocare_core.data.synthetic import write_dataset
     from echocare_core.engine.pretrain import run_pretraining
     from echocare_core.engine.pretrain_config import PretrainConfig
 
@@ -423,15 +434,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
                    "eager Swin steps are bound by the host's kernel launches)")
     p.add_argument("--steps", type=int, help="timed optimizer steps; default CPU: 5, CUDA: 10")
     p.add_argument("--warmup", type=int, help="untimed steps first; default CPU: 2, CUDA: 3")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pretrain_throughput.json")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if available")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pretrain_throughput.json",
+                   help="JSON file for the results and the machine description")
     p.add_argument("--skip-steps", action="store_true", help="skip the per-variant step table")
     p.add_argument("--skip-loop", action="store_true", help="skip the real-loop measurement")
     p.add_argument("--loop-set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra overrides for the demo loop, e.g. data.num_workers=0")
-    p.add_argument("--mfu-variant", default="base")
-    p.add_argument("--mfu-size", type=int, default=256)
-    p.add_argument("--mfu-patch", type=int, default=4)
+    p.add_argument("--mfu-variant", default="base", help="variant for the MFU sweep")
+    p.add_argument("--mfu-size", type=int, default=256, help="input size for the MFU sweep")
+    p.add_argument("--mfu-patch", type=int, default=4, help="patch size for the MFU sweep")
     p.add_argument("--mfu-batches", nargs="*", type=int, help="batch sizes for MFU; default CUDA: 64 128 256, "
                    "CPU: none (skipped)")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the card, overrides detection")
@@ -447,6 +459,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    try:
+        for entry in args.variants:
+            parse_entry(entry, args.batch)
+    except ValueError as exc:
+        p.error(str(exc))
     return args, torch.device("cuda" if cuda else "cpu")
 
 
