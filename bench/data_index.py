@@ -40,7 +40,7 @@ def measure(rows: int, lookups: int = 200_000) -> dict:
     order = iter(ShardedSampler(rows, rank=0, world=1, seed=0))
     t0 = time.perf_counter()
     for _ in range(min(lookups, rows)):
-        i = next(order)
+        _, i = next(order)
         index.paths[i], index.anatomy[i]
     lookup_us = (time.perf_counter() - t0) / min(lookups, rows) * 1e6
     return {"rows": rows, "load_s": load_s, "index_mb": (index.paths.data.nbytes + index.paths.offsets.nbytes

@@ -315,17 +315,14 @@ def mfu_sweep(args: argparse.Namespace, device: torch.device, peak: float | None
 
 
 def run_loop(args: argparse.Namespace) -> dict[str, Any]:
-    """The real `run_pretraining` on the demo config and fresh synthetic data, on the CPU."""
+    """The real `run_pretraining` on the demo config (or `--loop-set` changes of it) and fresh synthetic data."""
     from echocare_core.config import load_config
-    try:
-        from echocare_core.data.synthetic_dataset import write_dataset
-    except ImportError:  # before the dataset writer moved out of `synthetic`
-        from echocare_core.data.synthetic import write_dataset
+    from echocare_core.data.synthetic_dataset import write_dataset
     from echocare_core.engine.pretrain import run_pretraining
     from echocare_core.engine.pretrain_config import PretrainConfig
 
     with tempfile.TemporaryDirectory(prefix="echocare_bench_") as tmp:
-        sites = write_dataset(Path(tmp) / "data", "pretrain", 2, 160, size=128, seed=0)
+        sites = write_dataset(Path(tmp) / "data", "pretrain", 2, args.loop_per_site, size=args.loop_size, seed=0)
         overrides = [f"data.sources=[{', '.join(str(s) for s in sites)}]", f"output={Path(tmp) / 'run'}",
                      "device=cpu", *args.loop_set]
         cfg = load_config(PretrainConfig, DEMO_CONFIG, overrides)
@@ -441,6 +438,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
     p.add_argument("--skip-loop", action="store_true", help="skip the real-loop measurement")
     p.add_argument("--loop-set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra overrides for the demo loop, e.g. data.num_workers=0")
+    p.add_argument("--loop-size", type=int, default=128, help="synthetic image size for the real loop")
+    p.add_argument("--loop-per-site", type=int, default=160, help="synthetic images per site (2 sites) for the loop")
     p.add_argument("--mfu-variant", default="base", help="variant for the MFU sweep")
     p.add_argument("--mfu-size", type=int, default=256, help="input size for the MFU sweep")
     p.add_argument("--mfu-patch", type=int, default=4, help="patch size for the MFU sweep")

@@ -224,16 +224,14 @@ class PretrainDataset(Dataset):
         self.index, self.img_size, self.channels = index, img_size, channels
         self.masks, self.augment_cfg = masks, augment_cfg
         self.frame_step, self.min_nonzero, self.seed = frame_step, min_nonzero, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        """Sample `i` as seen in `epoch`; the key comes from `ShardedSampler`."""
+        epoch, i = key
+        rng = np.random.default_rng([self.seed, epoch, i])
         path = self.index.paths[i]
         try:
             img = read_image(path, self.channels, self.frame_step, frame_pick=rng.random())
@@ -260,8 +258,11 @@ def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:
             "skipped": skipped}
 
 
-class ShardedSampler(Sampler[int]):
+class ShardedSampler(Sampler[tuple[int, int]]):
     """Epoch-seeded permutation, split evenly across ranks (the tail that does not divide is dropped).
+
+    It yields `(epoch, index)`: the epoch travels with each key, so persistent DataLoader workers
+    need no notice of a new epoch.
 
     `set_epoch(epoch, start)` skips the first `start` samples of this rank's share (resume mid-epoch).
     """
@@ -279,10 +280,10 @@ class ShardedSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.per_rank - self.start
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
         share = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-        return map(int, share[self.start:])
+        return ((self.epoch, int(i)) for i in share[self.start:])
 
 
 def write_skip_log(path: Path, rows: list[tuple[str, str, str]]) -> None:

@@ -90,7 +90,7 @@ class _Run:
         self.loader = DataLoader(self.dataset, batch_size=o.micro_batch, sampler=self.sampler, drop_last=True,
                                  num_workers=cfg.data.num_workers, collate_fn=collate_skipping,
                                  worker_init_fn=_worker_init, pin_memory=dist.device.type == "cuda",
-                                 persistent_workers=False)
+                                 persistent_workers=cfg.data.num_workers > 0)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
         self.model = EchoCarePretrainModel(cfg.model, self.ontology).to(dist.device)
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, o.betas)
@@ -100,8 +100,9 @@ class _Run:
         self.skipped = {"unreadable": 0, "near-empty": 0}
         self.last_metrics: dict[str, float] = {}
         self.resumed_from = self._resume_or_init()
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[dist.device.index] if dist.device.index
-                                            is not None else None) if dist.world > 1 else self.model)
+        forward = torch.compile(self.model) if cfg.compile else self.model  # checkpoints keep the plain model
+        self.ddp = (DistributedDataParallel(forward, device_ids=[dist.device.index] if dist.device.index
+                                            is not None else None) if dist.world > 1 else forward)
 
     def _resume_or_init(self) -> int:
         ckpt = latest_checkpoint(self.ckpt_dir)
@@ -203,7 +204,6 @@ class _Run:
         while self.step < o.steps and status == "finished":
             epoch, done = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch, done * o.micro_batch * self.accum)
-            self.dataset.set_epoch(epoch)
             batches = iter(self.loader)
             for _ in range(self.steps_per_epoch - done):
                 t0 = time.perf_counter()

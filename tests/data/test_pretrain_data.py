@@ -67,20 +67,19 @@ def test_corrupt_and_near_empty_images_are_skipped_not_fatal(tmp_path, ontology,
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "black.png")
     ds = _dataset(build_index([tmp_path], ontology))
-    batch = collate_skipping([ds[i] for i in range(len(ds))])
+    batch = collate_skipping([ds[0, i] for i in range(len(ds))])
     assert batch["image"].shape == (1, 1, 64, 64)
     kinds = sorted((k, p.rsplit("/", 1)[-1]) for k, p, _ in batch["skipped"])
     assert kinds == [("near-empty", "black.png"), ("unreadable", "broken.png")]
-    assert collate_skipping([ds[i] for i in range(len(ds)) if "skip" in ds[i]])["image"] is None
+    assert collate_skipping([ds[0, i] for i in range(len(ds)) if "skip" in ds[0, i]])["image"] is None
 
 
 def test_samples_are_deterministic_per_epoch_and_normalised(pretrain_data, ontology):
     ds = _dataset(build_index(pretrain_data, ontology))
-    a, b = ds[5], ds[5]
+    a, b = ds[0, 5], ds[0, 5]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["token_mask"], b["token_mask"])
     assert a["image"].min() >= -1.0 and a["image"].max() <= 1.0
-    ds.set_epoch(1)
-    assert not torch.equal(ds[5]["image"], a["image"])
+    assert not torch.equal(ds[1, 5]["image"], a["image"])
 
 
 def test_multiframe_dicom_uses_every_kth_frame(tmp_path, ontology):
@@ -89,17 +88,16 @@ def test_multiframe_dicom_uses_every_kth_frame(tmp_path, ontology):
     ds = _dataset(build_index([tmp_path], ontology), augment=None)
     seen = set()
     for epoch in range(12):
-        ds.set_epoch(epoch)
-        value = round(float(ds[0]["image"].mean()) * 0.5 * 255 + 0.5 * 255)
+        value = round(float(ds[epoch, 0]["image"].mean()) * 0.5 * 255 + 0.5 * 255)
         seen.add(value // 8 - 1)
     assert seen == {0, 10, 20}
 
 
 def test_sampler_shards_by_rank_and_resumes_mid_epoch():
     ranks = [ShardedSampler(103, r, 2, seed=4) for r in range(2)]
-    shares = [list(s) for s in ranks]
+    shares = [[i for _, i in s] for s in ranks]
     assert len(shares[0]) == len(shares[1]) == 51 and not set(shares[0]) & set(shares[1])
     ranks[0].set_epoch(0, start=20)
-    assert list(ranks[0]) == shares[0][20:]
+    assert list(ranks[0]) == [(0, i) for i in shares[0][20:]]
     ranks[0].set_epoch(1)
-    assert list(ranks[0]) != shares[0]
+    assert [e for e, _ in ranks[0]] == [1] * 51 and [i for _, i in ranks[0]] != shares[0]
