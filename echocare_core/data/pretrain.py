@@ -259,12 +259,12 @@ def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class ShardedSampler(Sampler[tuple[int, int]]):
-    """Epoch-seeded permutation, split evenly across ranks (the tail that does not divide is dropped).
+    """An endless stream of `(epoch, index)` keys: each epoch a seeded permutation split evenly across
+    ranks (the tail that does not divide is dropped).
 
-    It yields `(epoch, index)`: the epoch travels with each key, so persistent DataLoader workers
-    need no notice of a new epoch.
-
-    `set_epoch(epoch, start)` skips the first `start` samples of this rank's share (resume mid-epoch).
+    One stream serves the whole run, so the DataLoader never drains and refills at epoch ends, and the
+    epoch travels with each key, so persistent workers need no notice of it. `start_at(position)`
+    skips the first `position` keys of this rank's stream (resume).
     """
 
     def __init__(self, size: int, rank: int, world: int, seed: int) -> None:
@@ -272,18 +272,18 @@ class ShardedSampler(Sampler[tuple[int, int]]):
             raise ValueError(f"{size} images cannot be shared by {world} processes")
         self.size, self.rank, self.world, self.seed = size, rank, world, seed
         self.per_rank = size // world
-        self.epoch, self.start = 0, 0
+        self.position = 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
+    def start_at(self, position: int) -> None:
+        self.position = position
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
-        share = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-        return ((self.epoch, int(i)) for i in share[self.start:])
+        epoch, offset = divmod(self.position, self.per_rank)
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            share = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            yield from ((epoch, int(i)) for i in share[offset:])
+            epoch, offset = epoch + 1, 0
 
 
 def write_skip_log(path: Path, rows: list[tuple[str, str, str]]) -> None:

@@ -83,8 +83,7 @@ class _Run:
             raise ValueError(f"optim.batch_size={o.batch_size} must be a multiple of micro_batch x processes "
                              f"= {o.micro_batch} x {dist.world}")
         self.accum = o.batch_size // (o.micro_batch * dist.world)
-        self.steps_per_epoch = self.sampler.per_rank // (o.micro_batch * self.accum)
-        if self.steps_per_epoch < 1:
+        if self.sampler.per_rank < o.micro_batch * self.accum:
             raise ValueError(f"{len(index)} images are fewer than one batch of {o.batch_size}; "
                              f"lower optim.batch_size or add data")
         self.loader = DataLoader(self.dataset, batch_size=o.micro_batch, sampler=self.sampler, drop_last=True,
@@ -181,7 +180,8 @@ class _Run:
             return
         meta = {"model_kind": "pretrain", "encoder": encoder_meta(self.cfg.model),
                 "ontology": self.ontology.to_tree(), "step": self.step,
-                "epoch": self.step / self.steps_per_epoch, "metrics": metrics,
+                "epoch": self.step * self.cfg.optim.micro_batch * self.accum / self.sampler.per_rank,
+                "metrics": metrics,
                 "input": {"channels": self.cfg.model.in_chans, "size": self.cfg.model.img_size,
                           "mean": INPUT_MEAN, "std": INPUT_STD},
                 "rank_fingerprints": fingerprints, "config": to_dict(self.cfg)}
@@ -201,48 +201,45 @@ class _Run:
         t_wait = t_other = 0.0
         t_window, images_window = time.perf_counter(), 0.0
         window: dict[str, float] = {}
-        while self.step < o.steps and status == "finished":
-            epoch, done = divmod(self.step, self.steps_per_epoch)
-            self.sampler.set_epoch(epoch, done * o.micro_batch * self.accum)
-            batches = iter(self.loader)
-            for _ in range(self.steps_per_epoch - done):
-                t0 = time.perf_counter()
-                group = [next(batches) for _ in range(self.accum)]
-                t_wait += time.perf_counter() - t0
-                last = self._optimizer_step(group)
-                images_window += last["images"]
-                for key in ("loss", "loss_mim", "loss_hie"):
-                    window[key] = window.get(key, 0.0) + last[key]
-                window["n"] = window.get("n", 0) + 1
-                t1 = time.perf_counter()
-                skipped_rows = [row for b in group for row in b["skipped"]]
-                if skipped_rows:
-                    write_skip_log(skip_file, skipped_rows)
-                    for kind, _, reason in skipped_rows:
-                        log.warning("skipped %s image: %s", kind, reason)
-                if self.step % cfg.log_every == 0 or self.step == o.steps:
-                    elapsed = time.perf_counter() - t_window
-                    # losses are averaged over the steps since the last line: a smoother, honest curve
-                    last.update({k: v / window["n"] for k, v in window.items() if k != "n"},
-                                epoch=self.step / self.steps_per_epoch, images_per_s=images_window / elapsed,
-                                outside_share=(t_wait + t_other) / elapsed)
-                    t_wait = t_other = 0.0
-                    window = {}
-                    t_window, images_window = time.perf_counter(), 0.0
-                    if self.dist.is_main:
-                        with metrics_file.open("a", encoding="utf-8") as f:
-                            f.write(json.dumps({"step": self.step, **last}) + "\n")
-                stop = self._stop_requested()
-                if self.step % cfg.checkpoint.every_steps == 0 or self.step == o.steps or stop:
-                    self.save(last)
-                if on_step is not None and self.dist.is_main:
-                    on_step(self.step, o.steps, last)
-                t_other += time.perf_counter() - t1
-                if stop:
-                    status = "stopped"
-                    break
-                if self.step >= o.steps:
-                    break
+        per_step = o.micro_batch * self.accum  # images per optimizer step in this process
+        self.sampler.start_at(self.step * per_step)
+        batches = iter(self.loader)
+        while self.step < o.steps:
+            t0 = time.perf_counter()
+            group = [next(batches) for _ in range(self.accum)]
+            t_wait += time.perf_counter() - t0
+            last = self._optimizer_step(group)
+            images_window += last["images"]
+            for key in ("loss", "loss_mim", "loss_hie"):
+                window[key] = window.get(key, 0.0) + last[key]
+            window["n"] = window.get("n", 0) + 1
+            t1 = time.perf_counter()
+            skipped_rows = [row for b in group for row in b["skipped"]]
+            if skipped_rows:
+                write_skip_log(skip_file, skipped_rows)
+                for kind, _, reason in skipped_rows:
+                    log.warning("skipped %s image: %s", kind, reason)
+            if self.step % cfg.log_every == 0 or self.step == o.steps:
+                elapsed = time.perf_counter() - t_window
+                # losses are averaged over the steps since the last line: a smoother, honest curve
+                last.update({k: v / window["n"] for k, v in window.items() if k != "n"},
+                            epoch=self.step * per_step / self.sampler.per_rank,
+                            images_per_s=images_window / elapsed, outside_share=(t_wait + t_other) / elapsed)
+                t_wait = t_other = 0.0
+                t_window, images_window = time.perf_counter(), 0.0
+                window = {}
+                if self.dist.is_main:
+                    with metrics_file.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": self.step, **last}) + "\n")
+            stop = self._stop_requested()
+            if self.step % cfg.checkpoint.every_steps == 0 or self.step == o.steps or stop:
+                self.save(last)
+            if on_step is not None and self.dist.is_main:
+                on_step(self.step, o.steps, last)
+            t_other += time.perf_counter() - t1
+            if stop:
+                status = "stopped"
+                break
         return PretrainResult(status, self.step, self.resumed_from, self.out, dict(self.skipped), last)
 
     def _stop_requested(self) -> bool:

@@ -1,3 +1,4 @@
+import itertools
 import shutil
 
 import numpy as np
@@ -93,11 +94,12 @@ def test_multiframe_dicom_uses_every_kth_frame(tmp_path, ontology):
     assert seen == {0, 10, 20}
 
 
-def test_sampler_shards_by_rank_and_resumes_mid_epoch():
+def test_sampler_shards_by_rank_and_resumes_anywhere():
     ranks = [ShardedSampler(103, r, 2, seed=4) for r in range(2)]
-    shares = [[i for _, i in s] for s in ranks]
-    assert len(shares[0]) == len(shares[1]) == 51 and not set(shares[0]) & set(shares[1])
-    ranks[0].set_epoch(0, start=20)
-    assert list(ranks[0]) == [(0, i) for i in shares[0][20:]]
-    ranks[0].set_epoch(1)
-    assert [e for e, _ in ranks[0]] == [1] * 51 and [i for _, i in ranks[0]] != shares[0]
+    streams = [list(itertools.islice(s, 153)) for s in ranks]  # three epochs of 51 per rank
+    for epoch in range(3):
+        shares = [[i for e, i in s if e == epoch] for s in streams]
+        assert len(shares[0]) == len(shares[1]) == 51 and not set(shares[0]) & set(shares[1])
+    assert [i for e, i in streams[0] if e == 0] != [i for e, i in streams[0] if e == 1]
+    ranks[0].start_at(70)  # mid-way through the second epoch
+    assert list(itertools.islice(ranks[0], 83)) == streams[0][70:]
