@@ -66,3 +66,12 @@ def test_pretrain_config_checks_values():
         load_config(PretrainConfig, None, [])
     cfg = load_config(PretrainConfig, None, ["model.variant=base"], base=base)
     assert to_dict(cfg)["model"]["variant"] == "base" and "arch" not in to_dict(cfg)["model"]
+
+
+def test_shipped_example_configs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "hospital_configs").glob("pretrain*.yaml")):
+        cfg = load_config(PretrainConfig, path)
+        assert cfg.optim.batch_size % cfg.optim.micro_batch == 0, path
