@@ -31,13 +31,13 @@ from timm.layers import resample_patch_embed, resize_rel_pos_bias_table
 from torch import nn
 
 from echocare_core import __version__
-from echocare_core.config import from_dict, to_dict
+from echocare_core.config import from_dict
 from echocare_core.data.ontology import Ontology
 from echocare_core.models.pretrain import EchoCarePretrainModel
 from echocare_core.models.swin import EncoderConfig, SwinEncoder
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "read_meta", "load_weights", "load_train_state",
-           "latest_checkpoint", "prune_checkpoints", "build_from_checkpoint", "unwrap", "filter_state_dict",
+           "latest_checkpoint", "checkpoints_newest_first", "prune_checkpoints", "same_architecture", "build_from_checkpoint", "unwrap", "filter_state_dict",
            "load_encoder_weights", "LoadReport"]
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: dict[s
         save_file(tensors, str(tmp / STATE_FILE))
         (tmp / STATE_JSON).write_text(json.dumps(skeleton), encoding="utf-8")
     (tmp / META_FILE).write_text(text, encoding="utf-8")
+    for item in [*tmp.iterdir(), tmp]:  # on disk before the rename makes the checkpoint visible
+        _fsync(item)
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
         os.replace(directory, old)
@@ -115,7 +117,16 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: dict[s
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, directory)
+    _fsync(directory.parent)
     return directory
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _model_file(path: str | os.PathLike) -> Path:
@@ -162,12 +173,18 @@ def load_train_state(directory: str | os.PathLike) -> dict[str, Any]:
     return _unflatten(json.loads((directory / STATE_JSON).read_text("utf-8")), tensors)
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The complete `step_N` folder with the highest N under `root`, or None."""
+def checkpoints_newest_first(root: str | os.PathLike) -> list[Path]:
+    """The complete `step_N` folders under `root`, highest N first."""
     root = Path(root)
     found = [(int(m.group(1)), p) for p in root.glob("step_*")
              if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file()] if root.is_dir() else []
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The complete `step_N` folder with the highest N under `root`, or None."""
+    found = checkpoints_newest_first(root)
+    return found[0] if found else None
 
 
 def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
@@ -176,7 +193,7 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
     steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name)))
     for _, p in steps[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".step_*.tmp-*"):
+    for p in [*root.glob(".step_*.tmp-*"), *root.glob(".step_*.old-*")]:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -196,9 +213,13 @@ def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     return model.to(device), meta
 
 
-def encoder_meta(cfg: EncoderConfig) -> dict[str, Any]:
-    """The JSON description of an encoder stored in checkpoints."""
-    return to_dict(cfg)
+RUNTIME_ONLY = ("grad_checkpointing", "fused_attn")  # how the encoder runs, not what it is
+
+
+def same_architecture(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two stored encoder configs describe the same weights (runtime switches aside)."""
+    return ({k: v for k, v in a.items() if k not in RUNTIME_ONLY}
+            == {k: v for k, v in b.items() if k not in RUNTIME_ONLY})
 
 
 @dataclass
@@ -244,10 +265,14 @@ def filter_state_dict(state: Mapping[str, torch.Tensor], encoder: SwinEncoder
     """
     report = LoadReport()
     items = dict(state)
-    for prefix in (*WRAPPER_PREFIXES, "encoder."):
-        if any(k.startswith(prefix) for k in items):
-            report.unexpected += [k for k in items if not k.startswith(prefix)]
-            items = {k[len(prefix):]: v for k, v in items.items() if k.startswith(prefix)}
+    stripped = True
+    while stripped:  # wrappers nest in any order (compile around DDP, DDP around compile, ...)
+        stripped = False
+        for prefix in (*WRAPPER_PREFIXES, "encoder."):
+            if any(k.startswith(prefix) for k in items):
+                report.unexpected += [k for k in items if not k.startswith(prefix)]
+                items = {k[len(prefix):]: v for k, v in items.items() if k.startswith(prefix)}
+                stripped = True
     original_layout = "layers.0.downsample.reduction.weight" in items  # downsample at stage end
     target = encoder.state_dict()
     out: dict[str, torch.Tensor] = {}

@@ -8,6 +8,7 @@ a bad file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -172,7 +173,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         ConfigError: the YAML does not parse or does not validate; the message starts with the file.
     """
     source = str(path) if path is not None else "<defaults>"
-    data: dict[str, Any] = dict(base or {})
+    data: dict[str, Any] = copy.deepcopy(base or {})  # overrides must not leak into the caller's mapping
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -181,6 +181,10 @@ class AugmentConfig:
         lo, hi = self.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"crop_scale {self.crop_scale}: need 0 < min <= max <= 1")
+        if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio {self.crop_ratio}: need 0 < min <= max")
+        if self.brightness < 0 or self.contrast < 0:
+            raise ValueError(f"brightness={self.brightness}, contrast={self.contrast}: must be >= 0")
         for name in ("hflip", "vflip"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)}: a probability in [0, 1]")

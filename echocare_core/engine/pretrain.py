@@ -20,8 +20,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from echocare_core.checkpoint import (encoder_meta, latest_checkpoint, load_train_state, load_weights,
-                                      load_encoder_weights, prune_checkpoints, read_meta, save_checkpoint)
+from echocare_core.checkpoint import (checkpoints_newest_first, load_encoder_weights, load_train_state, load_weights,
+                                      prune_checkpoints, read_meta, same_architecture, save_checkpoint)
 from echocare_core.config import save_config, to_dict
 from echocare_core.data.ontology import load_ontology
 from echocare_core.data.pretrain import (INPUT_MEAN, INPUT_STD, MaskGenerator, PretrainDataset, ShardedSampler,
@@ -29,6 +29,7 @@ from echocare_core.data.pretrain import (INPUT_MEAN, INPUT_STD, MaskGenerator, P
 from echocare_core.engine.distributed import DistInfo, all_reduce_sum, init_distributed, rank_fingerprints, shutdown
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.pretrain_config import PretrainConfig
+from echocare_core.engine.report import read_metrics, write_pretrain_report
 from echocare_core.models.pretrain import EchoCarePretrainModel
 
 __all__ = ["run_pretraining", "NonFiniteLossError", "PretrainResult"]
@@ -59,9 +60,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past the checkpoint we resume from, so the curve continues cleanly."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text("utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    keep = [row for row in read_metrics(path) if row["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -104,25 +105,37 @@ class _Run:
                                             is not None else None) if dist.world > 1 else forward)
 
     def _resume_or_init(self) -> int:
-        ckpt = latest_checkpoint(self.ckpt_dir)
-        if ckpt is None:
-            if self.cfg.init_weights:
-                report = load_encoder_weights(self.model.encoder, self.cfg.init_weights)
-                log.info("initial encoder weights from %s: %s", self.cfg.init_weights, report.summary())
-            return 0
-        meta = read_meta(ckpt)
-        if meta.get("encoder") != encoder_meta(self.cfg.model):
+        for ckpt in checkpoints_newest_first(self.ckpt_dir):
+            try:
+                meta, state = read_meta(ckpt), load_train_state(ckpt)
+                weights = load_weights(ckpt, self.dist.device)
+            except (OSError, ValueError, KeyError) as exc:  # e.g. a file cut short by a power loss
+                log.warning("checkpoint %s is unreadable (%s); trying the one before", ckpt, type(exc).__name__)
+                continue
+            self._check_resumable(ckpt, meta, state)
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+            self.skipped = dict(state["skipped"])
+            self.last_metrics = dict(meta.get("metrics", {}))
+            log.info("resumed from %s at step %d", ckpt, self.step)
+            return self.step
+        if self.cfg.init_weights:
+            report = load_encoder_weights(self.model.encoder, self.cfg.init_weights)
+            (log.warning if report.missing else log.info)("initial encoder weights from %s: %s",
+                                                          self.cfg.init_weights, report.summary())
+        return 0
+
+    def _check_resumable(self, ckpt: Path, meta: dict[str, Any], state: dict[str, Any]) -> None:
+        if not same_architecture(meta.get("encoder", {}), to_dict(self.cfg.model)):
             raise ValueError(f"{ckpt} was made with another model config; resume needs the same `model:` "
                              f"section, or choose a new output folder")
-        state = load_train_state(ckpt)
-        self.model.load_state_dict(load_weights(ckpt, self.dist.device))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        self.skipped = dict(state["skipped"])
-        self.last_metrics = dict(meta.get("metrics", {}))
-        log.info("resumed from %s at step %d", ckpt, self.step)
-        return self.step
+        if (state["world"], state["micro_batch"]) != (self.dist.world, self.cfg.optim.micro_batch):
+            raise ValueError(f"{ckpt} was made by {state['world']} process(es) with micro_batch "
+                             f"{state['micro_batch']}; resume with the same (now {self.dist.world} and "
+                             f"{self.cfg.optim.micro_batch}) so every image is seen once per epoch, "
+                             f"or choose a new output folder")
 
     def _micro_step(self, batch: dict[str, Any], sync: bool) -> dict[str, torch.Tensor]:
         dev = self.dist.device
@@ -164,13 +177,17 @@ class _Run:
                 f"non-finite {'loss' if loss != loss or abs(loss) == float('inf') else 'gradient'} at step "
                 f"{self.step + 1} (loss_mim={mim}, loss_hie={hie}, grad_norm={gnorm}); the last good checkpoint "
                 f"is kept in {self.ckpt_dir}. Lower optim.lr, raise optim.warmup_steps or use precision: fp32")
-        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        if images > 0:
+            self.optimizer.step()
+        else:  # momentum and weight decay must not move the weights on a batch of nothing
+            log.warning("step %d: no readable image in the whole batch; weights unchanged", self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         return {"loss": loss, "loss_mim": mim, "loss_hie": hie, "grad_norm": gnorm,
                 "labelled_frac": labelled / max(images, 1.0), "images": images,
-                "lr": self.optimizer.param_groups[0]["lr"]}
+                "lr": lr}
 
     def save(self, metrics: dict[str, float]) -> None:
         fingerprints = rank_fingerprints(self.model)
@@ -178,7 +195,7 @@ class _Run:
             raise RuntimeError(f"ranks disagree on the weights at step {self.step}: {fingerprints}")
         if not self.dist.is_main:
             return
-        meta = {"model_kind": "pretrain", "encoder": encoder_meta(self.cfg.model),
+        meta = {"model_kind": "pretrain", "encoder": to_dict(self.cfg.model),
                 "ontology": self.ontology.to_tree(), "step": self.step,
                 "epoch": self.step * self.cfg.optim.micro_batch * self.accum / self.sampler.per_rank,
                 "metrics": metrics,
@@ -186,7 +203,8 @@ class _Run:
                           "mean": INPUT_MEAN, "std": INPUT_STD},
                 "rank_fingerprints": fingerprints, "config": to_dict(self.cfg)}
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "step": self.step, "skipped": self.skipped}
+                 "step": self.step, "skipped": self.skipped, "world": self.dist.world,
+                 "micro_batch": self.cfg.optim.micro_batch}
         save_checkpoint(self.ckpt_dir / f"step_{self.step:06d}", self.model, meta, state)
         prune_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep_last)
 
@@ -264,13 +282,12 @@ def run_pretraining(cfg: PretrainConfig, on_step: StepCallback | None = None,
     dist = init_distributed(cfg.device)
     try:
         out = Path(cfg.output)
+        run = _Run(cfg, dist, stop)  # checks data, config and any checkpoint to resume before writing
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
-        run = _Run(cfg, dist, stop)
         result = run.train(on_step)
         if dist.is_main:
-            from echocare_core.engine.report import write_pretrain_report
             write_pretrain_report(out, result.skipped)
         return result
     finally:

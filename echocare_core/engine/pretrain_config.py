@@ -36,6 +36,12 @@ class MimConfig:
     mask_ratio: float = 0.5
     mask_patch_size: int = 32
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio={self.mask_ratio}: must be in (0, 1)")
+        if self.mask_patch_size < 1:
+            raise ValueError(f"mask_patch_size={self.mask_patch_size}: must be >= 1")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -53,18 +59,27 @@ class OptimConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
 
     def __post_init__(self) -> None:
+        if self.micro_batch < 1 or self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} and micro_batch={self.micro_batch} must be >= 1")
         if self.batch_size % self.micro_batch:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batch={self.micro_batch}")
         if self.steps < 1 or self.warmup_steps < 0:
             raise ValueError(f"steps={self.steps} must be >= 1 and warmup_steps={self.warmup_steps} >= 0")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr}: must be > 0")
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError(f"lr={self.lr}, min_lr={self.min_lr}: need 0 < min_lr <= lr")
+        if self.clip_grad < 0 or self.weight_decay < 0:
+            raise ValueError(f"clip_grad={self.clip_grad} and weight_decay={self.weight_decay} must be >= 0 "
+                             f"(clip_grad 0 turns clipping off)")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 500  # also saved at the end and when the run is stopped with Ctrl-C / SIGTERM
     keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1 or self.keep_last < 1:
+            raise ValueError(f"every_steps={self.every_steps} and keep_last={self.keep_last} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -90,3 +105,8 @@ class PretrainConfig:
                              "(make a demo one with `echocare-data synth --task pretrain`)")
         if self.log_every < 1:
             raise ValueError(f"log_every={self.log_every}: must be >= 1")
+        if self.hie_weight < 0:
+            raise ValueError(f"hie_weight={self.hie_weight}: must be >= 0 (0 trains MIM only)")
+        if self.mim.mask_patch_size % self.model.patch_size or self.model.img_size % self.mim.mask_patch_size:
+            raise ValueError(f"mim.mask_patch_size={self.mim.mask_patch_size} must be a multiple of "
+                             f"model.patch_size={self.model.patch_size} and divide model.img_size={self.model.img_size}")

@@ -10,9 +10,16 @@ __all__ = ["read_metrics", "write_pretrain_report"]
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line cut short by a hard kill is dropped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text("utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def _plot(rows: list[dict], out: Path) -> None:

@@ -62,6 +62,9 @@ class EncoderConfig:
             if getattr(self, key) is not None:
                 arch[key] = tuple(getattr(self, key)) if key != "embed_dim" else getattr(self, key)
         object.__setattr__(self, "arch", arch)
+        for key in ("img_size", "patch_size", "window_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")
         if self.in_chans not in (1, 3):
             raise ValueError(f"in_chans={self.in_chans}: use 1 (grayscale, default) or 3")
         if len(arch["depths"]) != len(arch["num_heads"]):
