@@ -41,10 +41,11 @@ def measure(rows: int, lookups: int = 200_000) -> dict:
     t0 = time.perf_counter()
     for _ in range(min(lookups, rows)):
         _, i = next(order)
-        index.paths[i], index.anatomy[i]
+        file = index.file[i]
+        index.paths[file], index.anatomy[file]
     lookup_us = (time.perf_counter() - t0) / min(lookups, rows) * 1e6
-    return {"rows": rows, "load_s": load_s, "index_mb": (index.paths.data.nbytes + index.paths.offsets.nbytes
-                                                        + index.anatomy.nbytes) / 2**20,
+    arrays = (index.paths.data, index.paths.offsets, index.anatomy, index.file, index.pick)
+    return {"rows": rows, "load_s": load_s, "index_mb": sum(a.nbytes for a in arrays) / 2**20,
             "lookup_us": lookup_us, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from echocare_core.data.io import ImageReadError, is_image_file, nonzero_pixels, read_image
+from echocare_core.data.io import (ImageReadError, count_frames, is_image_file, nonzero_pixels, read_image,
+                                   sampled_frames)
 from echocare_core.data.ontology import Ontology
 
 __all__ = ["PathTable", "ImageIndex", "build_index", "MaskGenerator", "AugmentConfig", "PretrainDataset",
@@ -68,13 +70,22 @@ class PathTable:
 
 @dataclass
 class ImageIndex:
-    """All pretraining images: paths and ontology node per image (-1: no anatomy label)."""
+    """All pretraining samples. A sample is a file, or one sampled frame of a multi-frame DICOM.
+
+    Attributes:
+        paths: one entry per file.
+        anatomy: int32 `[files]`, ontology node of each file (-1: no anatomy label).
+        file: int64 `[samples]`, the file of each sample.
+        pick: float32 `[samples]`, which of the file's sampled frames (`read_image`'s `frame_pick`).
+    """
 
     paths: PathTable
-    anatomy: np.ndarray  # int32 [N]
+    anatomy: np.ndarray
+    file: np.ndarray
+    pick: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.file)
 
 
 def _read_manifest(folder: Path, ontology: Ontology) -> tuple[PathTable, np.ndarray]:
@@ -120,8 +131,33 @@ def _scan_folder(folder: Path) -> list[str]:
     return found
 
 
-def build_index(sources: Sequence[str | os.PathLike], ontology: Ontology) -> ImageIndex:
+def _sampled_frame_counts(paths: PathTable, frame_step: int) -> np.ndarray:
+    """Sampled frames per file: 1, or ceil(frames / frame_step) for a multi-frame `.dcm`/`.dicom` file.
+
+    Only DICOM headers are read (in threads: archives often sit on network storage). A header that
+    cannot be read counts as one frame; reading the file later reports it.
+    """
+    counts = np.ones(len(paths), dtype=np.int64)
+    last = paths.data[paths.offsets[1:] - 1] | 0x20  # last character, lower-cased; both suffixes end in "m"
+    rows = [i for i in np.flatnonzero(last == ord("m")) if paths[i].lower().endswith((".dcm", ".dicom"))]
+    if not rows:
+        return counts
+
+    def frames(i: int) -> int:
+        try:
+            return len(sampled_frames(count_frames(paths[i]), frame_step))
+        except ImageReadError:
+            return 1
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        counts[rows] = list(pool.map(frames, rows, chunksize=256))
+    return counts
+
+
+def build_index(sources: Sequence[str | os.PathLike], ontology: Ontology, frame_step: int = 10) -> ImageIndex:
     """Index every source: a dataset folder with `manifest.csv`, or a plain folder of images.
+
+    Every `frame_step`-th frame of a multi-frame DICOM becomes a sample of its own (paper section 4.4).
 
     Raises:
         FileNotFoundError: a source does not exist.
@@ -143,7 +179,15 @@ def build_index(sources: Sequence[str | os.PathLike], ontology: Ontology) -> Ima
     if not sum(map(len, paths)):
         raise ValueError(f"no images found in {', '.join(map(str, sources))} "
                          f"(looked for a manifest.csv or PNG/JPG/BMP/TIFF/DICOM files)")
-    return ImageIndex(PathTable.concat(paths), np.concatenate(anatomy))
+    table = PathTable.concat(paths)
+    counts = _sampled_frame_counts(table, frame_step)
+    file = np.repeat(np.arange(len(table), dtype=np.int64), counts)
+    ordinal = np.arange(len(file)) - np.repeat(np.cumsum(counts) - counts, counts)
+    pick = ((ordinal + 0.5) / np.repeat(counts, counts)).astype(np.float32)
+    if len(file) > len(table):
+        log.info("%d multi-frame files give %d frames (every %d-th)", int((counts > 1).sum()),
+                 int(counts[counts > 1].sum()), frame_step)
+    return ImageIndex(table, np.concatenate(anatomy), file, pick)
 
 
 class MaskGenerator:
@@ -236,24 +280,27 @@ class PretrainDataset(Dataset):
         """Sample `i` as seen in `epoch`; the key comes from `ShardedSampler`."""
         epoch, i = key
         rng = np.random.default_rng([self.seed, epoch, i])
-        path = self.index.paths[i]
+        file = int(self.index.file[i])
+        path = self.index.paths[file]
         try:
-            img = read_image(path, self.channels, self.frame_step, frame_pick=rng.random())
+            img = read_image(path, self.channels, self.frame_step, frame_pick=float(self.index.pick[i]))
         except ImageReadError as exc:
-            return {"skip": "unreadable", "path": path, "reason": str(exc)}
+            return {"skip": "unreadable", "path": path, "reason": str(exc), "epoch": epoch}
         except Exception as exc:  # a decoder bug on one odd file must not end a days-long run
-            return {"skip": "unreadable", "path": path, "reason": f"{path}: {type(exc).__name__}: {exc}"}
+            # the type only: a decoder's message may quote header values (patient data)
+            return {"skip": "unreadable", "path": path, "reason": f"{path}: {type(exc).__name__}", "epoch": epoch}
         if nonzero_pixels(img) < self.min_nonzero:
-            return {"skip": "near-empty", "path": path, "reason": f"fewer than {self.min_nonzero} non-zero pixels"}
+            return {"skip": "near-empty", "path": path, "reason": f"fewer than {self.min_nonzero} non-zero pixels",
+                    "epoch": epoch}
         return {"image": augment(img, self.img_size, rng, self.augment_cfg),
                 "token_mask": torch.from_numpy(self.masks(rng)),
-                "anatomy": int(self.index.anatomy[i])}
+                "anatomy": int(self.index.anatomy[file])}
 
 
 def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the good samples; list the skipped ones as `(kind, path, reason)`."""
+    """Stack the good samples; list the skipped ones as `(kind, path, reason)`, each file once: in epoch 0."""
     good = [it for it in items if "skip" not in it]
-    skipped = [(it["skip"], it["path"], it["reason"]) for it in items if "skip" in it]
+    skipped = [(it["skip"], it["path"], it["reason"]) for it in items if "skip" in it and it["epoch"] == 0]
     if not good:
         return {"image": None, "skipped": skipped}
     return {"image": torch.stack([g["image"] for g in good]),

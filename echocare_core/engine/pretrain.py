@@ -74,7 +74,7 @@ class _Run:
         self.out = Path(cfg.output)
         self.ckpt_dir = self.out / "checkpoints"
         self.ontology = load_ontology(cfg.data.ontology)
-        index = build_index(cfg.data.sources, self.ontology)
+        index = build_index(cfg.data.sources, self.ontology, cfg.data.frame_step)
         masks = MaskGenerator(cfg.model.img_size, cfg.mim.mask_patch_size, cfg.model.patch_size, cfg.mim.mask_ratio)
         self.dataset = PretrainDataset(index, cfg.model.img_size, cfg.model.in_chans, masks, cfg.data.augment,
                                        cfg.data.frame_step, cfg.data.min_nonzero, cfg.seed)

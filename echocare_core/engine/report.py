@@ -60,7 +60,7 @@ def write_pretrain_report(run_dir: Path, skipped: dict[str, int]) -> Path:
     else:
         lines.append("No metrics were logged.")
     lines += ["", f"Skipped images: {skipped.get('unreadable', 0)} unreadable, "
-                  f"{skipped.get('near-empty', 0)} near-empty (see skipped_files.csv)."]
+                  f"{skipped.get('near-empty', 0)} near-empty files (listed in skipped_files*.csv)."]
     out = run_dir / "report.md"
     tmp = out.with_name(".tmp-report.md")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -18,9 +18,13 @@ from echocare_core.data.ontology import Ontology
 __all__ = ["HierarchyHead"]
 
 
-def _max_constraint(h: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
-    """`out[b, i] = max_j reach[i, j] * h[b, j]` for `h` in [0, 1]: `[B, n] -> [B, n]`."""
-    return (h.unsqueeze(1) * reach.unsqueeze(0)).amax(dim=-1)
+def _max_logit(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """`out[b, i] = max over allowed j of logits[b, j]` (`allowed` `[n, n]` or `[B, n, n]`), -inf if none.
+
+    The max constraint works on logits: sigmoid is monotone, so the max of the probabilities is the
+    sigmoid of the max logit, and the loss can use the numerically safe BCE-with-logits.
+    """
+    return logits.unsqueeze(-2).masked_fill(~allowed, float("-inf")).amax(dim=-1)
 
 
 class HierarchyHead(nn.Module):
@@ -39,7 +43,7 @@ class HierarchyHead(nn.Module):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Hierarchy-coherent probabilities `[B, n]`: no child above its parent."""
-        return _max_constraint(torch.sigmoid(logits.float()), self.reach)
+        return torch.sigmoid(_max_logit(logits.float(), self.reach.bool()))
 
     def loss(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hierarchical BCE per sample.
@@ -55,8 +59,12 @@ class HierarchyHead(nn.Module):
         row = torch.where(labelled, label, torch.full_like(label, self.targets.shape[0] - 1))
         y, known = self.targets[row], self.known[row]  # [B, n]
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            h = torch.sigmoid(logits.float())
-            out = (1 - y) * _max_constraint(h, self.reach) + y * _max_constraint(h * y, self.reach)
-            bce = F.binary_cross_entropy(out.clamp(1e-7, 1 - 1e-7), y, reduction="none")
+            z = logits.float()
+            reach = self.reach.bool()
+            # a negative class takes the max over its whole subtree; a positive one only over its
+            # positive subtree, so a wrong sibling's score is not credited to the true parent (C-HMCNN)
+            positive_reach = reach.unsqueeze(0) & y.bool().unsqueeze(1)  # [B, n, n]
+            out = torch.where(y.bool(), _max_logit(z, positive_reach), _max_logit(z, reach))
+            bce = F.binary_cross_entropy_with_logits(out, y, reduction="none")
             per_sample = (bce * known).sum(1) / known.sum(1).clamp(min=1.0)
         return per_sample, labelled
