@@ -14,6 +14,7 @@ for foreign `.pth` files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,10 +23,10 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_patch_embed, resize_rel_pos_bias_table
 from torch import nn
@@ -145,7 +146,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         ValueError: the file is not an EchoCare checkpoint or is from a newer format.
     """
     file = _model_file(path)
-    with safe_open(str(file), framework="pt") as f:
+    with _readable(file), safe_open(str(file), framework="pt") as f:
         text = (f.metadata() or {}).get("echocare")
     if text is None:
         raise ValueError(f"{file} has no EchoCare metadata; load foreign weights with load_encoder_weights()")
@@ -156,8 +157,25 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+@contextlib.contextmanager
+def _readable(file: Path) -> Iterator[None]:
+    """Turn safetensors' own error (a truncated or foreign file) into a ValueError naming the file."""
+    try:
+        yield
+    except (SafetensorError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file} is not a readable checkpoint file ({exc})") from None
+
+
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(_model_file(path)), device=str(device))
+    """The tensors of a checkpoint folder or `.safetensors` file.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        ValueError: the file is cut short or not safetensors.
+    """
+    file = _model_file(path)
+    with _readable(file):
+        return load_file(str(file), device=str(device))
 
 
 def load_train_state(directory: str | os.PathLike) -> dict[str, Any]:
@@ -169,8 +187,9 @@ def load_train_state(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     if not (directory / STATE_JSON).is_file():
         raise FileNotFoundError(f"{directory} holds no training state (it is a weights-only checkpoint)")
-    tensors = load_file(str(directory / STATE_FILE))
-    return _unflatten(json.loads((directory / STATE_JSON).read_text("utf-8")), tensors)
+    with _readable(directory / STATE_FILE):
+        tensors = load_file(str(directory / STATE_FILE))
+        return _unflatten(json.loads((directory / STATE_JSON).read_text("utf-8")), tensors)
 
 
 def checkpoints_newest_first(root: str | os.PathLike) -> list[Path]:

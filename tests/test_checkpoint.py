@@ -59,10 +59,11 @@ def test_latest_and_prune(tmp_path, tiny_encoder_cfg):
     assert latest_checkpoint(tmp_path / "nothing") is None
 
 
-def test_timm_rgb_checkpoint_loads_into_grayscale_encoder(tmp_path):
+@pytest.mark.parametrize("wrappers", ["module._orig_mod.", "_orig_mod.module.", "_module.module."])
+def test_timm_rgb_checkpoint_loads_into_grayscale_encoder(tmp_path, wrappers):
     ref = _timm_swin(in_chans=3)
     file = tmp_path / "swin_timm.pth"
-    torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in ref.state_dict().items()}}, file)
+    torch.save({"state_dict": {f"{wrappers}{k}": v for k, v in ref.state_dict().items()}}, file)
     enc = SwinEncoder(EncoderConfig(variant="test", img_size=64, window_size=4, drop_path=0.0)).eval()
     report = load_encoder_weights(enc, file)
     assert report.missing == []

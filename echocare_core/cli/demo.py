@@ -28,12 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     data = args.out / "data"
-    if not (data / f"site_{SITES - 1:02d}" / "dataset.yaml").is_file():
-        if data.exists() and any(data.iterdir()):
+    sites = [data / f"site_{i:02d}" for i in range(SITES)]
+    if not all((site / "dataset.yaml").is_file() for site in sites):  # none yet, or cut short by Ctrl-C
+        if data.exists() and any(p not in sites for p in data.iterdir()):
             return fail(PROG, f"{data} holds something other than the demo data; choose another --out")
         console.print(f"writing synthetic ultrasound for {SITES} sites x {PER_SITE} images to {data}")
-        write_dataset(data, "pretrain", SITES, PER_SITE, size=128, seed=0)
-    sources = ",".join(str(data / f"site_{i:02d}") for i in range(SITES))
+        write_dataset(data, "pretrain", SITES, PER_SITE, size=128, seed=0, overwrite=True)
+    sources = ",".join(map(str, sites))
     with resources.as_file(resources.files("echocare_core.resources") / "pretrain_demo.yaml") as config:
         return pretrain.main(["--config", str(config), "--set", f"data.sources=[{sources}]",
                               "--set", f"output={args.out / 'run'}", *sum((["--set", o] for o in args.overrides), [])])

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         return fail(PROG, str(exc), code=1)
     except (ValueError, FileNotFoundError) as exc:
+        log.debug("details", exc_info=True)  # -v shows where it came from
         return fail(PROG, str(exc))
     if rank == 0:
         skipped = result.skipped

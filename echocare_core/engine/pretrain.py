@@ -99,10 +99,13 @@ class _Run:
         self.step = 0
         self.skipped = {"unreadable": 0, "near-empty": 0}
         self.last_metrics: dict[str, float] = {}
+        self.window: dict[str, float] = {}  # loss sums since the last metrics line (saved: exact curve on resume)
         self.resumed_from = self._resume_or_init()
         forward = torch.compile(self.model) if cfg.compile else self.model  # checkpoints keep the plain model
-        self.ddp = (DistributedDataParallel(forward, device_ids=[dist.device.index] if dist.device.index
-                                            is not None else None) if dist.world > 1 else forward)
+        # the model's buffers are constants (masks, indices, ontology tables): nothing to re-broadcast
+        self.ddp = (DistributedDataParallel(forward, device_ids=None if dist.device.index is None else
+                                            [dist.device.index], broadcast_buffers=False)
+                    if dist.world > 1 else forward)
 
     def _resume_or_init(self) -> int:
         for ckpt in checkpoints_newest_first(self.ckpt_dir):
@@ -119,6 +122,7 @@ class _Run:
             self.step = int(state["step"])
             self.skipped = dict(state["skipped"])
             self.last_metrics = dict(meta.get("metrics", {}))
+            self.window = dict(state["window"])
             log.info("resumed from %s at step %d", ckpt, self.step)
             return self.step
         if self.cfg.init_weights:
@@ -204,7 +208,7 @@ class _Run:
                 "rank_fingerprints": fingerprints, "config": to_dict(self.cfg)}
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "step": self.step, "skipped": self.skipped, "world": self.dist.world,
-                 "micro_batch": self.cfg.optim.micro_batch}
+                 "micro_batch": self.cfg.optim.micro_batch, "window": self.window}
         save_checkpoint(self.ckpt_dir / f"step_{self.step:06d}", self.model, meta, state)
         prune_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep_last)
 
@@ -218,7 +222,6 @@ class _Run:
         status = "finished"
         t_wait = t_other = 0.0
         t_window, images_window = time.perf_counter(), 0.0
-        window: dict[str, float] = {}
         per_step = o.micro_batch * self.accum  # images per optimizer step in this process
         self.sampler.start_at(self.step * per_step)
         batches = iter(self.loader)
@@ -229,8 +232,8 @@ class _Run:
             last = self._optimizer_step(group)
             images_window += last["images"]
             for key in ("loss", "loss_mim", "loss_hie"):
-                window[key] = window.get(key, 0.0) + last[key]
-            window["n"] = window.get("n", 0) + 1
+                self.window[key] = self.window.get(key, 0.0) + last[key]
+            self.window["n"] = self.window.get("n", 0) + 1
             t1 = time.perf_counter()
             skipped_rows = [row for b in group for row in b["skipped"]]
             if skipped_rows:
@@ -240,12 +243,12 @@ class _Run:
             if self.step % cfg.log_every == 0 or self.step == o.steps:
                 elapsed = time.perf_counter() - t_window
                 # losses are averaged over the steps since the last line: a smoother, honest curve
-                last.update({k: v / window["n"] for k, v in window.items() if k != "n"},
+                last.update({k: v / self.window["n"] for k, v in self.window.items() if k != "n"},
                             epoch=self.step * per_step / self.sampler.per_rank,
                             images_per_s=images_window / elapsed, outside_share=(t_wait + t_other) / elapsed)
                 t_wait = t_other = 0.0
                 t_window, images_window = time.perf_counter(), 0.0
-                window = {}
+                self.window = {}
                 if self.dist.is_main:
                     with metrics_file.open("a", encoding="utf-8") as f:
                         f.write(json.dumps({"step": self.step, **last}) + "\n")

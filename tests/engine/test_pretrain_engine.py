@@ -16,8 +16,10 @@ from conftest import tiny_pretrain_cfg, tiny_pretrain_dict
 from PIL import Image
 
 from echocare_core.checkpoint import build_from_checkpoint, latest_checkpoint, read_meta
+from echocare_core.config import load_config
 from echocare_core.cli.pretrain import main as pretrain_main
 from echocare_core.engine.pretrain import NonFiniteLossError, run_pretraining
+from echocare_core.engine.pretrain_config import PretrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +73,8 @@ def test_stop_and_resume_continue_the_same_loss_curve(pretrain_data, tmp_path):
 
 def test_killed_run_resumes_from_last_checkpoint(pretrain_data, tmp_path):
     """SIGKILL mid-run (no chance to save), rerun the same command: the curve equals an uninterrupted one."""
-    steps = ["--set", "optim.steps=12", "--set", "checkpoint.every_steps=3"]
+    steps = ["--set", "optim.steps=12", "--set", "checkpoint.every_steps=3", "--set", "log_every=2",
+             "--set", "data.num_workers=1"]  # a persistent worker, and metric lines averaging 2 steps
     cfg = _write_cfg(tmp_path / "pretrain.yaml", pretrain_data, tmp_path / "killed")
     cmd = [sys.executable, "-m", "echocare_core.cli.pretrain", "--config", str(cfg), *steps]
     proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -86,7 +89,7 @@ def test_killed_run_resumes_from_last_checkpoint(pretrain_data, tmp_path):
     ref = _write_cfg(tmp_path / "ref.yaml", pretrain_data, tmp_path / "ref")
     subprocess.run([sys.executable, "-m", "echocare_core.cli.pretrain", "--config", str(ref), *steps],
                    env=_cli_env(), check=True, capture_output=True)
-    assert [s for s, _ in _losses(tmp_path / "killed")] == list(range(1, 13))
+    assert [s for s, _ in _losses(tmp_path / "killed")] == list(range(2, 13, 2))
     assert _losses(tmp_path / "killed") == pytest.approx(_losses(tmp_path / "ref"), rel=1e-6)
 
 
@@ -161,7 +164,8 @@ def _free_port() -> int:
 
 
 def test_two_process_ddp_on_gloo(pretrain_data, tmp_path):
-    cfg = _write_cfg(tmp_path / "p.yaml", pretrain_data, tmp_path / "ddp", optim__steps=4)
+    # 2 processes x micro-batch 8 x accumulation 2 = 32 images per step: the no_sync path runs too
+    cfg = _write_cfg(tmp_path / "p.yaml", pretrain_data, tmp_path / "ddp", optim__steps=4, optim__batch_size=32)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "echocare_core.cli.pretrain", "--config", str(cfg)]
     done = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True)
@@ -170,3 +174,14 @@ def test_two_process_ddp_on_gloo(pretrain_data, tmp_path):
     assert meta["step"] == 4 and len(meta["rank_fingerprints"]) == 2
     assert meta["rank_fingerprints"][0] == pytest.approx(meta["rank_fingerprints"][1], rel=1e-12)
     assert [s for s, _ in _losses(tmp_path / "ddp")] == [1, 2, 3, 4]
+    # resuming that run in one process would change which images each step sees: refused
+    with pytest.raises(ValueError, match="made by 2 process"):
+        run_pretraining(load_config(PretrainConfig, cfg, ["optim.steps=6"]))
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_one_before(pretrain_data, tmp_path, caplog):
+    run_pretraining(tiny_pretrain_cfg(pretrain_data, tmp_path / "run"))  # checkpoints at steps 3 and 6
+    (tmp_path / "run" / "checkpoints" / "step_000006" / "model.safetensors").write_bytes(b"")  # power loss
+    result = run_pretraining(tiny_pretrain_cfg(pretrain_data, tmp_path / "run", ["optim.steps=7"]))
+    assert result.resumed_from == 3 and result.step == 7
+    assert "step_000006 is unreadable" in caplog.text

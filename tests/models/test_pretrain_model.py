@@ -52,6 +52,14 @@ def test_label_stopping_at_region_leaves_lower_levels_out(ontology):
     assert not labelled.any() and loss.item() == 0
 
 
+def test_confidently_wrong_scores_still_get_gradient(ontology):
+    head = HierarchyHead(8, ontology)
+    logits = torch.full((1, ontology.num_classes), -30.0, requires_grad=True)
+    loss, _ = head.loss(logits, torch.tensor([ontology.lookup("Neck/Thyroid/Transverse")]))
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and logits.grad[0, ontology.lookup("Neck/Thyroid/Transverse")] < -0.01
+
+
 def test_mim_loss_counts_masked_pixels_only():
     images = torch.rand(2, 1, 16, 16)
     mask = torch.zeros(2, 1, 16, 16)

@@ -30,13 +30,15 @@ def test_shapes_and_finite_backward(patch, size, chans):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_matches_timm_swin_with_timm_weights(fused):
-    cfg = EncoderConfig(variant="test", img_size=64, window_size=4, drop_path=0.0, fused_attn=fused)
+@pytest.mark.parametrize("variant,size", [("test", 64), ("mini", 128)])  # mini has shifted-window blocks
+def test_matches_timm_swin_with_timm_weights(fused, variant, size):
+    cfg = EncoderConfig(variant=variant, img_size=size, window_size=4, drop_path=0.0, fused_attn=fused)
     ref = _timm_twin(cfg)
     enc = SwinEncoder(cfg).eval()
     report = load_encoder_weights(enc, ref.state_dict())
     assert report.missing == [] and report.unexpected == []
-    x = torch.randn(3, 1, 64, 64)
+    assert any(block.shift for stage in enc.layers for block in stage.blocks) == (variant == "mini")
+    x = torch.randn(2, 1, size, size)
     with torch.no_grad():
         torch.testing.assert_close(enc.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=1e-5)
 
