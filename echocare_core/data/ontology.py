@@ -39,13 +39,6 @@ class Ontology:
     def num_classes(self) -> int:
         return len(self.paths)
 
-    def level_sizes(self) -> tuple[int, int, int]:
-        """Number of regions, organs and structures."""
-        counts = [0, 0, 0]
-        for p in self.paths:
-            counts[len(p) - 1] += 1
-        return counts[0], counts[1], counts[2]
-
     def names(self) -> list[str]:
         return ["/".join(p) for p in self.paths]
 

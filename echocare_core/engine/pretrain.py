@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -176,9 +177,9 @@ class _Run:
         loss, mim, hie, labelled, images, unreadable, empty, gnorm = (packed / scale).tolist()
         self.skipped["unreadable"] += int(unreadable)
         self.skipped["near-empty"] += int(empty)
-        if not all(map(lambda v: v == v and abs(v) != float("inf"), (loss, gnorm))):
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
             raise NonFiniteLossError(
-                f"non-finite {'loss' if loss != loss or abs(loss) == float('inf') else 'gradient'} at step "
+                f"non-finite {'gradient' if math.isfinite(loss) else 'loss'} at step "
                 f"{self.step + 1} (loss_mim={mim}, loss_hie={hie}, grad_norm={gnorm}); the last good checkpoint "
                 f"is kept in {self.ckpt_dir}. Lower optim.lr, raise optim.warmup_steps or use precision: fp32")
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses

@@ -296,12 +296,6 @@ class SwinEncoder(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.apply(_init_weights)
 
-    def set_fused_attn(self, enabled: bool) -> None:
-        """Explicit softmax attention (False) is what DP training needs; fused is faster."""
-        for m in self.modules():
-            if isinstance(m, WindowAttention):
-                m.fused_attn = enabled
-
     def forward_intermediates(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
                               mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the encoder and keep every stage's output.
