@@ -296,31 +296,45 @@ class SwinEncoder(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.apply(_init_weights)
 
-    def forward_intermediates(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
-                              mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the encoder and keep every stage's output.
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              intermediates_only: bool = False, token_mask: torch.Tensor | None = None,
+                              mask_token: torch.Tensor | None = None
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the encoder and keep stage outputs for dense heads (timm's API).
 
         Args:
             x: images `[B, in_chans, H, W]`.
+            indices: stages to return: a list of stage numbers, the last n stages for an int, all for None.
+            intermediates_only: return only the stage maps (stops after the last one asked for).
             token_mask: `[B, H/p, W/p]`, 1 where a patch is replaced by `mask_token` (masked image modelling).
             mask_token: `[D]` or broadcastable to `[B, H/p, W/p, D]`.
 
         Returns:
-            The normed last-stage map `[B, h, w, C]` and the stage maps `[B, C_i, H_i, W_i]`.
+            The stage maps `[B, C_i, H_i, W_i]`, preceded by the normed last-stage map `[B, h, w, C]`
+            unless `intermediates_only`.
+
+        Raises:
+            ValueError: a stage index out of range.
         """
+        n = len(self.layers)
+        wanted = list(range(n)) if indices is None else (
+            list(range(n - indices, n)) if isinstance(indices, int) else list(indices))
+        if not wanted or any(not 0 <= i < n for i in wanted):
+            raise ValueError(f"indices={indices}: stages are 0..{n - 1}")
         t = self.patch_embed(x)  # [B, Hp, Wp, D]
         if token_mask is not None:
             w = token_mask.unsqueeze(-1).to(t.dtype)
             t = t * (1.0 - w) + mask_token.to(t.dtype) * w
         feats = []
-        for stage in self.layers:
+        for i, stage in enumerate(self.layers[:max(wanted) + 1] if intermediates_only else self.layers):
             t = stage(t)
-            feats.append(t.permute(0, 3, 1, 2))
-        return self.norm(t), feats
+            if i in wanted:
+                feats.append(t.permute(0, 3, 1, 2))
+        return feats if intermediates_only else (self.norm(t), feats)
 
     def forward_features(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
                          mask_token: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_intermediates(x, token_mask, mask_token)[0]
+        return self.forward_intermediates(x, [len(self.layers) - 1], token_mask=token_mask, mask_token=mask_token)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).mean(dim=(1, 2))  # [B, num_features]

@@ -25,6 +25,15 @@ def test_shapes_and_finite_backward(patch, size, chans):
     assert [tuple(f.shape[1:]) for f in feats] == [
         (c, r, r) for c, r in zip(cfg.stage_channels, cfg.stage_resolutions)]
     assert final.shape == (2, cfg.stage_resolutions[-1], cfg.stage_resolutions[-1], enc.num_features)
+    with torch.no_grad():
+        enc.eval()  # no drop-path: both calls see the same network
+        early = enc.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        every = enc.forward_intermediates(x)[1]
+        enc.train()
+    assert len(early) == 2 and all(torch.equal(a, b) for a, b in zip(early, every[:2]))
+    assert [f.shape for f in enc.forward_intermediates(x, indices=1, intermediates_only=True)] == [feats[-1].shape]
+    with pytest.raises(ValueError, match="stages are 0..3"):
+        enc.forward_intermediates(x, indices=[4])
     enc(x).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters())
 
