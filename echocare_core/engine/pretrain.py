@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -188,7 +189,9 @@ class _Run:
         else:  # momentum and weight decay must not move the weights on a batch of nothing
             log.warning("step %d: no readable image in the whole batch; weights unchanged", self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the schedule follows steps, taken or not: torch's warning is moot
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         self.step += 1
         return {"loss": loss, "loss_mim": mim, "loss_hie": hie, "grad_norm": gnorm,
                 "labelled_frac": labelled / max(images, 1.0), "images": images,
