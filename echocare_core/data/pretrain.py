@@ -107,7 +107,8 @@ def _read_manifest(folder: Path, ontology: Ontology) -> tuple[PathTable, np.ndar
     if pc.any(empty).as_py():
         row = int(np.argmax(empty.to_numpy(zero_copy_only=False))) + 2
         raise ValueError(f"{file}, row {row}: column 'image' is empty")
-    paths = PathTable.from_arrow(pc.binary_join_element_wise(pa.scalar(str(folder) + os.sep), images, ""))
+    joined = pc.binary_join_element_wise(pa.scalar(str(folder) + os.sep), images, "")
+    paths = PathTable.from_arrow(pc.if_else(pc.starts_with(images, "/"), images, joined))  # relative to the folder
     if "anatomy" not in table.column_names:
         return paths, np.full(len(paths), -1, dtype=np.int32)
     encoded = pc.dictionary_encode(table.column("anatomy").combine_chunks())

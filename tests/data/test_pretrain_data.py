@@ -42,6 +42,9 @@ def test_bad_anatomy_label_names_file_row_and_fix(tmp_path, ontology):
     (tmp_path / "manifest.csv").write_text("image,anatomy\na.png,Neck/Thyroid\nb.png,Neck/Thyroidd\n")
     with pytest.raises(ValueError, match=r"manifest.csv, row 3, column 'anatomy'.*Did you mean 'Neck/Thyroid'"):
         build_index([tmp_path], ontology)
+    (tmp_path / "manifest.csv").write_text(f"image\nsub/a.png\n{tmp_path / 'abs.png'}\n")
+    index = build_index([tmp_path], ontology)
+    assert [index.paths[i] for i in range(2)] == [str(tmp_path / "sub" / "a.png"), str(tmp_path / "abs.png")]
     with pytest.raises(FileNotFoundError, match="not-there"):
         build_index([tmp_path / "not-there"], ontology)
     (tmp_path / "manifest.csv").write_text("path\na.png\n")
