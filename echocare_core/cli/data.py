@@ -2,23 +2,29 @@
 
 Subcommands:
     synth   write synthetic ultrasound dataset folders, one per simulated site.
+    verify  check a dataset folder against the contract before anything trains.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from echocare_core.cli.common import console as err_console
 from echocare_core.cli.common import fail, setup_logging
 from echocare_core.data import synthetic
+from echocare_core.data.contract import VerifyReport, verify_dataset
 from echocare_core.data.synthetic_dataset import write_dataset
 
 PROG = "echocare-data"
@@ -73,12 +79,65 @@ def _add_synth(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_synth)
 
 
+def _add_verify(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "verify", help="check a dataset folder (dataset.yaml + manifest.csv) before training",
+        description="Check every row of a dataset folder against the contract: required columns for the "
+                    "task, files that exist and decode, masks of the image's size with declared values, "
+                    "declared classes, constant landmark counts, boxes inside the image, numbers that parse, "
+                    "no patient in two splits. Reads only; exit code 1 when anything is wrong.",
+        formatter_class=_HelpFormatter)
+    p.add_argument("folder", type=Path, help="the dataset folder")
+    p.add_argument("--max-problems", type=_int_at_least(1), default=50, help="problems to list in the table")
+    p.add_argument("--json", type=Path, help="also write the full report as JSON to this file")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace, console: Console) -> int:
+    if not args.folder.is_dir():
+        return fail(f"{PROG} verify", f"{args.folder} is not a folder")
+    report = verify_dataset(args.folder)
+    columns = Table(title=f"{args.folder}: task {report.task or '?'}, {report.rows} rows")
+    for name in ("column", "required", "present", "missing", "wrong"):
+        columns.add_column(name, justify="left" if name == "column" else "right")
+    for col, c in report.columns.items():
+        columns.add_row(col, "yes" if c["required"] else "", "yes" if c["present"] else "[red]no[/]",
+                        str(c["missing"]), f"[red]{c['wrong']}[/]" if c["wrong"] else "0")
+    console.print(columns)
+    if report.problems:
+        problems = Table(title=f"{len(report.problems)} problem(s)")
+        for name in ("file", "row", "column", "value", "what is allowed"):
+            problems.add_column(name, overflow="fold")
+        for p in report.problems[:args.max_problems]:
+            value = p.value if len(p.value) <= 60 else p.value[:57] + "..."
+            problems.add_row(p.file, "" if p.row is None else str(p.row), p.column or "", value, p.allowed)
+        console.print(problems)
+        if len(report.problems) > args.max_problems:
+            console.print(f"... and {len(report.problems) - args.max_problems} more (--max-problems, --json)")
+    if args.json:
+        _write_json(args.json, report)
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(report.splits.items()))
+    console.print(f"[bold red]{len(report.problems)} problem(s)[/]" if report.problems
+                  else f"[bold green]ok[/]: {report.rows} rows; splits {splits}")
+    return 0 if report.ok else 1
+
+
+def _write_json(path: Path, report: VerifyReport) -> None:
+    data = {"folder": str(report.folder), "task": report.task, "rows": report.rows, "ok": report.ok,
+            "columns": report.columns, "splits": report.splits, "problems": [asdict(p) for p in report.problems]}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the `echocare-data` argument parser (one subparser per subcommand)."""
     parser = argparse.ArgumentParser(prog=PROG, description="EchoCare dataset tools.",
                                      formatter_class=_HelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(subparsers)
+    _add_verify(subparsers)
     return parser
 
 
