@@ -1,0 +1,64 @@
+"""Task heads on the EchoCare encoder, built from MONAI blocks where MONAI has them.
+
+Heads take the encoder's outputs (pooled feature or multi-scale maps) and hold no norm but
+LayerNorm / InstanceNorm and no in-place activation, so per-sample gradients (DP) need no rewrite.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+
+from torch import nn
+
+from echocare_core.models.swin import EncoderConfig
+
+__all__ = ["ClassificationHead", "SegmentationHead", "no_inplace"]
+
+
+def no_inplace(module: nn.Module) -> nn.Module:
+    """Switch off `inplace` on every activation (MONAI's blocks default to in-place LeakyReLU)."""
+    for m in module.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    return module
+
+
+class ClassificationHead(nn.Module):
+    """LayerNorm + linear layer on the pooled global feature: `[B, C] -> [B, num_outputs]` logits."""
+
+    def __init__(self, in_features: int, num_outputs: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_features)
+        self.fc = nn.Linear(in_features, num_outputs)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(pooled))
+
+
+class SegmentationHead(nn.Module):
+    """UNETR/SwinUNETR-style decoder: skip connections from the image and from every encoder stage.
+
+    `forward(image, stage_maps) -> [B, num_classes, H, W]` logits at input resolution.
+    """
+
+    def __init__(self, cfg: EncoderConfig, num_classes: int, feature_size: int = 16) -> None:
+        super().__init__()
+        f, norm = feature_size, ("instance", {"affine": True})
+        depth = len(cfg.stage_channels)
+        self.stem = UnetrBasicBlock(2, cfg.in_chans, f, kernel_size=3, stride=1, norm_name=norm)
+        self.skips = nn.ModuleList(UnetrBasicBlock(2, c, f * 2 ** i, kernel_size=3, stride=1, norm_name=norm)
+                                   for i, c in enumerate(cfg.stage_channels))
+        # from the deepest stage up to stage 0, each step doubles the resolution and halves the width
+        self.ups = nn.ModuleList(UnetrUpBlock(2, f * 2 ** (i + 1), f * 2 ** i, kernel_size=3, upsample_kernel_size=2,
+                                              norm_name=norm) for i in reversed(range(depth - 1)))
+        self.to_image = UnetrUpBlock(2, f, f, kernel_size=3, upsample_kernel_size=cfg.patch_size, norm_name=norm)
+        self.out = UnetOutBlock(2, f, num_classes)
+        no_inplace(self)
+
+    def forward(self, image: torch.Tensor, stage_maps: list[torch.Tensor]) -> torch.Tensor:
+        skips = [block(m) for block, m in zip(self.skips, stage_maps)]
+        x = skips[-1]
+        for up, skip in zip(self.ups, reversed(skips[:-1])):
+            x = up(x, skip)
+        return self.out(self.to_image(x, self.stem(image.contiguous())))
