@@ -1,0 +1,86 @@
+"""Task metrics, from MONAI where MONAI has them.
+
+Classification: AUC, accuracy, F1 (binary) or macro-F1, and for binary tasks sensitivity and
+specificity at the Youden-optimal threshold (the paper's thyroid task). Segmentation: Dice,
+normalised surface Dice and HD95 per foreground class.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc, compute_surface_dice
+
+__all__ = ["MAIN_METRIC", "classification_metrics", "segmentation_metrics", "youden"]
+
+MAIN_METRIC = {"classification": "auc", "segmentation": "dice"}  # what "best checkpoint" means
+
+
+def youden(scores: np.ndarray, positive: np.ndarray) -> tuple[float, float, float]:
+    """Threshold maximising sensitivity + specificity - 1, with that sensitivity and specificity."""
+    best = (0.5, 0.0, 1.0, -1.0)
+    n_pos, n_neg = max(int(positive.sum()), 1), max(int((~positive).sum()), 1)
+    for t in np.unique(scores):
+        predicted = scores >= t
+        sens = (predicted & positive).sum() / n_pos
+        spec = (~predicted & ~positive).sum() / n_neg
+        if sens + spec - 1 > best[3]:
+            best = (float(t), float(sens), float(spec), sens + spec - 1)
+    return best[:3]
+
+
+def _f1(pred: np.ndarray, true: np.ndarray, cls: int) -> float:
+    tp = np.sum((pred == cls) & (true == cls))
+    fp, fn = np.sum((pred == cls) & (true != cls)), np.sum((pred != cls) & (true == cls))
+    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 1.0
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Metrics of single-label predictions.
+
+    Args:
+        probs: `[N, K]` class probabilities (softmax).
+        labels: `[N]` true class indices.
+    """
+    k = probs.shape[1]
+    pred, true = probs.argmax(1).numpy(), labels.numpy()
+    out = {"accuracy": float((pred == true).mean())}
+    if len(np.unique(true)) > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out["auc"] = float(compute_roc_auc(probs[:, 1] if k == 2 else probs,
+                                               labels if k == 2 else F.one_hot(labels, k), average="macro"))
+    else:
+        out["auc"] = float("nan")  # undefined with one class present
+    if k == 2:
+        out["f1"] = _f1(pred, true, 1)
+        out["youden_threshold"], out["sensitivity"], out["specificity"] = youden(probs[:, 1].numpy(), true == 1)
+    else:
+        out["macro_f1"] = float(np.mean([_f1(pred, true, c) for c in range(k)]))
+    return out
+
+
+def segmentation_metrics(pred: torch.Tensor, true: torch.Tensor, num_classes: int,
+                         nsd_tolerance: float = 2.0) -> dict[str, float]:
+    """Dice, normalised surface Dice (tolerance in pixels) and HD95 per foreground class, and their means.
+
+    Args:
+        pred, true: `[N, H, W]` label maps.
+    """
+    p = F.one_hot(pred.long(), num_classes).permute(0, 3, 1, 2).float()
+    t = F.one_hot(true.long(), num_classes).permute(0, 3, 1, 2).float()
+    with warnings.catch_warnings():  # MONAI warns on empty masks; those give NaN and are left out
+        warnings.simplefilter("ignore")
+        dice = compute_dice(p, t, include_background=False)
+        nsd = compute_surface_dice(p, t, class_thresholds=[nsd_tolerance] * (num_classes - 1))
+        hd95 = compute_hausdorff_distance(p, t, percentile=95)
+    out: dict[str, float] = {}
+    for name, values in (("dice", dice), ("nsd", nsd), ("hd95", hd95)):
+        per_class = values.float().masked_fill(~torch.isfinite(values.float()), float("nan")).nanmean(0)
+        out[name] = float(per_class.nanmean())
+        for c in range(num_classes - 1):
+            out[f"{name}_class{c + 1}"] = float(per_class[c])
+    return out

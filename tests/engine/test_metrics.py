@@ -1,0 +1,35 @@
+"""Metrics on hand-made cases with known answers."""
+
+import pytest
+import torch
+
+from echocare_core.engine.metrics import classification_metrics, segmentation_metrics, youden
+
+
+def test_perfect_and_shifted_masks():
+    true = torch.zeros(2, 32, 32, dtype=torch.long)
+    true[:, 8:24, 8:24] = 1
+    perfect = segmentation_metrics(true.clone(), true, num_classes=2)
+    assert perfect["dice"] == pytest.approx(1.0) and perfect["nsd"] == pytest.approx(1.0)
+    assert perfect["hd95"] == pytest.approx(0.0)
+    shifted = torch.roll(true, shifts=4, dims=2)  # 16x16 square moved 4 px: overlap 16x12
+    m = segmentation_metrics(shifted, true, num_classes=2)
+    assert m["dice"] == pytest.approx(2 * 16 * 12 / (2 * 256), abs=1e-6)
+    assert m["hd95"] == pytest.approx(4.0, abs=1e-6)
+    assert 0.0 < m["nsd"] < 1.0
+
+
+def test_binary_classification_with_youden():
+    probs1 = torch.tensor([0.1, 0.2, 0.35, 0.4, 0.8, 0.9])
+    labels = torch.tensor([0, 0, 1, 0, 1, 1])
+    m = classification_metrics(torch.stack([1 - probs1, probs1], 1), labels)
+    assert m["auc"] == pytest.approx(8 / 9)  # one discordant pair (0.35 vs 0.4) of 9
+    assert m["accuracy"] == pytest.approx(5 / 6)
+    assert (m["youden_threshold"], m["sensitivity"], m["specificity"]) == (pytest.approx(0.35), 1.0, pytest.approx(2 / 3))
+    assert youden(probs1.numpy(), labels.numpy() == 1)[0] == pytest.approx(0.35)
+
+
+def test_multiclass_macro_f1():
+    probs = torch.eye(3)[[0, 1, 2, 2]]
+    m = classification_metrics(probs, torch.tensor([0, 1, 2, 1]))
+    assert m["accuracy"] == 0.75 and m["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
