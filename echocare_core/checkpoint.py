@@ -36,6 +36,7 @@ from echocare_core.config import from_dict
 from echocare_core.data.ontology import Ontology
 from echocare_core.models.pretrain import EchoCarePretrainModel
 from echocare_core.models.swin import EncoderConfig, SwinEncoder
+from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "read_meta", "load_weights", "load_train_state",
            "latest_checkpoint", "checkpoints_newest_first", "prune_checkpoints", "same_architecture", "build_from_checkpoint", "unwrap", "filter_state_dict",
@@ -224,10 +225,15 @@ def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     """
     meta = read_meta(path)
     kind = meta.get("model_kind")
-    if kind != "pretrain":
-        raise ValueError(f"{path}: model_kind {kind!r} is not buildable here (known: 'pretrain')")
-    cfg = from_dict(EncoderConfig, meta["encoder"], "encoder")
-    model = EchoCarePretrainModel(cfg, Ontology.from_tree(meta["ontology"], f"{path} ontology"))
+    cfg = from_dict(EncoderConfig, meta.get("encoder", {}), "encoder")
+    if kind == "pretrain":
+        model: nn.Module = EchoCarePretrainModel(cfg, Ontology.from_tree(meta["ontology"], f"{path} ontology"))
+    elif kind == "task":
+        head, ft = meta["head"], meta["finetune"]
+        model = EchoCareTaskModel(cfg, meta["task"], head["num_classes"], head["feature_size"])
+        apply_finetune_mode(model, ft["mode"], ft["lora_rank"], ft["lora_alpha"])
+    else:
+        raise ValueError(f"{path}: model_kind {kind!r} is not buildable here (known: 'pretrain', 'task')")
     model.load_state_dict(load_weights(path), strict=True)
     return model.to(device), meta
 

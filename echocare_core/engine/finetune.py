@@ -1,0 +1,248 @@
+"""Local fine-tuning of the encoder + a task head on one site's dataset (the local-only baseline).
+
+Each epoch trains, validates, keeps the best checkpoint by the task's main metric (`best/`) and the
+resume state (`last/`); the run ends by testing the best checkpoint on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch.utils.data import DataLoader
+
+from echocare_core.checkpoint import (load_encoder_weights, load_train_state, load_weights, read_meta,
+                                      save_checkpoint)
+from echocare_core.config import from_dict, save_config, to_dict
+from echocare_core.data.contract import DatasetSpec, load_spec, verify_dataset
+from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
+from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
+from echocare_core.engine.distributed import init_distributed
+from echocare_core.engine.finetune_config import FinetuneConfig
+from echocare_core.engine.metrics import MAIN_METRIC, classification_metrics, segmentation_metrics
+from echocare_core.engine.optim import build_optimizer, warmup_cosine
+from echocare_core.engine.report import read_metrics
+from echocare_core.models.swin import EncoderConfig
+from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
+
+__all__ = ["run_finetune", "FinetuneResult", "DatasetInvalidError", "num_classes"]
+
+log = logging.getLogger(__name__)
+EpochCallback = Callable[[int, int, dict[str, float]], None]
+
+
+class DatasetInvalidError(ValueError):
+    """The dataset fails the verifier; the message lists the first problems."""
+
+
+@dataclass
+class FinetuneResult:
+    status: str
+    epoch: int
+    best: dict[str, float]
+    test: dict[str, float]
+    trainable: int
+    total: int
+    output: Path
+    skipped: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def num_classes(spec: DatasetSpec) -> int:
+    return len(spec.classes) if spec.task == "classification" else max(spec.labels) + 1
+
+
+def _encoder_config(cfg: FinetuneConfig) -> EncoderConfig:
+    """An EchoCare checkpoint brings its own encoder config; anything else uses `model.encoder`."""
+    if cfg.model.init:
+        try:
+            return from_dict(EncoderConfig, read_meta(cfg.model.init)["encoder"], "encoder")
+        except (ValueError, KeyError):  # foreign weights: no EchoCare metadata
+            pass
+    return cfg.model.encoder
+
+
+def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec) -> EchoCareTaskModel:
+    enc = _encoder_config(cfg)
+    model = EchoCareTaskModel(enc, spec.task, num_classes(spec), cfg.model.feature_size)
+    if cfg.model.init:
+        report = load_encoder_weights(model.encoder, cfg.model.init)
+        (log.warning if report.missing else log.info)("encoder weights from %s: %s", cfg.model.init, report.summary())
+    apply_finetune_mode(model, cfg.model.mode, cfg.model.lora_rank, cfg.model.lora_alpha)
+    return model
+
+
+def _loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if task == "classification":
+        return F.cross_entropy
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)  # per sample: DP-ready
+    return lambda logits, target: dice_ce(logits, target[:, None])
+
+
+@torch.no_grad()
+def evaluate_model(model: EchoCareTaskModel, loader: DataLoader, device: torch.device, k: int) -> dict[str, float]:
+    """Main and secondary metrics of `model` over `loader`."""
+    model.eval()
+    outs, targets = [], []
+    for batch in loader:
+        if "image" in batch:
+            logits = model(batch["image"].to(device)).float().cpu()
+            outs.append(logits.softmax(1) if model.task == "classification" else logits.argmax(1))
+            targets.append(batch["target"])
+    model.train()
+    if not outs:
+        return {}
+    pred, true = torch.cat(outs), torch.cat(targets)
+    return classification_metrics(pred, true) if model.task == "classification" else segmentation_metrics(pred, true, k)
+
+
+def _loader(ds: TaskDataset, keys: list[tuple[int, int]], batch: int, workers: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch, sampler=keys, num_workers=workers, collate_fn=collate_task)
+
+
+def _score(metrics: dict[str, float], task: str) -> float:
+    value = metrics.get(MAIN_METRIC[task], float("nan"))
+    return value if math.isfinite(value) else float("-inf")
+
+
+def _meta(cfg: FinetuneConfig, spec: DatasetSpec, model: EchoCareTaskModel, epoch: int,
+          metrics: dict[str, float]) -> dict[str, Any]:
+    enc = model.encoder.cfg
+    return {"model_kind": "task", "task": spec.task, "encoder": to_dict(enc), "epoch": epoch, "metrics": metrics,
+            "head": {"num_classes": num_classes(spec), "feature_size": cfg.model.feature_size,
+                     "classes": list(spec.classes), "labels": {str(k): v for k, v in spec.labels.items()}},
+            "finetune": {"mode": cfg.model.mode, "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha},
+            "input": {"channels": enc.in_chans, "size": enc.img_size, "mean": INPUT_MEAN, "std": INPUT_STD},
+            "dataset": spec.name, "config": to_dict(cfg)}
+
+
+def _resume(cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, optimizer: torch.optim.Optimizer,
+            scheduler: Any, device: torch.device) -> dict[str, Any]:
+    """Training state of `out/last`, loaded into model and optimizer; empty when starting afresh."""
+    last = out / "last"
+    if not (last / "meta.json").is_file():
+        return {}
+    meta = read_meta(last)
+    if (meta["finetune"]["mode"], meta["task"], meta["encoder"]) != (cfg.model.mode, model.task,
+                                                                     to_dict(model.encoder.cfg)):
+        raise ValueError(f"{last} belongs to another task, mode or encoder; choose a new output folder")
+    state = load_train_state(last)
+    model.load_state_dict(load_weights(last, device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    log.info("resumed from %s after epoch %d", last, state["epoch"])
+    return state
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_dataset(folder: Path) -> DatasetSpec:
+    report = verify_dataset(folder)
+    if not report.ok:
+        p = report.problems[0]
+        raise DatasetInvalidError(f"{folder} fails the dataset check with {len(report.problems)} problem(s), first: "
+                                  f"{p.file} row {p.row} column {p.column} value {p.value!r}: {p.allowed}. "
+                                  f"See all with: echocare-data verify {folder}")
+    return load_spec(folder)
+
+
+def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
+                 stop: Callable[[], bool] = lambda: False) -> FinetuneResult:
+    """Fine-tune on the site's dataset, resume from `output/last` if it is there, then test the best epoch.
+
+    Raises:
+        DatasetInvalidError: the dataset fails the verifier.
+        NonFiniteLossError: the loss became NaN or infinite.
+        ValueError: the config, checkpoint or data do not fit together.
+    """
+    from echocare_core.engine.pretrain import NonFiniteLossError
+
+    device = init_distributed(cfg.device).device
+    folder, out = Path(cfg.data.folder), Path(cfg.output)
+    spec = _check_dataset(folder)
+    rows = {s: split_rows(folder, s, cfg.data.split_seed) for s in ("train", "val", "test")}
+    if not rows["train"] or not rows["val"]:
+        raise ValueError(f"{folder}: need train and val samples (found {len(rows['train'])} and {len(rows['val'])})")
+    torch.manual_seed(cfg.seed)
+    model = build_task_model(cfg, spec).to(device)
+    trainable, total = count_trainable(model)
+    log.info("%s, mode %s: %d of %d parameters train (%.2f%%)", spec.task, cfg.model.mode, trainable, total,
+             100 * trainable / total)
+    o, size, k = cfg.optim, model.encoder.cfg.img_size, num_classes(spec)
+    sets = {s: TaskDataset(folder, spec, r, size, train=s == "train", seed=cfg.seed) for s, r in rows.items()}
+    steps = math.ceil(len(sets["train"]) / o.batch_size)
+    optimizer = build_optimizer(model, o.lr, o.weight_decay, (0.9, 0.999))
+    scheduler = warmup_cosine(optimizer, o.warmup_epochs * steps, o.epochs * steps, 0.01)
+    state = _resume(cfg, out, model, optimizer, scheduler, device)
+    start, best, best_metrics, skipped = (state.get("epoch", 0), state.get("best", float("-inf")),
+                                          state.get("best_metrics", {}), state.get("skipped", 0))
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    history = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= start]
+    _write_json_lines(out / "metrics.jsonl", history)
+    loss_fn, bf16 = _loss_fn(spec.task), o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
+    val_keys = [(0, i) for i in range(len(sets["val"]))]
+    status, epoch = "finished", start
+    for epoch in range(start + 1, o.epochs + 1):
+        torch.manual_seed(hash((cfg.seed, epoch)) & 0x7FFFFFFF)
+        t0, losses = time.perf_counter(), []
+        keys = [(epoch, int(i)) for i in np.random.default_rng([cfg.seed, epoch]).permutation(len(sets["train"]))]
+        for batch in _loader(sets["train"], keys, o.batch_size, cfg.data.num_workers):
+            skipped += batch["skipped"]
+            if "image" not in batch:
+                continue
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(batch["image"].to(device))
+            loss = loss_fn(logits.float(), batch["target"].to(device))
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"non-finite loss in epoch {epoch}; lower optim.lr or use precision: fp32")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            losses.append(loss.item())
+        val = evaluate_model(model, _loader(sets["val"], val_keys, o.batch_size, cfg.data.num_workers), device, k)
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+               **{f"val_{n}": v for n, v in val.items()}, "lr": optimizer.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - t0}
+        history.append(row)
+        _write_json_lines(out / "metrics.jsonl", history)
+        if _score(val, spec.task) > best:
+            best, best_metrics = _score(val, spec.task), val
+            save_checkpoint(out / "best", model, _meta(cfg, spec, model, epoch, val))
+        save_checkpoint(out / "last", model, _meta(cfg, spec, model, epoch, val),
+                        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                         "best": best, "best_metrics": best_metrics, "skipped": skipped})
+        if on_epoch is not None:
+            on_epoch(epoch, o.epochs, row)
+        if stop():
+            status = "stopped"
+            break
+    test = {}
+    if status == "finished" and rows["test"] and (out / "best" / "meta.json").is_file():
+        model.load_state_dict(load_weights(out / "best", device))
+        test_keys = [(0, i) for i in range(len(sets["test"]))]
+        test = evaluate_model(model, _loader(sets["test"], test_keys, o.batch_size, cfg.data.num_workers), device, k)
+        _write_json(out / "test_metrics.json", {"split": "test", "samples": len(rows["test"]), **test})
+    return FinetuneResult(status, epoch, best_metrics, test, trainable, total, out, skipped, history)
+
+
+def _write_json_lines(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,64 @@
+"""`site.yaml` for local fine-tuning (`echocare-finetune`): the site's dataset, model and training limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from echocare_core.models.swin import EncoderConfig
+
+__all__ = ["FinetuneConfig", "FinetuneData", "FinetuneModel", "FinetuneOptim"]
+
+
+@dataclass(frozen=True)
+class FinetuneData:
+    folder: str = ""  # the dataset folder (dataset.yaml + manifest.csv); checked with the verifier first
+    split_seed: int = 0  # patient-grouped split when the manifest has no `split` column
+    num_workers: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.folder:
+            raise ValueError("data.folder is empty: name the dataset folder (dataset.yaml + manifest.csv)")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class FinetuneModel:
+    init: str | None = None  # pretrained weights: an echocare-pretrain checkpoint, or timm/SimMIM weights; null = random
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # used when `init` is not an EchoCare checkpoint
+    mode: Literal["full", "frozen", "lora"] = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    feature_size: int = 16  # width of the segmentation decoder
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 1 or self.feature_size < 1:
+            raise ValueError(f"lora_rank={self.lora_rank} and feature_size={self.feature_size} must be >= 1")
+
+
+@dataclass(frozen=True)
+class FinetuneOptim:
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    batch_size: int = 16
+    epochs: int = 20
+    warmup_epochs: int = 1
+    clip_grad: float = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or self.warmup_epochs < 0 or self.clip_grad < 0:
+            raise ValueError(f"need lr > 0, batch_size >= 1, epochs >= 1, warmup_epochs >= 0, clip_grad >= 0; "
+                             f"got lr={self.lr}, batch_size={self.batch_size}, epochs={self.epochs}, "
+                             f"warmup_epochs={self.warmup_epochs}, clip_grad={self.clip_grad}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    output: str = "runs/finetune"  # run folder: best/ and last/ checkpoints, metrics.jsonl, test_metrics.json
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: FinetuneData = field(default_factory=FinetuneData)
+    model: FinetuneModel = field(default_factory=FinetuneModel)
+    optim: FinetuneOptim = field(default_factory=FinetuneOptim)
