@@ -1,0 +1,85 @@
+"""Local fine-tuning end to end on synthetic site data: tiny encoder, real files, real checkpoints."""
+
+import csv
+
+import pytest
+import torch
+from conftest import TINY_ENCODER
+
+from echocare_core.checkpoint import build_from_checkpoint, read_meta
+from echocare_core.cli.finetune import main as finetune_main
+from echocare_core.config import load_config
+from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.engine.finetune import DatasetInvalidError, run_finetune
+from echocare_core.engine.finetune_config import FinetuneConfig
+from echocare_core.engine.pretrain import run_pretraining
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sites")
+    return {task: write_dataset(root / task, task, sites=1, per_site=30, size=64, seed=4)[0]
+            for task in ("classification", "segmentation")}
+
+
+def _cfg(folder, out, *overrides, **model):
+    base = {"output": str(out), "device": "cpu", "data": {"folder": str(folder), "num_workers": 0},
+            "model": {"encoder": dict(TINY_ENCODER), "feature_size": 8, **model},
+            "optim": {"lr": 1e-3, "batch_size": 8, "epochs": 2, "warmup_epochs": 0}}
+    return load_config(FinetuneConfig, None, list(overrides), base=base)
+
+
+@pytest.mark.parametrize("task,mode", [("classification", "lora"), ("segmentation", "frozen"),
+                                       ("segmentation", "full")])
+def test_finetune_then_rebuild_the_best_model(sites, tmp_path, task, mode):
+    result = run_finetune(_cfg(sites[task], tmp_path / "run", mode=mode))
+    assert result.status == "finished" and [r["epoch"] for r in result.history] == [1, 2]
+    main = "auc" if task == "classification" else "dice"
+    assert 0.0 <= result.test[main] <= 1.0 and (tmp_path / "run" / "test_metrics.json").is_file()
+    assert result.trainable < result.total if mode != "full" else result.trainable == result.total
+    model, meta = build_from_checkpoint(tmp_path / "run" / "best")
+    assert meta["model_kind"] == "task" and meta["finetune"]["mode"] == mode
+    assert model(torch.zeros(1, 1, 64, 64)).shape[:2] == (1, 2)
+
+
+def test_stop_and_resume_by_epoch(sites, tmp_path):
+    cfg = _cfg(sites["classification"], tmp_path / "run", "optim.epochs=3")
+    assert run_finetune(cfg, stop=lambda: True).status == "stopped"
+    assert read_meta(tmp_path / "run" / "last")["epoch"] == 1
+    result = run_finetune(cfg)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.status == "finished"
+
+
+def test_starts_from_a_pretrained_encoder(sites, tmp_path, pretrain_data):
+    from conftest import tiny_pretrain_cfg
+
+    run_pretraining(tiny_pretrain_cfg(pretrain_data, tmp_path / "pre", ["optim.steps=2"]))
+    ckpt = tmp_path / "pre" / "checkpoints" / "step_000002"
+    result = run_finetune(_cfg(sites["classification"], tmp_path / "run", "optim.epochs=1", init=str(ckpt),
+                               mode="frozen"))
+    model, _ = build_from_checkpoint(tmp_path / "run" / "best")
+    pretrained, _ = build_from_checkpoint(ckpt)
+    assert torch.equal(model.encoder.patch_embed.proj.weight, pretrained.encoder.patch_embed.proj.weight)
+    assert result.status == "finished"
+
+
+def test_a_dataset_that_fails_the_check_is_refused(sites, tmp_path, capsys):
+    folder = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(sites["classification"], folder)
+    rows = list(csv.DictReader((folder / "manifest.csv").open()))
+    rows[3]["label"] = "malignantt"
+    with (folder / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(DatasetInvalidError, match="row 5 column label value 'malignantt'"):
+        run_finetune(_cfg(folder, tmp_path / "run"))
+    (tmp_path / "site.yaml").write_text(f"data:\n  folder: {folder}\n")
+    assert finetune_main(["--config", str(tmp_path / "site.yaml")]) == 2
+    assert "echocare-data verify" in capsys.readouterr().err.replace("\n", "")
+    assert finetune_main(["--config", str(tmp_path / "site.yaml"), "--set", "model.mode=partial"]) == 2
+    assert "choose one of ['full', 'frozen', 'lora']" in capsys.readouterr().err.replace("\n", "")
