@@ -90,8 +90,9 @@ def _loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_model(model: EchoCareTaskModel, loader: DataLoader, device: torch.device, k: int) -> dict[str, float]:
-    """Main and secondary metrics of `model` over `loader`."""
+def predict_all(model: EchoCareTaskModel, loader: DataLoader, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Class probabilities `[N, K]` or label maps `[N, H, W]`, and the targets; None when nothing was readable."""
     model.eval()
     outs, targets = [], []
     for batch in loader:
@@ -100,10 +101,17 @@ def evaluate_model(model: EchoCareTaskModel, loader: DataLoader, device: torch.d
             outs.append(logits.softmax(1) if model.task == "classification" else logits.argmax(1))
             targets.append(batch["target"])
     model.train()
-    if not outs:
-        return {}
-    pred, true = torch.cat(outs), torch.cat(targets)
-    return classification_metrics(pred, true) if model.task == "classification" else segmentation_metrics(pred, true, k)
+    return (torch.cat(outs), torch.cat(targets)) if outs else None
+
+
+def task_metrics(task: str, pred: torch.Tensor, true: torch.Tensor, k: int) -> dict[str, float]:
+    return classification_metrics(pred, true) if task == "classification" else segmentation_metrics(pred, true, k)
+
+
+def evaluate_model(model: EchoCareTaskModel, loader: DataLoader, device: torch.device, k: int) -> dict[str, float]:
+    """Main and secondary metrics of `model` over `loader`."""
+    out = predict_all(model, loader, device)
+    return task_metrics(model.task, *out, k) if out is not None else {}
 
 
 def _loader(ds: TaskDataset, keys: list[tuple[int, int]], batch: int, workers: int) -> DataLoader:
@@ -150,7 +158,7 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _check_dataset(folder: Path) -> DatasetSpec:
+def check_dataset(folder: Path) -> DatasetSpec:
     report = verify_dataset(folder)
     if not report.ok:
         p = report.problems[0]
@@ -173,7 +181,7 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
 
     device = init_distributed(cfg.device).device
     folder, out = Path(cfg.data.folder), Path(cfg.output)
-    spec = _check_dataset(folder)
+    spec = check_dataset(folder)
     rows = {s: split_rows(folder, s, cfg.data.split_seed) for s in ("train", "val", "test")}
     if not rows["train"] or not rows["val"]:
         raise ValueError(f"{folder}: need train and val samples (found {len(rows['train'])} and {len(rows['val'])})")

@@ -2,6 +2,7 @@
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_ENCODER
@@ -83,3 +84,47 @@ def test_a_dataset_that_fails_the_check_is_refused(sites, tmp_path, capsys):
     assert "echocare-data verify" in capsys.readouterr().err.replace("\n", "")
     assert finetune_main(["--config", str(tmp_path / "site.yaml"), "--set", "model.mode=partial"]) == 2
     assert "choose one of ['full', 'frozen', 'lora']" in capsys.readouterr().err.replace("\n", "")
+
+
+@pytest.fixture(scope="module")
+def seg_best(sites, tmp_path_factory):
+    out = tmp_path_factory.mktemp("seg")
+    run_finetune(_cfg(sites["segmentation"], out, "optim.epochs=1", mode="lora"))
+    return out / "best"
+
+
+def test_evaluate_with_interval_and_refuse_the_wrong_dataset(sites, seg_best, tmp_path, capsys):
+    from echocare_core.cli.evaluate import evaluate_main
+    from echocare_core.engine.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(seg_best, sites["segmentation"], "test", rounds=100)
+    lo, hi = result["dice_ci95"]
+    assert result["main_metric"] == "dice" and lo <= result["metrics"]["dice"] <= hi
+    with pytest.raises(ValueError, match="trained for segmentation, the dataset is classification"):
+        evaluate_checkpoint(seg_best, sites["classification"])
+    assert evaluate_main(["--checkpoint", str(seg_best), "--data", str(sites["segmentation"]), "--bootstrap", "50",
+                          "--json", str(tmp_path / "e.json")]) == 0
+    assert "95% CI" in capsys.readouterr().err
+    assert evaluate_main(["--checkpoint", str(seg_best), "--data", str(sites["classification"])]) == 2
+
+
+def test_predict_writes_csv_masks_and_overlays(sites, seg_best, tmp_path):
+    from PIL import Image
+
+    from echocare_core.cli.evaluate import predict_main
+
+    images = sites["segmentation"] / "images"
+    (tmp_path / "in").mkdir()
+    for src in sorted(images.iterdir())[:3]:
+        (tmp_path / "in" / src.name).write_bytes(src.read_bytes())
+    (tmp_path / "in" / "zz_broken.png").write_bytes(b"nope")
+    assert predict_main(["--checkpoint", str(seg_best), "--input", str(tmp_path / "in"),
+                         "--out", str(tmp_path / "out")]) == 0
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert len(rows) == 4 and rows[-1]["mask"] == "unreadable"
+    for row in rows[:3]:
+        mask = Image.open(tmp_path / "out" / row["mask"])
+        assert mask.size == Image.open(row["file"]).size and set(np.unique(np.asarray(mask)).tolist()) <= {0, 1}
+        assert Image.open(tmp_path / "out" / row["overlay"]).mode == "RGB"
+    assert predict_main(["--checkpoint", str(seg_best), "--input", str(tmp_path / "nothing"),
+                         "--out", str(tmp_path / "o2")]) == 2

@@ -1,0 +1,74 @@
+"""`echocare-evaluate` and `echocare-predict`: use a fine-tuned checkpoint on a site's data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from rich.table import Table
+
+from echocare_core.cli.common import console, fail, setup_logging
+
+log = logging.getLogger("echocare")
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    prog = "echocare-evaluate"
+    parser = argparse.ArgumentParser(prog=prog, description="Metrics of a fine-tuned checkpoint on a dataset "
+                                     "split, per class, with a 95%% bootstrap interval for the main metric.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder (e.g. runs/x/best)")
+    parser.add_argument("--data", required=True, help="dataset folder (dataset.yaml + manifest.csv)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the patient split without a split column")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the interval")
+    parser.add_argument("--json", type=Path, help="also write the result as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    from echocare_core.engine.evaluate import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.split_seed, rounds=args.bootstrap)
+    except (ValueError, FileNotFoundError) as exc:
+        log.debug("details", exc_info=True)
+        return fail(prog, str(exc))
+    main = result["main_metric"]
+    lo, hi = result[f"{main}_ci95"]
+    table = Table(title=f"{result['dataset']}, {result['split']} split, {result['samples']} samples")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result["metrics"].items():
+        table.add_row(name, f"{value:.4f}" + (f"  (95% CI {lo:.4f}-{hi:.4f})" if name == main else ""))
+    console.print(table)
+    if args.json:
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        os.replace(tmp, args.json)
+    return 0
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    prog = "echocare-predict"
+    parser = argparse.ArgumentParser(prog=prog, description="Predict with a fine-tuned checkpoint: predictions.csv "
+                                     "and, for segmentation, mask and overlay PNGs.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder (e.g. runs/x/best)")
+    parser.add_argument("--input", required=True, help="an image file or a folder of images")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    from echocare_core.engine.predict import list_inputs, predict_files
+
+    try:
+        target, unreadable = predict_files(args.checkpoint, list_inputs(args.input), args.out)
+    except (ValueError, FileNotFoundError) as exc:
+        log.debug("details", exc_info=True)
+        return fail(prog, str(exc))
+    console.print(f"wrote {target}" + (f"; {unreadable} file(s) could not be read (marked in the CSV)"
+                                       if unreadable else ""))
+    return 0

@@ -1,0 +1,85 @@
+"""Evaluation of a fine-tuned checkpoint on a dataset split, with bootstrap confidence intervals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.metrics import compute_dice
+
+from echocare_core.checkpoint import build_from_checkpoint
+from echocare_core.data.contract import DatasetSpec
+from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
+from echocare_core.engine.finetune import check_dataset, num_classes, predict_all, task_metrics
+from echocare_core.engine.metrics import MAIN_METRIC, classification_metrics
+
+__all__ = ["evaluate_checkpoint", "bootstrap_ci", "check_fits"]
+
+
+def check_fits(meta: dict, spec: DatasetSpec, checkpoint: str | Path) -> None:
+    """Refuse a checkpoint made for another task or other classes than the dataset's.
+
+    Raises:
+        ValueError: naming both sides.
+    """
+    if meta.get("model_kind") != "task":
+        raise ValueError(f"{checkpoint} is a {meta.get('model_kind')!r} checkpoint; evaluate needs a fine-tuned "
+                         f"one (echocare-finetune writes them to OUTPUT/best)")
+    if meta["task"] != spec.task:
+        raise ValueError(f"{checkpoint} was trained for {meta['task']}, the dataset is {spec.task}")
+    head = meta["head"]
+    if spec.task == "classification" and list(spec.classes) != head["classes"]:
+        raise ValueError(f"{checkpoint} predicts classes {head['classes']}, the dataset declares {list(spec.classes)}")
+    if spec.task == "segmentation" and num_classes(spec) != head["num_classes"]:
+        raise ValueError(f"{checkpoint} segments {head['num_classes']} labels, the dataset declares "
+                         f"{num_classes(spec)}")
+
+
+def bootstrap_ci(task: str, pred: torch.Tensor, true: torch.Tensor, k: int, rounds: int = 1000,
+                 seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the task's main metric over resampled samples."""
+    rng = np.random.default_rng(seed)
+    n = len(true)
+    if task == "segmentation":  # Dice is a mean over samples: resample the per-sample values
+        p = F.one_hot(pred.long(), k).permute(0, 3, 1, 2).float()
+        t = F.one_hot(true.long(), k).permute(0, 3, 1, 2).float()
+        per_sample = compute_dice(p, t, include_background=False).nanmean(1).numpy()
+        values = [np.nanmean(per_sample[rng.integers(0, n, n)]) for _ in range(rounds)]
+    else:
+        values = []
+        for _ in range(rounds):
+            idx = torch.from_numpy(rng.integers(0, n, n))
+            values.append(classification_metrics(pred[idx], true[idx])["auc"])
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if len(values) else (np.nan, np.nan)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str = "test", split_seed: int = 0,
+                        batch_size: int = 16, rounds: int = 1000) -> dict:
+    """Metrics of a fine-tuned checkpoint on one split of a dataset folder, with a 95% CI for the main metric.
+
+    Raises:
+        DatasetInvalidError: the dataset fails the verifier.
+        ValueError: the checkpoint does not fit the dataset, or the split is empty.
+    """
+    spec = check_dataset(Path(folder))
+    model, meta = build_from_checkpoint(checkpoint)
+    check_fits(meta, spec, checkpoint)
+    rows = split_rows(folder, split, split_seed)
+    if not rows:
+        raise ValueError(f"{folder}: the '{split}' split is empty (splits: train, val, test)")
+    ds = TaskDataset(folder, spec, rows, meta["input"]["size"], train=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=[(0, i) for i in range(len(ds))],
+                                         collate_fn=collate_task)
+    out = predict_all(model, loader, torch.device("cpu"))
+    if out is None:
+        raise ValueError(f"{folder}: no readable sample in the '{split}' split")
+    k = meta["head"]["num_classes"]
+    metrics = task_metrics(spec.task, *out, k)
+    main = MAIN_METRIC[spec.task]
+    lo, hi = bootstrap_ci(spec.task, *out, k, rounds)
+    return {"checkpoint": str(checkpoint), "dataset": spec.name, "split": split, "samples": len(out[1]),
+            "main_metric": main, f"{main}_ci95": [lo, hi], "metrics": metrics}
