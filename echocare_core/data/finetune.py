@@ -40,6 +40,9 @@ class TaskDataset(Dataset):
         return len(self.rows)
 
     def _target(self, row: dict[str, str]) -> torch.Tensor:
+        if self.spec.task == "classification" and self.spec.multi_label:  # "a;b" -> multi-hot [K]
+            names = {n.strip() for n in row["label"].split(";")}
+            return torch.tensor([float(c in names) for c in self.spec.classes])
         if self.spec.task == "classification":
             return torch.tensor(self.spec.classes.index(row["label"]))
         with Image.open(self.folder / row["mask"]) as im:

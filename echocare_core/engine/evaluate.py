@@ -13,7 +13,7 @@ from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.engine.finetune import check_dataset, num_classes, predict_all, task_metrics
-from echocare_core.engine.metrics import MAIN_METRIC, classification_metrics
+from echocare_core.engine.metrics import MAIN_METRIC
 
 __all__ = ["evaluate_checkpoint", "bootstrap_ci", "check_fits"]
 
@@ -51,7 +51,7 @@ def bootstrap_ci(task: str, pred: torch.Tensor, true: torch.Tensor, k: int, roun
         values = []
         for _ in range(rounds):
             idx = torch.from_numpy(rng.integers(0, n, n))
-            values.append(classification_metrics(pred[idx], true[idx])["auc"])
+            values.append(task_metrics(task, pred[idx], true[idx], k)["auc"])
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if len(values) else (np.nan, np.nan)

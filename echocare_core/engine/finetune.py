@@ -29,7 +29,7 @@ from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
 from echocare_core.engine.distributed import init_distributed
 from echocare_core.engine.finetune_config import FinetuneConfig
-from echocare_core.engine.metrics import MAIN_METRIC, classification_metrics, segmentation_metrics
+from echocare_core.engine.metrics import MAIN_METRIC, classification_metrics, multilabel_metrics, segmentation_metrics
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.report import read_metrics
 from echocare_core.models.swin import EncoderConfig
@@ -74,7 +74,7 @@ def _encoder_config(cfg: FinetuneConfig) -> EncoderConfig:
 
 def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec) -> EchoCareTaskModel:
     enc = _encoder_config(cfg)
-    model = EchoCareTaskModel(enc, spec.task, num_classes(spec), cfg.model.feature_size)
+    model = EchoCareTaskModel(enc, spec.task, num_classes(spec), cfg.model.feature_size, spec.multi_label)
     if cfg.model.init:
         report = load_encoder_weights(model.encoder, cfg.model.init)
         (log.warning if report.missing else log.info)("encoder weights from %s: %s", cfg.model.init, report.summary())
@@ -82,9 +82,11 @@ def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec) -> EchoCareTaskMode
     return model
 
 
-def _loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if task == "classification":
-        return F.cross_entropy
+def _loss_fn(spec: DatasetSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if spec.task == "classification":
+        return F.binary_cross_entropy_with_logits if spec.multi_label else F.cross_entropy
+    if spec.task != "segmentation":
+        raise ValueError(f"task '{spec.task}' has no fine-tuning head yet (classification, segmentation)")
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)  # per sample: DP-ready
     return lambda logits, target: dice_ce(logits, target[:, None])
 
@@ -98,14 +100,16 @@ def predict_all(model: EchoCareTaskModel, loader: DataLoader, device: torch.devi
     for batch in loader:
         if "image" in batch:
             logits = model(batch["image"].to(device)).float().cpu()
-            outs.append(logits.softmax(1) if model.task == "classification" else logits.argmax(1))
+            outs.append(model.probabilities(logits) if model.task == "classification" else logits.argmax(1))
             targets.append(batch["target"])
     model.train()
     return (torch.cat(outs), torch.cat(targets)) if outs else None
 
 
 def task_metrics(task: str, pred: torch.Tensor, true: torch.Tensor, k: int) -> dict[str, float]:
-    return classification_metrics(pred, true) if task == "classification" else segmentation_metrics(pred, true, k)
+    if task == "segmentation":
+        return segmentation_metrics(pred, true, k)
+    return multilabel_metrics(pred, true) if true.ndim == 2 else classification_metrics(pred, true)
 
 
 def evaluate_model(model: EchoCareTaskModel, loader: DataLoader, device: torch.device, k: int) -> dict[str, float]:
@@ -128,6 +132,7 @@ def _meta(cfg: FinetuneConfig, spec: DatasetSpec, model: EchoCareTaskModel, epoc
     enc = model.encoder.cfg
     return {"model_kind": "task", "task": spec.task, "encoder": to_dict(enc), "epoch": epoch, "metrics": metrics,
             "head": {"num_classes": num_classes(spec), "feature_size": cfg.model.feature_size,
+                     "multi_label": spec.multi_label,
                      "classes": list(spec.classes), "labels": {str(k): v for k, v in spec.labels.items()}},
             "finetune": {"mode": cfg.model.mode, "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha},
             "input": {"channels": enc.in_chans, "size": enc.img_size, "mean": INPUT_MEAN, "std": INPUT_STD},
@@ -202,7 +207,7 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     save_config(cfg, out / "config.yaml")
     history = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= start]
     _write_json_lines(out / "metrics.jsonl", history)
-    loss_fn, bf16 = _loss_fn(spec.task), o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
+    loss_fn, bf16 = _loss_fn(spec), o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
     val_keys = [(0, i) for i in range(len(sets["val"]))]
     status, epoch = "finished", start
     for epoch in range(start + 1, o.epochs + 1):

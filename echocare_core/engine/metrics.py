@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc, compute_surface_dice
 
-__all__ = ["MAIN_METRIC", "classification_metrics", "segmentation_metrics", "youden"]
+__all__ = ["MAIN_METRIC", "classification_metrics", "multilabel_metrics", "segmentation_metrics", "youden"]
 
 MAIN_METRIC = {"classification": "auc", "segmentation": "dice"}  # what "best checkpoint" means
 
@@ -61,6 +61,22 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
     else:
         out["macro_f1"] = float(np.mean([_f1(pred, true, c) for c in range(k)]))
     return out
+
+
+def multilabel_metrics(probs: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
+    """Multi-label: macro AUC over classes, exact-match accuracy and macro-F1 at `threshold`.
+
+    Args:
+        probs: `[N, K]` independent class probabilities (sigmoid).
+        targets: `[N, K]` multi-hot truth.
+    """
+    pred, true = (probs >= threshold).numpy(), targets.numpy() > 0.5
+    present = [c for c in range(true.shape[1]) if 0 < true[:, c].sum() < len(true)]  # AUC needs both values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auc = float(compute_roc_auc(probs[:, present], targets[:, present], average="macro")) if present else float("nan")
+    f1 = [_f1(pred[:, c].astype(int), true[:, c].astype(int), 1) for c in range(true.shape[1])]
+    return {"auc": auc, "exact_match": float((pred == true).all(1).mean()), "macro_f1": float(np.mean(f1))}
 
 
 def segmentation_metrics(pred: torch.Tensor, true: torch.Tensor, num_classes: int,

@@ -74,8 +74,10 @@ def predict_files(checkpoint: str | Path, files: list[Path], out: str | Path) ->
         with torch.no_grad():
             logits = model((x - meta["input"]["mean"]) / meta["input"]["std"])[0].float()
         if meta["task"] == "classification":
-            probs = logits.softmax(0).tolist()
-            rows.append([str(file), classes[int(np.argmax(probs))], *[f"{p:.6f}" for p in probs]])
+            probs = model.probabilities(logits).tolist()
+            label = (";".join(c for c, p in zip(classes, probs) if p >= 0.5) if model.multi_label
+                     else classes[int(np.argmax(probs))])
+            rows.append([str(file), label, *[f"{p:.6f}" for p in probs]])
             continue
         labels = F.interpolate(logits[None], size=img.shape[1:], mode="bilinear", align_corners=False)[0].argmax(0)
         mask = labels.numpy().astype(np.uint8)

@@ -44,12 +44,16 @@ class LoRALinear(nn.Linear):
 class EchoCareTaskModel(nn.Module):
     """Encoder + head. `forward(images)` gives class logits `[B, K]` or mask logits `[B, K, H, W]`."""
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of classification logits: sigmoid when multi-label, else softmax."""
+        return logits.sigmoid() if self.multi_label else logits.softmax(-1)
+
     def __init__(self, cfg: EncoderConfig, task: Literal["classification", "segmentation"], num_classes: int,
-                 feature_size: int = 16) -> None:
+                 feature_size: int = 16, multi_label: bool = False) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task '{task}' has no head yet; available: {', '.join(TASKS)}")
-        self.task = task
+        self.task, self.multi_label = task, multi_label  # multi-label: independent sigmoid per class
         self.encoder = SwinEncoder(cfg)
         self.head = (ClassificationHead(self.encoder.num_features, num_classes) if task == "classification"
                      else SegmentationHead(cfg, num_classes, feature_size))

@@ -5,6 +5,7 @@ import csv
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import TINY_ENCODER
 
 from echocare_core.checkpoint import build_from_checkpoint, read_meta
@@ -128,3 +129,26 @@ def test_predict_writes_csv_masks_and_overlays(sites, seg_best, tmp_path):
         assert Image.open(tmp_path / "out" / row["overlay"]).mode == "RGB"
     assert predict_main(["--checkpoint", str(seg_best), "--input", str(tmp_path / "nothing"),
                          "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_multi_label_classification(sites, tmp_path):
+    import shutil
+
+    folder = tmp_path / "multi"
+    shutil.copytree(sites["classification"], folder)
+    spec = yaml.safe_load((folder / "dataset.yaml").read_text())
+    spec.update(classes=["benign", "malignant", "second_look"], multi_label=True)
+    (folder / "dataset.yaml").write_text(yaml.safe_dump(spec))
+    rows = list(csv.DictReader((folder / "manifest.csv").open()))
+    for i, row in enumerate(rows):
+        row["label"] += ";second_look" if i % 2 else ""
+    with (folder / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = run_finetune(_cfg(folder, tmp_path / "run", "optim.epochs=1"))
+    assert set(result.test) == {"auc", "exact_match", "macro_f1"}
+    model, meta = build_from_checkpoint(tmp_path / "run" / "best")
+    assert meta["head"]["multi_label"] and model.multi_label
+    probs = model.probabilities(model(torch.zeros(2, 1, 64, 64)))
+    assert probs.shape == (2, 3) and not torch.allclose(probs.sum(1), torch.ones(2))

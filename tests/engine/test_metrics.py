@@ -33,3 +33,14 @@ def test_multiclass_macro_f1():
     probs = torch.eye(3)[[0, 1, 2, 2]]
     m = classification_metrics(probs, torch.tensor([0, 1, 2, 1]))
     assert m["accuracy"] == 0.75 and m["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+
+
+def test_multilabel_metrics():
+    from echocare_core.engine.metrics import multilabel_metrics
+
+    probs = torch.tensor([[0.9, 0.2], [0.8, 0.7], [0.1, 0.6], [0.3, 0.1]])
+    truth = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
+    m = multilabel_metrics(probs, truth)
+    assert m == {"auc": pytest.approx(1.0), "exact_match": 1.0, "macro_f1": 1.0}
+    m = multilabel_metrics(probs, torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    assert m["exact_match"] == 0.75 and m["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
