@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 from pathlib import Path
 
 from rich.table import Table
@@ -23,7 +21,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder (e.g. runs/x/best)")
     parser.add_argument("--data", required=True, help="dataset folder (dataset.yaml + manifest.csv)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the patient split without a split column")
+    parser.add_argument("--split-seed", type=int, help="seed of the patient split when the manifest has no split "
+                        "column (default: the one the checkpoint was trained with)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the interval")
     parser.add_argument("--json", type=Path, help="also write the result as JSON")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -45,9 +44,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         table.add_row(name, f"{value:.4f}" + (f"  (95% CI {lo:.4f}-{hi:.4f})" if name == main else ""))
     console.print(table)
     if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-        os.replace(tmp, args.json)
+        from echocare_core.engine.finetune import write_json
+
+        write_json(args.json, result)
     return 0
 
 

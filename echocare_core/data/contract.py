@@ -29,7 +29,6 @@ __all__ = ["TASK_COLUMNS", "DatasetSpec", "Problem", "VerifyReport", "load_spec"
 TASK_COLUMNS = {"classification": "label", "segmentation": "mask", "landmarks": "landmarks",
                 "detection": "boxes", "regression": "target", "enhancement": "target_image",
                 "report": "report", "pretrain": None}
-OPTIONAL_COLUMNS = ("split", "patient", "anatomy")
 SPLITS = ("train", "val", "test")
 SPEC_KEYS = {"name", "task", "classes", "labels", "channels", "multi_label", "ontology", "description",
              "device_profile", "synthetic", "findings"}
@@ -128,30 +127,29 @@ def read_manifest(folder: str | Path) -> tuple[list[str], list[dict[str, str]]]:
     file = Path(folder) / "manifest.csv"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: one row per sample, columns image[, split, patient, ...]")
-    with file.open(newline="", encoding="utf-8") as f:
+    with file.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             raise ValueError(f"{file}: empty, expected a header row such as 'image,label'")
-        rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     return [c.strip() for c in reader.fieldnames], rows
 
 
 def patient_splits(rows: list[dict[str, str]], seed: int = 0,
                    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> list[str]:
-    """The split of every row: its `split` cell, else one drawn per patient with a fixed seed.
+    """The split of every row: its `split` cell, else its patient's, else one drawn per patient with a fixed seed.
 
-    Rows without a patient are their own patient. All rows of a patient land in the same split.
+    Rows without a patient are their own patient. A row with an empty `split` joins the split its
+    patient already has in another row, so a patient never ends up on both sides.
     """
-    if all(r.get("split") for r in rows):
-        return [r["split"] for r in rows]
-    patients = sorted({r.get("patient") or f"\0row{i}" for i, r in enumerate(rows)})
-    order = np.random.default_rng(seed).permutation(len(patients))
-    n_train = round(fractions[0] * len(patients))
-    n_val = round(fractions[1] * len(patients))
-    chosen = {}
-    for rank, p in enumerate(order):
-        chosen[patients[p]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-    return [r.get("split") or chosen[r.get("patient") or f"\0row{i}"] for i, r in enumerate(rows)]
+    keys = [r.get("patient") or f"\0row{i}" for i, r in enumerate(rows)]
+    given = {k: r["split"] for k, r in zip(keys, rows) if r.get("split")}
+    free = sorted(set(keys) - set(given))
+    order = np.random.default_rng(seed).permutation(len(free))
+    n_train, n_val = round(fractions[0] * len(free)), round(fractions[1] * len(free))
+    drawn = {free[p]: "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+             for rank, p in enumerate(order)}
+    return [r.get("split") or given.get(k) or drawn[k] for k, r in zip(keys, rows)]
 
 
 class _Checker:
@@ -314,13 +312,14 @@ def _check_rows(check: _Checker, rows: list[dict[str, str]], task_column: str | 
 def _check_splits(report: VerifyReport, rows: list[dict[str, str]]) -> None:
     where: dict[str, set[str]] = defaultdict(set)
     first_row: dict[str, int] = {}
-    for row, values in enumerate(rows, start=2):
-        if values.get("patient") and values.get("split") in SPLITS:
-            where[values["patient"]].add(values["split"])
+    splits = patient_splits(rows)
+    for row, (values, split) in enumerate(zip(rows, splits), start=2):
+        if values.get("patient") and split in SPLITS:
+            where[values["patient"]].add(split)
             first_row.setdefault(values["patient"], row)
-    for patient, splits in sorted(where.items()):
-        if len(splits) > 1:
+    for patient, found in sorted(where.items()):
+        if len(found) > 1:
             report.problems.append(Problem("manifest.csv", first_row[patient], "patient", patient,
-                                           f"one split per patient (found in {', '.join(sorted(splits))})"))
+                                           f"one split per patient (found in {', '.join(sorted(found))})"))
             report.columns["patient"]["wrong"] += 1
-    report.splits = dict(Counter(patient_splits(rows)))
+    report.splits = dict(Counter(splits))

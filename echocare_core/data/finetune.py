@@ -32,9 +32,12 @@ class TaskDataset(Dataset):
     """
 
     def __init__(self, folder: str | Path, spec: DatasetSpec, rows: list[dict[str, str]], img_size: int,
-                 train: bool, seed: int = 0) -> None:
+                 channels: int, train: bool, seed: int = 0) -> None:
         self.folder, self.spec, self.rows = Path(folder), spec, rows
-        self.img_size, self.train, self.seed = img_size, train, seed
+        self.img_size, self.channels, self.train, self.seed = img_size, channels, train, seed
+        # mask values (e.g. 0 and 255) -> class indices 0..K-1, in the order of the declared values
+        self.lut = np.zeros(256, dtype=np.int64)
+        self.lut[sorted(spec.labels)] = np.arange(len(spec.labels))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -46,24 +49,24 @@ class TaskDataset(Dataset):
         if self.spec.task == "classification":
             return torch.tensor(self.spec.classes.index(row["label"]))
         with Image.open(self.folder / row["mask"]) as im:
-            mask = torch.from_numpy(np.asarray(im).astype(np.int64))
+            mask = torch.from_numpy(self.lut[np.asarray(im)])
         return F.interpolate(mask[None, None].float(), size=(self.img_size,) * 2, mode="nearest")[0, 0].long()
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
         row = self.rows[i]
         try:
-            img = read_image(self.folder / row["image"], self.spec.channels)
+            img = read_image(self.folder / row["image"], self.channels)  # the model's channels
             target = self._target(row)
-        except (ImageReadError, OSError) as exc:
-            return {"skip": f"row {i + 2}: {type(exc).__name__}"}
+        except (ImageReadError, OSError):
+            return {"skip": i}
         x = torch.from_numpy(img).float().div_(255.0)
         x = F.interpolate(x[None], size=(self.img_size,) * 2, mode="bilinear", antialias=True,
                           align_corners=False)[0]
         if self.train and np.random.default_rng([self.seed, epoch, i]).random() < 0.5:
             x = x.flip(-1)
             target = target.flip(-1) if target.ndim == 2 else target
-        return {"image": (x - INPUT_MEAN) / INPUT_STD, "target": target}
+        return {"image": (x - INPUT_MEAN) / INPUT_STD, "target": target, "row": i}
 
 
 def collate_task(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -72,4 +75,5 @@ def collate_task(items: list[dict[str, Any]]) -> dict[str, Any]:
     if good:
         out["image"] = torch.stack([g["image"] for g in good])
         out["target"] = torch.stack([g["target"] for g in good])
+        out["row"] = torch.tensor([g["row"] for g in good])
     return out

@@ -30,36 +30,44 @@ def check_fits(meta: dict, spec: DatasetSpec, checkpoint: str | Path) -> None:
     if meta["task"] != spec.task:
         raise ValueError(f"{checkpoint} was trained for {meta['task']}, the dataset is {spec.task}")
     head = meta["head"]
-    if spec.task == "classification" and list(spec.classes) != head["classes"]:
-        raise ValueError(f"{checkpoint} predicts classes {head['classes']}, the dataset declares {list(spec.classes)}")
+    if spec.task == "classification" and (list(spec.classes), spec.multi_label) != (head["classes"],
+                                                                                     head["multi_label"]):
+        raise ValueError(f"{checkpoint} predicts classes {head['classes']} (multi-label: {head['multi_label']}), "
+                         f"the dataset declares {list(spec.classes)} (multi-label: {spec.multi_label})")
     if spec.task == "segmentation" and num_classes(spec) != head["num_classes"]:
         raise ValueError(f"{checkpoint} segments {head['num_classes']} labels, the dataset declares "
                          f"{num_classes(spec)}")
 
 
-def bootstrap_ci(task: str, pred: torch.Tensor, true: torch.Tensor, k: int, rounds: int = 1000,
-                 seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the task's main metric over resampled samples."""
+def bootstrap_ci(task: str, pred: torch.Tensor, true: torch.Tensor, k: int, groups: list[str],
+                 rounds: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the task's main metric, resampling patients (`groups`),
+    since images of one patient are not independent."""
     rng = np.random.default_rng(seed)
-    n = len(true)
-    if task == "segmentation":  # Dice is a mean over samples: resample the per-sample values
+    names = sorted(set(groups))
+    members = {g: np.flatnonzero(np.asarray(groups) == g) for g in names}
+    if task == "segmentation":  # per-class Dice over the resampled images, then the mean over classes
         p = F.one_hot(pred.long(), k).permute(0, 3, 1, 2).float()
         t = F.one_hot(true.long(), k).permute(0, 3, 1, 2).float()
-        per_sample = compute_dice(p, t, include_background=False).nanmean(1).numpy()
-        values = [np.nanmean(per_sample[rng.integers(0, n, n)]) for _ in range(rounds)]
-    else:
-        values = []
-        for _ in range(rounds):
-            idx = torch.from_numpy(rng.integers(0, n, n))
+        dice = compute_dice(p, t, include_background=False).numpy()
+    values = []
+    for _ in range(rounds):
+        idx = np.concatenate([members[names[j]] for j in rng.integers(0, len(names), len(names))])
+        if task == "segmentation":
+            values.append(np.nanmean(np.nanmean(dice[idx], axis=0)))
+        else:
             values.append(task_metrics(task, pred[idx], true[idx], k)["auc"])
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if len(values) else (np.nan, np.nan)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str = "test", split_seed: int = 0,
+def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str = "test", split_seed: int | None = None,
                         batch_size: int = 16, rounds: int = 1000) -> dict:
     """Metrics of a fine-tuned checkpoint on one split of a dataset folder, with a 95% CI for the main metric.
+
+    The split seed defaults to the one the checkpoint was trained with, so "test" holds no training
+    patient; binary tasks use the Youden threshold chosen on validation during training.
 
     Raises:
         DatasetInvalidError: the dataset fails the verifier.
@@ -68,18 +76,22 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str =
     spec = check_dataset(Path(folder))
     model, meta = build_from_checkpoint(checkpoint)
     check_fits(meta, spec, checkpoint)
+    if split_seed is None:
+        split_seed = meta.get("config", {}).get("data", {}).get("split_seed", 0)
     rows = split_rows(folder, split, split_seed)
     if not rows:
         raise ValueError(f"{folder}: the '{split}' split is empty (splits: train, val, test)")
-    ds = TaskDataset(folder, spec, rows, meta["input"]["size"], train=False)
+    ds = TaskDataset(folder, spec, rows, meta["input"]["size"], meta["input"]["channels"], train=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=[(0, i) for i in range(len(ds))],
                                          collate_fn=collate_task)
     out = predict_all(model, loader, torch.device("cpu"))
     if out is None:
         raise ValueError(f"{folder}: no readable sample in the '{split}' split")
+    pred, true, used = out
     k = meta["head"]["num_classes"]
-    metrics = task_metrics(spec.task, *out, k)
+    metrics = task_metrics(spec.task, pred, true, k, meta.get("metrics", {}).get("youden_threshold"))
     main = MAIN_METRIC[spec.task]
-    lo, hi = bootstrap_ci(spec.task, *out, k, rounds)
-    return {"checkpoint": str(checkpoint), "dataset": spec.name, "split": split, "samples": len(out[1]),
+    patients = [rows[i].get("patient") or f"row{i}" for i in used.tolist()]
+    lo, hi = bootstrap_ci(spec.task, pred, true, k, patients, rounds)
+    return {"checkpoint": str(checkpoint), "dataset": spec.name, "split": split, "samples": len(true),
             "main_metric": main, f"{main}_ci95": [lo, hi], "metrics": metrics}

@@ -22,7 +22,7 @@ from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader
 
 from echocare_core.checkpoint import (load_encoder_weights, load_train_state, load_weights, read_meta,
-                                      save_checkpoint)
+                                      same_architecture, save_checkpoint)
 from echocare_core.config import from_dict, save_config, to_dict
 from echocare_core.data.contract import DatasetSpec, load_spec, verify_dataset
 from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
@@ -59,7 +59,8 @@ class FinetuneResult:
 
 
 def num_classes(spec: DatasetSpec) -> int:
-    return len(spec.classes) if spec.task == "classification" else max(spec.labels) + 1
+    """Outputs of the head: one per class, or one per declared mask value."""
+    return len(spec.classes) if spec.task == "classification" else len(spec.labels)
 
 
 def _encoder_config(cfg: FinetuneConfig) -> EncoderConfig:
@@ -93,29 +94,34 @@ def _loss_fn(spec: DatasetSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.
 
 @torch.no_grad()
 def predict_all(model: EchoCareTaskModel, loader: DataLoader, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Class probabilities `[N, K]` or label maps `[N, H, W]`, and the targets; None when nothing was readable."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Class probabilities `[N, K]` or label maps `[N, H, W]`, the targets and the dataset rows they
+    belong to; None when nothing was readable."""
     model.eval()
-    outs, targets = [], []
+    outs, targets, rows = [], [], []
     for batch in loader:
         if "image" in batch:
             logits = model(batch["image"].to(device)).float().cpu()
             outs.append(model.probabilities(logits) if model.task == "classification" else logits.argmax(1))
             targets.append(batch["target"])
+            rows.append(batch["row"])
     model.train()
-    return (torch.cat(outs), torch.cat(targets)) if outs else None
+    return (torch.cat(outs), torch.cat(targets), torch.cat(rows)) if outs else None
 
 
-def task_metrics(task: str, pred: torch.Tensor, true: torch.Tensor, k: int) -> dict[str, float]:
+def task_metrics(task: str, pred: torch.Tensor, true: torch.Tensor, k: int,
+                 threshold: float | None = None) -> dict[str, float]:
+    """The task's metrics; `threshold` fixes the binary operating point (else the Youden one of this data)."""
     if task == "segmentation":
         return segmentation_metrics(pred, true, k)
-    return multilabel_metrics(pred, true) if true.ndim == 2 else classification_metrics(pred, true)
+    return multilabel_metrics(pred, true) if true.ndim == 2 else classification_metrics(pred, true, threshold)
 
 
-def evaluate_model(model: EchoCareTaskModel, loader: DataLoader, device: torch.device, k: int) -> dict[str, float]:
+def evaluate_model(model: EchoCareTaskModel, loader: DataLoader, device: torch.device, k: int,
+                   threshold: float | None = None) -> dict[str, float]:
     """Main and secondary metrics of `model` over `loader`."""
     out = predict_all(model, loader, device)
-    return task_metrics(model.task, *out, k) if out is not None else {}
+    return task_metrics(model.task, out[0], out[1], k, threshold) if out is not None else {}
 
 
 def _loader(ds: TaskDataset, keys: list[tuple[int, int]], batch: int, workers: int) -> DataLoader:
@@ -139,16 +145,16 @@ def _meta(cfg: FinetuneConfig, spec: DatasetSpec, model: EchoCareTaskModel, epoc
             "dataset": spec.name, "config": to_dict(cfg)}
 
 
-def _resume(cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, optimizer: torch.optim.Optimizer,
-            scheduler: Any, device: torch.device) -> dict[str, Any]:
+def _resume(cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, head: dict[str, Any],
+            optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device) -> dict[str, Any]:
     """Training state of `out/last`, loaded into model and optimizer; empty when starting afresh."""
     last = out / "last"
     if not (last / "meta.json").is_file():
         return {}
     meta = read_meta(last)
-    if (meta["finetune"]["mode"], meta["task"], meta["encoder"]) != (cfg.model.mode, model.task,
-                                                                     to_dict(model.encoder.cfg)):
-        raise ValueError(f"{last} belongs to another task, mode or encoder; choose a new output folder")
+    if ((meta["finetune"]["mode"], meta["task"], meta["head"]) != (cfg.model.mode, model.task, head)
+            or not same_architecture(meta["encoder"], to_dict(model.encoder.cfg))):
+        raise ValueError(f"{last} belongs to another task, mode, head or encoder; choose a new output folder")
     state = load_train_state(last)
     model.load_state_dict(load_weights(last, device))
     optimizer.load_state_dict(state["optimizer"])
@@ -157,9 +163,21 @@ def _resume(cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, optimizer:
     return state
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _plain(value: Any) -> Any:
+    """NaN and infinity become null: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write strict JSON atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    tmp.write_text(json.dumps(_plain(data), indent=2), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -167,8 +185,9 @@ def check_dataset(folder: Path) -> DatasetSpec:
     report = verify_dataset(folder)
     if not report.ok:
         p = report.problems[0]
+        # row and column only: values can be patient ids or paths, which must not travel in messages
         raise DatasetInvalidError(f"{folder} fails the dataset check with {len(report.problems)} problem(s), first: "
-                                  f"{p.file} row {p.row} column {p.column} value {p.value!r}: {p.allowed}. "
+                                  f"{p.file} row {p.row} column {p.column}: {p.allowed}. "
                                   f"See all with: echocare-data verify {folder}")
     return load_spec(folder)
 
@@ -196,12 +215,13 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     log.info("%s, mode %s: %d of %d parameters train (%.2f%%)", spec.task, cfg.model.mode, trainable, total,
              100 * trainable / total)
     o, size, k = cfg.optim, model.encoder.cfg.img_size, num_classes(spec)
-    sets = {s: TaskDataset(folder, spec, r, size, train=s == "train", seed=cfg.seed) for s, r in rows.items()}
+    sets = {s: TaskDataset(folder, spec, r, size, model.encoder.cfg.in_chans, train=s == "train", seed=cfg.seed)
+            for s, r in rows.items()}
     steps = math.ceil(len(sets["train"]) / o.batch_size)
     optimizer = build_optimizer(model, o.lr, o.weight_decay, (0.9, 0.999))
     scheduler = warmup_cosine(optimizer, o.warmup_epochs * steps, o.epochs * steps, 0.01)
-    state = _resume(cfg, out, model, optimizer, scheduler, device)
-    start, best, best_metrics, skipped = (state.get("epoch", 0), state.get("best", float("-inf")),
+    state = _resume(cfg, out, model, _meta(cfg, spec, model, 0, {})["head"], optimizer, scheduler, device)
+    start, best, best_metrics, skipped = (state.get("epoch", 0), state.get("best"),
                                           state.get("best_metrics", {}), state.get("skipped", 0))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -235,7 +255,7 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
                "seconds": time.perf_counter() - t0}
         history.append(row)
         _write_json_lines(out / "metrics.jsonl", history)
-        if _score(val, spec.task) > best:
+        if best is None or _score(val, spec.task) > best:  # the first epoch is best until one beats it
             best, best_metrics = _score(val, spec.task), val
             save_checkpoint(out / "best", model, _meta(cfg, spec, model, epoch, val))
         save_checkpoint(out / "last", model, _meta(cfg, spec, model, epoch, val),
@@ -250,12 +270,14 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     if status == "finished" and rows["test"] and (out / "best" / "meta.json").is_file():
         model.load_state_dict(load_weights(out / "best", device))
         test_keys = [(0, i) for i in range(len(sets["test"]))]
-        test = evaluate_model(model, _loader(sets["test"], test_keys, o.batch_size, cfg.data.num_workers), device, k)
-        _write_json(out / "test_metrics.json", {"split": "test", "samples": len(rows["test"]), **test})
+        # the binary operating point chosen on validation, not on the test split itself
+        test = evaluate_model(model, _loader(sets["test"], test_keys, o.batch_size, cfg.data.num_workers), device, k,
+                              best_metrics.get("youden_threshold"))
+        write_json(out / "test_metrics.json", {"split": "test", "samples": len(rows["test"]), **test})
     return FinetuneResult(status, epoch, best_metrics, test, trainable, total, out, skipped, history)
 
 
 def _write_json_lines(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(_plain(r)) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)

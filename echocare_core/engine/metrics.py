@@ -38,26 +38,39 @@ def _f1(pred: np.ndarray, true: np.ndarray, cls: int) -> float:
     return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 1.0
 
 
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def _auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Binary AUC, or the macro one-vs-rest AUC over the classes present (NaN with fewer than two)."""
+    k = probs.shape[1]
+    present = [c for c in range(k) if 0 < int((labels == c).sum()) < len(labels)]
+    if not present:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if k == 2:
+            return float(compute_roc_auc(probs[:, 1], labels))
+        return float(compute_roc_auc(probs[:, present], F.one_hot(labels, k)[:, present], average="macro"))
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold: float | None = None
+                           ) -> dict[str, float]:
     """Metrics of single-label predictions.
 
     Args:
         probs: `[N, K]` class probabilities (softmax).
         labels: `[N]` true class indices.
+        threshold: binary tasks: the operating point for sensitivity and specificity, e.g. the
+            Youden threshold chosen on validation; None picks the Youden threshold of these data.
     """
     k = probs.shape[1]
     pred, true = probs.argmax(1).numpy(), labels.numpy()
-    out = {"accuracy": float((pred == true).mean())}
-    if len(np.unique(true)) > 1:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out["auc"] = float(compute_roc_auc(probs[:, 1] if k == 2 else probs,
-                                               labels if k == 2 else F.one_hot(labels, k), average="macro"))
-    else:
-        out["auc"] = float("nan")  # undefined with one class present
+    out = {"accuracy": float((pred == true).mean()), "auc": _auc(probs, labels)}
     if k == 2:
         out["f1"] = _f1(pred, true, 1)
-        out["youden_threshold"], out["sensitivity"], out["specificity"] = youden(probs[:, 1].numpy(), true == 1)
+        scores, positive = probs[:, 1].numpy(), true == 1
+        t = youden(scores, positive)[0] if threshold is None else threshold
+        out["youden_threshold"] = t
+        out["sensitivity"] = float((scores[positive] >= t).mean()) if positive.any() else float("nan")
+        out["specificity"] = float((scores[~positive] < t).mean()) if (~positive).any() else float("nan")
     else:
         out["macro_f1"] = float(np.mean([_f1(pred, true, c) for c in range(k)]))
     return out
@@ -88,11 +101,14 @@ def segmentation_metrics(pred: torch.Tensor, true: torch.Tensor, num_classes: in
     """
     p = F.one_hot(pred.long(), num_classes).permute(0, 3, 1, 2).float()
     t = F.one_hot(true.long(), num_classes).permute(0, 3, 1, 2).float()
-    with warnings.catch_warnings():  # MONAI warns on empty masks; those give NaN and are left out
+    with warnings.catch_warnings():  # MONAI warns on empty masks; both empty gives NaN and is left out
         warnings.simplefilter("ignore")
         dice = compute_dice(p, t, include_background=False)
         nsd = compute_surface_dice(p, t, class_thresholds=[nsd_tolerance] * (num_classes - 1))
         hd95 = compute_hausdorff_distance(p, t, percentile=95)
+    # a structure missed entirely (or predicted where there is none) is as far off as the image allows
+    one_empty = (p[:, 1:].sum((2, 3)) == 0) != (t[:, 1:].sum((2, 3)) == 0)
+    hd95 = torch.where(one_empty, torch.tensor(float(np.hypot(*pred.shape[1:]))), hd95.float())
     out: dict[str, float] = {}
     for name, values in (("dice", dice), ("nsd", nsd), ("hd95", hd95)):
         per_class = values.float().masked_fill(~torch.isfinite(values.float()), float("nan")).nanmean(0)

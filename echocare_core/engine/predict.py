@@ -80,7 +80,8 @@ def predict_files(checkpoint: str | Path, files: list[Path], out: str | Path) ->
             rows.append([str(file), label, *[f"{p:.6f}" for p in probs]])
             continue
         labels = F.interpolate(logits[None], size=img.shape[1:], mode="bilinear", align_corners=False)[0].argmax(0)
-        mask = labels.numpy().astype(np.uint8)
+        values = np.array(sorted(int(v) for v in meta["head"]["labels"]), dtype=np.uint8)
+        mask = values[labels.numpy()]  # class indices back to the dataset's declared mask values
         stem = f"{i:05d}_{file.stem}"
         Image.fromarray(mask).save(out / f"{stem}_mask.png")
         _overlay(img.mean(0).astype(np.uint8), mask).save(out / f"{stem}_overlay.png")

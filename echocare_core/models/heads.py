@@ -46,6 +46,9 @@ class SegmentationHead(nn.Module):
         super().__init__()
         f, norm = feature_size, ("instance", {"affine": True})
         depth = len(cfg.stage_channels)
+        if cfg.stage_resolutions[-1] < 2:  # instance norm needs more than one pixel per map
+            raise ValueError(f"img_size={cfg.img_size} leaves a 1x1 deepest feature map; segmentation needs "
+                             f"img_size >= {2 * cfg.stride}")
         self.stem = UnetrBasicBlock(2, cfg.in_chans, f, kernel_size=3, stride=1, norm_name=norm)
         self.skips = nn.ModuleList(UnetrBasicBlock(2, c, f * 2 ** i, kernel_size=3, stride=1, norm_name=norm)
                                    for i, c in enumerate(cfg.stage_channels))

@@ -61,8 +61,7 @@ class EchoCareTaskModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.task == "classification":
             return self.head(self.encoder(images))
-        _, maps = self.encoder.forward_intermediates(images)
-        return self.head(images, maps)
+        return self.head(images, self.encoder.forward_intermediates(images, intermediates_only=True))
 
 
 def apply_finetune_mode(model: EchoCareTaskModel, mode: str, lora_rank: int = 8, lora_alpha: float = 16.0) -> None:

@@ -133,3 +133,12 @@ def test_cli_exit_codes_json_and_no_writes(tmp_path, capsys):
     assert report["ok"] is False and report["problems"][0]["column"] == "label"
     assert "1 problem(s)" in capsys.readouterr().out
     assert data_main(["verify", str(tmp_path / "nowhere")]) == 2
+
+
+def test_rows_without_split_follow_their_patient_and_bom_headers_work(tmp_path):
+    rows = [{"patient": "p1", "split": "test"}, {"patient": "p1", "split": ""}, {"patient": "p2", "split": ""}]
+    for seed in range(20):
+        assert patient_splits(rows, seed)[:2] == ["test", "test"]
+    folder = _dataset(tmp_path / "d", "classification", ["image", "label"], [["img0.png", "a"]], classes=["a", "b"])
+    (folder / "manifest.csv").write_text("\ufeffimage, label\nimg0.png,a\n", encoding="utf-8")
+    assert verify_dataset(folder).ok

@@ -46,12 +46,18 @@ def test_finetune_then_rebuild_the_best_model(sites, tmp_path, task, mode):
     assert model(torch.zeros(1, 1, 64, 64)).shape[:2] == (1, 2)
 
 
-def test_stop_and_resume_by_epoch(sites, tmp_path):
+def test_stop_and_resume_by_epoch_gives_the_uninterrupted_weights(sites, tmp_path):
+    from echocare_core.checkpoint import load_weights
+
     cfg = _cfg(sites["classification"], tmp_path / "run", "optim.epochs=3")
     assert run_finetune(cfg, stop=lambda: True).status == "stopped"
     assert read_meta(tmp_path / "run" / "last")["epoch"] == 1
     result = run_finetune(cfg)
     assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.status == "finished"
+    run_finetune(_cfg(sites["classification"], tmp_path / "straight", "optim.epochs=3"))
+    resumed, straight = load_weights(tmp_path / "run" / "last"), load_weights(tmp_path / "straight" / "last")
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_starts_from_a_pretrained_encoder(sites, tmp_path, pretrain_data):
@@ -78,7 +84,7 @@ def test_a_dataset_that_fails_the_check_is_refused(sites, tmp_path, capsys):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with pytest.raises(DatasetInvalidError, match="row 5 column label value 'malignantt'"):
+    with pytest.raises(DatasetInvalidError, match="row 5 column label: one of the classes"):
         run_finetune(_cfg(folder, tmp_path / "run"))
     (tmp_path / "site.yaml").write_text(f"data:\n  folder: {folder}\n")
     assert finetune_main(["--config", str(tmp_path / "site.yaml")]) == 2
@@ -152,3 +158,25 @@ def test_multi_label_classification(sites, tmp_path):
     assert meta["head"]["multi_label"] and model.multi_label
     probs = model.probabilities(model(torch.zeros(2, 1, 64, 64)))
     assert probs.shape == (2, 3) and not torch.allclose(probs.sum(1), torch.ones(2))
+
+
+def test_mask_values_like_255_map_to_classes_and_back(sites, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from echocare_core.engine.predict import predict_files
+
+    folder = tmp_path / "m255"
+    shutil.copytree(sites["segmentation"], folder)
+    for mask in (folder / "masks").iterdir():
+        Image.fromarray((np.asarray(Image.open(mask)) * 255).astype(np.uint8)).save(mask)
+    spec = yaml.safe_load((folder / "dataset.yaml").read_text())
+    spec["labels"] = {0: "background", 255: "lesion"}
+    (folder / "dataset.yaml").write_text(yaml.safe_dump(spec))
+    run_finetune(_cfg(folder, tmp_path / "run", "optim.epochs=1"))
+    model, meta = build_from_checkpoint(tmp_path / "run" / "best")
+    assert meta["head"]["num_classes"] == 2
+    csv_path, _ = predict_files(tmp_path / "run" / "best", sorted((folder / "images").iterdir())[:2], tmp_path / "p")
+    for row in csv.DictReader(csv_path.open()):
+        assert set(np.unique(np.asarray(Image.open(tmp_path / "p" / row["mask"]))).tolist()) <= {0, 255}

@@ -44,3 +44,24 @@ def test_multilabel_metrics():
     assert m == {"auc": pytest.approx(1.0), "exact_match": 1.0, "macro_f1": 1.0}
     m = multilabel_metrics(probs, torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
     assert m["exact_match"] == 0.75 and m["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_a_missed_structure_is_not_a_perfect_hd95():
+    true = torch.zeros(2, 32, 32, dtype=torch.long)
+    true[:, 8:24, 8:24] = 1
+    pred = true.clone()
+    pred[1] = 0  # nothing found in the second image
+    m = segmentation_metrics(pred, true, num_classes=2)
+    assert m["hd95"] == pytest.approx((0.0 + 32 * 2 ** 0.5) / 2)  # the image diagonal for the miss
+    assert m["dice"] == pytest.approx(0.5)
+
+
+def test_auc_over_present_classes_and_a_fixed_operating_point():
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
+    m = classification_metrics(probs, torch.tensor([0, 1, 0, 1]))  # class 2 never occurs
+    assert m["auc"] == pytest.approx(1.0)
+    binary = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8]])
+    m = classification_metrics(binary, torch.tensor([0, 0, 1, 1]), threshold=0.65)
+    assert (m["youden_threshold"], m["sensitivity"], m["specificity"]) == (0.65, 1.0, 1.0)
+    m = classification_metrics(binary, torch.tensor([0, 0, 1, 1]), threshold=0.9)
+    assert m["sensitivity"] == 0.0

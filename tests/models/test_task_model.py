@@ -14,7 +14,8 @@ def test_segmentation_head_gives_full_resolution_logits(tiny_encoder_cfg, patch)
     out = model(x)
     assert out.shape == (2, 3, 64, 64)
     out.square().mean().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    grads = {n: p.grad for n, p in model.named_parameters() if not n.startswith("encoder.norm.")}  # unused here
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert not any(getattr(m, "inplace", False) for m in model.modules())
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -52,3 +53,9 @@ def test_finetune_modes_train_what_they_say(tiny_encoder_cfg, mode):
         assert "encoder.layers.0.blocks.0.attn.qkv.weight" in model.state_dict()
     with pytest.raises(ValueError, match="choose one of full, frozen, lora"):
         apply_finetune_mode(model, "partial")
+
+
+def test_segmentation_needs_a_deepest_map_above_one_pixel(tiny_encoder_cfg):
+    cfg = dataclasses.replace(tiny_encoder_cfg, img_size=32)
+    with pytest.raises(ValueError, match="needs img_size >= 64"):
+        EchoCareTaskModel(cfg, "segmentation", num_classes=2)

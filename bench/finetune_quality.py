@@ -1,0 +1,123 @@
+"""Benchmark: does pretraining help fine-tuning? Test Dice / AUC per mode and a label-efficiency curve.
+
+On synthetic ultrasound (`echocare-data synth`): pretrain a small encoder with `echocare-pretrain`
+on unlabelled images, then fine-tune segmentation and classification from random initialisation and
+from that checkpoint in each mode (full, frozen, lora), and fine-tune segmentation on 10/25/50/100% of
+the training patients. Prints tables, writes JSON and a PNG plot. A program, not a test.
+
+    python bench/finetune_quality.py                       # about 20 minutes on 2 CPU cores
+    python bench/finetune_quality.py --epochs 4 --pretrain-steps 100 --fractions 0.25 1.0   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from echocare_core.config import load_config
+from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.engine.finetune import run_finetune
+from echocare_core.engine.finetune_config import FinetuneConfig
+from echocare_core.engine.pretrain import run_pretraining
+from echocare_core.engine.pretrain_config import PretrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+ENCODER = {"variant": "mini", "img_size": 128, "patch_size": 4, "window_size": 8, "drop_path": 0.1}
+MAIN = {"segmentation": "dice", "classification": "auc"}
+
+
+def pretrain(tmp: Path, steps: int) -> Path:
+    sources = write_dataset(tmp / "unlabelled", "pretrain", sites=3, per_site=200, size=128, seed=11)
+    cfg = load_config(PretrainConfig, ROOT / "hospital_configs" / "pretrain_demo.yaml",
+                      [f"data.sources=[{','.join(map(str, sources))}]", f"output={tmp / 'pretrain'}",
+                       f"optim.steps={steps}", f"checkpoint.every_steps={steps}", "device=cpu"])
+    run_pretraining(cfg)
+    return tmp / "pretrain" / "checkpoints" / f"step_{steps:06d}"
+
+
+def subset(folder: Path, fraction: float, out: Path) -> Path:
+    """A copy of the dataset's description whose train split keeps `fraction` of the patients."""
+    rows = list(csv.DictReader((folder / "manifest.csv").open()))
+    train_patients = sorted({r["patient"] for r in rows if r["split"] == "train"})
+    keep = set(train_patients[:max(1, round(fraction * len(train_patients)))])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataset.yaml").write_text((folder / "dataset.yaml").read_text())
+    with (out / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for r in rows:
+            if r["split"] != "train" or r["patient"] in keep:
+                writer.writerow({**r, "image": str(folder / r["image"]),
+                                 **({"mask": str(folder / r["mask"])} if "mask" in r else {})})
+    return out
+
+
+def finetune(folder: Path, out: Path, init: Path | None, mode: str, epochs: int) -> dict:
+    base = {"output": str(out), "device": "cpu", "data": {"folder": str(folder), "num_workers": 1},
+            "model": {"init": str(init) if init else None, "mode": mode, "encoder": ENCODER},
+            "optim": {"lr": 1e-3, "batch_size": 16, "epochs": epochs, "warmup_epochs": 1}}
+    result = run_finetune(load_config(FinetuneConfig, None, [], base=base))
+    task = yaml.safe_load((folder / "dataset.yaml").read_text())["task"]
+    return {"task": task, "mode": mode, "init": "pretrained" if init else "random",
+            "test": result.test.get(MAIN[task], float("nan")), "trainable": result.trainable}
+
+
+def plot(curve: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for init in ("random", "pretrained"):
+        pts = sorted((r["fraction"], r["test"]) for r in curve if r["init"] == init)
+        ax.plot([100 * f for f, _ in pts], [d for _, d in pts], marker="o", label=f"{init} init")
+    ax.set_xlabel("training patients used (%)")
+    ax.set_ylabel("test Dice")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--modes", nargs="+", default=["full", "frozen", "lora"])
+    p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 1.0])
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "finetune_quality.json")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="echocare_ftq_") as name:
+        tmp = Path(name)
+        ckpt = pretrain(tmp, args.pretrain_steps)
+        data = {t: write_dataset(tmp / t, t, sites=1, per_site=240, size=128, seed=21)[0]
+                for t in ("segmentation", "classification")}
+        modes = [finetune(data[t], tmp / f"{t}_{m}_{i}", ckpt if i == "pretrained" else None, m, args.epochs)
+                 for t in data for m in args.modes for i in ("random", "pretrained")]
+        curve = [{**finetune(subset(data["segmentation"], f, tmp / f"sub{f}"), tmp / f"curve_{f}_{i}",
+                             ckpt if i == "pretrained" else None, "lora", args.epochs), "fraction": f}
+                 for f in args.fractions for i in ("random", "pretrained")]
+    print(f"{'task':<15} {'mode':<7} {'init':<11} {'trainable':>10} {'test':>7}")
+    for r in modes:
+        print(f"{r['task']:<15} {r['mode']:<7} {r['init']:<11} {r['trainable']:>10,} {r['test']:>7.3f}")
+    print("\nsegmentation, lora: test Dice by share of training patients")
+    print(f"{'fraction':>8} {'random':>8} {'pretrained':>11}")
+    for f in args.fractions:
+        vals = {r["init"]: r["test"] for r in curve if r["fraction"] == f}
+        print(f"{f:>8.2f} {vals['random']:>8.3f} {vals['pretrained']:>11.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "modes": modes,
+                                    "label_efficiency": curve}, indent=2))
+    plot(curve, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
