@@ -1,4 +1,4 @@
-"""`echocare-evaluate` and `echocare-predict`: use a fine-tuned checkpoint on a site's data."""
+"""`echocare-evaluate`: metrics of a fine-tuned checkpoint on a site's dataset split."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
-from echocare_core.cli.common import console, fail, setup_logging
+from echocare_core.cli.common import fail, setup_logging
 
 log = logging.getLogger("echocare")
 
@@ -42,32 +43,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     table.add_column("value", justify="right")
     for name, value in result["metrics"].items():
         table.add_row(name, f"{value:.4f}" + (f"  (95% CI {lo:.4f}-{hi:.4f})" if name == main else ""))
-    console.print(table)
+    Console().print(table)  # results on stdout, messages on stderr
     if args.json:
         from echocare_core.engine.finetune import write_json
 
         write_json(args.json, result)
-    return 0
-
-
-def predict_main(argv: list[str] | None = None) -> int:
-    prog = "echocare-predict"
-    parser = argparse.ArgumentParser(prog=prog, description="Predict with a fine-tuned checkpoint: predictions.csv "
-                                     "and, for segmentation, mask and overlay PNGs.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder (e.g. runs/x/best)")
-    parser.add_argument("--input", required=True, help="an image file or a folder of images")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    from echocare_core.engine.predict import list_inputs, predict_files
-
-    try:
-        target, unreadable = predict_files(args.checkpoint, list_inputs(args.input), args.out)
-    except (ValueError, FileNotFoundError) as exc:
-        log.debug("details", exc_info=True)
-        return fail(prog, str(exc))
-    console.print(f"wrote {target}" + (f"; {unreadable} file(s) could not be read (marked in the CSV)"
-                                       if unreadable else ""))
     return 0

@@ -64,6 +64,9 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold:
     k = probs.shape[1]
     pred, true = probs.argmax(1).numpy(), labels.numpy()
     out = {"accuracy": float((pred == true).mean()), "auc": _auc(probs, labels)}
+    if k > 2:  # one-vs-rest AUC per class
+        out.update({f"auc_class{c}": _auc(torch.stack([1 - probs[:, c], probs[:, c]], 1), (labels == c).long())
+                    for c in range(k)})
     if k == 2:
         out["f1"] = _f1(pred, true, 1)
         scores, positive = probs[:, 1].numpy(), true == 1

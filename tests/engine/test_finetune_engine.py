@@ -111,14 +111,14 @@ def test_evaluate_with_interval_and_refuse_the_wrong_dataset(sites, seg_best, tm
         evaluate_checkpoint(seg_best, sites["classification"])
     assert evaluate_main(["--checkpoint", str(seg_best), "--data", str(sites["segmentation"]), "--bootstrap", "50",
                           "--json", str(tmp_path / "e.json")]) == 0
-    assert "95% CI" in capsys.readouterr().err
+    assert "95% CI" in capsys.readouterr().out
     assert evaluate_main(["--checkpoint", str(seg_best), "--data", str(sites["classification"])]) == 2
 
 
 def test_predict_writes_csv_masks_and_overlays(sites, seg_best, tmp_path):
     from PIL import Image
 
-    from echocare_core.cli.evaluate import predict_main
+    from echocare_core.cli.predict import main as predict_main
 
     images = sites["segmentation"] / "images"
     (tmp_path / "in").mkdir()
