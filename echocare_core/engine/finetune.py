@@ -31,6 +31,7 @@ from echocare_core.engine.distributed import init_distributed
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.metrics import MAIN_METRIC, classification_metrics, multilabel_metrics, segmentation_metrics
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
+from echocare_core.engine.pretrain import NonFiniteLossError
 from echocare_core.engine.report import read_metrics
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
@@ -192,6 +193,33 @@ def check_dataset(folder: Path) -> DatasetSpec:
     return load_spec(folder)
 
 
+def _train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 loss_fn: Callable, device: torch.device, bf16: bool, clip: float) -> tuple[list[float], int]:
+    """One pass over the training data; returns the batch losses and the number of unreadable samples.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite.
+    """
+    losses, skipped = [], 0
+    for batch in loader:
+        skipped += batch["skipped"]
+        if "image" not in batch:
+            continue
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(batch["image"].to(device))
+        loss = loss_fn(logits.float(), batch["target"].to(device))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite loss after {len(losses)} batches of this epoch; lower optim.lr "
+                                     f"or use precision: fp32")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses.append(loss.item())
+    return losses, skipped
+
+
 def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
                  stop: Callable[[], bool] = lambda: False) -> FinetuneResult:
     """Fine-tune on the site's dataset, resume from `output/last` if it is there, then test the best epoch.
@@ -201,9 +229,10 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
         NonFiniteLossError: the loss became NaN or infinite.
         ValueError: the config, checkpoint or data do not fit together.
     """
-    from echocare_core.engine.pretrain import NonFiniteLossError
-
-    device = init_distributed(cfg.device).device
+    dist = init_distributed(cfg.device)
+    if dist.world > 1:
+        raise ValueError("echocare-finetune runs in one process (a site's GPU); start it without torchrun")
+    device = dist.device
     folder, out = Path(cfg.data.folder), Path(cfg.output)
     spec = check_dataset(folder)
     rows = {s: split_rows(folder, s, cfg.data.split_seed) for s in ("train", "val", "test")}
@@ -232,23 +261,11 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     status, epoch = "finished", start
     for epoch in range(start + 1, o.epochs + 1):
         torch.manual_seed(hash((cfg.seed, epoch)) & 0x7FFFFFFF)
-        t0, losses = time.perf_counter(), []
+        t0 = time.perf_counter()
         keys = [(epoch, int(i)) for i in np.random.default_rng([cfg.seed, epoch]).permutation(len(sets["train"]))]
-        for batch in _loader(sets["train"], keys, o.batch_size, cfg.data.num_workers):
-            skipped += batch["skipped"]
-            if "image" not in batch:
-                continue
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(batch["image"].to(device))
-            loss = loss_fn(logits.float(), batch["target"].to(device))
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"non-finite loss in epoch {epoch}; lower optim.lr or use precision: fp32")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            losses.append(loss.item())
+        losses, unread = _train_epoch(model, _loader(sets["train"], keys, o.batch_size, cfg.data.num_workers),
+                                      optimizer, scheduler, loss_fn, device, bf16, o.clip_grad)
+        skipped += unread
         val = evaluate_model(model, _loader(sets["val"], val_keys, o.batch_size, cfg.data.num_workers), device, k)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                **{f"val_{n}": v for n, v in val.items()}, "lr": optimizer.param_groups[0]["lr"],
