@@ -11,21 +11,45 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 
-__all__ = ["config_parser", "setup_logging", "fail", "StopFlag", "step_progress"]
+__all__ = ["command_parser", "config_parser", "input_error", "metrics_table", "setup_logging", "fail", "StopFlag", "step_progress"]
 
 console = Console(stderr=True)
 
 
-def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser whose help shows defaults, with `-v/--verbose`."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """`command_parser` plus `--config FILE` and repeatable `--set key=value`."""
+    parser = command_parser(prog, description)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
+
+
+def input_error(prog: str, exc: Exception) -> int:
+    """Exit code 2 with the one-line reason; `-v` also logs where it came from."""
+    logging.getLogger(prog).debug("details", exc_info=True)
+    return fail(prog, str(exc))
+
+
+def metrics_table(title: str, metrics: dict[str, float], notes: dict[str, str] | None = None) -> Table:
+    """A two-column table of metric values, with an optional note after some of them."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}" + (notes or {}).get(name, ""))
+    return table
 
 
 def fail(prog: str, message: str, code: int = 2) -> int:

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-
-from rich.table import Table
-
-from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging, step_progress
+from echocare_core.cli.common import (StopFlag, config_parser, console, fail, input_error, metrics_table,
+                                      setup_logging, step_progress)
 from echocare_core.config import ConfigError, load_config
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.pretrain import NonFiniteLossError
 
 PROG = "echocare-finetune"
-log = logging.getLogger(PROG)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,17 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         return fail(PROG, str(exc), code=1)
     except (ValueError, FileNotFoundError) as exc:
-        log.debug("details", exc_info=True)
-        return fail(PROG, str(exc))
+        return input_error(PROG, exc)
     console.print(f"{result.status} after epoch {result.epoch}; {result.trainable:,} of {result.total:,} "
                   f"parameters trained; {result.skipped} unreadable samples skipped")
     if result.test:
-        table = Table(title=f"test metrics of the best epoch ({result.output / 'test_metrics.json'})")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for name, value in result.test.items():
-            table.add_row(name, f"{value:.4f}")
-        console.print(table)
+        console.print(metrics_table(f"test metrics of the best epoch ({result.output / 'test_metrics.json'})",
+                                    result.test))
     return 0 if result.status == "finished" else 130
 
 

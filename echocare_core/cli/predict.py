@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
 from pathlib import Path
 
-from echocare_core.cli.common import console, fail, setup_logging
-
-log = logging.getLogger("echocare")
-
+from echocare_core.cli.common import command_parser, console, input_error, setup_logging
 
 def main(argv: list[str] | None = None) -> int:
     prog = "echocare-predict"
-    parser = argparse.ArgumentParser(prog=prog, description="Predict with a fine-tuned checkpoint: predictions.csv "
-                                     "and, for segmentation, mask and overlay PNGs.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = command_parser(prog, "Predict with a fine-tuned checkpoint: predictions.csv and, for segmentation, "
+                                  "mask and overlay PNGs.")
     parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder (e.g. runs/x/best)")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     from echocare_core.engine.predict import list_inputs, predict_files
@@ -27,8 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target, unreadable = predict_files(args.checkpoint, list_inputs(args.input), args.out)
     except (ValueError, FileNotFoundError) as exc:
-        log.debug("details", exc_info=True)
-        return fail(prog, str(exc))
+        return input_error(prog, exc)
     console.print(f"wrote {target}" + (f"; {unreadable} file(s) could not be read (marked in the CSV)"
                                        if unreadable else ""))
     return 0

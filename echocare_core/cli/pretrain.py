@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
-from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging, step_progress
+from echocare_core.cli.common import (StopFlag, config_parser, console, fail, input_error, setup_logging,
+                                      step_progress)
 from echocare_core.config import ConfigError, load_config
 from echocare_core.engine.pretrain import NonFiniteLossError, run_pretraining
 from echocare_core.engine.pretrain_config import PretrainConfig
@@ -42,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         return fail(PROG, str(exc), code=1)
     except (ValueError, FileNotFoundError) as exc:
-        log.debug("details", exc_info=True)  # -v shows where it came from
-        return fail(PROG, str(exc))
+        return input_error(PROG, exc)
     if rank == 0:
         skipped = result.skipped
         resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
