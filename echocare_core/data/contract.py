@@ -30,8 +30,8 @@ TASK_COLUMNS = {"classification": "label", "segmentation": "mask", "landmarks": 
                 "detection": "boxes", "regression": "target", "enhancement": "target_image",
                 "report": "report", "pretrain": None}
 SPLITS = ("train", "val", "test")
-SPEC_KEYS = {"name", "task", "classes", "labels", "channels", "multi_label", "ontology", "description",
-             "device_profile", "synthetic", "findings"}
+SPEC_KEYS = {"name", "task", "classes", "labels", "landmark_names", "channels", "multi_label", "ontology",
+             "description", "device_profile", "synthetic", "findings", "target_name"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class DatasetSpec:
     labels: dict[int, str] = field(default_factory=dict)
     multi_label: bool = False
     ontology: str = "default"
+    landmark_names: tuple[str, ...] = ()  # landmarks: the points' names in manifest order (optional)
+    target_name: str = "target"  # regression: what the number is, e.g. "ejection_fraction"
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,12 @@ def load_spec(folder: str | Path) -> DatasetSpec:
     if channels not in (1, 3):
         raise _spec_error(file, "channels", channels, "1 (grayscale) or 3")
     classes = data.get("classes") or []
-    if task == "classification" and (not isinstance(classes, list) or len(classes) < 2
-                                     or len(set(map(str, classes))) != len(classes)):
-        raise _spec_error(file, "classes", classes, "a list of at least 2 distinct class names")
+    least = {"classification": 2, "detection": 1}.get(task, 0)
+    if not isinstance(classes, list) or len(classes) < least or len(set(map(str, classes))) != len(classes):
+        raise _spec_error(file, "classes", classes, f"a list of at least {max(least, 1)} distinct class names")
+    names = data.get("landmark_names") or []
+    if not isinstance(names, list) or len(set(map(str, names))) != len(names):
+        raise _spec_error(file, "landmark_names", names, "a list of distinct point names, in manifest order")
     labels = data.get("labels") or {}
     if task == "segmentation" and (not isinstance(labels, dict) or not labels
                                    or not all(isinstance(k, int) and 0 <= k < 256 for k in labels)):
@@ -114,7 +119,8 @@ def load_spec(folder: str | Path) -> DatasetSpec:
                                                   "1: nodule}")
     return DatasetSpec(name=str(data.get("name") or Path(folder).name), task=task, channels=channels,
                        classes=tuple(map(str, classes)), labels={int(k): str(v) for k, v in labels.items()},
-                       multi_label=bool(data.get("multi_label", False)), ontology=str(data.get("ontology", "default")))
+                       multi_label=bool(data.get("multi_label", False)), ontology=str(data.get("ontology", "default")),
+                       landmark_names=tuple(map(str, names)), target_name=str(data.get("target_name") or "target"))
 
 
 def read_manifest(folder: str | Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -157,7 +163,9 @@ class _Checker:
 
     def __init__(self, folder: Path, spec: DatasetSpec, report: VerifyReport) -> None:
         self.folder, self.spec, self.report = folder, spec, report
-        self.landmark_count: tuple[int, int] | None = None  # (count, first row)
+        self.landmark_count: tuple[int, str] | None = None  # (count, where it was set)
+        if spec.landmark_names:
+            self.landmark_count = (len(spec.landmark_names), "dataset.yaml landmark_names")
         self._ontology = None
 
     def wrong(self, row: int | None, column: str, value: str, allowed: str, file: str = "manifest.csv") -> None:
@@ -222,9 +230,9 @@ class _Checker:
         if not all(isinstance(c, (int, float)) and math.isfinite(c) for p in points for c in p):
             return self.wrong(row, "landmarks", value, "finite numbers (pixel coordinates)")
         if self.landmark_count is None:
-            self.landmark_count = (len(points), row)
+            self.landmark_count = (len(points), f"row {row}")
         elif len(points) != self.landmark_count[0]:
-            self.wrong(row, "landmarks", value, f"{self.landmark_count[0]} points, as in row {self.landmark_count[1]} "
+            self.wrong(row, "landmarks", value, f"{self.landmark_count[0]} points, as in {self.landmark_count[1]} "
                                                 f"(landmarks keep a fixed order and count)")
         if size is not None and any(not (0 <= x < size[1] and 0 <= y < size[0]) for x, y in points):
             self.wrong(row, "landmarks", value, f"points inside the {size[1]}x{size[0]} image")
