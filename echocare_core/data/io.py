@@ -1,9 +1,10 @@
-"""Decode one image file (PNG/JPEG/BMP/TIFF or DICOM) into a uint8 ``[C, H, W]`` array.
+"""Decode one image file (PNG/JPEG/BMP/TIFF or DICOM) into a uint8 ``[C, H, W]`` array,
+or a cine loop into ``[T, C, H, W]``.
 
 This is the only place the toolkit turns bytes on disk into pixels for training,
 so it runs in DataLoader workers over millions of files: it reads only what it
-needs (DICOM headers with ``stop_before_pixels`` + ``specific_tags``, and a
-single frame of a cine loop) and keeps no global state.
+needs (DICOM headers with ``stop_before_pixels`` + ``specific_tags``, and only the
+used frames of a cine loop) and keeps no global state.
 
 Error messages name the file and what went wrong, never pixel values or DICOM
 element values (patient data). The original exception is chained as
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from pydicom.pixels import (
     apply_modality_lut,
     apply_voi_lut,
     get_decoder,
-    pixel_array,
+    iter_pixels,
 )
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -40,6 +42,7 @@ __all__ = [
     "count_frames",
     "is_image_file",
     "nonzero_pixels",
+    "read_clip",
     "read_image",
     "sampled_frames",
 ]
@@ -203,20 +206,65 @@ def read_image(
         ValueError: If ``channels``, ``frame_step`` or ``frame_pick`` is invalid.
         ImageReadError: If the file is missing or cannot be decoded.
     """
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    _check_channels(channels)
     if frame_step < 1:
         raise ValueError(f"frame_step must be >= 1, got {frame_step}")
     if frame_pick is not None and not 0.0 <= frame_pick < 1.0:
         raise ValueError(f"frame_pick must be in [0, 1) or None, got {frame_pick}")
-    p = Path(path)
-    if not p.is_file():
-        raise ImageReadError(f"{p}: file not found")
-    if _is_dicom(p):
-        img = _read_dicom(p, frame_step, frame_pick)  # [H, W] or [H, W, 3], uint8
-    else:
-        img = _read_pillow(p)
-    return _to_channels(img, channels)
+
+    def pick(n_frames: int) -> list[int]:
+        candidates = sampled_frames(n_frames, frame_step)
+        return [candidates[int(frame_pick * len(candidates)) if frame_pick is not None else 0]]
+
+    images, order = _read_frames(Path(path), pick)
+    return _to_channels(images[order[0]], channels)
+
+
+def read_clip(path: PathType, channels: int = 1, frames: int = 16) -> np.ndarray:
+    """Decode ``frames`` evenly spaced frames of a cine loop to a uint8 array ``[frames, channels, H, W]``.
+
+    Of an ``n``-frame DICOM, frame ``t`` of the clip is file frame ``floor((t + 0.5) * n / frames)``
+    (the middle of the t-th of ``frames`` equal stretches); only those frames are decoded. A still
+    image (PNG etc. or a 1-frame DICOM) gives ``frames`` copies. Pixels are converted as by
+    :func:`read_image`.
+
+    Args:
+        path: DICOM cine loop or still image file.
+        channels: 1 (grayscale) or 3 (RGB).
+        frames: Number of frames T to return (>= 1).
+
+    Returns:
+        ``np.uint8`` array of shape ``[frames, channels, H, W]``.
+
+    Raises:
+        ValueError: If ``channels`` or ``frames`` is invalid.
+        ImageReadError: If the file is missing or cannot be decoded.
+    """
+    _check_channels(channels)
+    if not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be an integer >= 1, got {frames!r}")
+
+    def pick(n_frames: int) -> list[int]:
+        return [(2 * t + 1) * n_frames // (2 * frames) for t in range(frames)]  # floor((t + 0.5) n / T)
+
+    images, order = _read_frames(Path(path), pick)
+    converted = [_to_channels(img, channels) for img in images]
+    return np.stack([converted[k] for k in order])  # [T, C, H, W]
+
+
+def _check_channels(channels: int) -> None:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+
+
+def _read_frames(path: Path, pick: Callable[[int], list[int]]) -> tuple[list[np.ndarray], list[int]]:
+    """The distinct frames ``pick(n_frames)`` asks for, as ``[H, W]`` or ``[H, W, 3]`` uint8, and for
+    each index it returned, its position in that list; a still image has 1 frame."""
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    if _is_dicom(path):
+        return _read_dicom(path, pick)
+    return [_read_pillow(path)], [0] * len(pick(1))
 
 
 def _to_channels(img: np.ndarray, channels: int) -> np.ndarray:
@@ -277,8 +325,9 @@ def _pillow_to_array(im: Image.Image) -> np.ndarray:
 # --------------------------------------------------------------------------- DICOM
 
 
-def _read_dicom(path: Path, frame_step: int, frame_pick: float | None) -> np.ndarray:
-    """Return one frame of a DICOM file as ``[H, W]`` or ``[H, W, 3]`` uint8."""
+def _read_dicom(path: Path, pick: Callable[[int], list[int]]) -> tuple[list[np.ndarray], list[int]]:
+    """:func:`_read_frames` for DICOM: the header is read once, and only the distinct frames
+    ``pick(n_frames)`` asks for are decoded, each once."""
     with path.open("rb") as f:
         try:
             hdr = dcmread(f, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS)
@@ -290,14 +339,15 @@ def _read_dicom(path: Path, frame_step: int, frame_pick: float | None) -> np.nda
         if not has_image:
             raise ImageReadError(f"{path}: DICOM file has no image (no Rows element)")
         _check_decoder(path, tsyntax)
-        candidates = sampled_frames(n_frames, frame_step)
-        index = candidates[int(frame_pick * len(candidates)) if frame_pick is not None else 0]
+        indices = pick(n_frames)
+        wanted = sorted(set(indices))
         try:
-            # A file object + index: pydicom reads only this frame's bytes.
-            arr = pixel_array(f, index=index, transfer_syntax_uid=tsyntax)
+            # A file object + indices: pydicom reads only these frames' bytes.
+            decoded = list(iter_pixels(f, indices=wanted, transfer_syntax_uid=tsyntax))
         except Exception as exc:
             raise ImageReadError(_decode_failure(path, tsyntax, exc)) from exc
-    return _dicom_to_uint8(path, arr, hdr)
+    position = {index: k for k, index in enumerate(wanted)}
+    return [_dicom_to_uint8(path, arr, hdr) for arr in decoded], [position[i] for i in indices]
 
 
 def _transfer_syntax(hdr: Dataset) -> UID:

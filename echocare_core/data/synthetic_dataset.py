@@ -1,30 +1,55 @@
 """Synthetic dataset folders (the site data contract of DESIGN.md section 3), one per simulated site.
 
-Each site gets its own device profile, patients with 1-3 images each, a patient-grouped
-train/val/test split and the task's label column; see `write_dataset`.
+Each site gets its own device profile, patients with 1-3 images (or echo clips) each, a
+patient-grouped train/val/test split and the task's label column; see `write_dataset`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage
 
-from echocare_core.data.synthetic import (CLASSES, LESIONS, MAX_SIZE, MIN_SIZE, SCENES, SPLIT_FRACTIONS, TASKS,
-                                          lookup_option, generate_image, profile_for_site)
+from echocare_core.data.contract import TASK_COLUMNS
+from echocare_core.data.synthetic import (CLASSES, LANDMARK_NAMES, LESIONS, MAX_SIZE, MIN_SIZE, SCENES,
+                                          SPLIT_FRACTIONS, TASKS, generate_echo_clip, generate_image, lookup_option,
+                                          profile_for_site)
 
-__all__ = ["manifest_anatomy", "write_dataset"]
+__all__ = ["CLIP_FRAMES", "DETECTION_CLASSES", "manifest_anatomy", "write_dataset"]
 
 logger = logging.getLogger(__name__)
+
+DETECTION_CLASSES = ("cyst", "solid")  # box class of a lesion kind: cyst, else solid
+CLIP_FRAMES = 16  # one cardiac cycle per regression clip, frame 0 at end-diastole
+EF_RANGE = (20.0, 75.0)  # ejection fraction (%), uniform per patient
+ED_SCALE_RANGE = (0.85, 1.1)  # end-diastolic ventricle size; above ~1.1 the septum thins to nothing
+_FRAME_TIME_MS = 1000.0 / CLIP_FRAMES  # one beat a second (60 beats per minute)
+
+
+@dataclass(frozen=True)
+class _Site:
+    """What every sample of one site folder shares."""
+
+    folder: Path
+    task: str
+    index: int
+    size: int
+    seed: int
+    profile: str
 
 
 def manifest_anatomy(path: str, rng: np.random.Generator) -> str:
@@ -56,16 +81,27 @@ def _split_of_patients(n_patients: int, rng: np.random.Generator) -> list[str]:
     return [splits[i] for i in rng.permutation(n_patients)]
 
 
-def _patient_lesions(task: str, n_patients: int, rng: np.random.Generator) -> list[str | None]:
-    """One lesion kind per patient (their images are views of the same lesion); for
-    classification, half the patients (rounded down) have a malignant lesion."""
+def _patient_lesions(task: str, n_patients: int, rng: np.random.Generator) -> list[str | tuple[str, ...] | None]:
+    """Lesion kind(s) per patient (their images are views of the same lesions); for classification,
+    half the patients (rounded down) have a malignant lesion; for detection, 1 or 2 lesions, half cysts."""
     if task == "pretrain":
         return [None] * n_patients
-    if task == "segmentation":
+    if task in ("segmentation", "landmarks"):
         return [str(k) for k in rng.choice(LESIONS, n_patients)]
+    if task == "detection":
+        counts = rng.integers(1, 3, n_patients)
+        kinds = rng.choice(LESIONS, (n_patients, 2), p=[0.5, 1 / 6, 1 / 6, 1 / 6])
+        return [tuple(str(k) for k in row[:n]) for row, n in zip(kinds, counts)]
     benign = rng.choice(["cyst", "hyperechoic", "hypoechoic"], n_patients, p=[0.4, 0.3, 0.3])
     malignant = rng.permutation(n_patients) < n_patients // 2
     return ["irregular" if m else str(b) for m, b in zip(malignant, benign)]
+
+
+def _patient_hearts(n_patients: int, rng: np.random.Generator) -> list[tuple[float, float]]:
+    """(ejection fraction in %, rounded to 0.1, end-diastolic ventricle scale) per patient."""
+    ef = np.round(rng.uniform(*EF_RANGE, n_patients), 1)
+    ed_scale = rng.uniform(*ED_SCALE_RANGE, n_patients)
+    return [(float(e), float(s)) for e, s in zip(ef, ed_scale)]
 
 
 def _check_site_folders(folders: list[Path], overwrite: bool) -> None:
@@ -74,7 +110,7 @@ def _check_site_folders(folders: list[Path], overwrite: bool) -> None:
             raise FileExistsError(f"{folder} exists and is not a folder; choose another output folder")
         if folder.is_dir() and any(folder.iterdir()) and not overwrite:
             raise FileExistsError(f"{folder} is not empty; pass overwrite=True (CLI: --overwrite) to "
-                                  "replace its images/, masks/, manifest.csv and dataset.yaml")
+                                  "replace its images/, masks/, clips/, manifest.csv and dataset.yaml")
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -85,68 +121,138 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def _write_site(folder: Path, task: str, site: int, per_site: int, size: int, seed: int,
                 on_image: Callable[[], None] | None) -> None:
-    """Write one site's dataset folder (images, masks, manifest.csv, then dataset.yaml)."""
-    for sub in ("images", "masks"):
+    """Write one site's dataset folder (images or clips, masks, manifest.csv, then dataset.yaml)."""
+    for sub in ("images", "masks", "clips"):
         shutil.rmtree(folder / sub, ignore_errors=True)
-    (folder / "images").mkdir(parents=True)
+    (folder / ("clips" if task == "regression" else "images")).mkdir(parents=True)
     if task == "segmentation":
         (folder / "masks").mkdir()
-    profile = profile_for_site(site)
-    rng = np.random.default_rng([seed, site])  # site-level draws: patients, splits, lesion kinds
+    ctx = _Site(folder, task, site, size, seed, profile_for_site(site))
+    rng = np.random.default_rng([seed, site])  # site-level draws: patients, splits, lesions or hearts
     patient_of = _patients(per_site, rng)
     split_of = _split_of_patients(patient_of[-1] + 1, rng)
-    lesion_of = _patient_lesions(task, len(split_of), rng)
-    extra = {"classification": "label", "segmentation": "mask", "pretrain": "anatomy"}[task]
-    rows = [("image", "patient", "split", extra)]
+    draw_of = (_patient_hearts(len(split_of), rng) if task == "regression"
+               else _patient_lesions(task, len(split_of), rng))
+    rows = [("image", "patient", "split", TASK_COLUMNS[task] or "anatomy")]
     width = max(5, len(str(per_site - 1)))
     for i, p in enumerate(patient_of):
-        img_rng = np.random.default_rng([seed, site, i])
-        scene = str(img_rng.choice(list(SCENES))) if task == "pretrain" else None
-        sample = generate_image(img_rng, size, profile, scene=scene, lesion=lesion_of[p])
-        name = f"{i:0{width}d}.png"
-        Image.fromarray(sample.image, mode="L").save(folder / "images" / name)
-        if task == "segmentation":
-            Image.fromarray(sample.mask, mode="L").save(folder / "masks" / name)
-            value = f"masks/{name}"
-        elif task == "classification":
-            value = sample.label or ""
-        else:
-            value = manifest_anatomy(sample.anatomy or "", img_rng)
-        rows.append((f"images/{name}", f"site{site:02d}_p{p:04d}", split_of[p], value))
+        patient, img_rng = f"site{site:02d}_p{p:04d}", np.random.default_rng([seed, site, i])
+        image, value = _write_sample(ctx, f"{i:0{width}d}", img_rng, draw_of[p], patient)
+        rows.append((image, patient, split_of[p], value))
         if on_image is not None:
             on_image()
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows)
     _write_text_atomic(folder / "manifest.csv", text.getvalue())
-    meta: dict[str, Any] = {"name": f"synthetic_{task}_site_{site:02d}", "task": task, "channels": 1}
-    if task == "classification":
-        meta["classes"] = list(CLASSES)
-    elif task == "segmentation":
-        meta["labels"] = {0: "background", 1: "lesion"}
-    meta |= {"device_profile": profile, "synthetic": True}
+    what = f"clips of {CLIP_FRAMES} frames" if task == "regression" else "images"
     header = (f"# Synthetic ultrasound dataset written by echocare_core.data.synthetic "
-              f"(seed {seed}, site {site}, {per_site} images of {size}x{size}).\n")
-    _write_text_atomic(folder / "dataset.yaml", header + yaml.safe_dump(meta, sort_keys=False))
-    logger.debug("wrote %s: %d images, %d patients, profile %s", folder, per_site, len(split_of), profile)
+              f"(seed {seed}, site {site}, {per_site} {what} of {size}x{size}).\n")
+    _write_text_atomic(folder / "dataset.yaml", header + yaml.safe_dump(_site_meta(ctx), sort_keys=False))
+    logger.debug("wrote %s: %d %s, %d patients, profile %s", folder, per_site, what, len(split_of), ctx.profile)
+
+
+def _site_meta(site: _Site) -> dict[str, Any]:
+    """The content of dataset.yaml."""
+    meta: dict[str, Any] = {"name": f"synthetic_{site.task}_site_{site.index:02d}", "task": site.task, "channels": 1}
+    if site.task == "classification":
+        meta["classes"] = list(CLASSES)
+    elif site.task == "segmentation":
+        meta["labels"] = {0: "background", 1: "lesion"}
+    elif site.task == "landmarks":
+        meta["landmark_names"] = list(LANDMARK_NAMES)
+    elif site.task == "detection":
+        meta["classes"] = list(DETECTION_CLASSES)
+    elif site.task == "regression":
+        meta["target_name"] = "ejection_fraction"
+    return meta | {"device_profile": site.profile, "synthetic": True}
+
+
+def _write_sample(site: _Site, name: str, rng: np.random.Generator, draw: Any, patient: str) -> tuple[str, str]:
+    """Write one sample's files; return its manifest `image` path and task column value."""
+    if site.task == "regression":
+        ef, ed_scale = draw
+        frames = generate_echo_clip(rng, site.size, site.profile, ejection_fraction=ef, ed_scale=ed_scale,
+                                    frames=CLIP_FRAMES)  # [T, H, W]
+        _save_clip(site.folder / "clips" / f"{name}.dcm", frames, patient, site.seed)
+        return f"clips/{name}.dcm", f"{ef:.1f}"
+    scene = str(rng.choice(list(SCENES))) if site.task == "pretrain" else None
+    sample = generate_image(rng, site.size, site.profile, scene=scene, lesion=draw)
+    Image.fromarray(sample.image, mode="L").save(site.folder / "images" / f"{name}.png")
+    if site.task == "segmentation":
+        Image.fromarray(sample.mask, mode="L").save(site.folder / "masks" / f"{name}.png")
+        value = f"masks/{name}.png"
+    elif site.task == "classification":
+        value = sample.label or ""
+    elif site.task == "landmarks":
+        # + 0.0 turns a rounded -0.0 into 0.0
+        value = json.dumps([[round(float(c), 2) + 0.0 for c in point] for point in sample.calipers[0]])
+    elif site.task == "detection":
+        value = json.dumps([[*map(int, box), "cyst" if kind == "cyst" else "solid"]
+                            for box, kind in zip(sample.boxes, sample.lesions)])
+    else:
+        value = manifest_anatomy(sample.anatomy or "", rng)
+    return f"images/{name}.png", value
+
+
+def _save_clip(path: Path, frames: np.ndarray, patient: str, seed: int) -> None:
+    """Write [T, H, W] uint8 frames as a multi-frame ultrasound DICOM (Explicit VR Little Endian).
+
+    UIDs are derived from (seed, patient, file name): one study per patient, one series per clip.
+    No date or time is written, so the same arguments give the same bytes. Nothing here is real
+    patient data.
+    """
+    study = f"{seed}/{patient}"
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.set_pixel_data(frames, "MONOCHROME2", 8, generate_instance_uid=False)
+    ds.SOPClassUID = UltrasoundMultiFrameImageStorage
+    ds.StudyInstanceUID = _uid(f"study/{study}")
+    ds.SeriesInstanceUID = _uid(f"series/{study}/{path.stem}")
+    ds.SOPInstanceUID = _uid(f"instance/{study}/{path.stem}")
+    ds.Modality = "US"
+    ds.Manufacturer = "echocare synthetic"
+    ds.PatientName = f"SYNTHETIC^{patient}"
+    ds.PatientID = patient
+    ds.FrameTime = _FRAME_TIME_MS
+    ds.FrameIncrementPointer = 0x00181063  # (0018,1063) Frame Time
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _uid(key: str) -> str:
+    """A UUID-derived DICOM UID ("2.25." + the UUID as an integer), the same for the same key."""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, f'echocare-synthetic:{key}').int}"
 
 
 def write_dataset(out: Path | str, task: str, sites: int, per_site: int, size: int = 128, seed: int = 0,
                   *, overwrite: bool = False, on_image: Callable[[], None] | None = None) -> list[Path]:
     """Write one synthetic dataset folder per site, `out/site_00`, `out/site_01`, ...
 
-    Each folder follows the site data contract: dataset.yaml, manifest.csv (image, patient, split and
-    label / mask / anatomy), images/ and, for segmentation, masks/ (PNG, values 0/1). Site i uses the
-    device profile `profile_for_site(i)`; its content depends only on (seed, i), not on `sites`.
+    Each folder follows the site data contract: dataset.yaml, manifest.csv (columns image, patient,
+    split and the task's: label, mask, anatomy, landmarks, boxes or target) and the files. Per task:
+
+    - classification: images/NNNNN.png, label benign/malignant.
+    - segmentation: images/ and masks/NNNNN.png (values 0/1), mask = "masks/NNNNN.png".
+    - pretrain: images/ of random scenes, anatomy = an ontology path stopped at a random depth.
+    - landmarks: one lesion per image; landmarks = JSON [[x, y], ...] pixel coordinates (2 decimals)
+      of its calipers in LANDMARK_NAMES order (dataset.yaml landmark_names).
+    - detection: 1 or 2 lesions; boxes = JSON [[x1, y1, x2, y2, class], ...], integer pixel edges
+      (x2, y2 exclusive) of each lesion's mask, class from DETECTION_CLASSES.
+    - regression: clips/NNNNN.dcm, 16-frame apical four-chamber cycles (multi-frame DICOM);
+      target = ejection fraction in % (1 decimal), dataset.yaml target_name: ejection_fraction.
+
+    Site i uses the device profile `profile_for_site(i)`; its content depends only on (seed, i), not
+    on `sites`.
 
     Args:
         out: parent folder; created if missing.
         task: one of TASKS.
         sites: number of site folders, >= 1.
-        per_site: images per site, >= 1.
+        per_site: images (clips) per site, >= 1.
         size: image height and width in pixels.
         seed: base seed; the same seed writes byte-identical files.
-        overwrite: replace images/, masks/, manifest.csv and dataset.yaml in non-empty site folders.
-        on_image: called once after each image is written (progress reporting).
+        overwrite: replace images/, masks/, clips/, manifest.csv and dataset.yaml in non-empty site folders.
+        on_image: called once after each image or clip is written (progress reporting).
 
     Returns:
         The site folders, in site order.

@@ -18,12 +18,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from echocare_core.data import io
 from echocare_core.data.io import (
     IMAGE_SUFFIXES,
     ImageReadError,
     count_frames,
     is_image_file,
     nonzero_pixels,
+    read_clip,
     read_image,
     sampled_frames,
 )
@@ -296,3 +298,58 @@ def test_truncated_dicom_message_has_no_patient_data(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError) as info:
         read_image(tmp_path / "u.dcm")
     assert "Doe" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- clips
+
+
+def _numbered_frames(n: int) -> np.ndarray:
+    return np.stack([np.full((6, 10), i, np.uint8) for i in range(n)])  # frame i holds value i
+
+
+def test_read_clip_picks_evenly_spaced_frames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write_dicom(tmp_path / "cine.dcm", _numbered_frames(25))
+    decoded: list[list[int]] = []
+    real = io.iter_pixels
+
+    def spy(*args: object, indices: list[int], **kwargs: object) -> object:
+        decoded.append(list(indices))
+        return real(*args, indices=indices, **kwargs)
+
+    monkeypatch.setattr(io, "iter_pixels", spy)
+    clip = read_clip(path, frames=4)
+    assert clip.shape == (4, 1, 6, 10) and clip.dtype == np.uint8
+    assert clip[:, 0, 0, 0].tolist() == [3, 9, 15, 21]  # floor((t + 0.5) * 25 / 4)
+    assert decoded == [[3, 9, 15, 21]]  # only those frames were decoded
+    decoded.clear()
+    assert read_clip(path, frames=25)[:, 0, 0, 0].tolist() == list(range(25))
+    assert read_clip(path, channels=3, frames=2).shape == (2, 3, 6, 10)
+    short = _write_dicom(tmp_path / "short.dcm", _numbered_frames(5))
+    decoded.clear()
+    assert read_clip(short, frames=8)[:, 0, 0, 0].tolist() == [0, 0, 1, 2, 2, 3, 4, 4]
+    assert decoded == [[0, 1, 2, 3, 4]]  # each frame once
+
+
+def test_read_clip_of_a_still_image_repeats_it(tmp_path: Path) -> None:
+    Image.fromarray(_gradient()).save(tmp_path / "g.png")
+    clip = read_clip(tmp_path / "g.png", frames=5)
+    assert clip.shape == (5, 1, 32, 48)
+    assert all((frame[0] == _gradient()).all() for frame in clip)
+    one = read_clip(_write_dicom(tmp_path / "one.dcm", _gradient()), channels=3, frames=3)
+    assert one.shape == (3, 3, 32, 48) and (one == _gradient()).all()
+    assert read_image(tmp_path / "one.dcm").shape == (1, 32, 48)
+
+
+def test_read_clip_errors_name_the_file_only(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="frames"):
+        read_clip(tmp_path / "any.dcm", frames=0)
+    with pytest.raises(ValueError, match="channels"):
+        read_clip(tmp_path / "any.dcm", channels=2)
+    with pytest.raises(ImageReadError, match="not found"):
+        read_clip(tmp_path / "nope.dcm")
+    path = _write_dicom(tmp_path / "cut.dcm", _numbered_frames(20) + 100)
+    path.write_bytes(path.read_bytes()[:-200])  # the last frames are missing
+    with pytest.raises(ImageReadError) as info:
+        read_clip(path, frames=20)
+    msg = str(info.value)
+    assert "cut.dcm" in msg and PATIENT not in msg and "Doe" not in msg and "119" not in msg

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage
 
 from echocare_core.cli.data import main
 from echocare_core.data import synthetic
-from echocare_core.data.synthetic import DEVICE_PROFILES, LESIONS, SCENES, generate_image
+from echocare_core.data.contract import verify_dataset
+from echocare_core.data.io import read_clip
+from echocare_core.data.synthetic import (DEVICE_PROFILES, HEART_SCENE, LANDMARK_NAMES, LESIONS, SCENES,
+                                          generate_echo_clip, generate_image, lv_scale)
 from echocare_core.data.synthetic_dataset import manifest_anatomy, write_dataset
 
 ONTOLOGY = Path(synthetic.__file__).resolve().parents[1] / "resources" / "ontology.yaml"
@@ -116,7 +122,7 @@ def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="sites"):
         write_dataset(Path("unused"), "segmentation", 0, 3)
     with pytest.raises(ValueError, match="task"):
-        write_dataset(Path("unused"), "detection", 1, 3)
+        write_dataset(Path("unused"), "enhancement", 1, 3)
 
 
 def test_manifest_anatomy_stops_at_every_level() -> None:
@@ -127,7 +133,7 @@ def test_manifest_anatomy_stops_at_every_level() -> None:
     assert counts[3] > 0.5 and all(0.05 < c < 0.25 for c in counts[:3])
 
 
-@pytest.mark.parametrize("task", synthetic.TASKS)
+@pytest.mark.parametrize("task", ["classification", "segmentation", "pretrain"])
 def test_write_dataset_follows_the_contract(tmp_path: Path, task: str) -> None:
     folders = write_dataset(tmp_path, task, sites=2, per_site=12, size=48, seed=3)
     assert folders == [tmp_path / "site_00", tmp_path / "site_01"]
@@ -183,7 +189,7 @@ def test_cli_synth_writes_sites(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main([*argv, "--overwrite"]) == 0
 
 
-@pytest.mark.parametrize("bad", [["--sites", "0"], ["--task", "detection"], ["--per-site", "x"],
+@pytest.mark.parametrize("bad", [["--sites", "0"], ["--task", "enhancement"], ["--per-site", "x"],
                                  ["--size", "8"]])
 def test_cli_bad_arguments_exit_2(tmp_path: Path, bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["synth", "--out", str(tmp_path), "--sites", "1", "--per-site", "1", "--task", "pretrain"]
@@ -198,3 +204,184 @@ def test_cli_requires_a_subcommand() -> None:
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
+
+
+# --------------------------------------------------------------------------- landmarks, detection, regression
+
+
+def _edge(mask: np.ndarray) -> np.ndarray:
+    """[K, 2] (x, y) of mask pixels with a 4-neighbour outside the mask (the image border counts as outside)."""
+    m = np.pad(mask.astype(bool), 1)
+    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    ys, xs = np.nonzero(mask.astype(bool) & ~inner)
+    return np.stack([xs, ys], axis=1)
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    return np.argsort(np.argsort(values)).astype(float)
+
+
+@pytest.mark.parametrize("profile", ["highend_linear", "portable_convex", "legacy_sector"])
+@pytest.mark.parametrize("lesion", LESIONS)
+def test_calipers_sit_on_the_lesion_edge_in_order(profile: str, lesion: str) -> None:
+    for seed in range(6):
+        s = generate_image(np.random.default_rng(seed), 48, profile, lesion=lesion)
+        assert s.lesions == (lesion,) and s.calipers.shape == (1, 4, 2)
+        points = s.calipers[0]  # [4, 2] in LANDMARK_NAMES order
+        assert ((points >= 0) & (points <= 47)).all()
+        edge = _edge(s.mask)
+        assert np.hypot(*(points[:, None, :] - edge[None]).transpose(2, 0, 1)).min(axis=1).max() <= 2.0
+        long_axis, short_axis = points[1] - points[0], points[3] - points[2]
+        assert np.hypot(*long_axis) >= np.hypot(*short_axis)
+        assert abs(long_axis @ short_axis) <= 0.05 * np.hypot(*long_axis) * np.hypot(*short_axis)  # perpendicular
+        for d in (long_axis, short_axis):  # the "a" end: left of a flat axis, top of a steep one
+            assert d[0] >= 0 if abs(d[0]) >= abs(d[1]) else d[1] >= 0
+
+
+def test_irregular_lesions_have_a_vertical_long_axis() -> None:
+    for seed in range(4):
+        points = generate_image(np.random.default_rng(seed), 64, lesion="irregular").calipers[0]
+        dx, dy = np.abs(points[1] - points[0])
+        assert dy > dx
+
+
+@pytest.mark.parametrize("profile", ["highend_linear", "portable_convex", "legacy_sector"])
+def test_several_lesions_get_tight_boxes_that_never_overlap(profile: str) -> None:
+    rng = np.random.default_rng(0)
+    for seed in range(12):
+        kinds = [str(k) for k in rng.choice(LESIONS, 2 + seed % 2)]
+        s = generate_image(np.random.default_rng(seed), 48, profile, lesion=kinds)
+        assert s.lesions == tuple(kinds) and s.boxes.shape == (len(kinds), 4) and s.calipers.shape == (len(kinds), 4, 2)
+        assert s.label == ("malignant" if "irregular" in kinds else "benign")
+        covered = np.zeros_like(s.mask)
+        for x1, y1, x2, y2 in s.boxes:
+            part = s.mask[y1:y2, x1:x2]
+            assert part[0].any() and part[-1].any() and part[:, 0].any() and part[:, -1].any()  # tight
+            covered[y1:y2, x1:x2] = 1
+        assert not (s.mask & ~covered.astype(bool)).any()  # every lesion pixel is in a box
+        assert all(left[2] <= right[0] for left, right in zip(s.boxes, s.boxes[1:]))  # left to right, apart
+
+
+def test_one_lesion_box_is_the_mask_bounding_box() -> None:
+    s = generate_image(np.random.default_rng(3), 64, lesion="cyst")
+    rows, cols = np.nonzero(s.mask)
+    assert s.boxes.tolist() == [[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]]
+    assert generate_image(np.random.default_rng(3), 64).boxes.shape == (0, 4)
+
+
+def test_lesion_sequence_is_checked() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="1 to 3"):
+        generate_image(rng, 48, lesion=[])
+    with pytest.raises(ValueError, match="1 to 3"):
+        generate_image(rng, 48, lesion=["cyst"] * 4)
+    with pytest.raises(ValueError, match="did you mean 'cyst'"):
+        generate_image(rng, 48, lesion=["cyst", "cist"])
+
+
+def test_lv_scale_ejects_the_ejection_fraction() -> None:
+    assert lv_scale(0, 16, 60.0) == 1.0
+    assert lv_scale(8, 16, 60.0) ** 3 == pytest.approx(0.4)
+    assert lv_scale(3, 16, 60.0) == pytest.approx(lv_scale(13, 16, 60.0))
+    assert lv_scale(4, 16, 60.0) > lv_scale(6, 16, 60.0) > lv_scale(8, 16, 60.0)
+
+
+def test_echo_clip_moves_only_the_ventricle() -> None:
+    clips = {ef: generate_echo_clip(np.random.default_rng(5), 64, ejection_fraction=ef) for ef in (25.0, 70.0)}
+    clip = clips[70.0]
+    assert clip.shape == (16, 64, 64) and clip.dtype == np.uint8
+    assert (clip[:, :, :19] == clip[0, :, :19]).all()  # left of the LV and of its shadow: nothing moves
+    assert not (clip[8] == clip[0]).all()
+    np.testing.assert_array_equal(clip[3], clip[13])  # s(t) = s(T - t)
+    one = generate_image(np.random.default_rng(5), 64, "cardiac_sector", scene=HEART_SCENE)
+    np.testing.assert_array_equal(clip[0], one.image)  # end-diastole is the scene itself
+    drops = {}
+    for ef, c in clips.items():
+        dark = (c[:, 6:45, 29:51] < 40).sum(axis=(1, 2))  # around the LV
+        assert int(np.argmin(dark)) in (7, 8, 9)
+        drops[ef] = (dark[0] - dark[8]) / dark[0]
+    assert drops[70.0] > drops[25.0] + 0.05
+
+
+def test_echo_clip_bad_arguments_raise() -> None:
+    rng = np.random.default_rng(0)
+    for kwargs, match in (({"ejection_fraction": 100.0}, "ejection_fraction"),
+                          ({"ejection_fraction": 50.0, "ed_scale": 3.0}, "ed_scale"),
+                          ({"ejection_fraction": 50.0, "frames": 1}, "frames")):
+        with pytest.raises(ValueError, match=match):
+            generate_echo_clip(rng, 48, **kwargs)
+
+
+@pytest.mark.parametrize("task", ["landmarks", "detection", "regression"])
+def test_new_tasks_verify_and_are_deterministic(tmp_path: Path, task: str) -> None:
+    a = write_dataset(tmp_path / "a", task, sites=2, per_site=12, size=64, seed=3)
+    b = write_dataset(tmp_path / "b", task, sites=1, per_site=12, size=64, seed=3)[0]
+    column = {"landmarks": "landmarks", "detection": "boxes", "regression": "target"}[task]
+    for folder in a:
+        report = verify_dataset(folder)
+        assert report.ok, report.problems
+        rows = _read_manifest(folder)
+        assert list(rows[0]) == ["image", "patient", "split", column]
+        assert {r["split"] for r in rows} == {"train", "val", "test"}
+    files = sorted(p.relative_to(a[0]) for p in a[0].rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a[0] / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert (a[0] / "manifest.csv").read_bytes() != (a[1] / "manifest.csv").read_bytes()
+
+
+def test_landmarks_dataset(tmp_path: Path) -> None:
+    folder = write_dataset(tmp_path, "landmarks", sites=1, per_site=8, size=64, seed=1)[0]
+    meta = yaml.safe_load((folder / "dataset.yaml").read_text(encoding="utf-8"))
+    assert meta["task"] == "landmarks" and meta["landmark_names"] == list(LANDMARK_NAMES) and meta["channels"] == 1
+    for row in _read_manifest(folder):
+        points = np.array(json.loads(row["landmarks"]))
+        assert row["image"].startswith("images/") and points.shape == (4, 2)
+        assert np.array_equal(points, np.round(points, 2))
+        assert np.hypot(*(points[1] - points[0])) >= np.hypot(*(points[3] - points[2]))
+
+
+def test_detection_dataset(tmp_path: Path) -> None:
+    folder = write_dataset(tmp_path, "detection", sites=1, per_site=24, size=64, seed=2)[0]
+    meta = yaml.safe_load((folder / "dataset.yaml").read_text(encoding="utf-8"))
+    assert meta["task"] == "detection" and meta["classes"] == ["cyst", "solid"]
+    counts, names = set(), set()
+    for row in _read_manifest(folder):
+        boxes = json.loads(row["boxes"])
+        counts.add(len(boxes))
+        names |= {box[4] for box in boxes}
+        assert all(isinstance(c, int) for box in boxes for c in box[:4])
+        assert all(left[2] <= right[0] for left, right in zip(boxes, boxes[1:]))
+    assert counts == {1, 2} and names == {"cyst", "solid"}
+
+
+def test_regression_dataset_clips(tmp_path: Path) -> None:
+    folder = write_dataset(tmp_path, "regression", sites=1, per_site=12, size=64, seed=0)[0]
+    meta = yaml.safe_load((folder / "dataset.yaml").read_text(encoding="utf-8"))
+    assert meta["task"] == "regression" and meta["target_name"] == "ejection_fraction"
+    assert not (folder / "images").exists()
+    efs, drops = [], []
+    for row in _read_manifest(folder):
+        assert row["image"].startswith("clips/") and row["image"].endswith(".dcm")
+        ds = dcmread(folder / row["image"])
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert ds.SOPClassUID == UltrasoundMultiFrameImageStorage and ds.PhotometricInterpretation == "MONOCHROME2"
+        assert int(ds.NumberOfFrames) == 16 and ds.PatientID == row["patient"]
+        assert not any(e.VR in ("DA", "TM", "DT") for e in ds.iterall())  # no dates or times
+        clip = read_clip(folder / row["image"])
+        assert clip.shape == (16, 1, 64, 64) and clip.dtype == np.uint8
+        np.testing.assert_array_equal(clip[:, 0], ds.pixel_array)
+        ef = float(row["target"])
+        assert 20.0 <= ef <= 75.0 and row["target"] == f"{ef:.1f}"
+        dark = (clip[:, 0, 6:45, 29:51] < 40).sum(axis=(1, 2))  # around the LV
+        assert int(np.argmin(dark)) in (7, 8, 9)  # end-systole mid-cycle
+        efs.append(ef)
+        drops.append((dark[0] - dark[8]) / dark[0])
+    assert np.corrcoef(_ranks(efs), _ranks(drops))[0, 1] > 0.6  # a larger EF empties more of the cavity
+
+
+@pytest.mark.parametrize("task", ["landmarks", "detection", "regression"])
+def test_cli_synth_new_tasks_then_verify(tmp_path: Path, task: str) -> None:
+    argv = ["synth", "--out", str(tmp_path), "--sites", "2", "--per-site", "4", "--task", task, "--size", "48"]
+    assert main(argv) == 0
+    for site in ("site_00", "site_01"):
+        assert main(["verify", str(tmp_path / site)]) == 0
