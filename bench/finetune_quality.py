@@ -23,12 +23,12 @@ from echocare_core.config import load_config
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
+from echocare_core.engine.metrics import MAIN_METRIC
 from echocare_core.engine.pretrain import run_pretraining
 from echocare_core.engine.pretrain_config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = {"variant": "mini", "img_size": 128, "patch_size": 4, "window_size": 8, "drop_path": 0.1}
-MAIN = {"segmentation": "dice", "classification": "auc"}
 
 
 def pretrain(tmp: Path, steps: int) -> Path:
@@ -57,14 +57,15 @@ def subset(folder: Path, fraction: float, out: Path) -> Path:
     return out
 
 
-def finetune(folder: Path, out: Path, init: Path | None, mode: str, epochs: int) -> dict:
+def finetune(folder: Path, out: Path, init: Path | None, mode: str, epochs: int, **model) -> dict:
     base = {"output": str(out), "device": "cpu", "data": {"folder": str(folder), "num_workers": 1},
-            "model": {"init": str(init) if init else None, "mode": mode, "encoder": ENCODER},
+            "model": {"init": str(init) if init else None, "mode": mode, "encoder": ENCODER, **model},
             "optim": {"lr": 1e-3, "batch_size": 16, "epochs": epochs, "warmup_epochs": 1}}
     result = run_finetune(load_config(FinetuneConfig, None, [], base=base))
     task = yaml.safe_load((folder / "dataset.yaml").read_text())["task"]
     return {"task": task, "mode": mode, "init": "pretrained" if init else "random",
-            "test": result.test.get(MAIN[task], float("nan")), "trainable": result.trainable}
+            "test": result.test.get(MAIN_METRIC[task], float("nan")), "trainable": result.trainable,
+            "metrics": result.test, "seconds": sum(r["seconds"] for r in result.history)}
 
 
 def plot(curve: list[dict], path: Path) -> None:

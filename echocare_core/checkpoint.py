@@ -230,7 +230,8 @@ def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
         model: nn.Module = EchoCarePretrainModel(cfg, Ontology.from_tree(meta["ontology"], f"{path} ontology"))
     elif kind == "task":
         head, ft = meta["head"], meta["finetune"]
-        model = EchoCareTaskModel(cfg, meta["task"], head["num_classes"], head["feature_size"], head["multi_label"])
+        model = EchoCareTaskModel(cfg, meta["task"], head["num_classes"], head["feature_size"], head["multi_label"],
+                                  head.get("target_stats", (0.0, 1.0)))
         apply_finetune_mode(model, ft["mode"], ft["lora_rank"], ft["lora_alpha"])
     else:
         raise ValueError(f"{path}: model_kind {kind!r} is not buildable here (known: 'pretrain', 'task')")

@@ -13,9 +13,10 @@ PROG = "echocare-finetune"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(PROG, "Fine-tune the EchoCare encoder with a task head (classification or "
-                                 "segmentation) on the site's dataset: full, frozen or LoRA. Checks the dataset "
-                                 "first, keeps the best epoch, resumes when run again, tests at the end.")
+    parser = config_parser(PROG, "Fine-tune the EchoCare encoder with a task head (classification, segmentation, "
+                                 "landmarks, detection or regression over clips) on the site's dataset: full, "
+                                 "frozen or LoRA. Checks the dataset first, keeps the best epoch, resumes when run "
+                                 "again, tests at the end.")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
@@ -24,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, str(exc))
     stop = StopFlag("saving after this epoch, then stopping")
     progress, update = step_progress("epochs", {"train_loss": "loss {:.4f}", "val_auc": "val AUC {:.3f}",
-                                                "val_dice": "val Dice {:.3f}"})
+                                                "val_dice": "val Dice {:.3f}", "val_mre": "val MRE {:.2f} px",
+                                                "val_map50": "val mAP50 {:.3f}", "val_mae": "val MAE {:.2f}"})
     try:
         with progress:
             result = run_finetune(cfg, on_epoch=update, stop=stop)

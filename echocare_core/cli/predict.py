@@ -8,17 +8,18 @@ from echocare_core.cli.common import command_parser, console, input_error, setup
 
 def main(argv: list[str] | None = None) -> int:
     prog = "echocare-predict"
-    parser = command_parser(prog, "Predict with a fine-tuned checkpoint: predictions.csv and, for segmentation, "
-                                  "mask and overlay PNGs.")
+    parser = command_parser(prog, "Predict with a fine-tuned checkpoint: predictions.csv (class probabilities, "
+                                  "landmark coordinates, boxes or values) and mask / overlay PNGs to look at.")
     parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder (e.g. runs/x/best)")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--min-score", type=float, default=0.3, help="detection: leave out boxes scoring lower")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     from echocare_core.engine.predict import list_inputs, predict_files
 
     try:
-        target, unreadable = predict_files(args.checkpoint, list_inputs(args.input), args.out)
+        target, unreadable = predict_files(args.checkpoint, list_inputs(args.input), args.out, args.min_score)
     except (ValueError, FileNotFoundError) as exc:
         return input_error(prog, exc)
     console.print(f"wrote {target}" + (f"; {unreadable} file(s) could not be read (marked in the CSV)"

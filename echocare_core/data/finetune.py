@@ -1,7 +1,12 @@
-"""Labelled samples of a site dataset (the contract of `data.contract`) as tensors for fine-tuning."""
+"""Labelled samples of a site dataset (the contract of `data.contract`) as tensors for fine-tuning.
+
+Images are resized to the model's square input; targets follow them into its pixel grid: landmarks
+`[K, 2]` (x, y) with pixel centres at integers, boxes `[G, 5]` (x1, y1, x2, y2 in pixel edges, class).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +17,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from echocare_core.data.contract import DatasetSpec, patient_splits, read_manifest
-from echocare_core.data.io import ImageReadError, read_image
+from echocare_core.data.io import ImageReadError, read_clip, read_image
 from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
 
-__all__ = ["TaskDataset", "collate_task", "split_rows"]
+__all__ = ["TaskDataset", "collate_task", "from_model_points", "split_rows", "to_model_points"]
 
 
 def split_rows(folder: str | Path, split: str, seed: int = 0) -> list[dict[str, str]]:
@@ -25,16 +30,20 @@ def split_rows(folder: str | Path, split: str, seed: int = 0) -> list[dict[str, 
 
 
 class TaskDataset(Dataset):
-    """`dataset[(epoch, i)]` -> image `[C, S, S]` and target (class index, or mask `[S, S]`).
+    """`dataset[(epoch, i)]` -> image `[C, S, S]` (regression: clip `[T, C, S, S]`), its target, its
+    original size `[2]` (H, W) and its row.
 
-    Training samples get a horizontal flip with probability 0.5 (image and mask together), drawn
-    from (seed, epoch, i), so a resumed run sees the same samples.
+    Targets: class index or multi-hot `[K]`, mask `[S, S]`, landmarks `[K, 2]`, boxes `[G, 5]` or a
+    value. Training samples get a horizontal flip with probability 0.5 (target with them; not for
+    landmarks, whose order can depend on the side), drawn from (seed, epoch, i), so a resumed run
+    sees the same samples.
     """
 
     def __init__(self, folder: str | Path, spec: DatasetSpec, rows: list[dict[str, str]], img_size: int,
-                 channels: int, train: bool, seed: int = 0) -> None:
+                 channels: int, train: bool, seed: int = 0, frames: int = 16) -> None:
         self.folder, self.spec, self.rows = Path(folder), spec, rows
         self.img_size, self.channels, self.train, self.seed = img_size, channels, train, seed
+        self.frames = frames
         # mask values (e.g. 0 and 255) -> class indices 0..K-1, in the order of the declared values
         self.lut = np.zeros(256, dtype=np.int64)
         self.lut[sorted(spec.labels)] = np.arange(len(spec.labels))
@@ -42,38 +51,74 @@ class TaskDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _target(self, row: dict[str, str]) -> torch.Tensor:
-        if self.spec.task == "classification" and self.spec.multi_label:  # "a;b" -> multi-hot [K]
+    def _target(self, row: dict[str, str], height: int, width: int) -> torch.Tensor:
+        task, s = self.spec.task, self.img_size
+        if task == "classification" and self.spec.multi_label:  # "a;b" -> multi-hot [K]
             names = {n.strip() for n in row["label"].split(";")}
             return torch.tensor([float(c in names) for c in self.spec.classes])
-        if self.spec.task == "classification":
+        if task == "classification":
             return torch.tensor(self.spec.classes.index(row["label"]))
-        with Image.open(self.folder / row["mask"]) as im:
-            mask = torch.from_numpy(self.lut[np.asarray(im)])
-        return F.interpolate(mask[None, None].float(), size=(self.img_size,) * 2, mode="nearest")[0, 0].long()
+        if task == "segmentation":
+            with Image.open(self.folder / row["mask"]) as im:
+                mask = torch.from_numpy(self.lut[np.asarray(im)])
+            return F.interpolate(mask[None, None].float(), size=(s, s), mode="nearest")[0, 0].long()
+        if task == "landmarks":
+            points = torch.tensor(json.loads(row["landmarks"]), dtype=torch.float32).view(-1, 2)
+            return to_model_points(points, height, width, s)
+        if task == "detection":
+            boxes = json.loads(row["boxes"])
+            out = torch.tensor([[*b[:4], self.spec.classes.index(str(b[4]))] for b in boxes],
+                               dtype=torch.float32).view(-1, 5)
+            out[:, 0:4:2] *= s / width
+            out[:, 1:4:2] *= s / height
+            return out
+        return torch.tensor(float(row["target"]))
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
         row = self.rows[i]
         try:
-            img = read_image(self.folder / row["image"], self.channels)  # the model's channels
-            target = self._target(row)
+            path = self.folder / row["image"]
+            frames = (read_clip(path, self.channels, self.frames) if self.spec.task == "regression"
+                      else read_image(path, self.channels)[None])  # [T, C, H, W], the model's channels
+            height, width = frames.shape[-2:]
+            target = self._target(row, height, width)
         except (ImageReadError, OSError):
             return {"skip": i}
-        x = torch.from_numpy(img).float().div_(255.0)
-        x = F.interpolate(x[None], size=(self.img_size,) * 2, mode="bilinear", antialias=True,
-                          align_corners=False)[0]
-        if self.train and np.random.default_rng([self.seed, epoch, i]).random() < 0.5:
+        x = F.interpolate(torch.from_numpy(frames).float().div_(255.0), size=(self.img_size,) * 2,
+                          mode="bilinear", antialias=True, align_corners=False)
+        if self.train and self.spec.task != "landmarks" and np.random.default_rng([self.seed, epoch, i]).random() < 0.5:
             x = x.flip(-1)
-            target = target.flip(-1) if target.ndim == 2 else target
-        return {"image": (x - INPUT_MEAN) / INPUT_STD, "target": target, "row": i}
+            if target.ndim == 2 and self.spec.task == "detection":  # x1, x2 -> S - x2, S - x1
+                target = torch.stack([self.img_size - target[:, 2], target[:, 1], self.img_size - target[:, 0],
+                                      target[:, 3], target[:, 4]], dim=1)
+            elif self.spec.task == "segmentation":
+                target = target.flip(-1)
+        x = (x - INPUT_MEAN) / INPUT_STD
+        return {"image": x if self.spec.task == "regression" else x[0], "target": target, "row": i,
+                "size": torch.tensor([height, width])}
+
+
+def to_model_points(points: torch.Tensor, height: int, width: int, size: int) -> torch.Tensor:
+    """(x, y) pixel coordinates `[..., 2]` of an H x W image in the model's S x S grid (pixel centres at integers)."""
+    return (points + 0.5) * torch.tensor([size / width, size / height]) - 0.5
+
+
+def from_model_points(points: torch.Tensor, sizes: torch.Tensor, size: int) -> torch.Tensor:
+    """Inverse of `to_model_points` for a batch: `points` `[B, K, 2]`, original `sizes` `[B, 2]` (H, W)."""
+    scale = sizes.flip(-1).float()[:, None, :] / size  # [B, 1, 2]: (W, H) / S
+    return (points + 0.5) * scale - 0.5
 
 
 def collate_task(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch the readable items; targets of different shapes (boxes per image) stay a list."""
     good = [it for it in items if "skip" not in it]
     out: dict[str, Any] = {"skipped": len(items) - len(good)}
     if good:
         out["image"] = torch.stack([g["image"] for g in good])
-        out["target"] = torch.stack([g["target"] for g in good])
+        targets = [g["target"] for g in good]
+        same = all(t.shape == targets[0].shape for t in targets)
+        out["target"] = torch.stack(targets) if same else targets
         out["row"] = torch.tensor([g["row"] for g in good])
+        out["size"] = torch.stack([g["size"] for g in good])
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,16 +31,20 @@ def check_fits(meta: dict, spec: DatasetSpec, checkpoint: str | Path) -> None:
     if meta["task"] != spec.task:
         raise ValueError(f"{checkpoint} was trained for {meta['task']}, the dataset is {spec.task}")
     head = meta["head"]
-    if spec.task == "classification" and (list(spec.classes), spec.multi_label) != (head["classes"],
-                                                                                     head["multi_label"]):
+    if spec.task in ("classification", "detection") and (list(spec.classes), spec.multi_label) != (
+            head["classes"], head["multi_label"]):
         raise ValueError(f"{checkpoint} predicts classes {head['classes']} (multi-label: {head['multi_label']}), "
                          f"the dataset declares {list(spec.classes)} (multi-label: {spec.multi_label})")
-    if spec.task == "segmentation" and num_classes(spec) != head["num_classes"]:
-        raise ValueError(f"{checkpoint} segments {head['num_classes']} labels, the dataset declares "
-                         f"{num_classes(spec)}")
+    if spec.task in ("segmentation", "landmarks") and num_classes(spec) != head["num_classes"]:
+        what = "mask labels" if spec.task == "segmentation" else "landmarks"
+        raise ValueError(f"{checkpoint} predicts {head['num_classes']} {what}, the dataset has {num_classes(spec)}")
 
 
-def bootstrap_ci(task: str, pred: torch.Tensor, true: torch.Tensor, k: int, groups: list[str],
+def _take(values: Any, idx: np.ndarray) -> Any:
+    return [values[i] for i in idx] if isinstance(values, list) else values[torch.from_numpy(idx)]
+
+
+def bootstrap_ci(task: str, pred: Any, true: Any, k: int, groups: list[str],
                  rounds: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95% percentile bootstrap interval of the task's main metric, resampling patients (`groups`),
     since images of one patient are not independent."""
@@ -56,7 +61,7 @@ def bootstrap_ci(task: str, pred: torch.Tensor, true: torch.Tensor, k: int, grou
         if task == "segmentation":
             values.append(np.nanmean(np.nanmean(dice[idx], axis=0)))
         else:
-            values.append(task_metrics(task, pred[idx], true[idx], k)["auc"])
+            values.append(task_metrics(task, _take(pred, idx), _take(true, idx), k)[MAIN_METRIC[task]])
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if len(values) else (np.nan, np.nan)
@@ -81,7 +86,8 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str =
     rows = split_rows(folder, split, split_seed)
     if not rows:
         raise ValueError(f"{folder}: the '{split}' split is empty (splits: train, val, test)")
-    ds = TaskDataset(folder, spec, rows, meta["input"]["size"], meta["input"]["channels"], train=False)
+    ds = TaskDataset(folder, spec, rows, meta["input"]["size"], meta["input"]["channels"], train=False,
+                     frames=meta["input"].get("frames", 16))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=[(0, i) for i in range(len(ds))],
                                          collate_fn=collate_task)
     out = predict_all(model, loader, torch.device("cpu"))

@@ -6,6 +6,7 @@ resume state (`last/`); the run ends by testing the best checkpoint on the test 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,15 +25,19 @@ from torch.utils.data import DataLoader
 from echocare_core.checkpoint import (load_encoder_weights, load_train_state, load_weights, read_meta,
                                       same_architecture, save_checkpoint)
 from echocare_core.config import from_dict, save_config, to_dict
-from echocare_core.data.contract import DatasetSpec, load_spec, verify_dataset
-from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
+from echocare_core.data.contract import DatasetSpec, load_spec, read_manifest, verify_dataset
+from echocare_core.data.finetune import TaskDataset, collate_task, from_model_points, split_rows
 from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
 from echocare_core.engine.distributed import init_distributed
 from echocare_core.engine.finetune_config import FinetuneConfig
-from echocare_core.engine.metrics import MAIN_METRIC, classification_metrics, multilabel_metrics, segmentation_metrics
+from echocare_core.engine.metrics import (LOWER_IS_BETTER, MAIN_METRIC, classification_metrics, detection_metrics,
+                                          landmark_metrics, multilabel_metrics, regression_metrics,
+                                          segmentation_metrics)
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.pretrain import NonFiniteLossError
 from echocare_core.engine.report import read_metrics
+from echocare_core.models.detection import detection_loss
+from echocare_core.models.landmarks import heatmap_loss
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
 
@@ -60,8 +65,18 @@ class FinetuneResult:
 
 
 def num_classes(spec: DatasetSpec) -> int:
-    """Outputs of the head: one per class, or one per declared mask value."""
-    return len(spec.classes) if spec.task == "classification" else len(spec.labels)
+    """Classes (classification, detection), declared mask values (segmentation), points (landmarks), 1 (regression)."""
+    return {"classification": len(spec.classes), "detection": len(spec.classes), "segmentation": len(spec.labels),
+            "landmarks": len(spec.landmark_names)}.get(spec.task, 1)
+
+
+def target_stats(spec: DatasetSpec, rows: list[dict[str, str]]) -> tuple[float, float]:
+    """Regression: mean and standard deviation of the training targets (the head predicts standardised values)."""
+    if spec.task != "regression":
+        return 0.0, 1.0
+    values = np.array([float(r["target"]) for r in rows])
+    std = float(values.std())
+    return float(values.mean()), std if std > 1e-6 else 1.0
 
 
 def _encoder_config(cfg: FinetuneConfig) -> EncoderConfig:
@@ -74,9 +89,10 @@ def _encoder_config(cfg: FinetuneConfig) -> EncoderConfig:
     return cfg.model.encoder
 
 
-def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec) -> EchoCareTaskModel:
+def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec, stats: tuple[float, float] = (0.0, 1.0)
+                     ) -> EchoCareTaskModel:
     enc = _encoder_config(cfg)
-    model = EchoCareTaskModel(enc, spec.task, num_classes(spec), cfg.model.feature_size, spec.multi_label)
+    model = EchoCareTaskModel(enc, spec.task, num_classes(spec), cfg.model.feature_size, spec.multi_label, stats)
     if cfg.model.init:
         report = load_encoder_weights(model.encoder, cfg.model.init)
         (log.warning if report.missing else log.info)("encoder weights from %s: %s", cfg.model.init, report.summary())
@@ -84,37 +100,64 @@ def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec) -> EchoCareTaskMode
     return model
 
 
-def _loss_fn(spec: DatasetSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _loss_fn(spec: DatasetSpec, stats: tuple[float, float]) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """The task's training loss, computed per sample and averaged (so DP can clip per sample)."""
     if spec.task == "classification":
         return F.binary_cross_entropy_with_logits if spec.multi_label else F.cross_entropy
-    if spec.task != "segmentation":
-        raise ValueError(f"task '{spec.task}' has no fine-tuning head yet (classification, segmentation)")
-    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)  # per sample: DP-ready
-    return lambda logits, target: dice_ce(logits, target[:, None])
+    if spec.task == "segmentation":
+        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
+        return lambda logits, target: dice_ce(logits, target[:, None])
+    if spec.task == "landmarks":
+        return heatmap_loss
+    if spec.task == "detection":
+        return detection_loss
+    mean, std = stats
+    return lambda pred, target: F.smooth_l1_loss(pred, (target - mean) / std)
+
+
+def _to(target: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    return [t.to(device) for t in target] if isinstance(target, list) else target.to(device)
 
 
 @torch.no_grad()
-def predict_all(model: EchoCareTaskModel, loader: DataLoader, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Class probabilities `[N, K]` or label maps `[N, H, W]`, the targets and the dataset rows they
-    belong to; None when nothing was readable."""
+def predict_all(model: EchoCareTaskModel, loader: DataLoader, device: torch.device) -> tuple[Any, Any, torch.Tensor] | None:
+    """Predictions (`EchoCareTaskModel.decode`), targets and the dataset rows they belong to; None when
+    nothing was readable. Landmarks come back in the images' own pixels, boxes in the model's grid
+    (IoU does not change with scale)."""
     model.eval()
-    outs, targets, rows = [], [], []
+    preds, targets, rows = [], [], []
     for batch in loader:
-        if "image" in batch:
-            logits = model(batch["image"].to(device)).float().cpu()
-            outs.append(model.probabilities(logits) if model.task == "classification" else logits.argmax(1))
-            targets.append(batch["target"])
-            rows.append(batch["row"])
+        if "image" not in batch:
+            continue
+        pred, true = model.decode(model(batch["image"].to(device)).float()), batch["target"]
+        if model.task == "landmarks":
+            size = batch["image"].shape[-1]
+            pred, true = from_model_points(pred.cpu(), batch["size"], size), from_model_points(true, batch["size"], size)
+        if model.task == "detection":
+            preds += [dataclasses.replace(d, **{f.name: getattr(d, f.name).cpu() for f in dataclasses.fields(d)})
+                      for d in pred]
+            targets += list(true)
+        else:
+            preds.append(pred.cpu())
+            targets.append(true)
+        rows.append(batch["row"])
     model.train()
-    return (torch.cat(outs), torch.cat(targets), torch.cat(rows)) if outs else None
+    if not rows:
+        return None
+    return (preds, targets, torch.cat(rows)) if model.task == "detection" else \
+        (torch.cat(preds), torch.cat(targets), torch.cat(rows))
 
 
-def task_metrics(task: str, pred: torch.Tensor, true: torch.Tensor, k: int,
-                 threshold: float | None = None) -> dict[str, float]:
+def task_metrics(task: str, pred: Any, true: Any, k: int, threshold: float | None = None) -> dict[str, float]:
     """The task's metrics; `threshold` fixes the binary operating point (else the Youden one of this data)."""
     if task == "segmentation":
         return segmentation_metrics(pred, true, k)
+    if task == "landmarks":
+        return landmark_metrics(pred, true)
+    if task == "detection":
+        return detection_metrics(pred, true, k)
+    if task == "regression":
+        return regression_metrics(pred, true)
     return multilabel_metrics(pred, true) if true.ndim == 2 else classification_metrics(pred, true, threshold)
 
 
@@ -130,8 +173,11 @@ def _loader(ds: TaskDataset, keys: list[tuple[int, int]], batch: int, workers: i
 
 
 def _score(metrics: dict[str, float], task: str) -> float:
+    """The main metric as "higher is better"; -inf when it is undefined."""
     value = metrics.get(MAIN_METRIC[task], float("nan"))
-    return value if math.isfinite(value) else float("-inf")
+    if not math.isfinite(value):
+        return float("-inf")
+    return -value if MAIN_METRIC[task] in LOWER_IS_BETTER else value
 
 
 def _meta(cfg: FinetuneConfig, spec: DatasetSpec, model: EchoCareTaskModel, epoch: int,
@@ -139,10 +185,13 @@ def _meta(cfg: FinetuneConfig, spec: DatasetSpec, model: EchoCareTaskModel, epoc
     enc = model.encoder.cfg
     return {"model_kind": "task", "task": spec.task, "encoder": to_dict(enc), "epoch": epoch, "metrics": metrics,
             "head": {"num_classes": num_classes(spec), "feature_size": cfg.model.feature_size,
-                     "multi_label": spec.multi_label,
-                     "classes": list(spec.classes), "labels": {str(k): v for k, v in spec.labels.items()}},
+                     "multi_label": spec.multi_label, "classes": list(spec.classes),
+                     "labels": {str(k): v for k, v in spec.labels.items()},
+                     "landmark_names": list(spec.landmark_names), "target_name": spec.target_name,
+                     "target_stats": list(model.target_stats)},
             "finetune": {"mode": cfg.model.mode, "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha},
-            "input": {"channels": enc.in_chans, "size": enc.img_size, "mean": INPUT_MEAN, "std": INPUT_STD},
+            "input": {"channels": enc.in_chans, "size": enc.img_size, "mean": INPUT_MEAN, "std": INPUT_STD,
+                      "frames": cfg.model.frames},
             "dataset": spec.name, "config": to_dict(cfg)}
 
 
@@ -183,6 +232,11 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def check_dataset(folder: Path) -> DatasetSpec:
+    """The dataset's spec once it passes the verifier (landmarks named `point1..K` when dataset.yaml names none).
+
+    Raises:
+        DatasetInvalidError: naming the first problem by file, row and column.
+    """
     report = verify_dataset(folder)
     if not report.ok:
         p = report.problems[0]
@@ -190,7 +244,12 @@ def check_dataset(folder: Path) -> DatasetSpec:
         raise DatasetInvalidError(f"{folder} fails the dataset check with {len(report.problems)} problem(s), first: "
                                   f"{p.file} row {p.row} column {p.column}: {p.allowed}. "
                                   f"See all with: echocare-data verify {folder}")
-    return load_spec(folder)
+    spec = load_spec(folder)
+    if spec.task == "landmarks" and not spec.landmark_names:
+        _, rows = read_manifest(folder)
+        count = len(json.loads(rows[0]["landmarks"])) if rows else 0
+        spec = dataclasses.replace(spec, landmark_names=tuple(f"point{i + 1}" for i in range(count)))
+    return spec
 
 
 def _train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -207,7 +266,7 @@ def _train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch["image"].to(device))
-        loss = loss_fn(logits.float(), batch["target"].to(device))
+        loss = loss_fn(logits.float(), _to(batch["target"], device))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite loss after {len(losses)} batches of this epoch; lower optim.lr "
                                      f"or use precision: fp32")
@@ -239,13 +298,14 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     if not rows["train"] or not rows["val"]:
         raise ValueError(f"{folder}: need train and val samples (found {len(rows['train'])} and {len(rows['val'])})")
     torch.manual_seed(cfg.seed)
-    model = build_task_model(cfg, spec).to(device)
+    stats = target_stats(spec, rows["train"])
+    model = build_task_model(cfg, spec, stats).to(device)
     trainable, total = count_trainable(model)
     log.info("%s, mode %s: %d of %d parameters train (%.2f%%)", spec.task, cfg.model.mode, trainable, total,
              100 * trainable / total)
     o, size, k = cfg.optim, model.encoder.cfg.img_size, num_classes(spec)
-    sets = {s: TaskDataset(folder, spec, r, size, model.encoder.cfg.in_chans, train=s == "train", seed=cfg.seed)
-            for s, r in rows.items()}
+    sets = {s: TaskDataset(folder, spec, r, size, model.encoder.cfg.in_chans, train=s == "train", seed=cfg.seed,
+                           frames=cfg.model.frames) for s, r in rows.items()}
     steps = math.ceil(len(sets["train"]) / o.batch_size)
     optimizer = build_optimizer(model, o.lr, o.weight_decay, (0.9, 0.999))
     scheduler = warmup_cosine(optimizer, o.warmup_epochs * steps, o.epochs * steps, 0.01)
@@ -256,7 +316,7 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     save_config(cfg, out / "config.yaml")
     history = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= start]
     _write_json_lines(out / "metrics.jsonl", history)
-    loss_fn, bf16 = _loss_fn(spec), o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
+    loss_fn, bf16 = _loss_fn(spec, stats), o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
     val_keys = [(0, i) for i in range(len(sets["val"]))]
     status, epoch = "finished", start
     for epoch in range(start + 1, o.epochs + 1):

@@ -30,11 +30,13 @@ class FinetuneModel:
     mode: Literal["full", "frozen", "lora"] = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    feature_size: int = 16  # width of the segmentation decoder
+    feature_size: int = 16  # width of the dense decoder (segmentation, landmarks, detection)
+    frames: int = 16  # regression over clips: frames the model sees per clip, evenly spaced
 
     def __post_init__(self) -> None:
-        if self.lora_rank < 1 or self.feature_size < 1:
-            raise ValueError(f"lora_rank={self.lora_rank} and feature_size={self.feature_size} must be >= 1")
+        if self.lora_rank < 1 or self.feature_size < 1 or self.frames < 1:
+            raise ValueError(f"lora_rank={self.lora_rank}, feature_size={self.feature_size} and frames={self.frames} "
+                             f"must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -2,21 +2,35 @@
 
 Classification: AUC, accuracy, F1 (binary) or macro-F1, and for binary tasks sensitivity and
 specificity at the Youden-optimal threshold (the paper's thyroid task). Segmentation: Dice,
-normalised surface Dice and HD95 per foreground class.
+normalised surface Dice and HD95 per foreground class. Landmarks: mean radial error and successful
+detection rates. Detection: AP per class and mAP at IoU 0.5 (MONAI's COCO metric). Regression: MAE.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.apps.detection.metrics.coco import COCOMetric
+from monai.apps.detection.metrics.matching import matching_batch
+from monai.data.box_utils import box_iou
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc, compute_surface_dice
 
-__all__ = ["MAIN_METRIC", "classification_metrics", "multilabel_metrics", "segmentation_metrics", "youden"]
+from echocare_core.models.detection import Detections
 
-MAIN_METRIC = {"classification": "auc", "segmentation": "dice"}  # what "best checkpoint" means
+__all__ = ["LOWER_IS_BETTER", "MAIN_METRIC", "SDR_RADII", "classification_metrics", "detection_metrics",
+           "landmark_metrics", "multilabel_metrics", "regression_metrics", "segmentation_metrics", "youden"]
+
+# what "best checkpoint" means
+MAIN_METRIC = {"classification": "auc", "segmentation": "dice", "landmarks": "mre", "detection": "map50",
+               "regression": "mae"}
+LOWER_IS_BETTER = frozenset({"mre", "mae", "rmse", "hd95"})
+SDR_RADII = (2, 4, 10)  # pixels: the successful detection rates the paper reports
 
 
 def youden(scores: np.ndarray, positive: np.ndarray) -> tuple[float, float, float]:
@@ -119,3 +133,62 @@ def segmentation_metrics(pred: torch.Tensor, true: torch.Tensor, num_classes: in
         for c in range(num_classes - 1):
             out[f"{name}_class{c + 1}"] = float(per_class[c])
     return out
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def landmark_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
+    """Mean radial error (pixels), its standard deviation, successful detection rate within each of
+    SDR_RADII pixels, and the mean radial error of each point.
+
+    Args:
+        pred, true: `[N, K, 2]` (x, y) pixel coordinates.
+    """
+    radial = (pred.double() - true.double()).norm(dim=-1)  # [N, K]
+    out = {"mre": float(radial.mean()), "mre_std": float(radial.std()) if radial.numel() > 1 else 0.0}
+    out |= {f"sdr_{r}px": float((radial <= r).double().mean()) for r in SDR_RADII}
+    out |= {f"mre_point{k + 1}": float(v) for k, v in enumerate(radial.mean(0))}
+    return out
+
+
+def detection_metrics(pred: list[Detections], true: list[torch.Tensor], num_classes: int,
+                      iou: float = 0.5) -> dict[str, float]:
+    """AP per class (101-point interpolated, COCO) and their mean at one IoU threshold.
+
+    Args:
+        pred: detections of each image.
+        true: boxes of each image, `[G, 5]` (x1, y1, x2, y2, class index).
+        num_classes: classes; one without a true box in these images has AP NaN and stays out of the mean.
+    """
+    names = [f"class{c}" for c in range(num_classes)]
+    matched = matching_batch(
+        box_iou, [iou], [d.boxes.numpy() for d in pred], [d.classes.numpy() for d in pred],
+        [d.scores.numpy() for d in pred], [t[:, :4].numpy() for t in true], [t[:, 4].long().numpy() for t in true],
+        max_detections=100)
+    metric = COCOMetric(classes=names, iou_list=[iou], iou_range=(iou, iou, 0.05), max_detection=[100], verbose=False)
+    with _quiet_root_logger():  # MONAI warns on the root logger for every class without a true box
+        values = metric(matched)[0]
+    per_class = [values.get(f"{n}_AP_IoU_{iou:.2f}_MaxDet_100", -1.0) for n in names]
+    per_class = [v if v >= 0 else float("nan") for v in per_class]  # COCO marks "no true box" with -1
+    tag = f"{round(iou * 100)}"
+    out = {f"map{tag}": float(np.nanmean(per_class)) if not all(np.isnan(per_class)) else float("nan")}
+    out |= {f"ap{tag}_{n}": float(v) for n, v in zip(names, per_class)}
+    return out
+
+
+def regression_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
+    """MAE, RMSE, mean error (bias) and Pearson's r of predicted against true values `[N]`."""
+    p, t = pred.double(), true.double()
+    err = p - t
+    r = float(torch.corrcoef(torch.stack([p, t]))[0, 1]) if len(p) > 1 else float("nan")
+    return {"mae": float(err.abs().mean()), "rmse": float(err.pow(2).mean().sqrt()), "bias": float(err.mean()),
+            "pearson_r": r}

@@ -1,19 +1,29 @@
-"""Predictions of a fine-tuned checkpoint on image files: a CSV, and mask and overlay PNGs for dense tasks."""
+"""Predictions of a fine-tuned checkpoint on image files: a CSV, and mask and overlay PNGs a clinician can open.
+
+CSV columns by task: classification the class and one probability per class; segmentation the mask
+and overlay PNG names and the foreground fraction; landmarks `<name>_x, <name>_y` per point;
+detection the boxes as JSON `[[x1, y1, x2, y2, class, score], ...]`; regression the value. All
+coordinates are pixels of the input image.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from echocare_core.checkpoint import build_from_checkpoint
-from echocare_core.data.io import ImageReadError, is_image_file, read_image
+from echocare_core.data.finetune import from_model_points
+from echocare_core.data.io import ImageReadError, is_image_file, read_clip, read_image
+from echocare_core.models.task import EchoCareTaskModel
 
 __all__ = ["list_inputs", "predict_files"]
 
@@ -35,6 +45,10 @@ def list_inputs(source: str | Path) -> list[Path]:
     return files
 
 
+def _colour(i: int) -> tuple[int, ...]:
+    return tuple(int(c) for c in OVERLAY_COLOURS[1 + i % (len(OVERLAY_COLOURS) - 1)])
+
+
 def _overlay(gray: np.ndarray, mask: np.ndarray) -> Image.Image:
     """The image in gray with each label tinted, half transparent: for a clinician to look at."""
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
@@ -43,11 +57,76 @@ def _overlay(gray: np.ndarray, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(tinted.astype(np.uint8))
 
 
-def predict_files(checkpoint: str | Path, files: list[Path], out: str | Path) -> tuple[Path, int]:
+def _draw(gray: np.ndarray, points: list[list[float]] = (), boxes: list[list[Any]] = ()) -> Image.Image:
+    """The image with landmark crosses (one colour per point) or labelled boxes (one colour per class)."""
+    im = Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
+    draw, r = ImageDraw.Draw(im), max(2, round(max(gray.shape) / 100))
+    for i, (x, y) in enumerate(points):
+        draw.line([(x - r, y), (x + r, y)], fill=_colour(i))
+        draw.line([(x, y - r), (x, y + r)], fill=_colour(i))
+    for x1, y1, x2, y2, name, score, c in boxes:
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=_colour(c))
+        draw.text((x1 + 1, max(0, y1 - 11)), f"{name} {score:.2f}", fill=_colour(c))
+    return im
+
+
+def _header(meta: dict) -> list[str]:
+    head, task = meta["head"], meta["task"]
+    if task == "classification":
+        return ["file", "prediction", *[f"p_{c}" for c in head["classes"]]]
+    if task == "segmentation":
+        return ["file", "mask", "overlay", "foreground_fraction"]
+    if task == "landmarks":
+        return ["file", *[f"{n}_{a}" for n in head["landmark_names"] for a in "xy"], "overlay"]
+    if task == "detection":
+        return ["file", "boxes", "count", "overlay"]
+    return ["file", head.get("target_name", "target")]
+
+
+def _predict_one(model: EchoCareTaskModel, meta: dict, img: np.ndarray, stem: str, out: Path,
+                 min_score: float) -> list[str]:
+    """The CSV cells after `file` for one image `[T, C, H, W]`; writes its PNGs under `out`."""
+    size, task, head = meta["input"]["size"], meta["task"], meta["head"]
+    height, width = img.shape[-2:]
+    x = F.interpolate(torch.from_numpy(img).float() / 255.0, size=(size, size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    x = (x - meta["input"]["mean"]) / meta["input"]["std"]
+    with torch.no_grad():
+        raw = model(x[None] if task == "regression" else x).float()
+    gray = img[0].mean(0).astype(np.uint8)
+    if task == "classification":
+        probs = model.decode(raw)[0].tolist()
+        label = (";".join(c for c, p in zip(head["classes"], probs) if p >= 0.5) if model.multi_label
+                 else head["classes"][int(np.argmax(probs))])
+        return [label, *[f"{p:.6f}" for p in probs]]
+    if task == "regression":
+        return [f"{float(model.decode(raw)[0]):.4f}"]
+    if task == "segmentation":
+        labels = F.interpolate(raw, size=(height, width), mode="bilinear", align_corners=False)[0].argmax(0)
+        values = np.array(sorted(int(v) for v in head["labels"]), dtype=np.uint8)
+        mask = values[labels.numpy()]  # class indices back to the dataset's declared mask values
+        Image.fromarray(mask).save(out / f"{stem}_mask.png")
+        _overlay(gray, mask).save(out / f"{stem}_overlay.png")
+        return [f"{stem}_mask.png", f"{stem}_overlay.png", f"{float((mask > 0).mean()):.6f}"]
+    if task == "landmarks":
+        points = from_model_points(model.decode(raw), torch.tensor([[height, width]]), size)[0].tolist()
+        _draw(gray, points=points).save(out / f"{stem}_overlay.png")
+        return [*[f"{c:.2f}" for p in points for c in p], f"{stem}_overlay.png"]
+    det = model.decode(raw)[0]
+    keep = det.scores >= min_score
+    scale = torch.tensor([width, height, width, height]) / size
+    boxes = [[*[round(v, 1) for v in (b * scale).tolist()], head["classes"][int(c)], round(float(s), 4), int(c)]
+             for b, s, c in zip(det.boxes[keep], det.scores[keep], det.classes[keep])]
+    _draw(gray, boxes=boxes).save(out / f"{stem}_overlay.png")
+    return [json.dumps([b[:6] for b in boxes]), str(len(boxes)), f"{stem}_overlay.png"]
+
+
+def predict_files(checkpoint: str | Path, files: list[Path], out: str | Path, min_score: float = 0.3
+                  ) -> tuple[Path, int]:
     """Predict every file; returns the CSV written and the number of files that could not be read.
 
-    Classification rows carry the predicted class and one probability per class; segmentation rows
-    the mask and overlay PNGs (at the image's own size) and the foreground fraction.
+    Args:
+        min_score: detection: boxes below this score are left out of the CSV and overlays.
 
     Raises:
         ValueError: the checkpoint is not a fine-tuned task model.
@@ -58,34 +137,17 @@ def predict_files(checkpoint: str | Path, files: list[Path], out: str | Path) ->
     model.eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    size, channels, classes = meta["input"]["size"], meta["input"]["channels"], meta["head"]["classes"]
-    header = ["file", "prediction", *[f"p_{c}" for c in classes]] if meta["task"] == "classification" \
-        else ["file", "mask", "overlay", "foreground_fraction"]
+    channels, header = meta["input"]["channels"], _header(meta)
     rows, unreadable = [], 0
     for i, file in enumerate(files):
         try:
-            img = read_image(file, channels)
+            img = (read_clip(file, channels, meta["input"].get("frames", 16)) if meta["task"] == "regression"
+                   else read_image(file, channels)[None])  # [T, C, H, W]
         except ImageReadError:
             unreadable += 1
             rows.append([str(file), "unreadable"] + [""] * (len(header) - 2))
             continue
-        x = F.interpolate(torch.from_numpy(img).float()[None] / 255.0, size=(size, size), mode="bilinear",
-                          antialias=True, align_corners=False)
-        with torch.no_grad():
-            logits = model((x - meta["input"]["mean"]) / meta["input"]["std"])[0].float()
-        if meta["task"] == "classification":
-            probs = model.probabilities(logits).tolist()
-            label = (";".join(c for c, p in zip(classes, probs) if p >= 0.5) if model.multi_label
-                     else classes[int(np.argmax(probs))])
-            rows.append([str(file), label, *[f"{p:.6f}" for p in probs]])
-            continue
-        labels = F.interpolate(logits[None], size=img.shape[1:], mode="bilinear", align_corners=False)[0].argmax(0)
-        values = np.array(sorted(int(v) for v in meta["head"]["labels"]), dtype=np.uint8)
-        mask = values[labels.numpy()]  # class indices back to the dataset's declared mask values
-        stem = f"{i:05d}_{file.stem}"
-        Image.fromarray(mask).save(out / f"{stem}_mask.png")
-        _overlay(img.mean(0).astype(np.uint8), mask).save(out / f"{stem}_overlay.png")
-        rows.append([str(file), f"{stem}_mask.png", f"{stem}_overlay.png", f"{float((mask > 0).mean()):.6f}"])
+        rows.append([str(file), *_predict_one(model, meta, img, f"{i:05d}_{file.stem}", out, min_score)])
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([header, *rows])
     target = out / "predictions.csv"

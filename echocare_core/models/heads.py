@@ -13,7 +13,7 @@ from torch import nn
 
 from echocare_core.models.swin import EncoderConfig
 
-__all__ = ["ClassificationHead", "SegmentationHead", "no_inplace"]
+__all__ = ["ClassificationHead", "ClipRegressionHead", "DenseHead", "no_inplace"]
 
 
 def no_inplace(module: nn.Module) -> nn.Module:
@@ -36,18 +36,38 @@ class ClassificationHead(nn.Module):
         return self.fc(self.norm(pooled))
 
 
-class SegmentationHead(nn.Module):
-    """UNETR/SwinUNETR-style decoder: skip connections from the image and from every encoder stage.
+class ClipRegressionHead(nn.Module):
+    """One number per clip from its frames' pooled features: mean and max over time, then a small MLP.
 
-    `forward(image, stage_maps) -> [B, num_classes, H, W]` logits at input resolution.
+    `forward(frame_features [B, T, C]) -> [B]`. Mean and max together let the head compare frames
+    (e.g. the ventricle at its largest and smallest for the ejection fraction).
     """
 
-    def __init__(self, cfg: EncoderConfig, num_classes: int, feature_size: int = 16) -> None:
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(2 * in_features)
+        self.fc1 = nn.Linear(2 * in_features, in_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(in_features, 1)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([frames.mean(1), frames.amax(1)], dim=-1)  # [B, 2C]
+        return self.fc2(self.act(self.fc1(self.norm(pooled))))[:, 0]
+
+
+class DenseHead(nn.Module):
+    """UNETR/SwinUNETR-style decoder: skip connections from the image and from every encoder stage.
+
+    `forward(image, stage_maps) -> [B, out_channels, H, W]` at input resolution: mask logits
+    (segmentation), landmark heatmaps or centre heatmaps and box sizes (detection).
+    """
+
+    def __init__(self, cfg: EncoderConfig, out_channels: int, feature_size: int = 16) -> None:
         super().__init__()
         f, norm = feature_size, ("instance", {"affine": True})
         depth = len(cfg.stage_channels)
         if cfg.stage_resolutions[-1] < 2:  # instance norm needs more than one pixel per map
-            raise ValueError(f"img_size={cfg.img_size} leaves a 1x1 deepest feature map; segmentation needs "
+            raise ValueError(f"img_size={cfg.img_size} leaves a 1x1 deepest feature map; dense heads need "
                              f"img_size >= {2 * cfg.stride}")
         self.stem = UnetrBasicBlock(2, cfg.in_chans, f, kernel_size=3, stride=1, norm_name=norm)
         self.skips = nn.ModuleList(UnetrBasicBlock(2, c, f * 2 ** i, kernel_size=3, stride=1, norm_name=norm)
@@ -56,7 +76,7 @@ class SegmentationHead(nn.Module):
         self.ups = nn.ModuleList(UnetrUpBlock(2, f * 2 ** (i + 1), f * 2 ** i, kernel_size=3, upsample_kernel_size=2,
                                               norm_name=norm) for i in reversed(range(depth - 1)))
         self.to_image = UnetrUpBlock(2, f, f, kernel_size=3, upsample_kernel_size=cfg.patch_size, norm_name=norm)
-        self.out = UnetOutBlock(2, f, num_classes)
+        self.out = UnetOutBlock(2, f, out_channels)
         no_inplace(self)
 
     def forward(self, image: torch.Tensor, stage_maps: list[torch.Tensor]) -> torch.Tensor:

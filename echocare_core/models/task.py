@@ -1,5 +1,8 @@
 """A fine-tuning model: the EchoCare encoder plus one task head, and the fine-tuning modes.
 
+Heads: classification (pooled feature), segmentation, landmarks and detection (one dense decoder
+with skips from every stage), regression over clips (frame features pooled over time).
+
 Modes: `full` (everything trains), `frozen` (the encoder is fixed, the head trains) and `lora`
 (low-rank adapters on the attention projections `qkv` and `proj` train with the head; the encoder's
 own weights stay fixed). LoRA keeps the base weights' names (`...attn.qkv.weight`), so a pretrained
@@ -9,18 +12,20 @@ checkpoint loads the same way with or without adapters.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from echocare_core.models.heads import ClassificationHead, SegmentationHead
+from echocare_core.models.detection import HEAT_PRIOR, decode_detections
+from echocare_core.models.heads import ClassificationHead, ClipRegressionHead, DenseHead
+from echocare_core.models.landmarks import decode_heatmaps
 from echocare_core.models.swin import EncoderConfig, SwinEncoder, WindowAttention
 
 __all__ = ["TASKS", "MODES", "LoRALinear", "EchoCareTaskModel", "apply_finetune_mode", "count_trainable"]
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "landmarks", "detection", "regression")
 MODES = ("full", "frozen", "lora")
 
 
@@ -42,26 +47,63 @@ class LoRALinear(nn.Linear):
 
 
 class EchoCareTaskModel(nn.Module):
-    """Encoder + head. `forward(images)` gives class logits `[B, K]` or mask logits `[B, K, H, W]`."""
+    """Encoder + head; `forward` gives the head's raw output, `decode` turns it into predictions.
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities of classification logits: sigmoid when multi-label, else softmax."""
-        return logits.sigmoid() if self.multi_label else logits.softmax(-1)
+    Args:
+        cfg: encoder config.
+        task: one of TASKS.
+        num_classes: classes (classification, detection), mask labels (segmentation) or points
+            (landmarks); unused for regression.
+        feature_size: width of the dense decoder.
+        multi_label: classification with an independent sigmoid per class.
+        target_stats: regression: (mean, std) of the training targets; the head predicts
+            standardised values, `decode` gives them in the target's units.
+    """
 
-    def __init__(self, cfg: EncoderConfig, task: Literal["classification", "segmentation"], num_classes: int,
-                 feature_size: int = 16, multi_label: bool = False) -> None:
+    def __init__(self, cfg: EncoderConfig, task: str, num_classes: int, feature_size: int = 16,
+                 multi_label: bool = False, target_stats: tuple[float, float] = (0.0, 1.0)) -> None:
         super().__init__()
         if task not in TASKS:
-            raise ValueError(f"task '{task}' has no head yet; available: {', '.join(TASKS)}")
-        self.task, self.multi_label = task, multi_label  # multi-label: independent sigmoid per class
+            raise ValueError(f"task '{task}' has no head; available: {', '.join(TASKS)}")
+        self.task, self.multi_label, self.target_stats = task, multi_label, tuple(target_stats)
         self.encoder = SwinEncoder(cfg)
-        self.head = (ClassificationHead(self.encoder.num_features, num_classes) if task == "classification"
-                     else SegmentationHead(cfg, num_classes, feature_size))
+        self.head: nn.Module
+        if task == "classification":
+            self.head = ClassificationHead(self.encoder.num_features, num_classes)
+        elif task == "regression":
+            self.head = ClipRegressionHead(self.encoder.num_features)
+        else:
+            self.head = DenseHead(cfg, num_classes + 2 if task == "detection" else num_classes, feature_size)
+        if task == "detection":  # centre heatmaps start at a low prior, as in CenterNet and RetinaNet
+            with torch.no_grad():
+                self.head.out.conv.conv.bias[:num_classes] = math.log(HEAT_PRIOR / (1 - HEAT_PRIOR))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """`images` `[B, C, H, W]`, or clips `[B, T, C, H, W]` for regression.
+
+        Returns:
+            classification `[B, K]` logits; segmentation `[B, K, H, W]` logits; landmarks `[B, K, H, W]`
+            heatmap logits; detection `[B, K + 2, H, W]` centre logits and log box sizes; regression `[B]`.
+        """
         if self.task == "classification":
             return self.head(self.encoder(images))
+        if self.task == "regression":
+            b, t = images.shape[:2]
+            return self.head(self.encoder(images.flatten(0, 1)).view(b, t, -1))  # frames encoded alike
         return self.head(images, self.encoder.forward_intermediates(images, intermediates_only=True))
+
+    def decode(self, out: torch.Tensor) -> Any:
+        """Predictions from `forward`'s output: class probabilities `[B, K]`, label maps `[B, H, W]`,
+        landmark (x, y) `[B, K, 2]` in input pixels, a list of `Detections`, or values `[B]`."""
+        if self.task == "classification":
+            return out.sigmoid() if self.multi_label else out.softmax(-1)
+        if self.task == "segmentation":
+            return out.argmax(1)
+        if self.task == "landmarks":
+            return decode_heatmaps(out)
+        if self.task == "detection":
+            return decode_detections(out)
+        return out * self.target_stats[1] + self.target_stats[0]
 
 
 def apply_finetune_mode(model: EchoCareTaskModel, mode: str, lora_rank: int = 8, lora_alpha: float = 16.0) -> None:

@@ -156,7 +156,7 @@ def test_multi_label_classification(sites, tmp_path):
     assert set(result.test) == {"auc", "exact_match", "macro_f1"}
     model, meta = build_from_checkpoint(tmp_path / "run" / "best")
     assert meta["head"]["multi_label"] and model.multi_label
-    probs = model.probabilities(model(torch.zeros(2, 1, 64, 64)))
+    probs = model.decode(model(torch.zeros(2, 1, 64, 64)))
     assert probs.shape == (2, 3) and not torch.allclose(probs.sum(1), torch.ones(2))
 
 

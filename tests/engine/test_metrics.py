@@ -65,3 +65,42 @@ def test_auc_over_present_classes_and_a_fixed_operating_point():
     assert (m["youden_threshold"], m["sensitivity"], m["specificity"]) == (0.65, 1.0, 1.0)
     m = classification_metrics(binary, torch.tensor([0, 0, 1, 1]), threshold=0.9)
     assert m["sensitivity"] == 0.0
+
+
+def test_landmark_errors_of_a_known_shift():
+    from echocare_core.engine.metrics import landmark_metrics
+
+    true = torch.tensor([[[10.0, 10.0], [30.0, 40.0]], [[5.0, 5.0], [60.0, 2.0]]])
+    shift = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[0.0, 1.5], [-6.0, 8.0]]])  # radial errors 5, 0, 1.5, 10
+    m = landmark_metrics(true + shift, true)
+    assert m["mre"] == pytest.approx((5 + 0 + 1.5 + 10) / 4)
+    assert (m["sdr_2px"], m["sdr_4px"], m["sdr_10px"]) == (0.5, 0.5, 1.0)
+    assert (m["mre_point1"], m["mre_point2"]) == (pytest.approx(3.25), pytest.approx(5.0))
+
+
+def test_detection_ap_per_class_and_map():
+    from echocare_core.engine.metrics import detection_metrics
+    from echocare_core.models.detection import Detections
+
+    def det(boxes, scores, classes):
+        return Detections(torch.tensor(boxes, dtype=torch.float32).view(-1, 4), torch.tensor(scores),
+                          torch.tensor(classes, dtype=torch.long))
+
+    true = [torch.tensor([[10.0, 10, 20, 20, 0], [30, 30, 40, 40, 1]]), torch.tensor([[50.0, 50, 60, 60, 1]])]
+    perfect = [det([[10, 10, 20, 20], [30, 30, 40, 40]], [0.9, 0.8], [0, 1]), det([[50, 50, 60, 60]], [0.7], [1])]
+    assert detection_metrics(perfect, true, 2) == {"map50": pytest.approx(1.0), "ap50_class0": pytest.approx(1.0),
+                                                   "ap50_class1": pytest.approx(1.0)}
+    # class 1: one of two boxes found (the other detection misses, IoU 1/7), at full precision:
+    # 101-point interpolated AP = 51/101; a third class without true boxes stays out of the mean
+    shifted = [perfect[0], det([[55, 55, 65, 65]], [0.3], [1])]
+    m = detection_metrics(shifted, true, 3)
+    assert m["ap50_class1"] == pytest.approx(51 / 101) and m["ap50_class0"] == pytest.approx(1.0)
+    assert m["map50"] == pytest.approx((1 + 51 / 101) / 2) and m["ap50_class2"] != m["ap50_class2"]
+
+
+def test_regression_errors():
+    from echocare_core.engine.metrics import regression_metrics
+
+    m = regression_metrics(torch.tensor([50.0, 62.0, 38.0]), torch.tensor([52.0, 60.0, 40.0]))
+    assert m["mae"] == pytest.approx(2.0) and m["rmse"] == pytest.approx(2.0)
+    assert m["bias"] == pytest.approx(-2 / 3) and 0.9 < m["pearson_r"] <= 1.0

@@ -1,0 +1,102 @@
+"""Landmarks, detection and clip regression end to end: synth -> finetune -> evaluate -> predict, real files."""
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import TINY_ENCODER
+from PIL import Image
+
+from echocare_core.checkpoint import build_from_checkpoint
+from echocare_core.cli.evaluate import evaluate_main
+from echocare_core.cli.predict import main as predict_main
+from echocare_core.config import load_config
+from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.engine.evaluate import evaluate_checkpoint
+from echocare_core.engine.finetune import run_finetune
+from echocare_core.engine.finetune_config import FinetuneConfig
+
+pytestmark = pytest.mark.slow
+
+MAIN = {"landmarks": "mre", "detection": "map50", "regression": "mae"}
+
+
+@pytest.fixture(scope="module", params=["landmarks", "detection", "regression"])
+def trained(request, tmp_path_factory):
+    task = request.param
+    root = tmp_path_factory.mktemp(task)
+    folder = write_dataset(root / "data", task, sites=1, per_site=16 if task == "regression" else 30, size=64,
+                           seed=3)[0]
+    base = {"output": str(root / "run"), "device": "cpu", "data": {"folder": str(folder), "num_workers": 0},
+            "model": {"encoder": dict(TINY_ENCODER), "feature_size": 8, "frames": 4, "mode": "full"},
+            "optim": {"lr": 1e-3, "batch_size": 8, "epochs": 2, "warmup_epochs": 0}}
+    result = run_finetune(load_config(FinetuneConfig, None, [], base=base))
+    return task, folder, root, result
+
+
+def test_finetune_keeps_the_best_epoch_by_the_tasks_main_metric(trained):
+    task, _, root, result = trained
+    main = MAIN[task]
+    assert result.status == "finished" and len(result.history) == 2
+    values = [r[f"val_{main}"] for r in result.history]
+    best = min(values) if task != "detection" else max(values)
+    assert result.best[main] == pytest.approx(best)
+    assert json.loads((root / "run" / "test_metrics.json").read_text())[main] == pytest.approx(result.test[main])
+    if task == "landmarks":
+        assert {"sdr_2px", "sdr_4px", "sdr_10px", "mre_point4"} <= set(result.test) and result.test["mre"] > 0
+    if task == "detection":
+        assert {"ap50_class0", "ap50_class1"} <= set(result.test)
+    if task == "regression":
+        assert result.test["mae"] > 0 and set(result.test) == {"mae", "rmse", "bias", "pearson_r"}
+
+
+def test_evaluate_gives_the_main_metric_with_an_interval(trained, tmp_path, capsys):
+    task, folder, root, result = trained
+    main = MAIN[task]
+    ev = evaluate_checkpoint(root / "run" / "best", folder, "test", rounds=50)
+    assert ev["main_metric"] == main and ev["metrics"][main] == pytest.approx(result.test[main], rel=1e-5)
+    lo, hi = ev[f"{main}_ci95"]
+    assert lo <= hi
+    assert evaluate_main(["--checkpoint", str(root / "run" / "best"), "--data", str(folder), "--bootstrap", "20"]) == 0
+    assert "95% CI" in capsys.readouterr().out
+
+
+def test_predict_writes_the_tasks_columns_in_image_pixels(trained, tmp_path):
+    task, folder, root, _ = trained
+    rows = list(csv.DictReader((folder / "manifest.csv").open()))[:3]
+    files = [folder / r["image"] for r in rows]
+    assert predict_main(["--checkpoint", str(root / "run" / "best"), "--input", str(files[0].parent),
+                         "--out", str(tmp_path / "out"), "--min-score", "0"]) == 0
+    out = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert len(out) == len(list(files[0].parent.iterdir()))
+    meta = build_from_checkpoint(root / "run" / "best")[1]
+    if task == "regression":
+        name = meta["head"]["target_name"]
+        assert name == "ejection_fraction" and all(0 < float(r[name]) < 100 for r in out)
+        return
+    width, height = Image.open(files[0]).size
+    overlay = Image.open(tmp_path / "out" / out[0]["overlay"])
+    assert overlay.size == (width, height) and overlay.mode == "RGB"
+    if task == "landmarks":
+        names = meta["head"]["landmark_names"]
+        assert len(names) == 4 and all(f"{n}_x" in out[0] for n in names)
+        assert all(-1 <= float(r[f"{n}_{a}"]) <= width for r in out for n in names for a in "xy")
+    else:
+        boxes = json.loads(out[0]["boxes"])
+        assert int(out[0]["count"]) == len(boxes) > 0
+        assert all(0 <= b[0] < b[2] <= width and b[4] in ("cyst", "solid") and 0 <= b[5] <= 1 for b in boxes)
+
+
+def test_a_checkpoint_for_another_task_is_refused(trained):
+    task, folder, root, _ = trained
+    other = {"landmarks": "detection", "detection": "regression", "regression": "landmarks"}[task]
+    with pytest.raises(ValueError, match=f"trained for {task}, the dataset is"):
+        evaluate_checkpoint(root / "run" / "best", _other_site(folder.parent.parent, other))
+
+
+def _other_site(root, task):
+    folder = root / f"other_{task}"
+    if not folder.exists():
+        write_dataset(folder, task, sites=1, per_site=6, size=64, seed=1)
+    return folder / "site_00"
