@@ -65,16 +65,16 @@ def _add_synth(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "synth", help="write synthetic ultrasound datasets, one folder per site",
         description="Write OUT/site_00, OUT/site_01, ... each a dataset folder (dataset.yaml, "
-                    "manifest.csv, images/, masks/) imaged with a different device profile.",
+                    "manifest.csv, images/ and masks/ or clips/) imaged with a different device profile.",
         formatter_class=_HelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="parent folder of the site folders")
     p.add_argument("--sites", type=_int_at_least(1), required=True, help="number of sites")
-    p.add_argument("--per-site", type=_int_at_least(1), required=True, help="images per site")
+    p.add_argument("--per-site", type=_int_at_least(1), required=True, help="images (regression: clips) per site")
     p.add_argument("--task", choices=synthetic.TASKS, required=True, help="what the labels are for")
     p.add_argument("--size", type=_size, default=128, help="image height and width in pixels")
     p.add_argument("--seed", type=int, default=0, help="base seed; same seed, same bytes")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace images/, masks/, manifest.csv and dataset.yaml in non-empty site folders")
+                   help="replace images/, masks/, clips/, manifest.csv and dataset.yaml in non-empty site folders")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=_run_synth)
 
@@ -148,7 +148,8 @@ def _site_summary(folder: Path) -> str:
         rows = list(csv.DictReader(f))
     splits = Counter(r["split"] for r in rows)
     patients = len({r["patient"] for r in rows})
-    line = (f"{folder}: {len(rows)} images, {patients} patients, train/val/test "
+    samples = "clips" if meta["task"] == "regression" else "images"
+    line = (f"{folder}: {len(rows)} {samples}, {patients} patients, train/val/test "
             f"{splits['train']}/{splits['val']}/{splits['test']}, profile {meta['device_profile']}")
     if meta["task"] == "classification":
         labels = Counter(r["label"] for r in rows)

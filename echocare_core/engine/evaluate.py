@@ -14,7 +14,7 @@ from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.engine.finetune import check_dataset, num_classes, predict_all, task_metrics
-from echocare_core.engine.metrics import MAIN_METRIC
+from echocare_core.engine.metrics import MAIN_METRIC, detection_ap, match_detections
 
 __all__ = ["evaluate_checkpoint", "bootstrap_ci", "check_fits"]
 
@@ -40,10 +40,6 @@ def check_fits(meta: dict, spec: DatasetSpec, checkpoint: str | Path) -> None:
         raise ValueError(f"{checkpoint} predicts {head['num_classes']} {what}, the dataset has {num_classes(spec)}")
 
 
-def _take(values: Any, idx: np.ndarray) -> Any:
-    return [values[i] for i in idx] if isinstance(values, list) else values[torch.from_numpy(idx)]
-
-
 def bootstrap_ci(task: str, pred: Any, true: Any, k: int, groups: list[str],
                  rounds: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95% percentile bootstrap interval of the task's main metric, resampling patients (`groups`),
@@ -55,13 +51,18 @@ def bootstrap_ci(task: str, pred: Any, true: Any, k: int, groups: list[str],
         p = F.one_hot(pred.long(), k).permute(0, 3, 1, 2).float()
         t = F.one_hot(true.long(), k).permute(0, 3, 1, 2).float()
         dice = compute_dice(p, t, include_background=False).numpy()
+    if task == "detection":  # match once, resample the per-image matches
+        matched = match_detections(pred, true)
     values = []
     for _ in range(rounds):
         idx = np.concatenate([members[names[j]] for j in rng.integers(0, len(names), len(names))])
         if task == "segmentation":
             values.append(np.nanmean(np.nanmean(dice[idx], axis=0)))
+        elif task == "detection":
+            values.append(detection_ap([matched[i] for i in idx], k)["map50"])
         else:
-            values.append(task_metrics(task, _take(pred, idx), _take(true, idx), k)[MAIN_METRIC[task]])
+            rows = torch.from_numpy(idx)
+            values.append(task_metrics(task, pred[rows], true[rows], k)[MAIN_METRIC[task]])
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if len(values) else (np.nan, np.nan)

@@ -23,8 +23,8 @@ from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_
 
 from echocare_core.models.detection import Detections
 
-__all__ = ["LOWER_IS_BETTER", "MAIN_METRIC", "SDR_RADII", "classification_metrics", "detection_metrics",
-           "landmark_metrics", "multilabel_metrics", "regression_metrics", "segmentation_metrics", "youden"]
+__all__ = ["LOWER_IS_BETTER", "MAIN_METRIC", "SDR_RADII", "classification_metrics", "detection_ap",
+           "detection_metrics", "landmark_metrics", "match_detections", "multilabel_metrics", "regression_metrics", "segmentation_metrics", "youden"]
 
 # what "best checkpoint" means
 MAIN_METRIC = {"classification": "auc", "segmentation": "dice", "landmarks": "mre", "detection": "map50",
@@ -160,6 +160,19 @@ def landmark_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict[str, float]
     return out
 
 
+def match_detections(pred: list[Detections], true: list[torch.Tensor], iou: float = 0.5) -> list[dict]:
+    """MONAI's per-image matching of detections to true boxes (the costly part of AP; resample its result).
+
+    Args:
+        pred: detections of each image.
+        true: boxes of each image, `[G, 5]` (x1, y1, x2, y2, class index).
+    """
+    return matching_batch(
+        box_iou, [iou], [d.boxes.numpy() for d in pred], [d.classes.numpy() for d in pred],
+        [d.scores.numpy() for d in pred], [t[:, :4].numpy() for t in true], [t[:, 4].long().numpy() for t in true],
+        max_detections=100)
+
+
 def detection_metrics(pred: list[Detections], true: list[torch.Tensor], num_classes: int,
                       iou: float = 0.5) -> dict[str, float]:
     """AP per class (101-point interpolated, COCO) and their mean at one IoU threshold.
@@ -169,11 +182,12 @@ def detection_metrics(pred: list[Detections], true: list[torch.Tensor], num_clas
         true: boxes of each image, `[G, 5]` (x1, y1, x2, y2, class index).
         num_classes: classes; one without a true box in these images has AP NaN and stays out of the mean.
     """
+    return detection_ap(match_detections(pred, true, iou), num_classes, iou)
+
+
+def detection_ap(matched: list[dict], num_classes: int, iou: float = 0.5) -> dict[str, float]:
+    """`detection_metrics` from the per-image matching results of `match_detections`."""
     names = [f"class{c}" for c in range(num_classes)]
-    matched = matching_batch(
-        box_iou, [iou], [d.boxes.numpy() for d in pred], [d.classes.numpy() for d in pred],
-        [d.scores.numpy() for d in pred], [t[:, :4].numpy() for t in true], [t[:, 4].long().numpy() for t in true],
-        max_detections=100)
     metric = COCOMetric(classes=names, iou_list=[iou], iou_range=(iou, iou, 0.05), max_detection=[100], verbose=False)
     with _quiet_root_logger():  # MONAI warns on the root logger for every class without a true box
         values = metric(matched)[0]

@@ -142,3 +142,16 @@ def test_rows_without_split_follow_their_patient_and_bom_headers_work(tmp_path):
     folder = _dataset(tmp_path / "d", "classification", ["image", "label"], [["img0.png", "a"]], classes=["a", "b"])
     (folder / "manifest.csv").write_text("\ufeffimage, label\nimg0.png,a\n", encoding="utf-8")
     assert verify_dataset(folder).ok
+
+
+def test_landmark_names_fix_the_point_count(tmp_path):
+    folder = _dataset(tmp_path / "d", "landmarks", ["image", "landmarks"],
+                      [["img0.png", '"[[1, 2], [3, 4]]"'], ["img1.png", '"[[1, 2], [3, 4], [5, 6]]"']],
+                      landmark_names=["apex", "base", "mid"])
+    found = _found(verify_dataset(folder))
+    assert found == [(2, "landmarks", "3 points, as in dataset.yaml landmark_names (landmarks keep a fixed order "
+                                      "and count)")]
+    (folder / "dataset.yaml").write_text(yaml.safe_dump({"name": "t", "task": "landmarks",
+                                                         "landmark_names": ["a", "a"]}))
+    with pytest.raises(ValueError, match="landmark_names.*distinct point names"):
+        load_spec(folder)
