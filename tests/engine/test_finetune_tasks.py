@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-import torch
 from conftest import TINY_ENCODER
 from PIL import Image
 
