@@ -6,13 +6,12 @@ resume state (`last/`); the run ends by testing the best checkpoint on the test 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -134,8 +133,7 @@ def predict_all(model: EchoCareTaskModel, loader: DataLoader, device: torch.devi
             size = batch["image"].shape[-1]
             pred, true = from_model_points(pred.cpu(), batch["size"], size), from_model_points(true, batch["size"], size)
         if model.task == "detection":
-            preds += [dataclasses.replace(d, **{f.name: getattr(d, f.name).cpu() for f in dataclasses.fields(d)})
-                      for d in pred]
+            preds += [d.cpu() for d in pred]
             targets += list(true)
         else:
             preds.append(pred.cpu())
@@ -248,7 +246,7 @@ def check_dataset(folder: Path) -> DatasetSpec:
     if spec.task == "landmarks" and not spec.landmark_names:
         _, rows = read_manifest(folder)
         count = len(json.loads(rows[0]["landmarks"])) if rows else 0
-        spec = dataclasses.replace(spec, landmark_names=tuple(f"point{i + 1}" for i in range(count)))
+        spec = replace(spec, landmark_names=tuple(f"point{i + 1}" for i in range(count)))
     return spec
 
 

@@ -28,6 +28,9 @@ class Detections:
     scores: torch.Tensor
     classes: torch.Tensor
 
+    def cpu(self) -> Detections:
+        return Detections(self.boxes.cpu(), self.scores.cpu(), self.classes.cpu())
+
 
 def centre_targets(boxes: torch.Tensor, k: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Heatmap targets `[K, H, W]` (1 at each centre pixel, Gaussian falloff with sigma = box size / 6)

@@ -89,7 +89,8 @@ class EchoCareTaskModel(nn.Module):
             return self.head(self.encoder(images))
         if self.task == "regression":
             b, t = images.shape[:2]
-            return self.head(self.encoder(images.flatten(0, 1)).view(b, t, -1))  # frames encoded alike
+            # the B*T frames go through the encoder as one batch: per-sample gradients (DP) must sum a clip's frames
+            return self.head(self.encoder(images.flatten(0, 1)).view(b, t, -1))
         return self.head(images, self.encoder.forward_intermediates(images, intermediates_only=True))
 
     def decode(self, out: torch.Tensor) -> Any:
