@@ -3,9 +3,11 @@
 On synthetic ultrasound (`echocare-data synth`): pretrain a small encoder with `echocare-pretrain`
 on unlabelled images, then fine-tune segmentation and classification from random initialisation and
 from that checkpoint in each mode (full, frozen, lora), and fine-tune segmentation on 10/25/50/100% of
-the training patients. Prints tables, writes JSON and a PNG plot. A program, not a test.
+the training patients, each fraction for the same number of optimiser steps (epochs / fraction).
+Every seed draws its own datasets and fine-tuning randomness; tables give mean and standard deviation
+over seeds. Prints tables, writes JSON and a PNG plot. A program, not a test.
 
-    python bench/finetune_quality.py                       # about 20 minutes on 2 CPU cores
+    python bench/finetune_quality.py --seeds 0 1 2        # about 70 minutes on 2 CPU cores
     python bench/finetune_quality.py --epochs 4 --pretrain-steps 100 --fractions 0.25 1.0   # quicker
 """
 
@@ -17,6 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from echocare_core.config import load_config
@@ -57,13 +60,14 @@ def subset(folder: Path, fraction: float, out: Path) -> Path:
     return out
 
 
-def finetune(folder: Path, out: Path, init: Path | None, mode: str, epochs: int, **model) -> dict:
-    base = {"output": str(out), "device": "cpu", "data": {"folder": str(folder), "num_workers": 1},
+def finetune(folder: Path, out: Path, init: Path | None, mode: str, epochs: int, seed: int = 0, lr: float = 1e-3,
+             **model) -> dict:
+    base = {"output": str(out), "device": "cpu", "seed": seed, "data": {"folder": str(folder), "num_workers": 1},
             "model": {"init": str(init) if init else None, "mode": mode, "encoder": ENCODER, **model},
-            "optim": {"lr": 1e-3, "batch_size": 16, "epochs": epochs, "warmup_epochs": 1}}
+            "optim": {"lr": lr, "batch_size": 16, "epochs": epochs, "warmup_epochs": 1}}
     result = run_finetune(load_config(FinetuneConfig, None, [], base=base))
     task = yaml.safe_load((folder / "dataset.yaml").read_text())["task"]
-    return {"task": task, "mode": mode, "init": "pretrained" if init else "random",
+    return {"task": task, "mode": mode, "init": "pretrained" if init else "random", "seed": seed,
             "test": result.test.get(MAIN_METRIC[task], float("nan")), "trainable": result.trainable,
             "metrics": result.test, "seconds": sum(r["seconds"] for r in result.history)}
 
@@ -75,15 +79,26 @@ def plot(curve: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    fractions = sorted({r["fraction"] for r in curve})
     for init in ("random", "pretrained"):
-        pts = sorted((r["fraction"], r["test"]) for r in curve if r["init"] == init)
-        ax.plot([100 * f for f, _ in pts], [d for _, d in pts], marker="o", label=f"{init} init")
+        stats = [_mean_sd([r["test"] for r in curve if r["init"] == init and r["fraction"] == f]) for f in fractions]
+        ax.errorbar([100 * f for f in fractions], [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
+                    capsize=3, label=f"{init} init")
     ax.set_xlabel("training patients used (%)")
     ax.set_ylabel("test Dice")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _cell(values: list[float]) -> str:
+    m, s = _mean_sd(values)
+    return f"{m:.3f} ± {s:.3f}" if len(values) > 1 else f"{m:.3f}"
 
 
 def main() -> None:
@@ -93,26 +108,32 @@ def main() -> None:
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--modes", nargs="+", default=["full", "frozen", "lora"])
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 1.0])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "finetune_quality.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="echocare_ftq_") as name:
         tmp = Path(name)
         ckpt = pretrain(tmp, args.pretrain_steps)
-        data = {t: write_dataset(tmp / t, t, sites=1, per_site=240, size=128, seed=21)[0]
-                for t in ("segmentation", "classification")}
-        modes = [finetune(data[t], tmp / f"{t}_{m}_{i}", ckpt if i == "pretrained" else None, m, args.epochs)
-                 for t in data for m in args.modes for i in ("random", "pretrained")]
-        curve = [{**finetune(subset(data["segmentation"], f, tmp / f"sub{f}"), tmp / f"curve_{f}_{i}",
-                             ckpt if i == "pretrained" else None, "lora", args.epochs), "fraction": f}
-                 for f in args.fractions for i in ("random", "pretrained")]
-    print(f"{'task':<15} {'mode':<7} {'init':<11} {'trainable':>10} {'test':>7}")
-    for r in modes:
-        print(f"{r['task']:<15} {r['mode']:<7} {r['init']:<11} {r['trainable']:>10,} {r['test']:>7.3f}")
-    print("\nsegmentation, lora: test Dice by share of training patients")
-    print(f"{'fraction':>8} {'random':>8} {'pretrained':>11}")
+        modes, curve = [], []
+        for seed in args.seeds:
+            data = {t: write_dataset(tmp / f"{t}_{seed}", t, sites=1, per_site=240, size=128, seed=21 + seed)[0]
+                    for t in ("segmentation", "classification")}
+            modes += [finetune(data[t], tmp / f"{t}_{m}_{i}_{seed}", ckpt if i == "pretrained" else None, m,
+                               args.epochs, seed) for t in data for m in args.modes for i in ("random", "pretrained")]
+            curve += [{**finetune(subset(data["segmentation"], f, tmp / f"sub{f}_{seed}"), tmp / f"curve_{f}_{i}_{seed}",
+                                  ckpt if i == "pretrained" else None, "lora", max(args.epochs, round(args.epochs / f)),
+                                  seed), "fraction": f}
+                      for f in args.fractions for i in ("random", "pretrained")]
+    print(f"test metric, mean ± sd over seeds {args.seeds}")
+    print(f"{'task':<15} {'mode':<7} {'init':<11} {'trainable':>10} {'test':>15}")
+    for key in dict.fromkeys((r["task"], r["mode"], r["init"]) for r in modes):
+        rs = [r for r in modes if (r["task"], r["mode"], r["init"]) == key]
+        print(f"{key[0]:<15} {key[1]:<7} {key[2]:<11} {rs[0]['trainable']:>10,} {_cell([r['test'] for r in rs]):>15}")
+    print("\nsegmentation, lora: test Dice by share of training patients (same number of steps)")
+    print(f"{'fraction':>8} {'random':>15} {'pretrained':>15}")
     for f in args.fractions:
-        vals = {r["init"]: r["test"] for r in curve if r["fraction"] == f}
-        print(f"{f:>8.2f} {vals['random']:>8.3f} {vals['pretrained']:>11.3f}")
+        cells = [_cell([r["test"] for r in curve if r["init"] == i and r["fraction"] == f]) for i in ("random", "pretrained")]
+        print(f"{f:>8.2f} {cells[0]:>15} {cells[1]:>15}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "modes": modes,
                                     "label_efficiency": curve}, indent=2))

@@ -51,7 +51,7 @@ class ClipRegressionHead(nn.Module):
         self.fc2 = nn.Linear(in_features, 1)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([frames.mean(1), frames.amax(1)], dim=-1)  # [B, 2C]
+        pooled = torch.cat([frames.mean(1), frames.std(1, correction=0)], dim=-1)  # [B, 2C]
         return self.fc2(self.act(self.fc1(self.norm(pooled))))[:, 0]
 
 
