@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 MODEL_FILE, META_FILE = "model.safetensors", "meta.json"
 STATE_FILE, STATE_JSON = "train_state.safetensors", "train_state.json"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_module.")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+_NUMBERED = re.compile(r"^(step|round)_(\d+)$")  # pretraining steps, federated rounds
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -193,27 +193,27 @@ def load_train_state(directory: str | os.PathLike) -> dict[str, Any]:
         return _unflatten(json.loads((directory / STATE_JSON).read_text("utf-8")), tensors)
 
 
-def checkpoints_newest_first(root: str | os.PathLike) -> list[Path]:
-    """The complete `step_N` folders under `root`, highest N first."""
+def checkpoints_newest_first(root: str | os.PathLike, kind: str = "step") -> list[Path]:
+    """The complete `step_N` (or `round_N`) folders under `root`, highest N first."""
     root = Path(root)
-    found = [(int(m.group(1)), p) for p in root.glob("step_*")
-             if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file()] if root.is_dir() else []
+    found = [(int(m.group(2)), p) for p in root.glob(f"{kind}_*")
+             if (m := _NUMBERED.match(p.name)) and (p / META_FILE).is_file()] if root.is_dir() else []
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The complete `step_N` folder with the highest N under `root`, or None."""
-    found = checkpoints_newest_first(root)
+def latest_checkpoint(root: str | os.PathLike, kind: str = "step") -> Path | None:
+    """The complete `step_N` (or `round_N`) folder with the highest N under `root`, or None."""
+    found = checkpoints_newest_first(root, kind)
     return found[0] if found else None
 
 
-def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` `step_N` folders (and stale temp folders)."""
+def prune_checkpoints(root: str | os.PathLike, keep_last: int, kind: str = "step") -> None:
+    """Delete all but the newest `keep_last` `step_N` (or `round_N`) folders (and stale temp folders)."""
     root = Path(root)
-    steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name)))
+    steps = sorted((int(m.group(2)), p) for p in root.glob(f"{kind}_*") if (m := _NUMBERED.match(p.name)))
     for _, p in steps[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
-    for p in [*root.glob(".step_*.tmp-*"), *root.glob(".step_*.old-*")]:
+    for p in [*root.glob(f".{kind}_*.tmp-*"), *root.glob(f".{kind}_*.old-*")]:
         shutil.rmtree(p, ignore_errors=True)
 
 

@@ -40,7 +40,8 @@ from echocare_core.models.landmarks import heatmap_loss
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
 
-__all__ = ["run_finetune", "FinetuneResult", "DatasetInvalidError", "num_classes"]
+__all__ = ["DatasetInvalidError", "FinetuneResult", "check_dataset", "evaluate_model", "num_classes", "run_finetune",
+           "task_loss", "train_epoch"]
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, int, dict[str, float]], None]
@@ -99,7 +100,7 @@ def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec, stats: tuple[float,
     return model
 
 
-def _loss_fn(spec: DatasetSpec, stats: tuple[float, float]) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+def task_loss(spec: DatasetSpec, stats: tuple[float, float]) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     """The task's training loss, computed per sample and averaged (so DP can clip per sample)."""
     if spec.task == "classification":
         return F.binary_cross_entropy_with_logits if spec.multi_label else F.cross_entropy
@@ -250,8 +251,8 @@ def check_dataset(folder: Path) -> DatasetSpec:
     return spec
 
 
-def _train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 loss_fn: Callable, device: torch.device, bf16: bool, clip: float) -> tuple[list[float], int]:
+def train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
+                loss_fn: Callable, device: torch.device, bf16: bool, clip: float) -> tuple[list[float], int]:
     """One pass over the training data; returns the batch losses and the number of unreadable samples.
 
     Raises:
@@ -314,14 +315,14 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     save_config(cfg, out / "config.yaml")
     history = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= start]
     _write_json_lines(out / "metrics.jsonl", history)
-    loss_fn, bf16 = _loss_fn(spec, stats), o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
+    loss_fn, bf16 = task_loss(spec, stats), o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
     val_keys = [(0, i) for i in range(len(sets["val"]))]
     status, epoch = "finished", start
     for epoch in range(start + 1, o.epochs + 1):
         torch.manual_seed(hash((cfg.seed, epoch)) & 0x7FFFFFFF)
         t0 = time.perf_counter()
         keys = [(epoch, int(i)) for i in np.random.default_rng([cfg.seed, epoch]).permutation(len(sets["train"]))]
-        losses, unread = _train_epoch(model, _loader(sets["train"], keys, o.batch_size, cfg.data.num_workers),
+        losses, unread = train_epoch(model, _loader(sets["train"], keys, o.batch_size, cfg.data.num_workers),
                                       optimizer, scheduler, loss_fn, device, bf16, o.clip_grad)
         skipped += unread
         val = evaluate_model(model, _loader(sets["val"], val_keys, o.batch_size, cfg.data.num_workers), device, k)

@@ -1,0 +1,125 @@
+"""The federated job as both sides see it: what the server sends, what a site checks, what is shared.
+
+A `Job` travels with every round as JSON. It names the task and its labels, the model, the fine-tuning
+mode, what is shared and the local training settings; `job_hash` identifies it. A site refuses a job
+whose task or labels do not match its dataset or that asks for more than the site allows
+(`check_job`). Only parameters that train and are not named site-local are shared (`shared_names`);
+the server aggregates them with sample weights (`weighted_mean`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from echocare_core.config import from_dict, to_dict
+from echocare_core.data.contract import DatasetSpec
+from echocare_core.models.swin import EncoderConfig
+
+__all__ = ["Job", "SiteLimits", "check_job", "job_hash", "shared_names", "weighted_mean"]
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str = "segmentation"
+    classes: tuple[str, ...] = ()  # classification, detection
+    labels: tuple[int, ...] = ()  # segmentation: the declared mask values
+    landmarks: int = 0  # landmarks: points per image
+    multi_label: bool = False
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    mode: Literal["full", "frozen", "lora"] = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    feature_size: int = 16
+    frames: int = 16
+    local: tuple[str, ...] = ()  # parameter-name patterns that stay at each site (e.g. "*norm*", as FedBN)
+    local_epochs: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    batch_size: int = 16
+    proximal_mu: float = 0.0  # FedProx: the site adds mu/2 * |w - w_global|^2 to its loss
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.proximal_mu < 0:
+            raise ValueError(f"job needs local_epochs >= 1, batch_size >= 1, lr > 0 and proximal_mu >= 0; got "
+                             f"{self.local_epochs}, {self.batch_size}, {self.lr}, {self.proximal_mu}")
+
+    @property
+    def num_outputs(self) -> int:
+        """Head outputs: classes, mask labels or points (1 for regression)."""
+        return {"classification": len(self.classes), "detection": len(self.classes),
+                "segmentation": len(self.labels), "landmarks": self.landmarks}.get(self.task, 1)
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        """Raises: ValueError (via ConfigError) when a key is unknown or a value is not allowed."""
+        return from_dict(cls, json.loads(text), "job")
+
+
+def job_hash(job: Job) -> str:
+    """SHA-256 of the job's canonical JSON: what a site can pin and what both sides log."""
+    return hashlib.sha256(job.to_json().encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SiteLimits:
+    """What a site accepts: the largest batch (its GPU memory) and the most local epochs per round."""
+
+    max_batch_size: int = 64
+    max_local_epochs: int = 10
+
+
+def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits) -> list[str]:
+    """Reasons to refuse the job at this site (empty: accept). Reasons name keys, not data."""
+    reasons = []
+    if job.task != spec.task:
+        reasons.append(f"job task '{job.task}' but the site's dataset is '{spec.task}'")
+    elif job.task in ("classification", "detection") and (tuple(job.classes), job.multi_label) != (
+            tuple(spec.classes), spec.multi_label):
+        reasons.append(f"job classes {list(job.classes)} (multi-label {job.multi_label}) but the site declares "
+                       f"{list(spec.classes)} (multi-label {spec.multi_label})")
+    elif job.task == "segmentation" and tuple(sorted(job.labels)) != tuple(sorted(spec.labels)):
+        reasons.append(f"job mask values {sorted(job.labels)} but the site declares {sorted(spec.labels)}")
+    elif job.task == "landmarks" and spec.landmark_names and job.landmarks != len(spec.landmark_names):
+        reasons.append(f"job has {job.landmarks} landmarks but the site has {len(spec.landmark_names)}")
+    if job.batch_size > limits.max_batch_size:
+        reasons.append(f"job batch_size {job.batch_size} exceeds the site's max_batch_size {limits.max_batch_size}")
+    if job.local_epochs > limits.max_local_epochs:
+        reasons.append(f"job local_epochs {job.local_epochs} exceeds the site's max_local_epochs "
+                       f"{limits.max_local_epochs}")
+    return reasons
+
+
+def shared_names(model: nn.Module, job: Job) -> list[str]:
+    """Names of the parameters that leave the site: those that train, minus the job's site-local patterns."""
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and not any(fnmatch.fnmatchcase(n, pat) for pat in job.local)]
+
+
+def weighted_mean(updates: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+    """Sample-weighted mean of the sites' shared parameters (FedAvg), computed in float64.
+
+    Raises:
+        ValueError: no update, a non-positive sample count, or updates with different parameter names.
+    """
+    if not updates:
+        raise ValueError("no update to aggregate")
+    names = set(updates[0][0])
+    if any(set(u) != names for u, _ in updates) or any(n <= 0 for _, n in updates):
+        raise ValueError("updates must share the same parameter names and have positive sample counts")
+    total = sum(n for _, n in updates)
+    out: dict[str, Any] = {}
+    for name in updates[0][0]:
+        acc = sum(u[name].double() * (n / total) for u, n in updates)
+        out[name] = acc.to(updates[0][0][name].dtype)
+    return out

@@ -1,0 +1,76 @@
+"""The coordinator's side of a federated run, without Flower: the initial model, aggregation, and round
+checkpoints that `echocare-evaluate` and `echocare-predict` load like any fine-tuned checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from echocare_core.checkpoint import (latest_checkpoint, load_encoder_weights, load_train_state, load_weights,
+                                      prune_checkpoints, read_meta, save_checkpoint)
+from echocare_core.config import to_dict
+from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
+from echocare_core.federation.job import Job, job_hash, weighted_mean
+from echocare_core.federation.site import build_job_model
+
+__all__ = ["aggregate", "initial_state", "resume", "save_round"]
+
+log = logging.getLogger(__name__)
+
+
+def initial_state(job: Job, init: str | None) -> dict[str, torch.Tensor]:
+    """The round-0 global model: random with the job's seed, the encoder from `init` when given."""
+    torch.manual_seed(job.seed)
+    model = build_job_model(job)
+    if init:
+        report = load_encoder_weights(model.encoder, init)
+        (log.warning if report.missing else log.info)("encoder weights from %s: %s", init, report.summary())
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def aggregate(state: dict[str, torch.Tensor], updates: list[tuple[dict[str, torch.Tensor], int]]
+              ) -> dict[str, torch.Tensor]:
+    """The next global state: the sample-weighted mean of the shared parameters, the rest unchanged."""
+    return {**state, **weighted_mean(updates)}
+
+
+def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    return {"model_kind": "task", "task": job.task, "encoder": to_dict(job.encoder), "epoch": server_round,
+            "round": server_round, "metrics": metrics, "job_hash": job_hash(job), "job": to_dict(job),
+            "head": {"num_classes": job.num_outputs, "feature_size": job.feature_size, "multi_label": job.multi_label,
+                     "classes": list(job.classes), "labels": {str(v): str(v) for v in job.labels},
+                     "landmark_names": [f"point{i + 1}" for i in range(job.landmarks)], "target_name": "target",
+                     "target_stats": [0.0, 1.0]},
+            "finetune": {"mode": job.mode, "lora_rank": job.lora_rank, "lora_alpha": job.lora_alpha},
+            "input": {"channels": job.encoder.in_chans, "size": job.encoder.img_size, "mean": INPUT_MEAN,
+                      "std": INPUT_STD, "frames": job.frames}}
+
+
+def save_round(out: Path, job: Job, state: dict[str, torch.Tensor], server_round: int, metrics: dict[str, Any],
+               history: list[dict[str, Any]]) -> Path:
+    """Checkpoint the global model after a round (`out/checkpoints/round_N`, the last two kept)."""
+    model = build_job_model(job)
+    model.load_state_dict(state)
+    path = save_checkpoint(out / "checkpoints" / f"round_{server_round:04d}", model, _meta(job, server_round, metrics),
+                           {"round": server_round, "history": history})
+    prune_checkpoints(out / "checkpoints", keep_last=2, kind="round")
+    return path
+
+
+def resume(out: Path, job: Job) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]]] | None:
+    """The global state, last round and history of the newest round checkpoint under `out`, if any.
+
+    Raises:
+        ValueError: the checkpoint belongs to another job (a different job hash).
+    """
+    last = latest_checkpoint(out / "checkpoints", kind="round")
+    if last is None:
+        return None
+    if read_meta(last).get("job_hash") != job_hash(job):
+        raise ValueError(f"{last} belongs to another job (its job hash differs); choose a new output folder or "
+                         f"restore that job's federation.yaml")
+    state = load_train_state(last)
+    return load_weights(last), int(state["round"]), list(state["history"])

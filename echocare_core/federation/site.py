@@ -1,0 +1,123 @@
+"""One federated round at a site: take the global weights, train locally, return only what the job shares.
+
+Plain functions, no Flower: the ClientApp calls `site_round`, and so can a test. Parameters the job
+names site-local (`Job.local`) are kept in the site's state folder between rounds and never leave.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
+from echocare_core.engine.finetune import check_dataset, evaluate_model, task_loss, train_epoch
+from echocare_core.engine.optim import build_optimizer
+from echocare_core.federation.job import Job, SiteLimits, check_job, shared_names
+from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
+
+__all__ = ["JobRefused", "RoundResult", "build_job_model", "site_round"]
+
+log = logging.getLogger(__name__)
+
+
+class JobRefused(ValueError):
+    """The site does not run this job; the message says why (keys and values of the job, never data)."""
+
+
+@dataclass
+class RoundResult:
+    shared: dict[str, torch.Tensor]  # the parameters that leave the site
+    samples: int  # training samples (the aggregation weight)
+    metrics: dict[str, float]  # validation metrics of the received (global_*) and the trained (local_*) model
+
+
+def build_job_model(job: Job) -> EchoCareTaskModel:
+    """The job's model with its fine-tuning mode applied (same parameter names at every site and the server)."""
+    model = EchoCareTaskModel(job.encoder, job.task, job.num_outputs, job.feature_size, job.multi_label)
+    apply_finetune_mode(model, job.mode, job.lora_rank, job.lora_alpha)
+    return model
+
+
+def _loader(ds: TaskDataset, keys: list[tuple[int, int]], batch: int, workers: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch, sampler=keys, num_workers=workers, collate_fn=collate_task)
+
+
+def _save_local(model: EchoCareTaskModel, job: Job, path: Path) -> None:
+    local = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()
+             if any(fnmatch.fnmatchcase(n, pat) for pat in job.local)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(local, str(tmp))
+    os.replace(tmp, path)
+
+
+def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Path, server_round: int,
+               limits: SiteLimits = SiteLimits(), device: str = "cpu", local_file: Path | None = None,
+               num_workers: int = 0) -> RoundResult:
+    """Evaluate the global model on the local validation split, train `job.local_epochs`, evaluate again.
+
+    Args:
+        global_state: the server's full model state (shared and frozen parameters).
+        server_round: the round number (seeds the local data order).
+        local_file: where the site keeps its site-local parameters between rounds.
+
+    Raises:
+        JobRefused: the job does not fit the site's dataset or limits.
+        DatasetInvalidError: the dataset fails the verifier.
+    """
+    folder = Path(folder)
+    spec = check_dataset(folder)
+    reasons = check_job(job, spec, limits)
+    if reasons:
+        raise JobRefused("; ".join(reasons))
+    rows = {s: split_rows(folder, s, 0) for s in ("train", "val")}
+    if not rows["train"] or not rows["val"]:
+        raise JobRefused(f"the site needs train and val samples (has {len(rows['train'])} and {len(rows['val'])})")
+    torch.manual_seed(hash((job.seed, server_round)) & 0x7FFFFFFF)
+    model = build_job_model(job)
+    model.load_state_dict(global_state)
+    if local_file is not None and local_file.is_file():
+        model.load_state_dict(load_file(str(local_file)), strict=False)
+    model.to(device)
+    size, channels = job.encoder.img_size, job.encoder.in_chans
+    sets = {s: TaskDataset(folder, spec, r, size, channels, train=s == "train", seed=job.seed, frames=job.frames)
+            for s, r in rows.items()}
+    val = _loader(sets["val"], [(0, i) for i in range(len(sets["val"]))], job.batch_size, num_workers)
+    dev = torch.device(device)
+    before = evaluate_model(model, val, dev, job.num_outputs)
+    optimizer = build_optimizer(model, job.lr, job.weight_decay, (0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    base_loss = task_loss(spec, (0.0, 1.0))
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = base_loss(out, target)
+        if job.proximal_mu > 0:  # FedProx: stay near the global model
+            prox = sum((p - anchor[n]).pow(2).sum() for n, p in model.named_parameters() if p.requires_grad)
+            loss = loss + job.proximal_mu / 2 * prox
+        return loss
+
+    losses: list[float] = []
+    for epoch in range(job.local_epochs):
+        order = np.random.default_rng([job.seed, server_round, epoch]).permutation(len(sets["train"]))
+        keys = [(server_round * 1000 + epoch, int(i)) for i in order]
+        batch_losses, _ = train_epoch(model, _loader(sets["train"], keys, job.batch_size, num_workers), optimizer,
+                                      scheduler, loss_fn, dev, False, 1.0)
+        losses += batch_losses
+    after = evaluate_model(model, val, dev, job.num_outputs)
+    if local_file is not None and job.local:
+        _save_local(model, job, local_file)
+    state = model.state_dict()
+    shared = {n: state[n].detach().cpu() for n in shared_names(model, job)}
+    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "val_samples": float(len(rows["val"])),
+               **{f"global_{k}": v for k, v in before.items()}, **{f"local_{k}": v for k, v in after.items()}}
+    log.info("round %d: trained on %d samples, %d shared tensors", server_round, len(rows["train"]), len(shared))
+    return RoundResult(shared, len(rows["train"]), metrics)
