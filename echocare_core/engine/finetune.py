@@ -41,7 +41,7 @@ from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
 
 __all__ = ["DatasetInvalidError", "FinetuneResult", "check_dataset", "evaluate_model", "num_classes", "run_finetune",
-           "task_loss", "train_epoch"]
+           "task_loader", "task_loss", "train_epoch"]
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, int, dict[str, float]], None]
@@ -167,7 +167,7 @@ def evaluate_model(model: EchoCareTaskModel, loader: DataLoader, device: torch.d
     return task_metrics(model.task, out[0], out[1], k, threshold) if out is not None else {}
 
 
-def _loader(ds: TaskDataset, keys: list[tuple[int, int]], batch: int, workers: int) -> DataLoader:
+def task_loader(ds: TaskDataset, keys: list[tuple[int, int]], batch: int, workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch, sampler=keys, num_workers=workers, collate_fn=collate_task)
 
 
@@ -322,10 +322,10 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
         torch.manual_seed(hash((cfg.seed, epoch)) & 0x7FFFFFFF)
         t0 = time.perf_counter()
         keys = [(epoch, int(i)) for i in np.random.default_rng([cfg.seed, epoch]).permutation(len(sets["train"]))]
-        losses, unread = train_epoch(model, _loader(sets["train"], keys, o.batch_size, cfg.data.num_workers),
+        losses, unread = train_epoch(model, task_loader(sets["train"], keys, o.batch_size, cfg.data.num_workers),
                                       optimizer, scheduler, loss_fn, device, bf16, o.clip_grad)
         skipped += unread
-        val = evaluate_model(model, _loader(sets["val"], val_keys, o.batch_size, cfg.data.num_workers), device, k)
+        val = evaluate_model(model, task_loader(sets["val"], val_keys, o.batch_size, cfg.data.num_workers), device, k)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                **{f"val_{n}": v for n, v in val.items()}, "lr": optimizer.param_groups[0]["lr"],
                "seconds": time.perf_counter() - t0}
@@ -347,7 +347,7 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
         model.load_state_dict(load_weights(out / "best", device))
         test_keys = [(0, i) for i in range(len(sets["test"]))]
         # the binary operating point chosen on validation, not on the test split itself
-        test = evaluate_model(model, _loader(sets["test"], test_keys, o.batch_size, cfg.data.num_workers), device, k,
+        test = evaluate_model(model, task_loader(sets["test"], test_keys, o.batch_size, cfg.data.num_workers), device, k,
                               best_metrics.get("youden_threshold"))
         write_json(out / "test_metrics.json", {"split": "test", "samples": len(rows["test"]), **test})
     return FinetuneResult(status, epoch, best_metrics, test, trainable, total, out, skipped, history)

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 
-from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
-from echocare_core.engine.finetune import check_dataset, evaluate_model, task_loss, train_epoch
+from echocare_core.data.finetune import TaskDataset, split_rows
+from echocare_core.engine.finetune import check_dataset, evaluate_model, task_loader, task_loss, train_epoch
 from echocare_core.engine.optim import build_optimizer
 from echocare_core.federation.job import Job, SiteLimits, check_job, shared_names
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
@@ -44,10 +43,6 @@ def build_job_model(job: Job) -> EchoCareTaskModel:
     model = EchoCareTaskModel(job.encoder, job.task, job.num_outputs, job.feature_size, job.multi_label)
     apply_finetune_mode(model, job.mode, job.lora_rank, job.lora_alpha)
     return model
-
-
-def _loader(ds: TaskDataset, keys: list[tuple[int, int]], batch: int, workers: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch, sampler=keys, num_workers=workers, collate_fn=collate_task)
 
 
 def _save_local(model: EchoCareTaskModel, job: Job, path: Path) -> None:
@@ -90,7 +85,7 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
     size, channels = job.encoder.img_size, job.encoder.in_chans
     sets = {s: TaskDataset(folder, spec, r, size, channels, train=s == "train", seed=job.seed, frames=job.frames)
             for s, r in rows.items()}
-    val = _loader(sets["val"], [(0, i) for i in range(len(sets["val"]))], job.batch_size, num_workers)
+    val = task_loader(sets["val"], [(0, i) for i in range(len(sets["val"]))], job.batch_size, num_workers)
     dev = torch.device(device)
     before = evaluate_model(model, val, dev, job.num_outputs)
     optimizer = build_optimizer(model, job.lr, job.weight_decay, (0.9, 0.999))
@@ -109,7 +104,7 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
     for epoch in range(job.local_epochs):
         order = np.random.default_rng([job.seed, server_round, epoch]).permutation(len(sets["train"]))
         keys = [(server_round * 1000 + epoch, int(i)) for i in order]
-        batch_losses, _ = train_epoch(model, _loader(sets["train"], keys, job.batch_size, num_workers), optimizer,
+        batch_losses, _ = train_epoch(model, task_loader(sets["train"], keys, job.batch_size, num_workers), optimizer,
                                       scheduler, loss_fn, dev, False, 1.0)
         losses += batch_losses
     after = evaluate_model(model, val, dev, job.num_outputs)
