@@ -1,0 +1,80 @@
+"""`echocare-client --config site.yaml`: check the site's dataset, then keep a Flower SuperNode connected.
+
+The SuperNode connects out to the coordinator and runs `echocare_client.client_app` for each round;
+it is restarted (with back-off) when it exits on its own, e.g. after the server restarted without
+its database. Ctrl-C or SIGTERM stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
+from echocare_core.config import ConfigError, load_config
+from echocare_core.data.contract import verify_dataset
+from echocare_core.federation.processes import free_port, start, stop, toml_value
+from echocare_client.config import SiteConfig
+
+PROG = "echocare-client"
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def write_node_config(cfg: SiteConfig, state: Path) -> Path:
+    """The SuperNode's `--node-config` file: what the ClientApp reads from `context.node_config`."""
+    values = {"site-name": cfg.name, "data-folder": str(Path(cfg.data).resolve()), "device": _device(cfg.device),
+              "state-dir": str(state), "max-batch-size": cfg.limits.max_batch_size,
+              "max-local-epochs": cfg.limits.max_local_epochs}
+    path = state / "node.toml"
+    tmp = path.with_name(".node.toml.tmp")
+    tmp.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(PROG, "Join a federation: check this site's dataset, then connect to the coordinator "
+                                 "and train each round on local data; only the shared weights leave the site.")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        cfg = load_config(SiteConfig, args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        return fail(PROG, str(exc))
+    report = verify_dataset(cfg.data)
+    if not report.ok:
+        return fail(PROG, f"{cfg.data} fails the dataset check with {len(report.problems)} problem(s); see them "
+                          f"with: echocare-data verify {cfg.data}")
+    state = Path(cfg.state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    node_config = write_node_config(cfg, state)
+    stop_flag = StopFlag("disconnecting from the federation")
+    cmd = ["flower-supernode", "--insecure", "--superlink", cfg.server, "--node-config", str(node_config)]
+    restarts = 0
+    while True:
+        proc = start([*cmd, "--port", str(free_port())], state / "flwr", state / "supernode.log")
+        console.print(f"site {cfg.name}: connecting to {cfg.server} (log: {state / 'supernode.log'})")
+        while proc.poll() is None and not stop_flag():
+            time.sleep(0.5)
+        if stop_flag():
+            stop(proc)
+            console.print(f"site {cfg.name}: disconnected")
+            return 0
+        restarts += 1
+        if restarts > cfg.max_restarts:
+            return fail(PROG, f"the SuperNode exited {restarts} times (last code {proc.returncode}); see "
+                              f"{state / 'supernode.log'}", code=1)
+        wait = min(2.0**restarts, 30.0)
+        console.print(f"site {cfg.name}: SuperNode exited with code {proc.returncode}; restarting in {wait:.0f} s")
+        time.sleep(wait)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""`site.yaml` for `echocare-client`: where the server is, the site's dataset, device, limits and state folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from echocare_core.federation.job import SiteLimits
+
+__all__ = ["SiteConfig"]
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str = ""  # how this site appears in the federation's tables and logs (no patient data)
+    server: str = "127.0.0.1:9092"  # the coordinator's host:port
+    insecure: bool = False  # plain HTTP: only on a trusted network or for the demo (TLS: see the security issue)
+    data: str = ""  # the dataset folder (dataset.yaml + manifest.csv); checked before connecting
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    state_dir: str = "echocare_site"  # Flower's state, site-local layers, a copy of everything sent, logs
+    limits: SiteLimits = field(default_factory=SiteLimits)
+    max_restarts: int = 5  # restarts of Flower's SuperNode after it exits on its own (e.g. the server restarted)
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.data:
+            raise ValueError("name and data are required: the site's name and its dataset folder")
+        if not self.insecure:
+            raise ValueError("insecure is false, but TLS and site keys are not built yet (the security issue); "
+                             "set insecure: true, on a trusted network or for the demo only")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts={self.max_restarts}: must be >= 0")

@@ -1,0 +1,106 @@
+"""Flower's commands as supervised subprocesses (flwr is driven through its CLIs, never imported here).
+
+Every Flower process gets a private `FLWR_HOME` (the run's or the site's state folder, never the
+user's home), telemetry and update checks off, and the Python environment's `bin` first on `PATH`
+(the SuperLink and SuperNodes start `flower-superexec` by name). Each runs in its own process group,
+so stopping it also stops what it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+__all__ = ["FlowerError", "flower_env", "free_port", "run_flwr", "start", "stop", "toml_value", "wait_healthy"]
+
+
+class FlowerError(RuntimeError):
+    """A Flower command failed; the message carries its output's last lines."""
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2",  # default 1 s between checks for a new app to start
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value: str | int | float | bool) -> str:
+    """A TOML literal: JSON strings are valid TOML basic strings (quotes, backslashes, spaces survive)."""
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def start(cmd: list[str], home: Path, log: Path) -> subprocess.Popen:
+    """Start a Flower command in its own process group, output appended to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
+    """SIGTERM the process group, SIGKILL after `grace` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    """Wait until the SuperLink answers `/health` on 127.0.0.1:port.
+
+    Raises:
+        FlowerError: it exited or did not answer within `timeout` seconds.
+    """
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise FlowerError(f"flower-superlink exited with code {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise FlowerError(f"flower-superlink did not become healthy on port {port} in {timeout:.0f} s; see {log}")
+
+
+def run_flwr(args: list[str], home: Path, timeout: float = 120.0) -> dict:
+    """Run `flwr ARGS --format json` and return its JSON answer.
+
+    Raises:
+        FlowerError: non-zero exit, no JSON, or `"success": false`.
+    """
+    cmd = [str(Path(sys.executable).parent / "flwr"), *args, "--format", "json"]
+    done = subprocess.run(cmd, env=flower_env(home), capture_output=True, text=True, timeout=timeout)
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        answer = None
+    if done.returncode != 0 or not isinstance(answer, dict) or answer.get("success") is False:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
+        raise FlowerError(f"flwr {' '.join(args[:2])} failed (exit {done.returncode}): {' | '.join(tail)}")
+    return answer

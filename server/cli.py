@@ -1,0 +1,149 @@
+"""`echocare-server --config federation.yaml`: start Flower's SuperLink, submit the federated run, show it live.
+
+Everything Flower needs is written under OUTPUT (its home `flwr/`, database `superlink.db`, the thin
+app `app/` that points at the installed `echocare_server` / `echocare_client` modules, the run config);
+nobody writes Flower config by hand. The run's outcome is read from Flower (`flwr ls`), since
+`flwr run` reports success even when a run failed. Run again on the same OUTPUT to resume after the
+last checkpointed round.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
+from echocare_core.config import ConfigError, load_config, save_config, to_dict
+from echocare_core.engine.metrics import MAIN_METRIC
+from echocare_core.federation.processes import FlowerError, run_flwr, start, stop, toml_value, wait_healthy
+from echocare_server.config import FederationConfig
+
+PROG = "echocare-server"
+CONNECTION = "echocare"  # the name our private Flower config gives the local SuperLink
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "echocare-federation"
+version = "1.0.0"
+description = "EchoCare FL job: configuration only; every side runs the echocare version it installed"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "echocare"
+
+[tool.flwr.app.components]
+serverapp = "echocare_server.server_app:app"
+clientapp = "echocare_client.client_app:app"
+
+[tool.flwr.app.config]
+federation = "{}"
+"""
+
+
+def prepare(cfg: FederationConfig, out: Path) -> tuple[Path, Path]:
+    """Write Flower's private home, the thin app and the run config; returns (app dir, run-config file)."""
+    home, app = out / "flwr", out / "app"
+    home.mkdir(parents=True, exist_ok=True)
+    app.mkdir(exist_ok=True)
+    host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::") else cfg.server.host
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                                      f'address = "{host}:{cfg.server.port}"\ninsecure = true\n', encoding="utf-8")
+    (app / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
+    run_config = out / "run_config.toml"
+    job = json.dumps({**to_dict(cfg), "output": str(out)})
+    run_config.write_text(f"federation = {toml_value(job)}\n", encoding="utf-8")
+    return app, run_config
+
+
+def _round_table(event: dict, main: str) -> Table:
+    """Per site: samples, train loss, the main validation metric of the received and the trained model, MB."""
+    table = Table(title=f"round {event['round']} ({event['seconds']:.1f} s)")
+    for col in ("site", "samples", "loss", f"global {main}", f"local {main}", "MB to site", "MB from site"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for s in event["sites"]:
+        table.add_row(s["site"], f"{s['num-examples']:.0f}", f"{s.get('train_loss', float('nan')):.3f}",
+                      f"{s.get(f'global_{main}', float('nan')):.3f}", f"{s.get(f'local_{main}', float('nan')):.3f}",
+                      f"{s['bytes_sent'] / 1e6:.2f}", f"{s['bytes_received'] / 1e6:.2f}")
+    return table
+
+
+def _show(event: dict, main: str) -> None:
+    kind = event["event"]
+    if kind == "round_end":
+        console.print(_round_table(event, main))
+    elif kind == "refused":
+        console.print(f"[yellow]round {event['round']}: {event['reason']}[/]")
+    elif kind == "failed":
+        console.print(f"[red]run failed: {event['reason']}[/]")
+    elif kind == "start":
+        after = event["resumed_after"]
+        console.print(f"federated run started ({event['rounds']} rounds, job {event['job_hash'][:12]})"
+                      + (f", resuming after round {after}" if after else ""))
+
+
+def follow(run_id: str, home: Path, progress: Path, offset: int, stop_flag: StopFlag, main: str) -> str:
+    """Show the run's events until Flower says it finished; returns Flower's final status."""
+    status, last_poll = "", 0.0
+    while True:
+        if progress.is_file():
+            with progress.open(encoding="utf-8") as f:
+                f.seek(offset)
+                for line in f:
+                    if line.endswith("\n"):
+                        offset += len(line.encode())
+                        _show(json.loads(line), main)
+        if stop_flag():
+            run_flwr(["stop", run_id, CONNECTION], home)
+        if time.monotonic() - last_poll > 2.0:
+            last_poll = time.monotonic()
+            runs = run_flwr(["ls", CONNECTION, "--run-id", run_id], home).get("runs", [])
+            status = runs[0]["status"] if runs else ""
+            if status.startswith("finished"):
+                return status
+        time.sleep(0.3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(PROG, "Coordinate a federation: start Flower's SuperLink, send the job to the sites each "
+                                 "round, aggregate their shared weights, checkpoint every round.")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        cfg = load_config(FederationConfig, args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        return fail(PROG, str(exc))
+    out = Path(cfg.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "federation.yaml")
+    app, run_config = prepare(cfg, out)
+    home, progress = out / "flwr", out / "progress.jsonl"
+    offset = progress.stat().st_size if progress.is_file() else 0
+    stop_flag = StopFlag("stopping the run")
+    superlink = start(["flower-superlink", "--insecure", "--host", cfg.server.host, "--port", str(cfg.server.port),
+                       "--database", str(out / "superlink.db"), "--disable-runtime-dependency-installation"],
+                      home, out / "superlink.log")
+    try:
+        wait_healthy(cfg.server.port, superlink, out / "superlink.log")
+        console.print(f"SuperLink up on {cfg.server.host}:{cfg.server.port}; waiting for {cfg.rounds.min_sites} sites")
+        run_id = str(run_flwr(["run", str(app), CONNECTION, "--run-config", str(run_config)], home)["run-id"])
+        status = follow(run_id, home, progress, offset, stop_flag, MAIN_METRIC[cfg.job.task])
+    except FlowerError as exc:
+        return fail(PROG, str(exc), code=1)
+    finally:
+        stop(superlink)
+    console.print(f"run {run_id}: {status}; checkpoints in {out / 'checkpoints'}")
+    if status == "finished:completed":
+        return 0
+    return 130 if stop_flag() else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""`federation.yaml`: the job the sites run, how many rounds, who must answer, and where results go."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from echocare_core.federation.job import Job
+
+__all__ = ["FederationConfig", "RoundSettings", "ServerSettings"]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"  # where the SuperLink listens; sites connect to host:port
+    port: int = 9092
+    insecure: bool = False  # plain HTTP: only on a trusted network or for the demo (TLS: see the security issue)
+
+    def __post_init__(self) -> None:
+        if not self.insecure:
+            raise ValueError("server.insecure is false, but TLS and site keys are not built yet (the security "
+                             "issue); set server.insecure: true, on a trusted network or for the demo only")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"server.port={self.port}: choose 1-65535")
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    rounds: int = 3
+    min_sites: int = 2  # valid replies a round needs to count (quorum)
+    expected_sites: int = 0  # sites to wait for before round 1 (0: min_sites); after wait_for_sites seconds the
+    wait_for_sites: float = 600.0  # run starts with those connected, if they are at least min_sites
+    deadline: float = 3600.0  # seconds a round waits for replies; late sites are left out of that round
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"  # fedprox: the sites add job.proximal_mu's term
+
+    def __post_init__(self) -> None:
+        if (self.rounds < 1 or self.min_sites < 1 or self.expected_sites < 0 or self.wait_for_sites <= 0
+                or self.deadline <= 0):
+            raise ValueError(f"need rounds >= 1, min_sites >= 1, wait_for_sites > 0, deadline > 0; got {self.rounds}, "
+                             f"{self.min_sites}, {self.wait_for_sites}, {self.deadline}")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    output: str = "runs/federation"  # checkpoints/round_N, metrics.jsonl, progress.jsonl, report.md, Flower's state
+    init: str | None = None  # pretrained encoder for round 0: an echocare-pretrain checkpoint or Swin weights
+    server: ServerSettings = field(default_factory=ServerSettings)
+    rounds: RoundSettings = field(default_factory=RoundSettings)
+    job: Job = field(default_factory=Job)
+
+    def __post_init__(self) -> None:
+        if (self.rounds.strategy == "fedprox") != (self.job.proximal_mu > 0):
+            raise ValueError(f"rounds.strategy={self.rounds.strategy} with job.proximal_mu={self.job.proximal_mu}: "
+                             f"fedprox needs proximal_mu > 0, fedavg needs 0")

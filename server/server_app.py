@@ -1,0 +1,117 @@
+"""The Flower ServerApp: our own round loop around `echocare_core.federation` (deadline, quorum, checkpoint, resume).
+
+Flower's `Strategy.start` waits without a deadline for nodes and has no resume, so the loop is ours:
+each round sends the global model and the job to every connected site, waits up to the deadline
+(polling every half second instead of Flower's fixed 3 s), keeps the valid replies, needs at least
+`min_sites` of them, aggregates (sample-weighted), checkpoints and logs. Started again on the same
+output folder it resumes after the last checkpointed round. Events go to `progress.jsonl`, which
+`echocare-server` shows as a live table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+POLL_S = 0.5
+
+
+class Progress:
+    """Append one JSON line per event (read by `echocare-server`)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), "event": event, **fields}) + "\n")
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Push the messages and pull replies until all came back or `timeout` seconds passed."""
+    pending = {mid for mid in grid.push_messages(messages) if mid}
+    replies: list[Message] = []
+    end = time.monotonic() + timeout
+    while pending and time.monotonic() < end:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if pending:
+            time.sleep(POLL_S)
+    return replies
+
+
+def wait_for_sites(grid: Grid, needed: int, timeout: float) -> list[int]:
+    end = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < needed and time.monotonic() < end:
+        time.sleep(POLL_S)
+    return nodes
+
+
+def _nbytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def run_rounds(grid: Grid, cfg: Any) -> None:
+    """The federated run of `cfg` (a FederationConfig).
+
+    Raises:
+        RuntimeError: too few sites connected or replied; the run ends as failed.
+    """
+    from echocare_core.federation.job import job_hash
+    from echocare_core.federation.rounds import aggregate, initial_state, resume, save_round
+
+    out, job, settings = Path(cfg.output), cfg.job, cfg.rounds
+    progress = Progress(out / "progress.jsonl")
+    resumed = resume(out, job)
+    state, done, history = resumed if resumed else (initial_state(job, cfg.init), 0, [])
+    progress("start", rounds=settings.rounds, resumed_after=done, job_hash=job_hash(job))
+    nodes = wait_for_sites(grid, max(settings.expected_sites, settings.min_sites), settings.wait_for_sites)
+    if len(nodes) < settings.min_sites:
+        progress("failed", reason=f"{len(nodes)} site(s) connected, min_sites is {settings.min_sites}")
+        raise RuntimeError(f"{len(nodes)} site(s) connected in {settings.wait_for_sites:.0f} s; min_sites is "
+                           f"{settings.min_sites}")
+    job_json = job.to_json()
+    for rnd in range(done + 1, settings.rounds + 1):
+        t0 = time.time()
+        nodes = list(grid.get_node_ids())
+        arrays = ArrayRecord(state)
+        messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"round": rnd, "job": job_json})}),
+                            dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd),
+                            ttl=settings.deadline) for node in nodes]
+        progress("round_start", round=rnd, sites=len(nodes))
+        updates, sites = [], []
+        for reply in send_and_receive(grid, messages, settings.deadline):
+            if reply.has_error():
+                progress("refused", round=rnd, node=str(reply.metadata.src_node_id), code=reply.error.code,
+                         reason=reply.error.reason)
+                continue
+            shared = reply.content["arrays"].to_torch_state_dict()
+            metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
+            updates.append((shared, int(metrics["num-examples"])))
+            sites.append({"site": str(reply.content["site"]["name"]), **metrics,
+                          "bytes_sent": _nbytes(state), "bytes_received": _nbytes(shared)})
+        if len(updates) < settings.min_sites:
+            progress("failed", round=rnd, reason=f"{len(updates)} valid replies, min_sites is {settings.min_sites}")
+            raise RuntimeError(f"round {rnd}: {len(updates)} valid replies; min_sites is {settings.min_sites}")
+        state = aggregate(state, updates)
+        history.append({"round": rnd, "seconds": round(time.time() - t0, 2), "sites": sorted(sites, key=lambda s: s["site"])})
+        path = save_round(out, job, state, rnd, {"sites": len(sites)}, history)
+        progress("round_end", **history[-1], checkpoint=str(path))
+    progress("done", rounds=settings.rounds)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from echocare_core.config import from_dict
+    from echocare_server.config import FederationConfig
+
+    run_rounds(grid, from_dict(FederationConfig, json.loads(str(context.run_config["federation"])), "federation"))
