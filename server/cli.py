@@ -81,6 +81,8 @@ def _show(event: dict, main: str) -> None:
         console.print(_round_table(event, main))
     elif kind == "refused":
         console.print(f"[yellow]round {event['round']}: {event['reason']}[/]")
+    elif kind == "done":
+        console.print(f"report: {event['report']}")
     elif kind == "failed":
         console.print(f"[red]run failed: {event['reason']}[/]")
     elif kind == "start":

@@ -73,8 +73,12 @@ def test_shipped_example_configs_validate():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    kinds = {"pretrain": PretrainConfig, "site": FinetuneConfig}
+    from echocare_client.config import SiteConfig
+    from echocare_server.config import FederationConfig
+
+    kinds = {"pretrain": PretrainConfig, "site": FinetuneConfig, "federation": FederationConfig,
+             "federated": SiteConfig}
     shipped = sorted((root / "hospital_configs").glob("*.yaml"))
-    assert len(shipped) >= 3
+    assert len(shipped) >= 8
     for path in shipped:
-        assert load_config(kinds[path.name.split("_")[0]], path), path
+        assert load_config(kinds[path.stem.split("_")[0]], path), path

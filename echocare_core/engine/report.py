@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["read_metrics", "write_pretrain_report"]
+__all__ = ["read_metrics", "write_federation_report", "write_pretrain_report"]
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -22,11 +22,30 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def _plot(rows: list[dict], out: Path) -> None:
+def _pyplot():  # noqa: ANN202 - matplotlib.pyplot, loaded off-screen and only when a report is written
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> None:  # noqa: ANN001
+    tmp = out.with_name(".tmp-" + out.name)
+    fig.savefig(tmp, dpi=110, format="png")
+    _pyplot().close(fig)
+    os.replace(tmp, out)
+
+
+def _write_text(out: Path, lines: list[str]) -> None:
+    tmp = out.with_name(".tmp-" + out.name)
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+
+
+def _plot(rows: list[dict], out: Path) -> None:
+    plt = _pyplot()
 
     steps = [r["step"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -41,10 +60,7 @@ def _plot(rows: list[dict], out: Path) -> None:
     ax2.set_ylabel("learning rate")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_name(".tmp-" + out.name)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
+    _save(fig, out)
 
 
 def write_pretrain_report(run_dir: Path, skipped: dict[str, int]) -> Path:
@@ -61,8 +77,50 @@ def write_pretrain_report(run_dir: Path, skipped: dict[str, int]) -> Path:
         lines.append("No metrics were logged.")
     lines += ["", f"Skipped images: {skipped.get('unreadable', 0)} unreadable, "
                   f"{skipped.get('near-empty', 0)} near-empty files (listed in skipped_files*.csv)."]
-    out = run_dir / "report.md"
-    tmp = out.with_name(".tmp-report.md")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    _write_text(run_dir / "report.md", lines)
+    return run_dir / "report.md"
+
+
+def write_federation_report(run_dir: Path, main: str) -> Path:
+    """Write `report.md` and `curves.png` from a federated run's `metrics.jsonl` (one line per round).
+
+    The curves show, per site and round, the main validation metric of the global model the site
+    received (`global_`) and of its own update after local training (`local_`), with the
+    sample-weighted mean over sites of the global one.
+    """
+    rounds = read_metrics(run_dir / "metrics.jsonl")
+    lines = ["# Federated run report", ""]
+    if not rounds:
+        _write_text(run_dir / "report.md", lines + ["No round finished."])
+        return run_dir / "report.md"
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    names = sorted({s["site"] for r in rounds for s in r["sites"]})
+    for i, name in enumerate(names):
+        pts = [(r["round"], s) for r in rounds for s in r["sites"] if s["site"] == name]
+        colour = f"C{i % 10}"
+        ax.plot([p for p, _ in pts], [s.get(f"global_{main}", float("nan")) for _, s in pts], "-o", color=colour,
+                label=f"{name}: global model")
+        ax.plot([p for p, _ in pts], [s.get(f"local_{main}", float("nan")) for _, s in pts], ":", color=colour,
+                label=f"{name}: after local training")
+    mean = [sum(s.get(f"global_{main}", 0.0) * s["num-examples"] for s in r["sites"])
+            / max(sum(s["num-examples"] for s in r["sites"]), 1) for r in rounds]
+    ax.plot([r["round"] for r in rounds], mean, "k-", linewidth=2, label="global model, sample-weighted mean")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"validation {main} (at each site)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, run_dir / "curves.png")
+    last = rounds[-1]
+    lines += [f"{len(rounds)} round(s); the global model after round {last['round']} is in "
+              f"`checkpoints/round_{last['round']:04d}` (loadable by echocare-evaluate and echocare-predict).", "",
+              "![learning curves](curves.png)", "", f"Round {last['round']}, per site (validation split of each site):",
+              "", f"| site | samples | train loss | global {main} | local {main} | MB to site | MB from site |",
+              "|---|---|---|---|---|---|---|"]
+    for s in last["sites"]:
+        lines.append(f"| {s['site']} | {s['num-examples']:.0f} | {s.get('train_loss', float('nan')):.4f} | "
+                     f"{s.get(f'global_{main}', float('nan')):.4f} | {s.get(f'local_{main}', float('nan')):.4f} | "
+                     f"{s['bytes_sent'] / 1e6:.2f} | {s['bytes_received'] / 1e6:.2f} |")
+    _write_text(run_dir / "report.md", lines)
+    return run_dir / "report.md"

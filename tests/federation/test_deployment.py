@@ -81,6 +81,7 @@ def test_two_rounds_aggregate_the_sample_weighted_mean(federation):
             torch.testing.assert_close(global_state[name].double(), expected, rtol=1e-6, atol=1e-7)
     model, meta = build_from_checkpoint(tmp / "run" / "checkpoints" / "round_0001")
     assert meta["round"] == 1 and meta["task"] == "segmentation"
+    assert (tmp / "run" / "curves.png").is_file() and "global dice" in (tmp / "run" / "report.md").read_text()
 
 
 def test_the_site_with_another_task_is_refused_and_says_why(federation):
@@ -101,4 +102,5 @@ def test_the_server_resumes_after_its_last_round(federation):
     starts = [e for e in _events(tmp) if e["event"] == "start"]
     assert starts[-1]["resumed_after"] == 2 and "resuming after round 2" in output
     assert [e["round"] for e in _events(tmp) if e["event"] == "round_end"] == [1, 2, 3]
+    assert len((tmp / "run" / "metrics.jsonl").read_text().splitlines()) == 3
     assert build_from_checkpoint(tmp / "run" / "checkpoints" / "round_0003")[1]["round"] == 3
