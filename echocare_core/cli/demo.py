@@ -1,43 +1,181 @@
-"""`echocare-demo`: the project's main job on an embedded default, end to end on this machine.
+"""`echocare-demo`: federated fine-tuning on this machine, compared with what each site could do alone.
 
-Until the federation exists this is the pretraining demo: synthetic ultrasound from two simulated
-hospitals, then MIM + hierarchical pretraining of a small Swin with the shipped
-`pretrain_demo.yaml`. Running it again resumes (or reports the finished run).
+Synthetic ultrasound for three hospitals (different device profiles and sizes, one small), then a
+coordinator (`echocare-server`) and one `echocare-client` per hospital as separate processes on
+127.0.0.1, a few rounds of federated fine-tuning of a small encoder, and the comparison users care
+about on each site's test split: federated vs local-only (each site alone, same epochs) vs
+centralised (all data pooled, which real hospitals cannot do). Everything it starts, it stops, also
+on Ctrl-C. `--pretrain` runs the pretraining demo instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import os
+import signal
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
+import yaml
+from rich.table import Table
+
 from echocare_core.cli import pretrain
 from echocare_core.cli.common import console, fail, setup_logging
+from echocare_core.config import load_config
+from echocare_core.data.contract import load_spec
 from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.engine.evaluate import evaluate_checkpoint
+from echocare_core.engine.finetune import run_finetune
+from echocare_core.engine.finetune_config import FinetuneConfig
+from echocare_core.engine.metrics import MAIN_METRIC
+from echocare_core.federation.processes import free_port
 
 PROG = "echocare-demo"
-SITES, PER_SITE = 2, 160
+ENCODER = {"variant": "test", "img_size": 64, "patch_size": 4, "window_size": 4}
+SHARES = (1.0, 0.6, 0.25)  # of the largest site's images: one small hospital
+
+
+def _pretrain_demo(out: Path, overrides: list[str]) -> int:
+    data = out / "data"
+    sites = [data / f"site_{i:02d}" for i in range(2)]
+    if not all((site / "dataset.yaml").is_file() for site in sites):  # none yet, or cut short by Ctrl-C
+        if data.exists() and any(p not in sites for p in data.iterdir()):
+            return fail(PROG, f"{data} holds something other than the demo data; choose another --out")
+        console.print(f"writing synthetic ultrasound for 2 sites x 160 images to {data}")
+        write_dataset(data, "pretrain", 2, 160, size=128, seed=0, overwrite=True)
+    sources = ",".join(map(str, sites))
+    with resources.as_file(resources.files("echocare_core.resources") / "pretrain_demo.yaml") as config:
+        return pretrain.main(["--config", str(config), "--set", f"data.sources=[{sources}]",
+                              "--set", f"output={out / 'run'}", *sum((["--set", o] for o in overrides), [])])
+
+
+def _shrink(folder: Path, share: float) -> None:
+    """Keep the first `share` of the manifest's patients (a smaller hospital); images stay on disk."""
+    with (folder / "manifest.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    patients = list(dict.fromkeys(r["patient"] for r in rows))
+    keep = set(patients[:max(3, round(share * len(patients)))])
+    with (folder / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["patient"] in keep)
+
+
+def _pooled(sites: list[Path], out: Path) -> Path:
+    """One dataset of all sites' rows (absolute paths, splits kept): the centralised baseline."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataset.yaml").write_text((sites[0] / "dataset.yaml").read_text())
+    rows = []
+    for site in sites:
+        with (site / "manifest.csv").open(newline="") as f:
+            rows += [{**r, **{c: str(site / r[c]) for c in ("image", "mask") if r.get(c)}} for r in csv.DictReader(f)]
+    with (out / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def _job(folder: Path, args: argparse.Namespace) -> dict:
+    spec = load_spec(folder)
+    return {"task": spec.task, "classes": list(spec.classes), "labels": sorted(spec.labels), "encoder": ENCODER,
+            "mode": "full", "feature_size": 8, "local_epochs": args.local_epochs, "lr": 1e-3, "batch_size": 8}
+
+
+def _federate(out: Path, sites: list[Path], args: argparse.Namespace) -> Path:
+    """Run server and clients as processes; returns the final global checkpoint."""
+    port, procs = free_port(), []
+    fed = {"output": str(out / "federated"), "server": {"host": "127.0.0.1", "port": port, "insecure": True},
+           "rounds": {"rounds": args.rounds, "min_sites": len(sites), "wait_for_sites": 300, "deadline": 1800},
+           "job": _job(sites[0], args)}
+    (out / "federation.yaml").write_text(yaml.safe_dump(fed, sort_keys=False))
+    try:
+        server = subprocess.Popen([sys.executable, "-m", "echocare_server.cli", "--config", str(out / "federation.yaml")],
+                                  start_new_session=True)
+        procs.append(server)
+        for i, site in enumerate(sites):
+            cfg = {"name": site.name, "server": f"127.0.0.1:{port}", "insecure": True, "data": str(site),
+                   "device": "cpu", "state_dir": str(out / "site_state" / site.name)}
+            (out / f"{site.name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            procs.append(subprocess.Popen([sys.executable, "-m", "echocare_client.cli", "--config",
+                                           str(out / f"{site.name}.yaml")], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
+        if server.wait() != 0:
+            raise RuntimeError(f"the federated run failed (exit {server.returncode}); see {out / 'federated'}")
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.wait(60)
+    return out / "federated" / "checkpoints" / f"round_{args.rounds:04d}"
+
+
+def _train(folder: Path, out: Path, args: argparse.Namespace) -> Path:
+    """Local fine-tuning with the federation's budget (rounds x local epochs); returns the best checkpoint."""
+    job = _job(folder, args)
+    base = {"output": str(out), "device": "cpu", "data": {"folder": str(folder), "num_workers": 0},
+            "model": {"encoder": ENCODER, "mode": job["mode"], "feature_size": job["feature_size"]},
+            "optim": {"lr": job["lr"], "batch_size": job["batch_size"], "epochs": args.rounds * args.local_epochs,
+                      "warmup_epochs": 0}}
+    run_finetune(load_config(FinetuneConfig, None, [], base=base))
+    return out / "best"
+
+
+def _federated_demo(args: argparse.Namespace) -> int:
+    out = args.out.resolve()
+    data = out / "data"
+    if not (data / f"site_{args.sites - 1:02d}" / "dataset.yaml").is_file():
+        console.print(f"writing synthetic {args.task} data for {args.sites} hospitals to {data}")
+        sites = write_dataset(data, args.task, args.sites, args.per_site, size=args.size, seed=0, overwrite=True)
+        for site, share in zip(sites, [*SHARES, *[1.0] * len(sites)]):
+            _shrink(site, share)
+    sites = [data / f"site_{i:02d}" for i in range(args.sites)]
+    console.print(f"[bold]federated:[/] {args.rounds} rounds x {args.local_epochs} local epoch(s), {len(sites)} sites")
+    models = {"federated": _federate(out, sites, args)}
+    console.print("[bold]centralised[/] (all data pooled) and [bold]local-only[/] (each site alone), same epochs")
+    models["centralised"] = _train(_pooled(sites, out / "pooled"), out / "centralised", args)
+    local = {site: _train(site, out / "local" / site.name, args) for site in sites}
+    main = MAIN_METRIC[args.task]
+    table = Table(title=f"test {main} at each site ({out})")
+    for col in ("site", "test images", "federated", "local-only", "centralised"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for site in sites:
+        scores = [evaluate_checkpoint(m, site, "test", rounds=200) for m in (models["federated"], local[site],
+                                                                               models["centralised"])]
+        table.add_row(site.name, str(scores[0]["samples"]), *[f"{s['metrics'][main]:.3f}" for s in scores])
+    console.print(table)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("echocare_demo"), help="folder for data and run")
+    parser.add_argument("--out", type=Path, default=Path("echocare_demo"), help="folder for data, runs and logs")
+    parser.add_argument("--task", choices=("segmentation", "classification"), default="segmentation")
+    parser.add_argument("--sites", type=int, default=3, help="hospitals (2-12)")
+    parser.add_argument("--per-site", type=int, default=60, help="images at the largest hospital")
+    parser.add_argument("--size", type=int, default=64, help="image size in pixels")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--pretrain", action="store_true", help="run the pretraining demo instead")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the demo's pretrain.yaml, e.g. --set optim.steps=10")
+                        help="--pretrain: override a key of the demo's pretrain.yaml, e.g. --set optim.steps=10")
     args = parser.parse_args(argv)
     setup_logging()
-    data = args.out / "data"
-    sites = [data / f"site_{i:02d}" for i in range(SITES)]
-    if not all((site / "dataset.yaml").is_file() for site in sites):  # none yet, or cut short by Ctrl-C
-        if data.exists() and any(p not in sites for p in data.iterdir()):
-            return fail(PROG, f"{data} holds something other than the demo data; choose another --out")
-        console.print(f"writing synthetic ultrasound for {SITES} sites x {PER_SITE} images to {data}")
-        write_dataset(data, "pretrain", SITES, PER_SITE, size=128, seed=0, overwrite=True)
-    sources = ",".join(map(str, sites))
-    with resources.as_file(resources.files("echocare_core.resources") / "pretrain_demo.yaml") as config:
-        return pretrain.main(["--config", str(config), "--set", f"data.sources=[{sources}]",
-                              "--set", f"output={args.out / 'run'}", *sum((["--set", o] for o in args.overrides), [])])
+    if args.pretrain:
+        return _pretrain_demo(args.out, args.overrides)
+    if not 2 <= args.sites <= 12 or args.rounds < 1 or args.local_epochs < 1 or args.per_site < 20:
+        return fail(PROG, "need 2-12 sites, rounds >= 1, local epochs >= 1 and at least 20 images per site")
+    try:
+        return _federated_demo(args)
+    except KeyboardInterrupt:
+        return 130
+    except (RuntimeError, ValueError) as exc:
+        return fail(PROG, str(exc), code=1)
 
 
 if __name__ == "__main__":
