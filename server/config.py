@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from echocare_core.federation.job import Job
+from echocare_core.federation.strategies import StrategyConfig
 
 __all__ = ["FederationConfig", "RoundSettings", "ServerSettings"]
 
@@ -31,7 +31,6 @@ class RoundSettings:
     expected_sites: int = 0  # sites to wait for before round 1 (0: min_sites); after wait_for_sites seconds the
     wait_for_sites: float = 600.0  # run starts with those connected, if they are at least min_sites
     deadline: float = 3600.0  # seconds a round waits for replies; late sites are left out of that round
-    strategy: Literal["fedavg", "fedprox"] = "fedavg"  # fedprox: the sites add job.proximal_mu's term
 
     def __post_init__(self) -> None:
         if (self.rounds < 1 or self.min_sites < 1 or self.expected_sites < 0 or self.wait_for_sites <= 0
@@ -46,9 +45,10 @@ class FederationConfig:
     init: str | None = None  # pretrained encoder for round 0: an echocare-pretrain checkpoint or Swin weights
     server: ServerSettings = field(default_factory=ServerSettings)
     rounds: RoundSettings = field(default_factory=RoundSettings)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     job: Job = field(default_factory=Job)
 
     def __post_init__(self) -> None:
-        if (self.rounds.strategy == "fedprox") != (self.job.proximal_mu > 0):
-            raise ValueError(f"rounds.strategy={self.rounds.strategy} with job.proximal_mu={self.job.proximal_mu}: "
-                             f"fedprox needs proximal_mu > 0, fedavg needs 0")
+        if (self.strategy.name == "fedprox") != (self.job.proximal_mu > 0):
+            raise ValueError(f"strategy.name={self.strategy.name} with job.proximal_mu={self.job.proximal_mu}: "
+                             f"fedprox needs proximal_mu > 0, the other strategies need 0")

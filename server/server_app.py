@@ -80,8 +80,8 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     out, job, settings = Path(cfg.output), cfg.job, cfg.rounds
     progress = Progress(out / "progress.jsonl")
     resumed = resume(out, job)
-    state, done, history = resumed if resumed else (initial_state(job, cfg.init), 0, [])
-    progress("start", rounds=settings.rounds, resumed_after=done, job_hash=job_hash(job))
+    state, done, history, server_state = resumed if resumed else (initial_state(job, cfg.init), 0, [], {})
+    progress("start", rounds=settings.rounds, resumed_after=done, job_hash=job_hash(job), strategy=cfg.strategy.name)
     nodes = wait_for_sites(grid, max(settings.expected_sites, settings.min_sites), settings.wait_for_sites)
     if len(nodes) < settings.min_sites:
         progress("failed", reason=f"{len(nodes)} site(s) connected, min_sites is {settings.min_sites}")
@@ -110,9 +110,9 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         if len(updates) < settings.min_sites:
             progress("failed", round=rnd, reason=f"{len(updates)} valid replies, min_sites is {settings.min_sites}")
             raise RuntimeError(f"round {rnd}: {len(updates)} valid replies; min_sites is {settings.min_sites}")
-        state = aggregate(state, updates)
+        state, server_state = aggregate(state, updates, cfg.strategy, server_state)
         history.append({"round": rnd, "seconds": round(time.time() - t0, 2), "sites": sorted(sites, key=lambda s: s["site"])})
-        path = save_round(out, job, state, rnd, {"sites": len(sites)}, history)
+        path = save_round(out, job, state, rnd, {"sites": len(sites)}, history, server_state)
         _write_lines(out / "metrics.jsonl", history)
         progress("round_end", **history[-1], checkpoint=str(path))
     report = write_federation_report(out, MAIN_METRIC[job.task])

@@ -13,10 +13,13 @@ from echocare_core.checkpoint import (latest_checkpoint, load_encoder_weights, l
                                       prune_checkpoints, read_meta, save_checkpoint)
 from echocare_core.config import to_dict
 from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
-from echocare_core.federation.job import Job, job_hash, weighted_mean
+from echocare_core.federation.job import Job, job_hash
 from echocare_core.federation.site import build_job_model
+from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
 
 __all__ = ["aggregate", "initial_state", "resume", "save_round"]
+
+ServerState = dict[str, torch.Tensor]
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +34,12 @@ def initial_state(job: Job, init: str | None) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def aggregate(state: dict[str, torch.Tensor], updates: list[tuple[dict[str, torch.Tensor], int]]
-              ) -> dict[str, torch.Tensor]:
-    """The next global state: the sample-weighted mean of the shared parameters, the rest unchanged."""
-    return {**state, **weighted_mean(updates)}
+def aggregate(state: dict[str, torch.Tensor], updates: list[tuple[dict[str, torch.Tensor], int]],
+              strategy: StrategyConfig = StrategyConfig(), server_state: ServerState | None = None
+              ) -> tuple[dict[str, torch.Tensor], ServerState]:
+    """The next global state (the strategy's new shared parameters, the rest unchanged) and server state."""
+    shared, server_state = aggregate_updates(strategy, state, updates, server_state or {})
+    return {**state, **shared}, server_state
 
 
 def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -50,18 +55,19 @@ def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any
 
 
 def save_round(out: Path, job: Job, state: dict[str, torch.Tensor], server_round: int, metrics: dict[str, Any],
-               history: list[dict[str, Any]]) -> Path:
-    """Checkpoint the global model after a round (`out/checkpoints/round_N`, the last two kept)."""
+               history: list[dict[str, Any]], server_state: ServerState | None = None) -> Path:
+    """Checkpoint the global model, the strategy's state and the history after a round
+    (`out/checkpoints/round_N`, the last two kept)."""
     model = build_job_model(job)
     model.load_state_dict(state)
     path = save_checkpoint(out / "checkpoints" / f"round_{server_round:04d}", model, _meta(job, server_round, metrics),
-                           {"round": server_round, "history": history})
+                           {"round": server_round, "history": history, "server_state": server_state or {}})
     prune_checkpoints(out / "checkpoints", keep_last=2, kind="round")
     return path
 
 
-def resume(out: Path, job: Job) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]]] | None:
-    """The global state, last round and history of the newest round checkpoint under `out`, if any.
+def resume(out: Path, job: Job) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]], ServerState] | None:
+    """The global state, last round, history and strategy state of the newest round checkpoint under `out`.
 
     Raises:
         ValueError: the checkpoint belongs to another job (a different job hash).
@@ -73,4 +79,4 @@ def resume(out: Path, job: Job) -> tuple[dict[str, torch.Tensor], int, list[dict
         raise ValueError(f"{last} belongs to another job (its job hash differs); choose a new output folder or "
                          f"restore that job's federation.yaml")
     state = load_train_state(last)
-    return load_weights(last), int(state["round"]), list(state["history"])
+    return load_weights(last), int(state["round"]), list(state["history"]), dict(state.get("server_state", {}))

@@ -14,7 +14,7 @@ def test_federation_config_checks(tmp_path):
     with pytest.raises(ConfigError, match="TLS and site keys are not built yet"):
         load_config(FederationConfig, None, [], base={"server": {"insecure": False}})
     with pytest.raises(ConfigError, match="fedprox needs proximal_mu > 0"):
-        load_config(FederationConfig, None, ["rounds.strategy=fedprox"], base={"server": {"insecure": True}})
+        load_config(FederationConfig, None, ["strategy.name=fedprox"], base={"server": {"insecure": True}})
     with pytest.raises(ConfigError, match="job.mode"):
         load_config(FederationConfig, None, ["job.mode=partial"], base={"server": {"insecure": True}})
     (tmp_path / "federation.yaml").write_text(yaml.safe_dump({"server": {"insecure": True}, "rounds": {"rounds": 0}}))

@@ -75,7 +75,7 @@ def test_two_sites_aggregate_checkpoint_evaluate_and_resume(sites, tmp_path):
     job = dataclasses.replace(JOB, local=())
     state = initial_state(job, None)
     results = [site_round(job, state, folder, 1) for folder in sites[:2]]
-    new = aggregate(state, [(r.shared, r.samples) for r in results])
+    new, _ = aggregate(state, [(r.shared, r.samples) for r in results])
     n0, n1 = results[0].samples, results[1].samples
     name = next(iter(results[0].shared))
     expected = (results[0].shared[name] * n0 + results[1].shared[name] * n1) / (n0 + n1)
@@ -86,7 +86,7 @@ def test_two_sites_aggregate_checkpoint_evaluate_and_resume(sites, tmp_path):
     model, meta = build_from_checkpoint(path)
     assert meta["round"] == 1 and meta["task"] == "segmentation"
     assert evaluate_checkpoint(path, sites[0], "test", rounds=20)["main_metric"] == "dice"
-    state2, last, history = resume(tmp_path, job)
-    assert last == 1 and history == [{"round": 1}] and torch.equal(state2[name], new[name])
+    state2, last, history, server_state = resume(tmp_path, job)
+    assert last == 1 and history == [{"round": 1}] and server_state == {} and torch.equal(state2[name], new[name])
     with pytest.raises(ValueError, match="belongs to another job"):
         resume(tmp_path, dataclasses.replace(job, lr=0.5))

@@ -1,0 +1,47 @@
+"""Aggregation strategies on hand-made updates with known answers."""
+
+import pytest
+import torch
+
+from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
+
+CURRENT = {"w": torch.zeros(3)}
+UPDATES = [({"w": torch.tensor([1.0, 0.0, 10.0])}, 1), ({"w": torch.tensor([2.0, 0.0, 20.0])}, 1),
+           ({"w": torch.tensor([3.0, 0.0, 30.0])}, 2), ({"w": torch.tensor([100.0, 0.0, -50.0])}, 1)]
+
+
+def _agg(name, updates=UPDATES, state=None, **kw):
+    return aggregate_updates(StrategyConfig(name=name, **kw), CURRENT, updates, state or {})
+
+
+def test_weighted_mean_median_and_trimmed_mean():
+    assert _agg("fedavg")[0]["w"].tolist() == pytest.approx([109 / 5, 0.0, 40 / 5])
+    assert _agg("fedmedian")[0]["w"].tolist() == pytest.approx([2.5, 0.0, 15.0])  # even count: middle two
+    assert _agg("fedtrimmedavg", trim=0.25)[0]["w"].tolist() == pytest.approx([2.5, 0.0, 15.0])
+    assert _agg("fedtrimmedavg", trim=0.0)[0]["w"].tolist() == pytest.approx([106 / 4, 0.0, 10 / 4])
+
+
+def test_krum_picks_an_update_close_to_the_others_and_never_the_outlier():
+    five = UPDATES + [({"w": torch.tensor([2.5, 0.0, 25.0])}, 1)]
+    chosen, _ = _agg("krum", updates=five, krum_f=1)
+    assert chosen["w"].tolist() == [2.0, 0.0, 20.0] or chosen["w"].tolist() == [2.5, 0.0, 25.0]
+    with pytest.raises(ValueError, match="needs at least 5 replies"):
+        _agg("krum", krum_f=1)
+
+
+def test_fedadam_first_step_and_its_state():
+    new, state = _agg("fedadam", server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    delta = torch.tensor([109 / 5, 0.0, 8.0], dtype=torch.float64)
+    m = 0.1 * delta
+    v = 0.99 * 1e-6 + 0.01 * delta**2
+    torch.testing.assert_close(new["w"].double(), (0.1 * m / (v.sqrt() + 1e-3)), rtol=1e-5, atol=1e-6)
+    assert set(state) == {"m.w", "v.w"}
+    again, state2 = _agg("fedadam", state=state)
+    assert not torch.equal(state2["m.w"], state["m.w"]) and again["w"].shape == (3,)
+
+
+def test_fedyogi_second_moment_moves_by_a_bounded_step():
+    _, state = _agg("fedyogi", beta2=0.99, tau=1e-3)
+    delta2 = torch.tensor([109 / 5, 0.0, 8.0], dtype=torch.float64) ** 2
+    expected = 1e-6 - 0.01 * delta2 * torch.sign(1e-6 - delta2)
+    torch.testing.assert_close(state["v.w"], expected)
