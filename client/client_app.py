@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -39,6 +40,7 @@ def train(msg: Message, context: Context) -> Message:
     site, state_dir = str(node["site-name"]), Path(str(node["state-dir"]))
     limits = SiteLimits(int(node["max-batch-size"]), int(node["max-local-epochs"]))
     rnd = int(msg.content["config"]["round"])
+    t0 = time.perf_counter()
     try:
         job = Job.from_json(str(msg.content["config"]["job"]))
         result = site_round(job, msg.content["arrays"].to_torch_state_dict(), Path(str(node["data-folder"])), rnd,
@@ -55,6 +57,7 @@ def train(msg: Message, context: Context) -> Message:
     save_file({k: v.contiguous() for k, v in result.shared.items()}, str(tmp),
               metadata={"num-examples": str(result.samples)})
     os.replace(tmp, sent)
-    metrics = {"num-examples": result.samples, **{k: v for k, v in result.metrics.items() if math.isfinite(v)}}
+    metrics = {"num-examples": result.samples, "compute_s": time.perf_counter() - t0,
+               **{k: v for k, v in result.metrics.items() if math.isfinite(v)}}
     return Message(RecordDict({"arrays": ArrayRecord(result.shared), "metrics": MetricRecord(metrics),
                                "site": ConfigRecord({"name": site})}), reply_to=msg)

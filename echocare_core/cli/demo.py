@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import signal
-import subprocess
-import sys
 from importlib import resources
 from pathlib import Path
 
-import yaml
 from rich.table import Table
 
 from echocare_core.cli import pretrain
@@ -31,7 +26,7 @@ from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.metrics import MAIN_METRIC
-from echocare_core.federation.processes import free_port
+from echocare_core.federation.processes import run_on_this_machine
 
 PROG = "echocare-demo"
 ENCODER = {"variant": "test", "img_size": 64, "patch_size": 4, "window_size": 4}
@@ -87,30 +82,11 @@ def _job(folder: Path, args: argparse.Namespace) -> dict:
 
 def _federate(out: Path, sites: list[Path], args: argparse.Namespace) -> Path:
     """Run server and clients as processes; returns the final global checkpoint."""
-    port, procs = free_port(), []
-    fed = {"output": str(out / "federated"), "server": {"host": "127.0.0.1", "port": port, "insecure": True},
+    fed = {"output": str(out / "federated"),
            "rounds": {"rounds": args.rounds, "min_sites": len(sites), "wait_for_sites": 300, "deadline": 1800},
            "job": _job(sites[0], args)}
-    (out / "federation.yaml").write_text(yaml.safe_dump(fed, sort_keys=False))
-    try:
-        server = subprocess.Popen([sys.executable, "-m", "echocare_server.cli", "--config", str(out / "federation.yaml")],
-                                  start_new_session=True)
-        procs.append(server)
-        for i, site in enumerate(sites):
-            cfg = {"name": site.name, "server": f"127.0.0.1:{port}", "insecure": True, "data": str(site),
-                   "device": "cpu", "state_dir": str(out / "site_state" / site.name)}
-            (out / f"{site.name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-            procs.append(subprocess.Popen([sys.executable, "-m", "echocare_client.cli", "--config",
-                                           str(out / f"{site.name}.yaml")], stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, start_new_session=True))
-        if server.wait() != 0:
-            raise RuntimeError(f"the federated run failed (exit {server.returncode}); see {out / 'federated'}")
-    finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait(60)
+    if run_on_this_machine(out, {site.name: site for site in sites}, fed) != 0:
+        raise RuntimeError(f"the federated run failed; see {out / 'federated'}")
     return out / "federated" / "checkpoints" / f"round_{args.rounds:04d}"
 
 

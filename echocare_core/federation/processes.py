@@ -18,8 +18,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-__all__ = ["FlowerError", "flower_env", "free_port", "run_flwr", "start", "stop", "toml_value", "wait_healthy"]
+import yaml
+
+__all__ = ["FlowerError", "flower_env", "free_port", "run_flwr", "run_on_this_machine", "start", "stop", "toml_value",
+           "wait_healthy"]
 
 
 class FlowerError(RuntimeError):
@@ -104,3 +108,32 @@ def run_flwr(args: list[str], home: Path, timeout: float = 120.0) -> dict:
         tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
         raise FlowerError(f"flwr {' '.join(args[:2])} failed (exit {done.returncode}): {' | '.join(tail)}")
     return answer
+
+
+def run_on_this_machine(out: Path, sites: dict[str, Path], federation: dict[str, Any], show_server: bool = True) -> int:
+    """A whole federation on 127.0.0.1: `echocare-server` with `federation` (its `server.port` is set here)
+    and one `echocare-client` per site, as separate processes; all stopped on return, also on Ctrl-C.
+
+    Returns:
+        The server's exit code.
+    """
+    port = free_port()
+    fed = {**federation, "server": {"host": "127.0.0.1", "port": port, "insecure": True}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "federation.yaml").write_text(yaml.safe_dump(fed, sort_keys=False))
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs: list[subprocess.Popen] = []
+    try:
+        server = subprocess.Popen([sys.executable, "-m", "echocare_server.cli", "--config", str(out / "federation.yaml")],
+                                  start_new_session=True, **({} if show_server else quiet))
+        procs.append(server)
+        for name, folder in sites.items():
+            site = {"name": name, "server": f"127.0.0.1:{port}", "insecure": True, "data": str(folder),
+                    "device": "cpu", "state_dir": str(out / "site_state" / name)}
+            (out / f"{name}.yaml").write_text(yaml.safe_dump(site, sort_keys=False))
+            procs.append(subprocess.Popen([sys.executable, "-m", "echocare_client.cli", "--config", str(out / f"{name}.yaml")],
+                                          start_new_session=True, **quiet))
+        return server.wait()
+    finally:
+        for proc in reversed(procs):
+            stop(proc, grace=60.0)
