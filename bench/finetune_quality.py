@@ -3,11 +3,12 @@
 On synthetic ultrasound (`echocare-data synth`): pretrain a small encoder with `echocare-pretrain`
 on unlabelled images, then fine-tune segmentation and classification from random initialisation and
 from that checkpoint in each mode (full, frozen, lora), and fine-tune segmentation on 10/25/50/100% of
-the training patients, each fraction for the same number of optimiser steps (epochs / fraction).
-Every seed draws its own datasets and fine-tuning randomness; tables give mean and standard deviation
-over seeds. Prints tables, writes JSON and a PNG plot. A program, not a test.
+the training patients (`--equal-steps`: each fraction for the same number of optimiser steps,
+epochs / fraction). Every seed (`--seeds`) draws its own datasets and fine-tuning randomness; tables
+give mean and standard deviation over seeds. Prints tables, writes JSON and a PNG plot. Not a test.
 
-    python bench/finetune_quality.py --seeds 0 1 2        # about 70 minutes on 2 CPU cores
+    python bench/finetune_quality.py                       # about 20 minutes on 2 CPU cores
+    python bench/finetune_quality.py --seeds 0 1 2 --equal-steps   # about 70 minutes
     python bench/finetune_quality.py --epochs 4 --pretrain-steps 100 --fractions 0.25 1.0   # quicker
 """
 
@@ -109,6 +110,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["full", "frozen", "lora"])
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 1.0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--equal-steps", action="store_true", help="train small label fractions for epochs / fraction")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "finetune_quality.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="echocare_ftq_") as name:
@@ -121,15 +123,17 @@ def main() -> None:
             modes += [finetune(data[t], tmp / f"{t}_{m}_{i}_{seed}", ckpt if i == "pretrained" else None, m,
                                args.epochs, seed) for t in data for m in args.modes for i in ("random", "pretrained")]
             curve += [{**finetune(subset(data["segmentation"], f, tmp / f"sub{f}_{seed}"), tmp / f"curve_{f}_{i}_{seed}",
-                                  ckpt if i == "pretrained" else None, "lora", max(args.epochs, round(args.epochs / f)),
-                                  seed), "fraction": f}
+                                  ckpt if i == "pretrained" else None, "lora",
+                                  max(args.epochs, round(args.epochs / f)) if args.equal_steps else args.epochs, seed),
+                         "fraction": f}
                       for f in args.fractions for i in ("random", "pretrained")]
     print(f"test metric, mean ± sd over seeds {args.seeds}")
     print(f"{'task':<15} {'mode':<7} {'init':<11} {'trainable':>10} {'test':>15}")
     for key in dict.fromkeys((r["task"], r["mode"], r["init"]) for r in modes):
         rs = [r for r in modes if (r["task"], r["mode"], r["init"]) == key]
         print(f"{key[0]:<15} {key[1]:<7} {key[2]:<11} {rs[0]['trainable']:>10,} {_cell([r['test'] for r in rs]):>15}")
-    print("\nsegmentation, lora: test Dice by share of training patients (same number of steps)")
+    print("\nsegmentation, lora: test Dice by share of training patients"
+          + (" (same number of steps)" if args.equal_steps else ""))
     print(f"{'fraction':>8} {'random':>15} {'pretrained':>15}")
     for f in args.fractions:
         cells = [_cell([r["test"] for r in curve if r["init"] == i and r["fraction"] == f]) for i in ("random", "pretrained")]
