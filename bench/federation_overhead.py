@@ -1,0 +1,109 @@
+"""Benchmark: what a federated round costs beyond the sites' own compute, for a tiny and a Swin-base-sized model.
+
+For each model, two synthetic sites federate for a few rounds on 127.0.0.1 over the real runtime
+(`echocare-server`, two `echocare-client`s; Flower's SuperLink, SuperNodes and app processes). Per
+round: wall time, the slowest site's compute (time inside the ClientApp's training call, after its
+imports), the overhead (wall minus slowest compute: process starts, imports, polling, transfers),
+megabytes to and from each site, and the peak resident memory of each kind of process (sampled every
+0.2 s). Prints a table and writes JSON. A program, not a test.
+
+    python bench/federation_overhead.py                 # about 10 minutes on 2 CPU cores
+    python bench/federation_overhead.py --models tiny --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.engine.report import read_metrics
+from echocare_core.federation.processes import run_on_this_machine
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {  # 'base' has the paper's Swin-B size (88M parameters); 64 px keeps its local compute short
+    "tiny": {"encoder": {"variant": "test", "img_size": 64, "patch_size": 4, "window_size": 4}, "mode": "lora"},
+    "base": {"encoder": {"variant": "base", "img_size": 64, "patch_size": 4, "window_size": 4}, "mode": "full"},
+}
+KINDS = ("flower-superlink", "flwr-serverapp", "flower-supernode", "flwr-clientapp", "flower-superexec")
+
+
+class PeakMemory(threading.Thread):
+    """Peak resident memory (MB) of each kind of Flower process on this machine, sampled every 0.2 s."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = dict.fromkeys(KINDS, 0.0)
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    kind = next((k for k in KINDS if k in cmd), None)
+                    if kind:
+                        rss = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
+                                   if line.startswith("VmRSS:"))
+                        self.peak[kind] = max(self.peak[kind], rss / 1024)
+                except (OSError, StopIteration, ValueError):
+                    continue
+            time.sleep(0.2)
+
+
+def measure(name: str, rounds: int, tmp: Path) -> dict:
+    sites = write_dataset(tmp / name / "data", "segmentation", sites=2, per_site=10, size=64, seed=1)
+    job = {"task": "segmentation", "labels": [0, 1], "feature_size": 8, "batch_size": 8, **MODELS[name]}
+    fed = {"output": str(tmp / name / "run"), "rounds": {"rounds": rounds, "min_sites": 2, "deadline": 3600},
+           "job": job}
+    memory = PeakMemory()
+    memory.start()
+    t0 = time.perf_counter()
+    code = run_on_this_machine(tmp / name, {s.name: s for s in sites}, fed, show_server=False)
+    total = time.perf_counter() - t0
+    memory.running = False
+    memory.join()
+    if code != 0:
+        raise SystemExit(f"{name}: the federated run failed (exit {code}); see {tmp / name / 'run'}")
+    history = read_metrics(tmp / name / "run" / "metrics.jsonl")
+    per_round = [{"round": r["round"], "wall_s": r["seconds"],
+                  "slowest_compute_s": max(s["compute_s"] for s in r["sites"]),
+                  "mb_to_site": r["sites"][0]["bytes_sent"] / 1e6, "mb_from_site": r["sites"][0]["bytes_received"] / 1e6}
+                 for r in history]
+    for r in per_round:
+        r["overhead_s"] = r["wall_s"] - r["slowest_compute_s"]
+    return {"model": name, "rounds": per_round, "total_s": total, "peak_rss_mb": memory.peak}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "federation_overhead.json")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="echocare_fo_") as name:
+        results = [measure(m, args.rounds, Path(name)) for m in args.models]
+    print(f"{'model':<6} {'MB to/from site':>16} {'round s':>8} {'compute s':>10} {'overhead s':>11} "
+          f"{'run s':>6}  peak RSS MB: superlink / serverapp / supernode / clientapp / superexec")
+    for r in results:
+        rounds = r["rounds"]
+        med = {k: float(np.median([x[k] for x in rounds])) for k in ("wall_s", "slowest_compute_s", "overhead_s")}
+        mem = " / ".join(f"{r['peak_rss_mb'][k]:.0f}" for k in KINDS)
+        print(f"{r['model']:<6} {rounds[0]['mb_to_site']:>7.1f} / {rounds[0]['mb_from_site']:<7.1f} "
+              f"{med['wall_s']:>8.1f} {med['slowest_compute_s']:>10.1f} {med['overhead_s']:>11.1f} "
+              f"{r['total_s']:>6.0f}  {mem}")
+    print("(round, compute and overhead: medians over rounds)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
