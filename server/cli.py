@@ -93,7 +93,7 @@ def _show(event: dict, main: str) -> None:
 
 def follow(run_id: str, home: Path, progress: Path, offset: int, stop_flag: StopFlag, main: str) -> str:
     """Show the run's events until Flower says it finished; returns Flower's final status."""
-    status, last_poll = "", 0.0
+    status, last_poll, stop_sent = "", 0.0, False
     while True:
         if progress.is_file():
             with progress.open(encoding="utf-8") as f:
@@ -102,8 +102,9 @@ def follow(run_id: str, home: Path, progress: Path, offset: int, stop_flag: Stop
                     if line.endswith("\n"):
                         offset += len(line.encode())
                         _show(json.loads(line), main)
-        if stop_flag():
+        if stop_flag() and not stop_sent:
             run_flwr(["stop", run_id, CONNECTION], home)
+            stop_sent = True
         if time.monotonic() - last_poll > 2.0:
             last_poll = time.monotonic()
             runs = run_flwr(["ls", CONNECTION, "--run-id", run_id], home).get("runs", [])
