@@ -13,7 +13,7 @@ from pathlib import Path
 from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
 from echocare_core.config import ConfigError, load_config
 from echocare_core.data.contract import verify_dataset
-from echocare_core.federation.processes import free_port, start, stop, toml_value
+from echocare_core.federation.processes import FlowerError, free_port, start, stop, toml_value
 from echocare_client.config import SiteConfig
 
 PROG = "echocare-client"
@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ["flower-supernode", "--insecure", "--superlink", cfg.server, "--node-config", str(node_config)]
     restarts = 0
     while True:
-        proc = start([*cmd, "--port", str(free_port())], state / "flwr", state / "supernode.log")
+        try:
+            proc = start([*cmd, "--port", str(free_port())], state / "flwr", state / "supernode.log")
+        except FlowerError as exc:
+            return fail(PROG, str(exc), code=1)
         console.print(f"site {cfg.name}: connecting to {cfg.server} (log: {state / 'supernode.log'})")
         while proc.poll() is None and not stop_flag():
             time.sleep(0.5)

@@ -130,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     home, progress = out / "flwr", out / "progress.jsonl"
     offset = progress.stat().st_size if progress.is_file() else 0
     stop_flag = StopFlag("stopping the run")
-    superlink = start(["flower-superlink", "--insecure", "--host", cfg.server.host, "--port", str(cfg.server.port),
-                       "--database", str(out / "superlink.db"), "--disable-runtime-dependency-installation"],
-                      home, out / "superlink.log")
+    superlink = None
     try:
+        superlink = start(["flower-superlink", "--insecure", "--host", cfg.server.host, "--port", str(cfg.server.port),
+                           "--database", str(out / "superlink.db"), "--disable-runtime-dependency-installation"],
+                          home, out / "superlink.log")
         wait_healthy(cfg.server.port, superlink, out / "superlink.log")
         console.print(f"SuperLink up on {cfg.server.host}:{cfg.server.port}; waiting for {cfg.rounds.min_sites} sites")
         run_id = str(run_flwr(["run", str(app), CONNECTION, "--run-config", str(run_config)], home)["run-id"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,11 +50,25 @@ def toml_value(value: str | int | float | bool) -> str:
     return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
 
 
+def _resolve(cmd: list[str], env: dict[str, str]) -> list[str]:
+    """The command with its program found on `env`'s PATH (this Python's `bin` first).
+
+    Raises:
+        FlowerError: Flower's commands are not installed.
+    """
+    program = shutil.which(cmd[0], path=env["PATH"])
+    if program is None:
+        raise FlowerError(f"'{cmd[0]}' not found next to {sys.executable} or on PATH; install flwr (pip install -e .)")
+    return [program, *cmd[1:]]
+
+
 def start(cmd: list[str], home: Path, log: Path) -> subprocess.Popen:
     """Start a Flower command in its own process group, output appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = flower_env(home)
     with log.open("ab") as out:
-        return subprocess.Popen(cmd, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(_resolve(cmd, env), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
@@ -98,8 +113,9 @@ def run_flwr(args: list[str], home: Path, timeout: float = 120.0) -> dict:
     Raises:
         FlowerError: non-zero exit, no JSON, or `"success": false`.
     """
-    cmd = [str(Path(sys.executable).parent / "flwr"), *args, "--format", "json"]
-    done = subprocess.run(cmd, env=flower_env(home), capture_output=True, text=True, timeout=timeout)
+    env = flower_env(home)
+    done = subprocess.run(_resolve(["flwr", *args, "--format", "json"], env), env=env, capture_output=True, text=True,
+                          timeout=timeout)
     try:
         answer = json.loads(done.stdout)
     except json.JSONDecodeError:
