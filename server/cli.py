@@ -81,6 +81,9 @@ def _show(event: dict, main: str) -> None:
         console.print(_round_table(event, main))
     elif kind == "refused":
         console.print(f"[yellow]round {event['round']}: {event['reason']}[/]")
+    elif kind == "rejected":
+        console.print(f"[yellow]round {event['round']}: the reply of site {event['site']} was left out: "
+                      f"{event['reason']}[/]")
     elif kind == "done":
         console.print(f"report: {event['report']}")
     elif kind == "failed":

@@ -66,6 +66,15 @@ def _nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def _invalid(shared: dict, expected: dict, metrics: dict[str, float]) -> str:
+    """Why a reply cannot be aggregated ("" when it can): other parameters or shapes, non-finite values, no samples."""
+    if {n: t.shape for n, t in shared.items()} != expected:
+        return "its parameters differ from the job's shared parameters (names or shapes)"
+    if not all(bool(t.isfinite().all()) for t in shared.values()):
+        return "non-finite values"
+    return "" if metrics.get("num-examples", 0) >= 1 else "no training samples"
+
+
 def run_rounds(grid: Grid, cfg: Any) -> None:
     """The federated run of `cfg` (a FederationConfig).
 
@@ -74,8 +83,9 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     """
     from echocare_core.engine.metrics import MAIN_METRIC
     from echocare_core.engine.report import write_federation_report
-    from echocare_core.federation.job import job_hash
+    from echocare_core.federation.job import job_hash, shared_names
     from echocare_core.federation.rounds import aggregate, initial_state, resume, save_round
+    from echocare_core.federation.site import build_job_model
 
     out, job, settings = Path(cfg.output), cfg.job, cfg.rounds
     progress = Progress(out / "progress.jsonl")
@@ -88,6 +98,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         raise RuntimeError(f"{len(nodes)} site(s) connected in {settings.wait_for_sites:.0f} s; min_sites is "
                            f"{settings.min_sites}")
     job_json = job.to_json()
+    expected = {n: state[n].shape for n in shared_names(build_job_model(job), job)}
     for rnd in range(done + 1, settings.rounds + 1):
         t0 = time.time()
         nodes = list(grid.get_node_ids())
@@ -104,6 +115,10 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
                 continue
             shared = reply.content["arrays"].to_torch_state_dict()
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
+            problem = _invalid(shared, expected, metrics)
+            if problem:
+                progress("rejected", round=rnd, site=str(reply.content["site"]["name"]), reason=problem)
+                continue
             updates.append((shared, int(metrics["num-examples"])))
             sites.append({"site": str(reply.content["site"]["name"]), **metrics,
                           "bytes_sent": _nbytes(state), "bytes_received": _nbytes(shared)})
