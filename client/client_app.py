@@ -49,7 +49,8 @@ def train(msg: Message, context: Context) -> Message:
         return _refuse(msg, site, str(exc))
     except DatasetInvalidError:
         return _refuse(msg, site, "the site's dataset fails its check (see echocare-data verify at the site)")
-    except ValueError as exc:  # a job this toolkit version cannot read
+    except ValueError as exc:  # a job this toolkit version cannot read or build; details stay in the site's log
+        log.warning("site %s cannot run the job: %s", site, exc)
         return _refuse(msg, site, f"unreadable job ({type(exc).__name__})")
     sent = state_dir / "sent" / f"round_{rnd:04d}.safetensors"
     sent.parent.mkdir(parents=True, exist_ok=True)
