@@ -87,9 +87,10 @@ class TaskDataset(Dataset):
             return {"skip": i}
         x = F.interpolate(torch.from_numpy(frames).float().div_(255.0), size=(self.img_size,) * 2,
                           mode="bilinear", antialias=True, align_corners=False)
-        if self.train and self.spec.task != "landmarks" and np.random.default_rng([self.seed, epoch, i]).random() < 0.5:
+        flip = self.train and np.random.default_rng([self.seed, epoch, i]).random() < 0.5
+        if flip and self.spec.task != "landmarks":
             x = x.flip(-1)
-            if target.ndim == 2 and self.spec.task == "detection":  # x1, x2 -> S - x2, S - x1
+            if self.spec.task == "detection":  # x1, x2 -> S - x2, S - x1
                 target = torch.stack([self.img_size - target[:, 2], target[:, 1], self.img_size - target[:, 0],
                                       target[:, 3], target[:, 4]], dim=1)
             elif self.spec.task == "segmentation":
