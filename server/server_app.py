@@ -56,12 +56,6 @@ def wait_for_sites(grid: Grid, needed: int, timeout: float) -> list[int]:
     return nodes
 
 
-def _write_lines(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def _nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
@@ -81,6 +75,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     Raises:
         RuntimeError: too few sites connected or replied; the run ends as failed.
     """
+    from echocare_core.engine.finetune import write_json_lines
     from echocare_core.engine.metrics import MAIN_METRIC
     from echocare_core.engine.report import write_federation_report
     from echocare_core.federation.job import job_hash, shared_names
@@ -128,7 +123,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         state, server_state = aggregate(state, updates, cfg.strategy, server_state)
         history.append({"round": rnd, "seconds": round(time.time() - t0, 2), "sites": sorted(sites, key=lambda s: s["site"])})
         path = save_round(out, job, state, rnd, {"sites": len(sites)}, history, server_state)
-        _write_lines(out / "metrics.jsonl", history)
+        write_json_lines(out / "metrics.jsonl", history)
         progress("round_end", **history[-1], checkpoint=str(path))
     report = write_federation_report(out, MAIN_METRIC[job.task])
     progress("done", rounds=settings.rounds, report=str(report))

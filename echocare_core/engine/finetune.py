@@ -41,7 +41,7 @@ from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
 
 __all__ = ["DatasetInvalidError", "FinetuneResult", "check_dataset", "evaluate_model", "num_classes", "run_finetune",
-           "task_loader", "task_loss", "train_epoch"]
+           "task_loader", "task_loss", "train_epoch", "write_json", "write_json_lines"]
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, int, dict[str, float]], None]
@@ -314,7 +314,7 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     history = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= start]
-    _write_json_lines(out / "metrics.jsonl", history)
+    write_json_lines(out / "metrics.jsonl", history)
     loss_fn, bf16 = task_loss(spec, stats), o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
     val_keys = [(0, i) for i in range(len(sets["val"]))]
     status, epoch = "finished", start
@@ -330,7 +330,7 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
                **{f"val_{n}": v for n, v in val.items()}, "lr": optimizer.param_groups[0]["lr"],
                "seconds": time.perf_counter() - t0}
         history.append(row)
-        _write_json_lines(out / "metrics.jsonl", history)
+        write_json_lines(out / "metrics.jsonl", history)
         if best is None or _score(val, spec.task) > best:  # the first epoch is best until one beats it
             best, best_metrics = _score(val, spec.task), val
             save_checkpoint(out / "best", model, _meta(cfg, spec, model, epoch, val))
@@ -353,7 +353,7 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     return FinetuneResult(status, epoch, best_metrics, test, trainable, total, out, skipped, history)
 
 
-def _write_json_lines(path: Path, rows: list[dict]) -> None:
+def write_json_lines(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(_plain(r)) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
