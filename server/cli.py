@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+from rich.live import Live
 from rich.table import Table
 
 from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
@@ -63,58 +64,88 @@ def prepare(cfg: FederationConfig, out: Path) -> tuple[Path, Path]:
     return app, run_config
 
 
-def _round_table(event: dict, main: str) -> Table:
-    """Per site: samples, train loss, the main validation metric of the received and the trained model, MB."""
-    table = Table(title=f"round {event['round']} ({event['seconds']:.1f} s)")
-    for col in ("site", "samples", "loss", f"global {main}", f"local {main}", "MB to site", "MB from site"):
+def _round_table(title: str, sites: list[dict], main: str) -> Table:
+    """Per site: samples, steps, train loss, the main validation metric of the received and the trained model,
+    seconds until its reply, MB each way."""
+    table = Table(title=title)
+    for col in ("site", "samples", "steps", "loss", f"global {main}", f"local {main}", "reply s", "MB to site",
+                "MB from site"):
         table.add_column(col, justify="left" if col == "site" else "right")
-    for s in event["sites"]:
-        table.add_row(s["site"], f"{s['num-examples']:.0f}", f"{s.get('train_loss', float('nan')):.3f}",
-                      f"{s.get(f'global_{main}', float('nan')):.3f}", f"{s.get(f'local_{main}', float('nan')):.3f}",
+    for s in sites:
+        table.add_row(s["site"], f"{s['num-examples']:.0f}", f"{s.get('train_steps', float('nan')):.0f}",
+                      f"{s.get('train_loss', float('nan')):.3f}", f"{s.get(f'global_{main}', float('nan')):.3f}",
+                      f"{s.get(f'local_{main}', float('nan')):.3f}", f"{s.get('seconds', float('nan')):.1f}",
                       f"{s['bytes_sent'] / 1e6:.2f}", f"{s['bytes_received'] / 1e6:.2f}")
     return table
 
 
-def _show(event: dict, main: str) -> None:
-    kind = event["event"]
-    if kind == "round_end":
-        console.print(_round_table(event, main))
-    elif kind == "refused":
-        console.print(f"[yellow]round {event['round']}: {event['reason']}[/]")
-    elif kind == "rejected":
-        console.print(f"[yellow]round {event['round']}: the reply of site {event['site']} was left out: "
-                      f"{event['reason']}[/]")
-    elif kind == "done":
-        console.print(f"report: {event['report']}")
-    elif kind == "failed":
-        console.print(f"[red]run failed: {event['reason']}[/]")
-    elif kind == "start":
-        after = event["resumed_after"]
-        console.print(f"federated run started ({event['rounds']} rounds, job {event['job_hash'][:12]})"
-                      + (f", resuming after round {after}" if after else ""))
+class RunView:
+    """What `echocare-server` shows: a live table of the round in progress (sites that replied so far, how
+    many are still training, time), then one table per finished round and the run's other events."""
+
+    def __init__(self, main: str) -> None:
+        self.main, self.round, self.sites, self.asked, self.left_out, self.t0 = main, 0, [], 0, 0, 0.0
+        self.live = Live(self, console=console, transient=True, refresh_per_second=2)
+
+    def __rich__(self) -> Table:
+        waiting = self.asked - len(self.sites) - self.left_out
+        return _round_table(f"round {self.round}, {time.time() - self.t0:.0f} s: {len(self.sites)} of {self.asked} "
+                            f"site(s) replied" + (f", {self.left_out} refused or left out" if self.left_out else "")
+                            + (f", waiting for {waiting}" if waiting > 0 else ""), self.sites, self.main)
+
+    def show(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "round_start":
+            self.round, self.sites, self.asked, self.left_out = event["round"], [], event["sites"], 0
+            self.t0 = event["time"]
+            self.live.start()
+        elif kind == "reply":
+            self.sites.append(event)
+        elif kind in ("refused", "rejected"):
+            self.left_out += 1
+        elif kind in ("round_end", "failed", "done"):
+            self.live.stop()
+        if kind == "round_end":
+            console.print(_round_table(f"round {event['round']} ({event['seconds']:.1f} s)", event["sites"], self.main))
+        elif kind == "refused":
+            console.print(f"[yellow]round {event['round']}: {event['reason']}[/]")
+        elif kind == "rejected":
+            console.print(f"[yellow]round {event['round']}: the reply of site {event['site']} was left out: "
+                          f"{event['reason']}[/]")
+        elif kind == "done":
+            console.print(f"report: {event['report']}")
+        elif kind == "failed":
+            console.print(f"[red]run failed: {event['reason']}[/]")
+        elif kind == "start":
+            after = event["resumed_after"]
+            console.print(f"federated run started ({event['rounds']} rounds, job {event['job_hash'][:12]})"
+                          + (f", resuming after round {after}" if after else ""))
 
 
 def follow(run_id: str, home: Path, progress: Path, offset: int, stop_flag: StopFlag, main: str) -> str:
     """Show the run's events until Flower says it finished; returns Flower's final status."""
-    status, last_poll, stop_sent = "", 0.0, False
-    while True:
-        if progress.is_file():
-            with progress.open(encoding="utf-8") as f:
-                f.seek(offset)
-                for line in f:
-                    if line.endswith("\n"):
-                        offset += len(line.encode())
-                        _show(json.loads(line), main)
-        if stop_flag() and not stop_sent:
-            run_flwr(["stop", run_id, CONNECTION], home)
-            stop_sent = True
-        if time.monotonic() - last_poll > 2.0:
-            last_poll = time.monotonic()
-            runs = run_flwr(["ls", CONNECTION, "--run-id", run_id], home).get("runs", [])
-            status = runs[0]["status"] if runs else ""
-            if status.startswith("finished"):
-                return status
-        time.sleep(0.3)
+    status, last_poll, stop_sent, view = "", 0.0, False, RunView(main)
+    try:
+        while True:
+            if progress.is_file():
+                with progress.open(encoding="utf-8") as f:
+                    f.seek(offset)
+                    for line in f:
+                        if line.endswith("\n"):
+                            offset += len(line.encode())
+                            view.show(json.loads(line))
+            if stop_flag() and not stop_sent:
+                run_flwr(["stop", run_id, CONNECTION], home)
+                stop_sent = True
+            if time.monotonic() - last_poll > 2.0:
+                last_poll = time.monotonic()
+                runs = run_flwr(["ls", CONNECTION, "--run-id", run_id], home).get("runs", [])
+                status = runs[0]["status"] if runs else ""
+                if status.startswith("finished"):
+                    return status
+            time.sleep(0.3)
+    finally:
+        view.live.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,12 +31,14 @@ class RoundSettings:
     expected_sites: int = 0  # sites to wait for before round 1 (0: min_sites); after wait_for_sites seconds the
     wait_for_sites: float = 600.0  # run starts with those connected, if they are at least min_sites
     deadline: float = 3600.0  # seconds a round waits for replies; late sites are left out of that round
+    participation: float = 1.0  # share of the connected sites asked each round (drawn anew, at least min_sites)
 
     def __post_init__(self) -> None:
         if (self.rounds < 1 or self.min_sites < 1 or self.expected_sites < 0 or self.wait_for_sites <= 0
-                or self.deadline <= 0):
-            raise ValueError(f"need rounds >= 1, min_sites >= 1, wait_for_sites > 0, deadline > 0; got {self.rounds}, "
-                             f"{self.min_sites}, {self.wait_for_sites}, {self.deadline}")
+                or self.deadline <= 0 or not 0 < self.participation <= 1):
+            raise ValueError(f"need rounds >= 1, min_sites >= 1, wait_for_sites > 0, deadline > 0 and "
+                             f"0 < participation <= 1; got {self.rounds}, {self.min_sites}, {self.wait_for_sites}, "
+                             f"{self.deadline}, {self.participation}")
 
 
 @dataclass(frozen=True)

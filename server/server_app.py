@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -35,18 +35,16 @@ class Progress:
             f.write(json.dumps({"time": round(time.time(), 3), "event": event, **fields}) + "\n")
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """Push the messages and pull replies until all came back or `timeout` seconds passed."""
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> Iterator[Message]:
+    """Push the messages and yield each reply as it arrives, until all came back or `timeout` seconds passed."""
     pending = {mid for mid in grid.push_messages(messages) if mid}
-    replies: list[Message] = []
     end = time.monotonic() + timeout
     while pending and time.monotonic() < end:
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
+        for reply in grid.pull_messages(pending):
+            pending.discard(reply.metadata.reply_to_message_id)
+            yield reply
         if pending:
             time.sleep(POLL_S)
-    return replies
 
 
 def wait_for_sites(grid: Grid, needed: int, timeout: float) -> list[int]:
@@ -79,7 +77,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     from echocare_core.engine.metrics import MAIN_METRIC
     from echocare_core.engine.report import write_federation_report
     from echocare_core.federation.job import job_hash, shared_names
-    from echocare_core.federation.rounds import aggregate, initial_state, resume, save_round
+    from echocare_core.federation.rounds import aggregate, choose_sites, initial_state, resume, save_round
     from echocare_core.federation.site import build_job_model
 
     out, job, settings = Path(cfg.output), cfg.job, cfg.rounds
@@ -96,12 +94,13 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     expected = {n: state[n].shape for n in shared_names(build_job_model(job), job)}
     for rnd in range(done + 1, settings.rounds + 1):
         t0 = time.time()
-        nodes = list(grid.get_node_ids())
+        connected = wait_for_sites(grid, settings.min_sites, settings.wait_for_sites)
+        nodes = choose_sites(connected, settings.participation, settings.min_sites, job.seed, rnd)
         arrays = ArrayRecord(state)
         messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"round": rnd, "job": job_json})}),
                             dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd),
                             ttl=settings.deadline) for node in nodes]
-        progress("round_start", round=rnd, sites=len(nodes))
+        progress("round_start", round=rnd, sites=len(nodes), connected=len(connected))
         updates, sites = [], []
         for reply in send_and_receive(grid, messages, settings.deadline):
             if reply.has_error():
@@ -110,13 +109,15 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
                 continue
             shared = reply.content["arrays"].to_torch_state_dict()
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
+            site = {"site": str(reply.content["site"]["name"]), **metrics, "seconds": round(time.time() - t0, 2),
+                    "bytes_sent": _nbytes(state), "bytes_received": _nbytes(shared)}
             problem = _invalid(shared, expected, metrics)
             if problem:
-                progress("rejected", round=rnd, site=str(reply.content["site"]["name"]), reason=problem)
+                progress("rejected", round=rnd, site=site["site"], reason=problem)
                 continue
             updates.append((shared, int(metrics["num-examples"])))
-            sites.append({"site": str(reply.content["site"]["name"]), **metrics,
-                          "bytes_sent": _nbytes(state), "bytes_received": _nbytes(shared)})
+            sites.append(site)
+            progress("reply", round=rnd, **site)
         if len(updates) < settings.min_sites:
             progress("failed", round=rnd, reason=f"{len(updates)} valid replies, min_sites is {settings.min_sites}")
             raise RuntimeError(f"round {rnd}: {len(updates)} valid replies; min_sites is {settings.min_sites}")

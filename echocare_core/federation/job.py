@@ -22,7 +22,7 @@ from echocare_core.config import from_dict, to_dict
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.models.swin import EncoderConfig
 
-__all__ = ["Job", "SiteLimits", "check_job", "job_hash", "shared_names", "weighted_mean"]
+__all__ = ["Job", "SiteLimits", "check_job", "job_hash", "local_passes", "shared_names", "weighted_mean"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Job:
     frames: int = 16
     local: tuple[str, ...] = ()  # parameter-name patterns that stay at each site (e.g. "*norm*", as FedBN)
     local_epochs: int = 1
+    local_steps: int = 0  # > 0: exactly this many optimiser steps per round instead of local_epochs passes
     lr: float = 1e-3
     weight_decay: float = 0.05
     batch_size: int = 16
@@ -47,9 +48,11 @@ class Job:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.proximal_mu < 0:
-            raise ValueError(f"job needs local_epochs >= 1, batch_size >= 1, lr > 0 and proximal_mu >= 0; got "
-                             f"{self.local_epochs}, {self.batch_size}, {self.lr}, {self.proximal_mu}")
+        if (self.local_epochs < 1 or self.local_steps < 0 or self.batch_size < 1 or self.lr <= 0
+                or self.proximal_mu < 0):
+            raise ValueError(f"job needs local_epochs >= 1, local_steps >= 0, batch_size >= 1, lr > 0 and "
+                             f"proximal_mu >= 0; got {self.local_epochs}, {self.local_steps}, {self.batch_size}, "
+                             f"{self.lr}, {self.proximal_mu}")
 
     @property
     def num_outputs(self) -> int:
@@ -79,8 +82,17 @@ class SiteLimits:
     max_local_epochs: int = 10
 
 
-def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits) -> list[str]:
-    """Reasons to refuse the job at this site (empty: accept). Reasons name keys, not data."""
+def local_passes(job: Job, train_samples: int) -> float:
+    """Passes over the site's training split one round asks for (`local_steps` batches or `local_epochs`)."""
+    return job.local_steps * job.batch_size / max(train_samples, 1) if job.local_steps else float(job.local_epochs)
+
+
+def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits, train_samples: int | None = None) -> list[str]:
+    """Reasons to refuse the job at this site (empty: accept). Reasons name keys, not data.
+
+    Args:
+        train_samples: the site's training samples; with it, `local_steps` counts against `max_local_epochs`.
+    """
     reasons = []
     if job.task != spec.task:
         reasons.append(f"job task '{job.task}' but the site's dataset is '{spec.task}'")
@@ -94,9 +106,13 @@ def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits) -> list[str]:
         reasons.append(f"job has {job.landmarks} landmarks but the site has {len(spec.landmark_names)}")
     if job.batch_size > limits.max_batch_size:
         reasons.append(f"job batch_size {job.batch_size} exceeds the site's max_batch_size {limits.max_batch_size}")
-    if job.local_epochs > limits.max_local_epochs:
+    if not job.local_steps and job.local_epochs > limits.max_local_epochs:
         reasons.append(f"job local_epochs {job.local_epochs} exceeds the site's max_local_epochs "
                        f"{limits.max_local_epochs}")
+    elif job.local_steps and train_samples and local_passes(job, train_samples) > limits.max_local_epochs:
+        reasons.append(f"job local_steps {job.local_steps} x batch_size {job.batch_size} is "
+                       f"{local_passes(job, train_samples):.1f} passes over the site's training split, more than "
+                       f"its max_local_epochs {limits.max_local_epochs}")
     return reasons
 
 

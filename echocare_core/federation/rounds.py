@@ -4,9 +4,11 @@ checkpoints that `echocare-evaluate` and `echocare-predict` load like any fine-t
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from echocare_core.checkpoint import (latest_checkpoint, load_encoder_weights, load_train_state, load_weights,
@@ -17,7 +19,7 @@ from echocare_core.federation.job import Job, job_hash
 from echocare_core.federation.site import build_job_model
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
 
-__all__ = ["aggregate", "initial_state", "resume", "save_round"]
+__all__ = ["aggregate", "choose_sites", "initial_state", "resume", "save_round"]
 
 ServerState = dict[str, torch.Tensor]
 
@@ -40,6 +42,14 @@ def aggregate(state: dict[str, torch.Tensor], updates: list[tuple[dict[str, torc
     """The next global state (the strategy's new shared parameters, the rest unchanged) and server state."""
     shared, server_state = aggregate_updates(strategy, state, updates, server_state or {})
     return {**state, **shared}, server_state
+
+
+def choose_sites(nodes: list[int], participation: float, minimum: int, seed: int, server_round: int) -> list[int]:
+    """The sites asked in this round: a `participation` share of `nodes` (at least `minimum`, at most all),
+    drawn from (seed, round) so that a resumed run asks the same sites."""
+    count = min(len(nodes), max(minimum, math.ceil(participation * len(nodes))))
+    picked = np.random.default_rng([seed, server_round]).choice(len(nodes), size=count, replace=False)
+    return [sorted(nodes)[i] for i in sorted(picked)]
 
 
 def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any]:

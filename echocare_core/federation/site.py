@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +55,20 @@ def _save_local(model: EchoCareTaskModel, job: Job, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _local_passes(job: Job, n: int, server_round: int) -> list[list[tuple[int, int]]]:
+    """The (epoch, index) keys of each local pass: `local_epochs` shuffled epochs, or with `local_steps`
+    one pass of exactly that many batches, cut from as many shuffled epochs as it takes."""
+    epochs = math.ceil(job.local_steps * job.batch_size / n) if job.local_steps else job.local_epochs
+    passes = [[(server_round * 1000 + e, int(i))
+               for i in np.random.default_rng([job.seed, server_round, e]).permutation(n)] for e in range(epochs)]
+    return [sum(passes, [])[:job.local_steps * job.batch_size]] if job.local_steps else passes
+
+
 def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Path, server_round: int,
                limits: SiteLimits = SiteLimits(), device: str = "cpu", local_file: Path | None = None,
                num_workers: int = 0) -> RoundResult:
-    """Evaluate the global model on the local validation split, train `job.local_epochs`, evaluate again.
+    """Evaluate the global model on the local validation split, train (`job.local_epochs` or `local_steps`),
+    evaluate again.
 
     Args:
         global_state: the server's full model state (shared and frozen parameters).
@@ -70,10 +81,10 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
     """
     folder = Path(folder)
     spec = check_dataset(folder)
-    reasons = check_job(job, spec, limits)
+    rows = {s: split_rows(folder, s, 0) for s in ("train", "val")}
+    reasons = check_job(job, spec, limits, len(rows["train"]))
     if reasons:
         raise JobRefused("; ".join(reasons))
-    rows = {s: split_rows(folder, s, 0) for s in ("train", "val")}
     if not rows["train"] or not rows["val"]:
         raise JobRefused(f"the site needs train and val samples (has {len(rows['train'])} and {len(rows['val'])})")
     torch.manual_seed(hash((job.seed, server_round)) & 0x7FFFFFFF)
@@ -101,9 +112,7 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
         return loss
 
     losses: list[float] = []
-    for epoch in range(job.local_epochs):
-        order = np.random.default_rng([job.seed, server_round, epoch]).permutation(len(sets["train"]))
-        keys = [(server_round * 1000 + epoch, int(i)) for i in order]
+    for keys in _local_passes(job, len(sets["train"]), server_round):
         batch_losses, _ = train_epoch(model, task_loader(sets["train"], keys, job.batch_size, num_workers), optimizer,
                                       scheduler, loss_fn, dev, False, 1.0)
         losses += batch_losses
@@ -112,7 +121,8 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
         _save_local(model, job, local_file)
     state = model.state_dict()
     shared = {n: state[n].detach().cpu() for n in shared_names(model, job)}
-    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "val_samples": float(len(rows["val"])),
+    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_steps": float(len(losses)),
+               "val_samples": float(len(rows["val"])),
                **{f"global_{k}": v for k, v in before.items()}, **{f"local_{k}": v for k, v in after.items()}}
     log.info("round %d: trained on %d samples, %d shared tensors", server_round, len(rows["train"]), len(shared))
     return RoundResult(shared, len(rows["train"]), metrics)

@@ -62,6 +62,18 @@ def test_a_round_shares_only_trainable_non_local_weights(sites, tmp_path):
         site_round(JOB, state, sites[2], 1)
 
 
+def test_local_steps_train_exactly_that_many_batches_within_the_site_limit(sites):
+    state = initial_state(JOB, None)
+    train = site_round(dataclasses.replace(JOB, local=(), batch_size=2), state, sites[0], 1).metrics["train_steps"]
+    for steps in (1, int(train) + 3):  # fewer, and more than one epoch's batches
+        result = site_round(dataclasses.replace(JOB, local=(), batch_size=2, local_steps=steps), state, sites[0], 1)
+        assert result.metrics["train_steps"] == steps
+    too_many = dataclasses.replace(JOB, batch_size=2, local_steps=1000)
+    with pytest.raises(JobRefused, match="local_steps 1000 x batch_size 2 is .* passes over the site's training "
+                                         "split, more than its max_local_epochs 10"):
+        site_round(too_many, state, sites[0], 1)
+
+
 def test_fedprox_keeps_the_update_nearer_the_global_model(sites):
     state = initial_state(JOB, None)
     drift = {}

@@ -1,0 +1,142 @@
+"""The ServerApp's round loop with the real ClientApp function, Flower's network replaced by in-process calls:
+participation, deadline and quorum, and resuming a run killed in the middle of a round."""
+
+import json
+import uuid
+
+import pytest
+import torch
+from conftest import TINY_ENCODER
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors import safe_open
+
+from echocare_client.client_app import train
+from echocare_core.checkpoint import load_weights
+from echocare_core.config import from_dict
+from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.federation.rounds import choose_sites
+from echocare_server.config import FederationConfig
+from echocare_server.server_app import run_rounds
+
+pytestmark = pytest.mark.slow
+
+
+class InProcessGrid:
+    """Flower's Grid for a test: each pulled message is answered at once by the ClientApp's `train`
+    with that site's node config; `silent` sites never answer; `crash_in_round` raises in that round."""
+
+    def __init__(self, sites: dict[int, dict], silent: tuple[int, ...] = (), crash_in_round: int = 0) -> None:
+        self.sites, self.silent, self.crash_in_round = sites, silent, crash_in_round
+        self.pending: dict[str, object] = {}
+        self.asked: list[tuple[int, int]] = []  # (round, node)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.sites)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's in-memory grid does
+            self.pending[msg.metadata.message_id] = msg
+            self.asked.append((int(msg.content["config"]["round"]), msg.metadata.dst_node_id))
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = []
+        for mid in message_ids:
+            msg = self.pending[mid]
+            node = msg.metadata.dst_node_id
+            if int(msg.content["config"]["round"]) == self.crash_in_round:
+                raise RuntimeError("the server was killed")
+            if node not in self.silent:
+                replies.append(train(msg, Context(1, node, self.sites[node], RecordDict(), {})))
+        return replies
+
+
+def _node_config(name, folder, state):
+    return {"site-name": name, "data-folder": str(folder), "state-dir": str(state / name), "device": "cpu",
+            "max-batch-size": 64, "max-local-epochs": 10}
+
+
+def _config(out, **rounds):
+    return from_dict(FederationConfig, {
+        "output": str(out), "server": {"insecure": True},
+        "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 2, "deadline": 600, **rounds},
+        "job": {"task": "segmentation", "labels": [0, 1], "encoder": dict(TINY_ENCODER), "feature_size": 8,
+                "mode": "lora", "lora_rank": 2, "batch_size": 8, "local_steps": 1}}, "federation")
+
+
+def _events(out):
+    return [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _flower_task(monkeypatch):
+    for key in ("_run_id", "_task_id", "_node_id"):  # what Flower sets in its ServerApp process
+        monkeypatch.setattr(TaskIdentity, key, 1)
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loop")
+    folders = write_dataset(tmp / "seg", "segmentation", sites=4, per_site=8, size=64, seed=2)
+    return {100 + i: _node_config(f"site_{i}", f, tmp / "state") for i, f in enumerate(folders)}
+
+
+def test_choose_sites_draws_a_share_reproducibly():
+    nodes = [11, 5, 7, 3, 9]
+    assert choose_sites(nodes, 1.0, 2, 0, 1) == [3, 5, 7, 9, 11]
+    picked = choose_sites(nodes, 0.4, 1, 0, 1)
+    assert len(picked) == 2 and set(picked) <= set(nodes) and picked == choose_sites(nodes[::-1], 0.4, 1, 0, 1)
+    assert len(choose_sites(nodes, 0.2, 3, 0, 1)) == 3  # never fewer than the quorum
+    assert {tuple(choose_sites(nodes, 0.4, 1, 0, r)) for r in range(1, 20)} != {tuple(picked)}  # drawn anew
+
+
+def test_participation_asks_a_share_and_aggregates_exactly_their_replies(sites, tmp_path):
+    grid = InProcessGrid(sites)
+    run_rounds(grid, _config(tmp_path / "run", participation=0.5))
+    for rnd in (1, 2):
+        asked = [node for r, node in grid.asked if r == rnd]
+        assert len(asked) == 2 and asked == choose_sites(list(sites), 0.5, 2, 0, rnd)
+        sent = []
+        for node in asked:
+            state = sites[node]["state-dir"]
+            with safe_open(f"{state}/sent/round_{rnd:04d}.safetensors", "pt") as f:
+                sent.append(({k: f.get_tensor(k) for k in f.keys()}, int(f.metadata()["num-examples"])))
+        total = sum(n for _, n in sent)
+        global_state = load_weights(tmp_path / "run" / "checkpoints" / f"round_{rnd:04d}")
+        for name in sent[0][0]:
+            expected = sum(t[name].double() * n for t, n in sent) / total
+            torch.testing.assert_close(global_state[name].double(), expected, rtol=1e-6, atol=1e-7)
+    replies = [e for e in _events(tmp_path / "run") if e["event"] == "reply"]
+    assert len(replies) == 4 and all(e["train_steps"] == 1 and e["seconds"] >= 0 for e in replies)
+
+
+def test_a_silent_site_misses_the_round_and_a_missing_quorum_fails_the_run(sites, tmp_path):
+    three = {n: sites[n] for n in list(sites)[:3]}
+    silent = list(three)[2]
+    run_rounds(InProcessGrid(three, silent=(silent,)), _config(tmp_path / "ok", rounds=1, deadline=1))
+    end = [e for e in _events(tmp_path / "ok") if e["event"] == "round_end"]
+    assert [s["site"] for s in end[0]["sites"]] == ["site_0", "site_1"]
+    with pytest.raises(RuntimeError, match="round 1: 2 valid replies; min_sites is 3"):
+        run_rounds(InProcessGrid(three, silent=(silent,)), _config(tmp_path / "quorum", min_sites=3, deadline=1))
+    assert _events(tmp_path / "quorum")[-1]["event"] == "failed"
+    assert not (tmp_path / "quorum" / "checkpoints").exists()
+
+
+def test_a_run_killed_mid_round_resumes_to_the_same_model_as_an_uninterrupted_run(sites, tmp_path):
+    two = {n: sites[n] for n in list(sites)[:2]}
+    out = tmp_path / "killed"
+    with pytest.raises(RuntimeError, match="killed"):
+        run_rounds(InProcessGrid(two, crash_in_round=2), _config(out, rounds=3))
+    run_rounds(InProcessGrid(two), _config(out, rounds=3))
+    events = _events(out)
+    assert [e["resumed_after"] for e in events if e["event"] == "start"] == [0, 1]
+    assert [e["round"] for e in events if e["event"] == "round_start"] == [1, 2, 2, 3]
+    assert [e["round"] for e in events if e["event"] == "round_end"] == [1, 2, 3]
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    run_rounds(InProcessGrid(two), _config(tmp_path / "whole", rounds=3))
+    resumed, whole = (load_weights(tmp_path / run / "checkpoints" / "round_0003") for run in ("killed", "whole"))
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
