@@ -11,7 +11,6 @@ on Ctrl-C. `--pretrain` runs the pretraining demo instead.
 from __future__ import annotations
 
 import argparse
-import csv
 from importlib import resources
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from echocare_core.cli import pretrain
 from echocare_core.cli.common import console, fail, setup_logging
 from echocare_core.config import load_config
 from echocare_core.data.contract import load_spec
-from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.data.synthetic_dataset import keep_patients, pool_sites, write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
@@ -45,33 +44,6 @@ def _pretrain_demo(out: Path, overrides: list[str]) -> int:
     with resources.as_file(resources.files("echocare_core.resources") / "pretrain_demo.yaml") as config:
         return pretrain.main(["--config", str(config), "--set", f"data.sources=[{sources}]",
                               "--set", f"output={out / 'run'}", *sum((["--set", o] for o in overrides), [])])
-
-
-def _shrink(folder: Path, share: float) -> None:
-    """Keep the first `share` of the manifest's patients (a smaller hospital); images stay on disk."""
-    with (folder / "manifest.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    patients = list(dict.fromkeys(r["patient"] for r in rows))
-    keep = set(patients[:max(3, round(share * len(patients)))])
-    with (folder / "manifest.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(r for r in rows if r["patient"] in keep)
-
-
-def _pooled(sites: list[Path], out: Path) -> Path:
-    """One dataset of all sites' rows (absolute paths, splits kept): the centralised baseline."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dataset.yaml").write_text((sites[0] / "dataset.yaml").read_text())
-    rows = []
-    for site in sites:
-        with (site / "manifest.csv").open(newline="") as f:
-            rows += [{**r, **{c: str(site / r[c]) for c in ("image", "mask") if r.get(c)}} for r in csv.DictReader(f)]
-    with (out / "manifest.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return out
 
 
 def _job(folder: Path, args: argparse.Namespace) -> dict:
@@ -108,12 +80,12 @@ def _federated_demo(args: argparse.Namespace) -> int:
         console.print(f"writing synthetic {args.task} data for {args.sites} hospitals to {data}")
         sites = write_dataset(data, args.task, args.sites, args.per_site, size=args.size, seed=0, overwrite=True)
         for site, share in zip(sites, [*SHARES, *[1.0] * len(sites)]):
-            _shrink(site, share)
+            keep_patients(site, share)
     sites = [data / f"site_{i:02d}" for i in range(args.sites)]
     console.print(f"[bold]federated:[/] {args.rounds} rounds x {args.local_epochs} local epoch(s), {len(sites)} sites")
     models = {"federated": _federate(out, sites, args)}
     console.print("[bold]centralised[/] (all data pooled) and [bold]local-only[/] (each site alone), same epochs")
-    models["centralised"] = _train(_pooled(sites, out / "pooled"), out / "centralised", args)
+    models["centralised"] = _train(pool_sites(sites, out / "pooled"), out / "centralised", args)
     local = {site: _train(site, out / "local" / site.name, args) for site in sites}
     main = MAIN_METRIC[args.task]
     table = Table(title=f"test {main} at each site ({out})")

@@ -29,7 +29,7 @@ from echocare_core.data.synthetic import (CLASSES, LANDMARK_NAMES, LESIONS, MAX_
                                           SPLIT_FRACTIONS, TASKS, generate_echo_clip, generate_image, lookup_option,
                                           profile_for_site)
 
-__all__ = ["CLIP_FRAMES", "DETECTION_CLASSES", "manifest_anatomy", "write_dataset"]
+__all__ = ["CLIP_FRAMES", "DETECTION_CLASSES", "keep_patients", "manifest_anatomy", "pool_sites", "write_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -275,3 +275,34 @@ def write_dataset(out: Path | str, task: str, sites: int, per_site: int, size: i
             (folder / name).unlink(missing_ok=True)
         _write_site(folder, task, site, per_site, size, seed, on_image)
     return folders
+
+
+def _manifest_text(rows: list[dict[str, str]]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def keep_patients(folder: Path, share: float) -> None:
+    """Make a smaller site: keep the first `share` of the manifest's patients (at least 3); images stay on disk."""
+    with (folder / "manifest.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    patients = list(dict.fromkeys(r["patient"] for r in rows))
+    keep = set(patients[:max(3, round(share * len(patients)))])
+    _write_text_atomic(folder / "manifest.csv", _manifest_text([r for r in rows if r["patient"] in keep]))
+
+
+def pool_sites(sites: list[Path], out: Path) -> Path:
+    """One dataset of all sites' rows (file columns made absolute, splits kept): the centralised baseline
+    that real hospitals cannot build."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for site in sites:
+        with (site / "manifest.csv").open(newline="") as f:
+            rows += [{**r, **{c: str(site / r[c]) for c in ("image", "mask", "target_image") if r.get(c)}}
+                     for r in csv.DictReader(f)]
+    _write_text_atomic(out / "manifest.csv", _manifest_text(rows))
+    _write_text_atomic(out / "dataset.yaml", (sites[0] / "dataset.yaml").read_text(encoding="utf-8"))
+    return out
