@@ -2,10 +2,11 @@
 
 For each model, two synthetic sites federate for a few rounds on 127.0.0.1 over the real runtime
 (`echocare-server`, two `echocare-client`s; Flower's SuperLink, SuperNodes and app processes). Per
-round: wall time, the slowest site's compute (time inside the ClientApp's training call, after its
-imports), the overhead (wall minus slowest compute: process starts, imports, polling, transfers),
-megabytes to and from each site, and the peak resident memory of each kind of process (sampled every
-0.2 s). Prints a table and writes JSON. A program, not a test.
+round: wall time, the slowest site's compute (the round inside the site worker of `echocare-client`:
+check the job, build the model, evaluate, train, evaluate), the slowest ClientApp call (compute plus
+handing the weights to the worker and back), the overhead (wall minus slowest compute: process starts,
+polling, transfers), megabytes to and from each site, and the peak resident memory of each kind of
+process (sampled every 0.2 s). Prints a table and writes JSON. A program, not a test.
 
     python bench/federation_overhead.py                 # about 10 minutes on 2 CPU cores
     python bench/federation_overhead.py --models tiny --rounds 2
@@ -31,7 +32,8 @@ MODELS = {  # 'base' has the paper's Swin-B size (88M parameters); 64 px keeps i
     "tiny": {"encoder": {"variant": "test", "img_size": 64, "patch_size": 4, "window_size": 4}, "mode": "lora"},
     "base": {"encoder": {"variant": "base", "img_size": 64, "patch_size": 4, "window_size": 4}, "mode": "full"},
 }
-KINDS = ("flower-superlink", "flwr-serverapp", "flower-supernode", "flwr-clientapp", "flower-superexec")
+KINDS = ("flower-superlink", "flwr-serverapp", "flower-supernode", "flwr-clientapp", "flower-superexec",
+         "echocare_client.cli")  # the last: echocare-client with its site worker
 
 
 class PeakMemory(threading.Thread):
@@ -74,6 +76,7 @@ def measure(name: str, rounds: int, tmp: Path) -> dict:
     history = read_metrics(tmp / name / "run" / "metrics.jsonl")
     per_round = [{"round": r["round"], "wall_s": r["seconds"],
                   "slowest_compute_s": max(s["compute_s"] for s in r["sites"]),
+                  "slowest_clientapp_s": max(s["clientapp_s"] for s in r["sites"]),
                   "mb_to_site": r["sites"][0]["bytes_sent"] / 1e6, "mb_from_site": r["sites"][0]["bytes_received"] / 1e6}
                  for r in history]
     for r in per_round:
@@ -90,14 +93,17 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="echocare_fo_") as name:
         results = [measure(m, args.rounds, Path(name)) for m in args.models]
-    print(f"{'model':<6} {'MB to/from site':>16} {'round s':>8} {'compute s':>10} {'overhead s':>11} "
-          f"{'run s':>6}  peak RSS MB: superlink / serverapp / supernode / clientapp / superexec")
+    print(f"{'model':<6} {'MB to/from site':>16} {'round s':>8} {'compute s':>10} {'clientapp s':>12} "
+          f"{'overhead s':>11} {'run s':>6}  peak RSS MB: superlink / serverapp / supernode / clientapp / superexec / "
+          f"echocare-client")
     for r in results:
         rounds = r["rounds"]
-        med = {k: float(np.median([x[k] for x in rounds])) for k in ("wall_s", "slowest_compute_s", "overhead_s")}
+        med = {k: float(np.median([x[k] for x in rounds]))
+               for k in ("wall_s", "slowest_compute_s", "slowest_clientapp_s", "overhead_s")}
         mem = " / ".join(f"{r['peak_rss_mb'][k]:.0f}" for k in KINDS)
         print(f"{r['model']:<6} {rounds[0]['mb_to_site']:>7.1f} / {rounds[0]['mb_from_site']:<7.1f} "
-              f"{med['wall_s']:>8.1f} {med['slowest_compute_s']:>10.1f} {med['overhead_s']:>11.1f} "
+              f"{med['wall_s']:>8.1f} {med['slowest_compute_s']:>10.1f} {med['slowest_clientapp_s']:>12.1f} "
+              f"{med['overhead_s']:>11.1f} "
               f"{r['total_s']:>6.0f}  {mem}")
     print("(round, compute and overhead: medians over rounds)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

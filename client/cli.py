@@ -1,8 +1,9 @@
 """`echocare-client --config site.yaml`: check the site's dataset, then keep a Flower SuperNode connected.
 
-The SuperNode connects out to the coordinator and runs `echocare_client.client_app` for each round;
-it is restarted (with back-off) when it exits on its own, e.g. after the server restarted without
-its database. Ctrl-C or SIGTERM stops it cleanly.
+The SuperNode connects out to the coordinator and runs `echocare_client.client_app` for each round,
+which hands the round to this process's site worker (torch and the model code stay loaded). The
+SuperNode is restarted (with back-off) when it exits on its own, e.g. after the server restarted
+without its database. Ctrl-C or SIGTERM stops it cleanly.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from echocare_core.config import ConfigError, load_config
 from echocare_core.data.contract import verify_dataset
 from echocare_core.federation.processes import FlowerError, free_port, start, stop, toml_value
 from echocare_client.config import SiteConfig
+from echocare_client.worker import SiteWorker
 
 PROG = "echocare-client"
 
@@ -27,11 +29,15 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def write_node_config(cfg: SiteConfig, state: Path) -> Path:
+def node_values(cfg: SiteConfig, state: Path) -> dict[str, str | int]:
+    """What the ClientApp and the site worker read from the node config."""
+    return {"site-name": cfg.name, "data-folder": str(Path(cfg.data).resolve()), "device": _device(cfg.device),
+            "state-dir": str(state), "max-batch-size": cfg.limits.max_batch_size,
+            "max-local-epochs": cfg.limits.max_local_epochs}
+
+
+def write_node_config(values: dict[str, str | int], state: Path) -> Path:
     """The SuperNode's `--node-config` file: what the ClientApp reads from `context.node_config`."""
-    values = {"site-name": cfg.name, "data-folder": str(Path(cfg.data).resolve()), "device": _device(cfg.device),
-              "state-dir": str(state), "max-batch-size": cfg.limits.max_batch_size,
-              "max-local-epochs": cfg.limits.max_local_epochs}
     path = state / "node.toml"
     tmp = path.with_name(".node.toml.tmp")
     tmp.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()), encoding="utf-8")
@@ -54,7 +60,17 @@ def main(argv: list[str] | None = None) -> int:
                           f"with: echocare-data verify {cfg.data}")
     state = Path(cfg.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    node_config = write_node_config(cfg, state)
+    values = node_values(cfg, state)
+    worker = SiteWorker(values)  # keeps the training stack loaded between rounds
+    worker.start()
+    try:
+        return _supervise(cfg, state, write_node_config({**values, "worker-socket": worker.socket_path}, state))
+    finally:
+        worker.close()
+
+
+def _supervise(cfg: SiteConfig, state: Path, node_config: Path) -> int:
+    """Keep Flower's SuperNode running until Ctrl-C / SIGTERM; restart it with back-off when it exits."""
     stop_flag = StopFlag("disconnecting from the federation")
     cmd = ["flower-supernode", "--insecure", "--superlink", cfg.server, "--node-config", str(node_config)]
     restarts = 0

@@ -286,11 +286,14 @@ def _manifest_text(rows: list[dict[str, str]]) -> str:
 
 
 def keep_patients(folder: Path, share: float) -> None:
-    """Make a smaller site: keep the first `share` of the manifest's patients (at least 3); images stay on disk."""
+    """Make a smaller site: keep the first `share` of each split's patients (at least one per split); the
+    images stay on disk."""
     with (folder / "manifest.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
-    patients = list(dict.fromkeys(r["patient"] for r in rows))
-    keep = set(patients[:max(3, round(share * len(patients)))])
+    keep = set()
+    for split in dict.fromkeys(r["split"] for r in rows):
+        patients = list(dict.fromkeys(r["patient"] for r in rows if r["split"] == split))
+        keep |= set(patients[:max(1, round(share * len(patients)))])
     _write_text_atomic(folder / "manifest.csv", _manifest_text([r for r in rows if r["patient"] in keep]))
 
 

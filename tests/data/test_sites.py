@@ -11,6 +11,7 @@ def test_shrunk_sites_and_the_pooled_dataset_pass_the_check(tmp_path):
     after = read_manifest(sites[1])[1]
     kept = {r["patient"] for r in after}
     assert len(after) < len(before) and after == [r for r in before if r["patient"] in kept]
+    assert {r["split"] for r in after} == {"train", "val", "test"}
     pooled = pool_sites(sites, tmp_path / "pooled")
     report = verify_dataset(pooled)
     assert report.ok, report.problems

@@ -1,0 +1,121 @@
+"""The site worker: a long-lived thread of `echocare-client` that keeps torch, MONAI and the toolkit loaded and
+runs each round the ClientApp hands it.
+
+Flower starts a fresh ClientApp process for every message, and importing the training stack costs about
+8 s and 1 GB each time. So the ClientApp stays light (flwr and numpy): it writes the received weights to
+the site's state folder and asks the worker over a Unix socket in a private folder (mode 0700) whose path
+the node config carries; the worker trains and writes what may leave the site, which the ClientApp sends.
+Without a worker (a SuperNode started by hand) the ClientApp runs the same `run_request` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["SiteWorker", "ask_worker", "run_request"]
+
+log = logging.getLogger(__name__)
+
+
+def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    """One round at this site.
+
+    Args:
+        node: the SuperNode's node config (site-name, data-folder, state-dir, device, limits).
+        request: {"round": N, "job": job JSON, "arrays": safetensors file of the global model}.
+
+    Returns:
+        {"shared": file of what leaves the site, "samples": N, "metrics": {...}} or {"refused": reason}
+        (a worker answers {"failed": reason} when the round raised); reasons name job keys and declared
+        labels, never paths or sample data.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from echocare_core.engine.finetune import DatasetInvalidError
+    from echocare_core.federation.job import Job, SiteLimits
+    from echocare_core.federation.site import JobRefused, site_round
+
+    site, state_dir, rnd = str(node["site-name"]), Path(str(node["state-dir"])), int(request["round"])
+    limits = SiteLimits(int(node["max-batch-size"]), int(node["max-local-epochs"]))
+    t0 = time.perf_counter()
+    try:
+        job = Job.from_json(str(request["job"]))
+        result = site_round(job, load_file(request["arrays"]), Path(str(node["data-folder"])), rnd, limits,
+                            str(node["device"]), state_dir / "local_layers.safetensors")
+    except JobRefused as exc:
+        return {"refused": str(exc)}
+    except DatasetInvalidError:
+        return {"refused": "the site's dataset fails its check (see echocare-data verify at the site)"}
+    except ValueError as exc:  # a job this toolkit version cannot read or build; details stay in the site's log
+        log.warning("site %s cannot run the job: %s", site, exc)
+        return {"refused": f"unreadable job ({type(exc).__name__})"}
+    sent = state_dir / "sent" / f"round_{rnd:04d}.safetensors"  # the site's copy of everything that left it
+    sent.parent.mkdir(parents=True, exist_ok=True)
+    tmp = sent.with_name(f".{sent.name}.tmp")
+    save_file({k: v.contiguous() for k, v in result.shared.items()}, str(tmp),
+              metadata={"num-examples": str(result.samples)})
+    os.replace(tmp, sent)
+    metrics = {"compute_s": time.perf_counter() - t0, **{k: v for k, v in result.metrics.items() if math.isfinite(v)}}
+    return {"shared": str(sent), "samples": result.samples, "metrics": metrics}
+
+
+def ask_worker(path: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Send `request` to the worker listening on `path` and wait for its answer (as long as the round takes).
+
+    Raises:
+        OSError: no worker listens there, or it stopped before answering.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(path)
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        line = conn.makefile("rb").readline()
+    if not line:
+        raise ConnectionError("the site worker stopped before answering")
+    return json.loads(line)
+
+
+class SiteWorker(threading.Thread):
+    """Answers the ClientApp's requests one at a time with `run_request`, on a socket only this user can reach."""
+
+    def __init__(self, node: Mapping[str, Any]) -> None:
+        super().__init__(daemon=True, name="echocare-site-worker")
+        self.node = dict(node)
+        self.folder = Path(tempfile.mkdtemp(prefix="echocare-site-"))  # mode 0700; short enough for AF_UNIX
+        self.socket_path = str(self.folder / "worker.sock")
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.socket_path)
+        self.server.listen()
+
+    def run(self) -> None:
+        import echocare_core.federation.site  # noqa: F401 - pay the imports once, before the first round
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                try:
+                    request = json.loads(conn.makefile("rb").readline())
+                    answer = run_request(self.node, request)
+                except Exception as exc:  # noqa: BLE001 - the site's log gets the details, the server a type name
+                    log.exception("site %s: the round failed", self.node.get("site-name"))
+                    answer = {"failed": f"the round failed at the site ({type(exc).__name__}; see the site's log)"}
+                try:
+                    conn.sendall(json.dumps(answer).encode() + b"\n")
+                except OSError:
+                    log.warning("the ClientApp left before the answer")
+
+    def close(self) -> None:
+        self.server.close()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,57 @@
+"""The site worker: the ClientApp's rounds run in `echocare-client`'s long-lived process, with the same result
+as in the ClientApp's own process; refusals and failures come back with a reason and no data."""
+
+import os
+import stat
+
+import pytest
+import torch
+from conftest import TINY_ENCODER
+from safetensors.torch import load_file, save_file
+
+from echocare_client.worker import SiteWorker, ask_worker, run_request
+from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.federation.job import Job
+from echocare_core.federation.rounds import initial_state
+from echocare_core.models.swin import EncoderConfig
+
+JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, mode="lora",
+          lora_rank=2, batch_size=8, local_steps=1)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("worker")
+    folder = write_dataset(tmp / "seg", "segmentation", sites=1, per_site=8, size=64, seed=4)[0]
+    node = {"site-name": "site_w", "data-folder": str(folder), "state-dir": str(tmp / "state"), "device": "cpu",
+            "max-batch-size": 64, "max-local-epochs": 10}
+    arrays = tmp / "global.safetensors"
+    save_file(initial_state(JOB, None), str(arrays))
+    worker = SiteWorker(node)
+    worker.start()
+    yield node, str(arrays), worker
+    worker.close()
+
+
+def test_the_worker_gives_what_the_clientapp_process_gives(site):
+    node, arrays, worker = site
+    assert stat.S_IMODE(os.stat(worker.folder).st_mode) == 0o700  # only the site's user reaches the socket
+    request = {"round": 1, "job": JOB.to_json(), "arrays": arrays}
+    here = run_request(node, request)
+    here_shared = load_file(here["shared"])
+    there = ask_worker(worker.socket_path, request)
+    assert there["samples"] == here["samples"] > 0 and there["shared"] == here["shared"]
+    assert there["metrics"]["train_steps"] == 1 and there["metrics"].keys() == here["metrics"].keys()
+    there_shared = load_file(there["shared"])
+    assert there_shared.keys() == here_shared.keys()
+    assert all(torch.equal(there_shared[k], here_shared[k]) for k in here_shared)
+
+
+def test_refusals_and_failures_come_back_with_a_reason_and_the_worker_goes_on(site):
+    node, arrays, worker = site
+    wrong = Job(task="classification", classes=("a", "b"), encoder=JOB.encoder).to_json()
+    refused = ask_worker(worker.socket_path, {"round": 2, "job": wrong, "arrays": arrays})
+    assert refused == {"refused": "job task 'classification' but the site's dataset is 'segmentation'"}
+    failed = ask_worker(worker.socket_path, {"round": 3, "job": JOB.to_json(), "arrays": arrays + ".missing"})
+    assert failed == {"failed": "the round failed at the site (FileNotFoundError; see the site's log)"}
+    assert "refused" not in ask_worker(worker.socket_path, {"round": 4, "job": JOB.to_json(), "arrays": arrays})
