@@ -3,7 +3,8 @@
 The SuperNode connects out to the coordinator and runs `echocare_client.client_app` for each round,
 which hands the round to this process's site worker (torch and the model code stay loaded). The
 SuperNode is restarted (with back-off) when it exits on its own, e.g. after the server restarted
-without its database. Ctrl-C or SIGTERM stops it cleanly.
+without its database. Ctrl-C or SIGTERM stops it cleanly. The site refuses to start when its privacy
+ledger was edited or deleted; `echocare-client privacy --config site.yaml` prints the ledger.
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
 from echocare_core.config import ConfigError, load_config
 from echocare_core.data.contract import verify_dataset
 from echocare_core.federation.processes import FlowerError, free_port, start, stop, toml_value
+from echocare_core.privacy.ledger import LedgerError, PrivacyLedger, dataset_fingerprint
 from echocare_client.config import SiteConfig
 from echocare_client.worker import SiteWorker
 
@@ -33,7 +38,8 @@ def node_values(cfg: SiteConfig, state: Path) -> dict[str, str | int]:
     """What the ClientApp and the site worker read from the node config."""
     return {"site-name": cfg.name, "data-folder": str(Path(cfg.data).resolve()), "device": _device(cfg.device),
             "state-dir": str(state), "max-batch-size": cfg.limits.max_batch_size,
-            "max-local-epochs": cfg.limits.max_local_epochs}
+            "max-local-epochs": cfg.limits.max_local_epochs, "privacy-required": cfg.privacy.required,
+            "privacy-budget": cfg.privacy.epsilon_budget, "privacy-delta": cfg.privacy.delta}
 
 
 def write_node_config(values: dict[str, str | int], state: Path) -> Path:
@@ -45,21 +51,52 @@ def write_node_config(values: dict[str, str | int], state: Path) -> Path:
     return path
 
 
+def show_ledger(cfg: SiteConfig, state: Path) -> int:
+    """Print the site's privacy ledger: every DP round per dataset and the epsilon spent against the budget."""
+    folder = state / "privacy"
+    if not (folder / "ledger.json").exists() and not (folder / "ledger.key").exists():
+        console.print(f"site {cfg.name}: no privacy ledger yet (no DP round has run with state_dir {state})")
+        return 0
+    ledger = PrivacyLedger(folder, cfg.privacy.epsilon_budget, cfg.privacy.delta)
+    current = dataset_fingerprint(cfg.data)
+    budget = f"{cfg.privacy.epsilon_budget:g}" if cfg.privacy.epsilon_budget else "no cap"
+    for dataset in sorted(ledger.datasets, key=lambda d: d != current):
+        mine = " (the dataset of this site.yaml)" if dataset == current else ""
+        table = Table(title=f"dataset {dataset[:12]}{mine}: epsilon {ledger.spent(dataset):.3f} spent at delta "
+                            f"{cfg.privacy.delta:g}; budget {budget}")
+        for col in ("job", "round", "noise multiplier", "sample rate", "steps", "epsilon after", "when (UTC)"):
+            table.add_column(col, justify="left" if col in ("job", "when (UTC)") else "right")
+        for s in ledger.spends(dataset):
+            table.add_row(s.job[:12], str(s.round), f"{s.noise_multiplier:.3f}", f"{s.sample_rate:.4f}", str(s.steps),
+                          f"{s.epsilon:.3f}", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.time)))
+        Console().print(table)
+    if current not in ledger.datasets:
+        console.print(f"this site.yaml's dataset ({current[:12]}) has spent nothing yet")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(PROG, "Join a federation: check this site's dataset, then connect to the coordinator "
                                  "and train each round on local data; only the shared weights leave the site.")
+    parser.add_argument("action", nargs="?", choices=("run", "privacy"), default="run",
+                        help="run: join the federation; privacy: print the site's privacy ledger")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
         cfg = load_config(SiteConfig, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
         return fail(PROG, str(exc))
+    state = Path(cfg.state_dir).resolve()
     report = verify_dataset(cfg.data)
     if not report.ok:
         return fail(PROG, f"{cfg.data} fails the dataset check with {len(report.problems)} problem(s); see them "
                           f"with: echocare-data verify {cfg.data}")
-    state = Path(cfg.state_dir).resolve()
-    state.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.action == "privacy":
+            return show_ledger(cfg, state)
+        PrivacyLedger(state / "privacy", cfg.privacy.epsilon_budget, cfg.privacy.delta)  # refuse a broken ledger
+    except LedgerError as exc:
+        return fail(PROG, str(exc), code=1)
     values = node_values(cfg, state)
     worker = SiteWorker(values)  # keeps the training stack loaded between rounds
     worker.start()

@@ -56,7 +56,9 @@ def train(msg: Message, context: Context) -> Message:
     inbox.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: a.numpy() for k, a in msg.content["arrays"].items()}, str(inbox))
     try:
-        answer = _run(node, {"round": rnd, "job": str(msg.content["config"]["job"]), "arrays": str(inbox)})
+        config = msg.content["config"]
+        answer = _run(node, {"round": rnd, "rounds": int(config.get("rounds", rnd)), "job": str(config["job"]),
+                             "arrays": str(inbox)})
     finally:
         os.remove(inbox)  # the global model, not the site's data: no reason to keep it
     if "refused" in answer or "failed" in answer:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from echocare_core.federation.job import SiteLimits
+from echocare_core.privacy.settings import SitePrivacy
 
 __all__ = ["SiteConfig"]
 
@@ -19,6 +20,7 @@ class SiteConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     state_dir: str = "echocare_site"  # Flower's state, site-local layers, a copy of everything sent, logs
     limits: SiteLimits = field(default_factory=SiteLimits)
+    privacy: SitePrivacy = field(default_factory=SitePrivacy)
     max_restarts: int = 5  # restarts of Flower's SuperNode after it exits on its own (e.g. the server restarted)
 
     def __post_init__(self) -> None:

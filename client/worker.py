@@ -22,9 +22,18 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["SiteWorker", "ask_worker", "run_request"]
+__all__ = ["SiteWorker", "ask_worker", "run_request", "site_terms"]
 
 log = logging.getLogger(__name__)
+
+
+def site_terms(node: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The site's `SiteLimits` and `SitePrivacy` from the node config (`echocare_client.cli.node_values`)."""
+    from echocare_core.federation.job import SiteLimits
+    from echocare_core.privacy.settings import SitePrivacy
+
+    return (SiteLimits(int(node["max-batch-size"]), int(node["max-local-epochs"])),
+            SitePrivacy(bool(node["privacy-required"]), float(node["privacy-budget"]), float(node["privacy-delta"])))
 
 
 def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +41,8 @@ def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
 
     Args:
         node: the SuperNode's node config (site-name, data-folder, state-dir, device, limits).
-        request: {"round": N, "job": job JSON, "arrays": safetensors file of the global model}.
+        request: {"round": N, "rounds": the rounds the job plans, "job": job JSON, "arrays": safetensors file
+            of the global model}.
 
     Returns:
         {"shared": file of what leaves the site, "samples": N, "metrics": {...}} or {"refused": reason}
@@ -42,16 +52,18 @@ def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
     from safetensors.torch import load_file, save_file
 
     from echocare_core.engine.finetune import DatasetInvalidError
-    from echocare_core.federation.job import Job, SiteLimits
+    from echocare_core.federation.job import Job
     from echocare_core.federation.site import JobRefused, site_round
 
     site, state_dir, rnd = str(node["site-name"]), Path(str(node["state-dir"])), int(request["round"])
-    limits = SiteLimits(int(node["max-batch-size"]), int(node["max-local-epochs"]))
+    limits, privacy = site_terms(node)
     t0 = time.perf_counter()
     try:
         job = Job.from_json(str(request["job"]))
         result = site_round(job, load_file(request["arrays"]), Path(str(node["data-folder"])), rnd, limits,
-                            str(node["device"]), state_dir / "local_layers.safetensors")
+                            str(node["device"]), state_dir / "local_layers.safetensors",
+                            privacy=privacy, ledger_dir=state_dir / "privacy",
+                            rounds=int(request.get("rounds", rnd)))
     except JobRefused as exc:
         return {"refused": str(exc)}
     except DatasetInvalidError:

@@ -66,15 +66,17 @@ def prepare(cfg: FederationConfig, out: Path) -> tuple[Path, Path]:
 
 def _round_table(title: str, sites: list[dict], main: str) -> Table:
     """Per site: samples, steps, train loss, the main validation metric of the received and the trained model,
-    seconds until its reply, MB each way."""
+    the epsilon its data has spent (DP jobs), seconds until its reply, MB each way."""
     table = Table(title=title)
-    for col in ("site", "samples", "steps", "loss", f"global {main}", f"local {main}", "reply s", "MB to site",
-                "MB from site"):
+    private = any("epsilon" in s for s in sites)
+    for col in ("site", "samples", "steps", "loss", f"global {main}", f"local {main}", *(["epsilon"] * private),
+                "reply s", "MB to site", "MB from site"):
         table.add_column(col, justify="left" if col == "site" else "right")
     for s in sites:
+        spent = [f"{s['epsilon']:.2f}" if "epsilon" in s else "no DP"] if private else []
         table.add_row(s["site"], f"{s['num-examples']:.0f}", f"{s.get('train_steps', float('nan')):.0f}",
                       f"{s.get('train_loss', float('nan')):.3f}", f"{s.get(f'global_{main}', float('nan')):.3f}",
-                      f"{s.get(f'local_{main}', float('nan')):.3f}", f"{s.get('seconds', float('nan')):.1f}",
+                      f"{s.get(f'local_{main}', float('nan')):.3f}", *spent, f"{s.get('seconds', float('nan')):.1f}",
                       f"{s['bytes_sent'] / 1e6:.2f}", f"{s['bytes_received'] / 1e6:.2f}")
     return table
 

@@ -75,7 +75,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     """
     from echocare_core.engine.finetune import write_json_lines
     from echocare_core.engine.metrics import MAIN_METRIC
-    from echocare_core.engine.report import write_federation_report
+    from echocare_core.engine.report import privacy_spent, write_federation_report
     from echocare_core.federation.job import job_hash, shared_names
     from echocare_core.federation.rounds import aggregate, choose_sites, initial_state, resume, save_round
     from echocare_core.federation.site import build_job_model
@@ -97,7 +97,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         connected = wait_for_sites(grid, settings.min_sites, settings.wait_for_sites)
         nodes = choose_sites(connected, settings.participation, settings.min_sites, job.seed, rnd)
         arrays = ArrayRecord(state)
-        messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"round": rnd, "job": job_json})}),
+        messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"round": rnd, "rounds": settings.rounds, "job": job_json})}),
                             dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd),
                             ttl=settings.deadline) for node in nodes]
         progress("round_start", round=rnd, sites=len(nodes), connected=len(connected))
@@ -123,7 +123,8 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
             raise RuntimeError(f"round {rnd}: {len(updates)} valid replies; min_sites is {settings.min_sites}")
         state, server_state = aggregate(state, updates, cfg.strategy, server_state)
         history.append({"round": rnd, "seconds": round(time.time() - t0, 2), "sites": sorted(sites, key=lambda s: s["site"])})
-        path = save_round(out, job, state, rnd, {"sites": len(sites)}, history, server_state)
+        path = save_round(out, job, state, rnd, {"sites": len(sites), "privacy": privacy_spent(history)}, history,
+                          server_state)
         write_json_lines(out / "metrics.jsonl", history)
         progress("round_end", **history[-1], checkpoint=str(path))
     report = write_federation_report(out, MAIN_METRIC[job.task])

@@ -252,16 +252,27 @@ def check_dataset(folder: Path) -> DatasetSpec:
 
 
 def train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
-                loss_fn: Callable, device: torch.device, bf16: bool, clip: float) -> tuple[list[float], int]:
+                loss_fn: Callable, device: torch.device, bf16: bool, clip: float, dp: Any = None
+                ) -> tuple[list[float], int]:
     """One pass over the training data; returns the batch losses and the number of unreadable samples.
+
+    Args:
+        dp: a `DPTraining` whose module, optimizer and Poisson loader these are: per-sample clipping and noise
+            replace `clip`, every batch is checked to be per sample, and an empty batch is still a (noise) step.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite.
+        PrivacyError: under DP, a per-sample gradient that is not per sample.
     """
     losses, skipped = [], 0
     for batch in loader:
         skipped += batch["skipped"]
         if "image" not in batch:
+            if dp is not None:
+                dp.empty_batch()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch["image"].to(device))
@@ -270,7 +281,10 @@ def train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.o
             raise NonFiniteLossError(f"non-finite loss after {len(losses)} batches of this epoch; lower optim.lr "
                                      f"or use precision: fp32")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
+        if dp is None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
+        else:
+            dp.check(len(batch["image"]))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["read_metrics", "write_federation_report", "write_pretrain_report"]
+__all__ = ["privacy_spent", "read_metrics", "write_federation_report", "write_pretrain_report"]
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -81,6 +81,13 @@ def write_pretrain_report(run_dir: Path, skipped: dict[str, int]) -> Path:
     return run_dir / "report.md"
 
 
+def privacy_spent(history: list[dict]) -> dict[str, dict[str, float]]:
+    """Each site's latest reported (epsilon, delta) in a federated run's history: what the model has cost each
+    site's data so far."""
+    return {s["site"]: {"epsilon": s["epsilon"], "delta": s["delta"]} for r in history for s in r["sites"]
+            if "epsilon" in s}
+
+
 def write_federation_report(run_dir: Path, main: str) -> Path:
     """Write `report.md` and `curves.png` from a federated run's `metrics.jsonl` (one line per round).
 
@@ -116,11 +123,18 @@ def write_federation_report(run_dir: Path, main: str) -> Path:
     lines += [f"{len(rounds)} round(s); the global model after round {last['round']} is in "
               f"`checkpoints/round_{last['round']:04d}` (loadable by echocare-evaluate and echocare-predict).", "",
               "![learning curves](curves.png)", "", f"Round {last['round']}, per site (validation split of each site):",
-              "", f"| site | samples | train loss | global {main} | local {main} | MB to site | MB from site |",
-              "|---|---|---|---|---|---|---|"]
+              "", f"| site | samples | train loss | global {main} | local {main} | epsilon (delta) | MB to site | "
+                  f"MB from site |", "|---|---|---|---|---|---|---|---|"]
     for s in last["sites"]:
+        spent = f"{s['epsilon']:.3f} ({s['delta']:g})" if "epsilon" in s else "no DP"
         lines.append(f"| {s['site']} | {s['num-examples']:.0f} | {s.get('train_loss', float('nan')):.4f} | "
                      f"{s.get(f'global_{main}', float('nan')):.4f} | {s.get(f'local_{main}', float('nan')):.4f} | "
-                     f"{s['bytes_sent'] / 1e6:.2f} | {s['bytes_received'] / 1e6:.2f} |")
+                     f"{spent} | {s['bytes_sent'] / 1e6:.2f} | {s['bytes_received'] / 1e6:.2f} |")
+    spent_by_site = privacy_spent(rounds)
+    if spent_by_site:
+        lines += ["", "Differential privacy: epsilon each site's data has spent on this run's model: "
+                  + ", ".join(f"{site} {v['epsilon']:.3f} (delta {v['delta']:g})"
+                              for site, v in sorted(spent_by_site.items()))
+                  + ". Each site's ledger has its lifetime total (`echocare-client privacy --config site.yaml`)."]
     _write_text(run_dir / "report.md", lines)
     return run_dir / "report.md"

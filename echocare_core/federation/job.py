@@ -21,8 +21,9 @@ from torch import nn
 from echocare_core.config import from_dict, to_dict
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.models.swin import EncoderConfig
+from echocare_core.privacy.settings import DPSettings, SitePrivacy
 
-__all__ = ["Job", "SiteLimits", "check_job", "job_hash", "local_passes", "shared_names", "weighted_mean"]
+__all__ = ["Job", "SiteLimits", "check_job", "job_hash", "shared_names", "weighted_mean"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Job:
     weight_decay: float = 0.05
     batch_size: int = 16
     proximal_mu: float = 0.0  # FedProx: the site adds mu/2 * |w - w_global|^2 to its loss
+    privacy: DPSettings = field(default_factory=DPSettings)  # DP-SGD at every site, epsilon for the whole job
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,16 +84,18 @@ class SiteLimits:
     max_local_epochs: int = 10
 
 
-def local_passes(job: Job, train_samples: int) -> float:
+def _passes(job: Job, train_samples: int) -> float:
     """Passes over the site's training split one round asks for (`local_steps` batches or `local_epochs`)."""
     return job.local_steps * job.batch_size / max(train_samples, 1) if job.local_steps else float(job.local_epochs)
 
 
-def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits, train_samples: int | None = None) -> list[str]:
+def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits, train_samples: int | None = None,
+              privacy: SitePrivacy = SitePrivacy()) -> list[str]:
     """Reasons to refuse the job at this site (empty: accept). Reasons name keys, not data.
 
     Args:
         train_samples: the site's training samples; with it, `local_steps` counts against `max_local_epochs`.
+        privacy: the site's privacy terms (DP required, delta).
     """
     reasons = []
     if job.task != spec.task:
@@ -109,10 +113,25 @@ def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits, train_samples: in
     if not job.local_steps and job.local_epochs > limits.max_local_epochs:
         reasons.append(f"job local_epochs {job.local_epochs} exceeds the site's max_local_epochs "
                        f"{limits.max_local_epochs}")
-    elif job.local_steps and train_samples and local_passes(job, train_samples) > limits.max_local_epochs:
+    elif job.local_steps and train_samples and _passes(job, train_samples) > limits.max_local_epochs:
         reasons.append(f"job local_steps {job.local_steps} x batch_size {job.batch_size} is "
-                       f"{local_passes(job, train_samples):.1f} passes over the site's training split, more than "
+                       f"{_passes(job, train_samples):.1f} passes over the site's training split, more than "
                        f"its max_local_epochs {limits.max_local_epochs}")
+    return reasons + _privacy_reasons(job, privacy)
+
+
+def _privacy_reasons(job: Job, site: SitePrivacy) -> list[str]:
+    dp = job.privacy
+    if not dp.on:
+        return ["the site trains only with differential privacy and the job's privacy.epsilon is 0"] \
+            if site.required else []
+    reasons = []
+    if dp.delta > site.delta:
+        reasons.append(f"job privacy.delta {dp.delta:g} is above the site's delta {site.delta:g}")
+    if job.task == "regression":
+        reasons.append("differential privacy for clip regression is not supported yet (frames share the batch)")
+    if job.proximal_mu > 0:
+        reasons.append("differential privacy with FedProx (proximal_mu > 0) is not supported yet")
     return reasons
 
 

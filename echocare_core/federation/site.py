@@ -12,16 +12,19 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
-from echocare_core.data.finetune import TaskDataset, split_rows
+from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.engine.finetune import check_dataset, evaluate_model, task_loader, task_loss, train_epoch
 from echocare_core.engine.optim import build_optimizer
-from echocare_core.federation.job import Job, SiteLimits, check_job, shared_names
+from echocare_core.federation.job import Job, SiteLimits, check_job, job_hash, shared_names
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
+from echocare_core.privacy.settings import SitePrivacy
 
 __all__ = ["JobRefused", "RoundResult", "build_job_model", "site_round"]
 
@@ -64,15 +67,50 @@ def _local_passes(job: Job, n: int, server_round: int) -> list[list[tuple[int, i
     return [sum(passes, [])[:job.local_steps * job.batch_size]] if job.local_steps else passes
 
 
+def _train_private(job: Job, model: EchoCareTaskModel, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   loss_fn: Any, train_set: TaskDataset, server_round: int, rounds: int, privacy: SitePrivacy,
+                   ledger_dir: Path | None, device: torch.device, num_workers: int) -> tuple[list[float], dict]:
+    """DP-SGD for one round: noise calibrated for the whole job, the spend recorded in the ledger before
+    training, Poisson batches. Returns the batch losses and the privacy metrics (epsilon spent so far)."""
+    from echocare_core.privacy.dp import (DPTraining, noise_multiplier, poisson_batches, secret_generator,
+                                          steps_per_round)
+    from echocare_core.privacy.ledger import BudgetExceeded, LedgerError, PrivacyLedger, dataset_fingerprint
+
+    n = len(train_set)
+    q, steps = min(1.0, job.batch_size / n), steps_per_round(job.local_epochs, job.local_steps, job.batch_size, n)
+    sigma = noise_multiplier(job.privacy, q, steps * rounds)
+    if ledger_dir is None:
+        raise JobRefused("the job asks for differential privacy and this site keeps no privacy ledger")
+    try:
+        ledger = PrivacyLedger(ledger_dir, privacy.epsilon_budget, privacy.delta)
+        spend = ledger.record(dataset_fingerprint(train_set.folder), job_hash(job), server_round, sigma, q, steps)
+    except BudgetExceeded as exc:
+        raise JobRefused(str(exc)) from exc
+    except LedgerError as exc:  # names files: stays in the site's log
+        log.error("%s", exc)
+        raise JobRefused("the site's privacy ledger cannot be trusted (see the site's log)") from exc
+    dp = DPTraining(model, optimizer, job.privacy, sigma, job.batch_size)
+    keys = [(server_round * 1000, i) for i in range(n)]
+    batches = [[keys[i] for i in b] for b in poisson_batches(n, q, steps, secret_generator())]
+    loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate_task, num_workers=num_workers)
+    losses, _ = train_epoch(dp.module, loader, dp.optimizer, scheduler, loss_fn, device, False, 1.0, dp=dp)
+    dp.module.remove_hooks()
+    return losses, {"epsilon": spend.epsilon, "delta": spend.delta, "noise_multiplier": sigma, "sample_rate": q}
+
+
 def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Path, server_round: int,
                limits: SiteLimits = SiteLimits(), device: str = "cpu", local_file: Path | None = None,
-               num_workers: int = 0) -> RoundResult:
+               num_workers: int = 0, privacy: SitePrivacy = SitePrivacy(), ledger_dir: Path | None = None,
+               rounds: int = 1) -> RoundResult:
     """Evaluate the global model on the local validation split, train (`job.local_epochs` or `local_steps`),
     evaluate again.
 
     Args:
         global_state: the server's full model state (shared and frozen parameters).
         server_round: the round number (seeds the local data order).
+        privacy: the site's privacy terms (DP required, delta, budget per dataset).
+        ledger_dir: the site's privacy ledger (needed by jobs with differential privacy).
+        rounds: the rounds the job plans (DP noise is calibrated for all of them).
         local_file: where the site keeps its site-local parameters between rounds.
 
     Raises:
@@ -82,7 +120,7 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
     folder = Path(folder)
     spec = check_dataset(folder)
     rows = {s: split_rows(folder, s, 0) for s in ("train", "val")}
-    reasons = check_job(job, spec, limits, len(rows["train"]))
+    reasons = check_job(job, spec, limits, len(rows["train"]), privacy)
     if reasons:
         raise JobRefused("; ".join(reasons))
     if not rows["train"] or not rows["val"]:
@@ -111,18 +149,22 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
             loss = loss + job.proximal_mu / 2 * prox
         return loss
 
-    losses: list[float] = []
-    for keys in _local_passes(job, len(sets["train"]), server_round):
-        batch_losses, _ = train_epoch(model, task_loader(sets["train"], keys, job.batch_size, num_workers), optimizer,
-                                      scheduler, loss_fn, dev, False, 1.0)
-        losses += batch_losses
+    if job.privacy.on:
+        losses, spent = _train_private(job, model, optimizer, scheduler, loss_fn, sets["train"], server_round,
+                                       rounds, privacy, ledger_dir, dev, num_workers)
+    else:
+        losses, spent = [], {}
+        for keys in _local_passes(job, len(sets["train"]), server_round):
+            batch_losses, _ = train_epoch(model, task_loader(sets["train"], keys, job.batch_size, num_workers),
+                                          optimizer, scheduler, loss_fn, dev, False, 1.0)
+            losses += batch_losses
     after = evaluate_model(model, val, dev, job.num_outputs)
     if local_file is not None and job.local:
         _save_local(model, job, local_file)
     state = model.state_dict()
     shared = {n: state[n].detach().cpu() for n in shared_names(model, job)}
     metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_steps": float(len(losses)),
-               "val_samples": float(len(rows["val"])),
+               "val_samples": float(len(rows["val"])), **spent,
                **{f"global_{k}": v for k, v in before.items()}, **{f"local_{k}": v for k, v in after.items()}}
     log.info("round %d: trained on %d samples, %d shared tensors", server_round, len(rows["train"]), len(shared))
     return RoundResult(shared, len(rows["train"]), metrics)

@@ -108,7 +108,9 @@ def relative_position_index(wh: int, ww: int) -> torch.Tensor:
 class RelPosBias(nn.Module):
     """Adds the relative-position bias to attention logits `[B, nW, heads, N, N]`.
 
-    It holds only the table (no buffer), so a per-sample gradient rule can be registered for it.
+    It holds only the table: the window's index is a plain attribute, neither a buffer (Opacus refuses
+    trainable layers with buffers) nor an input (Opacus would read its first dimension as a batch), so a
+    per-sample gradient rule can be registered for it (`echocare_core.privacy.dp`).
     """
 
     def __init__(self, window: int, num_heads: int) -> None:
@@ -116,13 +118,17 @@ class RelPosBias(nn.Module):
         self.window = window
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.index = relative_position_index(window, window)  # [N, N]
 
-    def bias(self, index: torch.Tensor) -> torch.Tensor:
-        n = index.shape[0]
-        return self.relative_position_bias_table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)  # [h, N, N]
+    def bias(self) -> torch.Tensor:
+        table = self.relative_position_bias_table
+        if self.index.device != table.device:
+            self.index = self.index.to(table.device)
+        n = self.index.shape[0]
+        return table[self.index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)  # [h, N, N]
 
-    def forward(self, attn: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return attn + self.bias(index)
+    def forward(self, attn: torch.Tensor) -> torch.Tensor:
+        return attn + self.bias()
 
 
 class WindowAttention(nn.Module):
@@ -136,7 +142,6 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         self.rel_pos = RelPosBias(window, num_heads)
-        self.register_buffer("relative_position_index", relative_position_index(window, window), persistent=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, nW, N, C = x.shape
@@ -144,7 +149,7 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each [B, nW, heads, N, hd]
         if self.fused_attn:
             # Fused kernels want 4-D input; folding windows here is safe: this path is never used for DP.
-            bias = self.rel_pos.bias(self.relative_position_index)  # [h, N, N]
+            bias = self.rel_pos.bias()  # [h, N, N]
             bias = bias.expand(nW, -1, -1, -1) if mask is None else bias + mask.unsqueeze(1)
             bias = bias.to(q.dtype).expand(B, -1, -1, -1, -1).reshape(B * nW, self.num_heads, N, N)
             out = F.scaled_dot_product_attention(*(t.reshape(B * nW, self.num_heads, N, -1) for t in (q, k, v)),
@@ -152,7 +157,7 @@ class WindowAttention(nn.Module):
             out = out.reshape(B, nW, self.num_heads, N, -1)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # [B, nW, h, N, N]
-            attn = self.rel_pos(attn, self.relative_position_index)
+            attn = self.rel_pos(attn)
             if mask is not None:
                 attn = attn + mask.unsqueeze(1)
             out = attn.softmax(dim=-1) @ v

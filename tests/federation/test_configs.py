@@ -33,3 +33,25 @@ def test_site_config_and_a_dataset_that_fails_the_check(tmp_path, capsys):
     assert client_main(["--config", str(tmp_path / "site.yaml")]) == 2
     assert "fails the dataset check with 2 problem(s)" in capsys.readouterr().err.replace("\n", "")
     assert not (tmp_path / "state").exists()  # nothing started, nothing written
+
+
+def test_the_site_prints_its_ledger_and_refuses_to_start_when_it_was_edited(tmp_path, capsys):
+    from echocare_core.data.synthetic_dataset import write_dataset
+    from echocare_core.privacy.ledger import PrivacyLedger, dataset_fingerprint
+
+    folder = write_dataset(tmp_path / "data", "segmentation", sites=1, per_site=6, size=64, seed=1)[0]
+    site = {"name": "site_x", "insecure": True, "data": str(folder), "state_dir": str(tmp_path / "state"),
+            "privacy": {"required": True, "epsilon_budget": 5.0}}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(site))
+    assert client_main(["privacy", "--config", str(tmp_path / "site.yaml")]) == 0
+    assert "no privacy ledger yet" in capsys.readouterr().err
+    ledger = PrivacyLedger(tmp_path / "state" / "privacy", 5.0)
+    ledger.record(dataset_fingerprint(folder), "f" * 64, 1, 1.2, 0.1, 30)
+    assert client_main(["privacy", "--config", str(tmp_path / "site.yaml")]) == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert f"epsilon {ledger.spent(dataset_fingerprint(folder)):.3f} spent" in out and "budget 5" in out
+    ledger.path.write_text(ledger.path.read_text().replace('"steps": 30', '"steps": 3'))
+    assert client_main(["--config", str(tmp_path / "site.yaml")]) == 1
+    assert "does not match its key" in capsys.readouterr().err.replace("\n", "")
+    with pytest.raises(ConfigError, match="privacy.required is true but privacy.epsilon_budget is 0"):
+        load_config(SiteConfig, None, [], base={**site, "privacy": {"required": True}})

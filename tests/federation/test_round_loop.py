@@ -57,15 +57,16 @@ class InProcessGrid:
 
 def _node_config(name, folder, state):
     return {"site-name": name, "data-folder": str(folder), "state-dir": str(state / name), "device": "cpu",
-            "max-batch-size": 64, "max-local-epochs": 10}
+            "max-batch-size": 64, "max-local-epochs": 10, "privacy-required": False, "privacy-budget": 0.0,
+            "privacy-delta": 1e-5}
 
 
-def _config(out, **rounds):
+def _config(out, job=None, **rounds):
     return from_dict(FederationConfig, {
         "output": str(out), "server": {"insecure": True},
         "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 2, "deadline": 600, **rounds},
         "job": {"task": "segmentation", "labels": [0, 1], "encoder": dict(TINY_ENCODER), "feature_size": 8,
-                "mode": "lora", "lora_rank": 2, "batch_size": 8, "local_steps": 1}}, "federation")
+                "mode": "lora", "lora_rank": 2, "batch_size": 8, "local_steps": 1, **(job or {})}}, "federation")
 
 
 def _events(out):
@@ -140,3 +141,28 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model_as_an_uninterrupted_ru
     run_rounds(InProcessGrid(two), _config(tmp_path / "whole", rounds=3))
     resumed, whole = (load_weights(tmp_path / run / "checkpoints" / "round_0003") for run in ("killed", "whole"))
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_a_site_whose_privacy_budget_runs_out_stops_and_the_run_goes_on(sites, tmp_path):
+    from echocare_core.checkpoint import read_meta
+    from echocare_core.data.finetune import split_rows
+    from echocare_core.privacy.dp import epsilon, noise_multiplier
+    from echocare_core.privacy.settings import DPSettings
+
+    two = {n: dict(sites[n]) for n in list(sites)[:2]}
+    small = list(two)[0]
+    n_train = len(split_rows(two[small]["data-folder"], "train"))
+    q, dp = min(1.0, 8 / n_train), DPSettings(epsilon=8.0)
+    sigma = noise_multiplier(dp, q, 4)  # 4 rounds of one step
+    two[small]["privacy-budget"] = (epsilon([(sigma, q, 1)] * 2, 1e-5) + epsilon([(sigma, q, 1)] * 3, 1e-5)) / 2
+    for node in two.values():
+        node["state-dir"] += "_dp"
+    run_rounds(InProcessGrid(two), _config(tmp_path / "run", {"privacy": {"epsilon": 8.0}}, rounds=4, min_sites=1))
+    events = _events(tmp_path / "run")
+    ends = {e["round"]: [s["site"] for s in e["sites"]] for e in events if e["event"] == "round_end"}
+    assert ends == {1: ["site_0", "site_1"], 2: ["site_0", "site_1"], 3: ["site_1"], 4: ["site_1"]}
+    refused = [e for e in events if e["event"] == "refused"]
+    assert [e["round"] for e in refused] == [3, 4] and all("privacy budget" in e["reason"] for e in refused)
+    spent = read_meta(tmp_path / "run" / "checkpoints" / "round_0004")["metrics"]["privacy"]
+    assert spent["site_0"]["epsilon"] == pytest.approx(epsilon([(sigma, q, 1)] * 2, 1e-5), rel=1e-6)
+    assert spent["site_0"]["epsilon"] < spent["site_1"]["epsilon"] <= 8.0 and spent["site_1"]["delta"] == 1e-5

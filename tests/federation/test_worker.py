@@ -24,7 +24,8 @@ def site(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("worker")
     folder = write_dataset(tmp / "seg", "segmentation", sites=1, per_site=8, size=64, seed=4)[0]
     node = {"site-name": "site_w", "data-folder": str(folder), "state-dir": str(tmp / "state"), "device": "cpu",
-            "max-batch-size": 64, "max-local-epochs": 10}
+            "max-batch-size": 64, "max-local-epochs": 10, "privacy-required": False, "privacy-budget": 0.0,
+            "privacy-delta": 1e-5}
     arrays = tmp / "global.safetensors"
     save_file(initial_state(JOB, None), str(arrays))
     worker = SiteWorker(node)

@@ -1,0 +1,129 @@
+"""DP-SGD with Opacus on the EchoCare models: per-sample gradients, clipping, noise, Poisson batches, accounting.
+
+The encoder keeps the true batch dimension through window attention and adds the relative-position
+bias in its own module (`RelPosBias`), so Opacus' hooks see one sample per image; this module gives
+that bias its per-sample gradient rule and makes Opacus' Conv2d rule safe for non-contiguous input
+(its `unfold2d` assumes NCHW-contiguous memory and is silently wrong otherwise). Before every step,
+`DPTraining.check` refuses a per-sample gradient whose first dimension is not the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from functools import lru_cache
+from typing import Iterator
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from echocare_core.models.swin import RelPosBias, WindowAttention
+from echocare_core.privacy.settings import DPSettings
+
+__all__ = ["DPTraining", "PrivacyError", "epsilon", "noise_multiplier", "poisson_batches",
+           "secret_generator", "steps_per_round"]
+
+History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+
+
+class PrivacyError(RuntimeError):
+    """DP training cannot keep its guarantee (e.g. a per-sample gradient that is not per sample)."""
+
+
+@register_grad_sampler(RelPosBias)
+def _rel_pos_grad_sample(layer: RelPosBias, activations: list[torch.Tensor], backprops: torch.Tensor
+                         ) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient of the bias table: each sample's logit gradients, summed over its windows,
+    scattered into the rows its relative positions index."""
+    table = layer.relative_position_bias_table  # [T, heads]
+    index = layer.index.to(table.device).reshape(-1)  # [N*N]
+    g = backprops.sum(1)  # [B, heads, N, N]
+    g = g.permute(0, 2, 3, 1).reshape(g.shape[0], -1, g.shape[1]).to(table.dtype)  # [B, N*N, heads]
+    out = torch.zeros(g.shape[0], *table.shape, dtype=table.dtype, device=table.device)
+    return {table: out.index_add_(1, index, g)}
+
+
+@register_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d])
+def _conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+                      ) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus' conv rule on contiguous activations (permuted or channels-last input gives wrong results)."""
+    return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops)
+
+
+def steps_per_round(local_epochs: int, local_steps: int, batch_size: int, train_samples: int) -> int:
+    """Optimiser steps of one round: `local_steps`, or `local_epochs` passes of Poisson batches."""
+    return local_steps or local_epochs * math.ceil(train_samples / batch_size)
+
+
+@lru_cache(maxsize=64)
+def noise_multiplier(settings: DPSettings, sample_rate: float, steps: int) -> float:
+    """Noise for the whole planned job (`steps` over all rounds), calibrated with RDP (conservative: the PRV
+    epsilon the ledger reports comes out at or below the target)."""
+    return get_noise_multiplier(target_epsilon=settings.epsilon, target_delta=settings.delta,
+                                sample_rate=sample_rate, steps=steps, accountant="rdp")
+
+
+def epsilon(history: History, delta: float, accountant: str = "prv") -> float:
+    """Epsilon after `history` (rounds of (noise multiplier, sample rate, steps)), PRV by default."""
+    if not history:
+        return 0.0
+    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta))
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator no one else can predict: the server knows the job's seed, so noise and sampling must not
+    derive from it."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
+def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """`steps` batches, each sample in each independently with probability `sample_rate` (may be empty)."""
+    for _ in range(steps):
+        yield torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten().tolist()
+
+
+class DPTraining:
+    """A model and optimizer made private for one round: per-sample gradients (Opacus hooks), clipping to
+    `max_grad_norm`, Gaussian noise, averaging by the expected batch size.
+
+    Args:
+        model: trains in place; explicit (non-fused) attention is switched on for it.
+        optimizer: the round's optimizer over the model's trainable parameters.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings: DPSettings, sigma: float,
+                 expected_batch_size: int) -> None:
+        for m in model.modules():
+            if isinstance(m, WindowAttention):
+                m.fused_attn = False  # fused kernels fold windows into the batch and bypass RelPosBias
+        self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm,
+                                     expected_batch_size=expected_batch_size, loss_reduction="mean",
+                                     generator=secret_generator(self.params[0].device))
+
+    def check(self, batch_size: int) -> None:
+        """Refuse to step unless every trainable parameter has one per-sample gradient per sample.
+
+        Raises:
+            PrivacyError: a missing per-sample gradient, or one whose first dimension is not the batch size.
+        """
+        for p in self.params:
+            g = getattr(p, "grad_sample", None)
+            if g is None or g.shape[0] != batch_size:
+                got = "none" if g is None else f"first dimension {g.shape[0]}"
+                raise PrivacyError(f"a per-sample gradient of shape {tuple(p.shape)} has {got}, not the batch size "
+                                   f"{batch_size}: the DP guarantee would not hold, so training stops")
+
+    def empty_batch(self) -> None:
+        """An empty Poisson batch is still a step: zero per-sample gradients, so the update is noise only."""
+        for p in self.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

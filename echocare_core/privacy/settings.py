@@ -1,0 +1,42 @@
+"""What a job asks of the sites' privacy and what a site allows: plain settings without the Opacus import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DPSettings", "SitePrivacy"]
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """What the job asks of every site: (epsilon, delta) for the whole planned job, per-sample clipping norm."""
+
+    epsilon: float = 0.0  # 0: no differential privacy
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.epsilon < 0 or not 0 < self.delta < 1 or self.max_grad_norm <= 0:
+            raise ValueError(f"privacy needs epsilon >= 0 (0: off), 0 < delta < 1 and max_grad_norm > 0; got "
+                             f"{self.epsilon}, {self.delta}, {self.max_grad_norm}")
+
+    @property
+    def on(self) -> bool:
+        return self.epsilon > 0
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """The site's privacy terms; its ledger (`state_dir/privacy/`) records every DP round per dataset."""
+
+    required: bool = False  # refuse jobs without differential privacy
+    epsilon_budget: float = 0.0  # the most epsilon a dataset may spend over its lifetime (0: no cap)
+    delta: float = 1e-5  # epsilon is accounted at this delta; jobs asking for a larger delta are refused
+
+    def __post_init__(self) -> None:
+        if self.epsilon_budget < 0 or not 0 < self.delta < 1:
+            raise ValueError(f"privacy.epsilon_budget={self.epsilon_budget} must be >= 0 and privacy.delta="
+                             f"{self.delta} in (0, 1)")
+        if self.required and not self.epsilon_budget:
+            raise ValueError("privacy.required is true but privacy.epsilon_budget is 0: set the budget the site's "
+                             "datasets may spend, e.g. 8")

@@ -1,0 +1,77 @@
+"""DP-SGD is only as good as its per-sample gradients: for the encoder with every DP-capable head and every
+fine-tuning mode, each trainable parameter's per-sample gradient (Opacus hooks plus our rules for the
+relative-position bias and for non-contiguous conv input) equals the gradient of that sample alone, in float64."""
+
+import pytest
+import torch
+from conftest import TINY_ENCODER
+from torch import nn
+
+from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
+from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.engine.finetune import check_dataset, num_classes, task_loss
+from echocare_core.models.swin import EncoderConfig
+from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
+from echocare_core.privacy.dp import DPSettings, DPTraining, PrivacyError
+
+ENCODER = EncoderConfig(**{**TINY_ENCODER, "drop_path": 0.0})
+TASKS = ("classification", "segmentation", "landmarks", "detection")
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dp")
+    out = {}
+    for task in TASKS:
+        folder = write_dataset(tmp / task, task, sites=1, per_site=6, size=64, seed=3)[0]
+        spec = check_dataset(folder)
+        rows = split_rows(folder, "train") + split_rows(folder, "val")
+        ds = TaskDataset(folder, spec, rows[:3], 64, 1, train=True)
+        out[task] = (spec, collate_task([ds[(0, i)] for i in range(3)]))
+    return out
+
+
+def _sample(target, i):
+    return [target[i]] if isinstance(target, list) else target[i:i + 1]
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen", "lora"])
+@pytest.mark.parametrize("task", TASKS)
+def test_per_sample_gradients_equal_single_sample_gradients(batches, task, mode):
+    spec, batch = batches[task]
+    torch.manual_seed(0)
+    model = EchoCareTaskModel(ENCODER, task, num_classes(spec), feature_size=4, multi_label=spec.multi_label)
+    apply_finetune_mode(model, mode, lora_rank=2)
+    model.double()
+    for p in model.parameters():  # LoRA's B starts at zero, which would hide errors in A's gradients
+        if p.requires_grad:
+            p.data.add_(torch.randn_like(p) * 0.02)
+    loss_fn = task_loss(spec, (0.0, 1.0))
+    images = batch["image"].double().permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # non-contiguous input
+    target = [t.double() for t in batch["target"]] if isinstance(batch["target"], list) else batch["target"]
+    if task == "landmarks":
+        target = target.double()
+    dp = DPTraining(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+                    DPSettings(epsilon=1.0), sigma=0.0, expected_batch_size=3)
+    loss_fn(dp.module(images), target).backward()
+    dp.check(3)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    per_sample = {n: p.grad_sample.clone() for n, p in named}
+    dp.module.disable_hooks()
+    for i in range(3):
+        grads = torch.autograd.grad(loss_fn(model(images[i:i + 1]), _sample(target, i)), [p for _, p in named])
+        for (name, _), g in zip(named, grads):
+            torch.testing.assert_close(per_sample[name][i], g, rtol=1e-8, atol=1e-10, msg=f"{name}, sample {i}")
+    if mode == "lora":
+        assert any("lora_A" in n for n, _ in named) and any("rel_pos" in n for n, _ in model.named_parameters())
+    if mode == "full":
+        assert any("relative_position_bias_table" in n for n, _ in named)
+
+
+def test_a_gradient_that_is_not_per_sample_stops_training():
+    model = nn.Linear(3, 2)
+    dp = DPTraining(model, torch.optim.SGD(model.parameters(), lr=0.1), DPSettings(epsilon=1.0), 1.0, 4)
+    dp.module(torch.randn(4, 3)).sum().backward()
+    dp.check(4)
+    with pytest.raises(PrivacyError, match="not the batch size 2"):
+        dp.check(2)
