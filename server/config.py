@@ -54,3 +54,7 @@ class FederationConfig:
         if (self.strategy.name == "fedprox") != (self.job.proximal_mu > 0):
             raise ValueError(f"strategy.name={self.strategy.name} with job.proximal_mu={self.job.proximal_mu}: "
                              f"fedprox needs proximal_mu > 0, the other strategies need 0")
+        if self.job.privacy.on and (self.job.proximal_mu > 0 or self.job.task == "regression"):
+            raise ValueError(f"job.privacy.epsilon={self.job.privacy.epsilon} with task {self.job.task} and "
+                             f"proximal_mu {self.job.proximal_mu}: differential privacy does not support FedProx or "
+                             f"clip regression yet")

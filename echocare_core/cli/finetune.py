@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.test:
         console.print(metrics_table(f"test metrics of the best epoch ({result.output / 'test_metrics.json'})",
                                     result.test))
-    return 0 if result.status == "finished" else 130
+    return 130 if result.status == "stopped" else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ resume state (`last/`); the run ends by testing the best checkpoint on the test 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from echocare_core.models.detection import detection_loss
 from echocare_core.models.landmarks import heatmap_loss
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
+from echocare_core.privacy.settings import BudgetExceeded
 
 __all__ = ["DatasetInvalidError", "FinetuneResult", "check_dataset", "evaluate_model", "num_classes", "run_finetune",
            "task_loader", "task_loss", "train_epoch", "write_json", "write_json_lines"]
@@ -292,6 +294,28 @@ def train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.o
     return losses, skipped
 
 
+def _private(cfg: FinetuneConfig, spec: DatasetSpec, model: EchoCareTaskModel, optimizer: torch.optim.Optimizer,
+             train_set: TaskDataset) -> Any:
+    """DP-SGD over all epochs, each paid for in the site's ledger (`privacy.ledger`) before it trains.
+
+    Raises:
+        ValueError: a task DP does not support yet, or a ledger that cannot be trusted.
+    """
+    from echocare_core.privacy.ledger import LedgerError, PrivacyLedger
+    from echocare_core.privacy.passes import PrivatePasses  # Opacus: imported only for DP runs
+
+    if spec.task == "regression":
+        raise ValueError("privacy.epsilon > 0: differential privacy for clip regression is not supported yet")
+    p, steps = cfg.privacy, math.ceil(len(train_set) / cfg.optim.batch_size)
+    try:
+        ledger = PrivacyLedger(p.ledger, p.epsilon_budget, p.delta)
+    except LedgerError as exc:
+        raise ValueError(str(exc)) from exc
+    job = "finetune:" + hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+    return PrivatePasses(model, optimizer, p.settings, train_set, cfg.optim.batch_size, steps, steps * cfg.optim.epochs,
+                         ledger, job)
+
+
 def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
                  stop: Callable[[], bool] = lambda: False) -> FinetuneResult:
     """Fine-tune on the site's dataset, resume from `output/last` if it is there, then test the best epoch.
@@ -332,23 +356,36 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     loss_fn, bf16 = task_loss(spec, stats), o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
     val_keys = [(0, i) for i in range(len(sets["val"]))]
     status, epoch = "finished", start
+    private = _private(cfg, spec, model, optimizer, sets["train"]) if cfg.privacy.epsilon > 0 else None
     for epoch in range(start + 1, o.epochs + 1):
         torch.manual_seed(hash((cfg.seed, epoch)) & 0x7FFFFFFF)
         t0 = time.perf_counter()
-        keys = [(epoch, int(i)) for i in np.random.default_rng([cfg.seed, epoch]).permutation(len(sets["train"]))]
-        losses, unread = train_epoch(model, task_loader(sets["train"], keys, o.batch_size, cfg.data.num_workers),
-                                      optimizer, scheduler, loss_fn, device, bf16, o.clip_grad)
+        if private is None:
+            keys = [(epoch, int(i)) for i in np.random.default_rng([cfg.seed, epoch]).permutation(len(sets["train"]))]
+            losses, unread = train_epoch(model, task_loader(sets["train"], keys, o.batch_size, cfg.data.num_workers),
+                                          optimizer, scheduler, loss_fn, device, bf16, o.clip_grad)
+            spent = {}
+        else:
+            try:
+                loader, spend = private.next_pass(epoch, epoch, cfg.data.num_workers)
+            except BudgetExceeded as exc:
+                log.warning("%s; stopping before epoch %d", exc, epoch)
+                status, epoch = "privacy budget spent", epoch - 1
+                break
+            dp = private.training
+            losses, unread = train_epoch(dp.module, loader, dp.optimizer, scheduler, loss_fn, device, False, 0.0, dp=dp)
+            spent = {"epsilon": spend.epsilon, "delta": spend.delta}
         skipped += unread
         val = evaluate_model(model, task_loader(sets["val"], val_keys, o.batch_size, cfg.data.num_workers), device, k)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                **{f"val_{n}": v for n, v in val.items()}, "lr": optimizer.param_groups[0]["lr"],
-               "seconds": time.perf_counter() - t0}
+               "seconds": time.perf_counter() - t0, **spent}
         history.append(row)
         write_json_lines(out / "metrics.jsonl", history)
         if best is None or _score(val, spec.task) > best:  # the first epoch is best until one beats it
             best, best_metrics = _score(val, spec.task), val
-            save_checkpoint(out / "best", model, _meta(cfg, spec, model, epoch, val))
-        save_checkpoint(out / "last", model, _meta(cfg, spec, model, epoch, val),
+            save_checkpoint(out / "best", model, _meta(cfg, spec, model, epoch, {**val, **spent}))
+        save_checkpoint(out / "last", model, _meta(cfg, spec, model, epoch, {**val, **spent}),
                         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                          "best": best, "best_metrics": best_metrics, "skipped": skipped})
         if on_epoch is not None:
@@ -357,7 +394,7 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
             status = "stopped"
             break
     test = {}
-    if status == "finished" and rows["test"] and (out / "best" / "meta.json").is_file():
+    if status != "stopped" and rows["test"] and (out / "best" / "meta.json").is_file():
         model.load_state_dict(load_weights(out / "best", device))
         test_keys = [(0, i) for i in range(len(sets["test"]))]
         # the binary operating point chosen on validation, not on the test split itself

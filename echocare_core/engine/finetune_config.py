@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from echocare_core.models.swin import EncoderConfig
+from echocare_core.privacy.settings import DPSettings
 
-__all__ = ["FinetuneConfig", "FinetuneData", "FinetuneModel", "FinetuneOptim"]
+__all__ = ["FinetuneConfig", "FinetuneData", "FinetuneModel", "FinetuneOptim", "FinetunePrivacy"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,26 @@ class FinetuneOptim:
 
 
 @dataclass(frozen=True)
+class FinetunePrivacy:
+    """DP-SGD for local fine-tuning, paid for in the same ledger as the site's federated rounds."""
+
+    epsilon: float = 0.0  # for the whole run (all epochs); 0: no differential privacy
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # per-sample clipping norm
+    ledger: str = "echocare_site/privacy"  # the site's ledger: echocare-client's state_dir/privacy
+    epsilon_budget: float = 0.0  # the site's lifetime cap per dataset (as in its site.yaml); 0: no cap
+
+    def __post_init__(self) -> None:
+        DPSettings(self.epsilon, self.delta, self.max_grad_norm)  # the same checks
+        if self.epsilon_budget < 0:
+            raise ValueError(f"privacy.epsilon_budget={self.epsilon_budget}: must be >= 0 (0: no cap)")
+
+    @property
+    def settings(self) -> DPSettings:
+        return DPSettings(self.epsilon, self.delta, self.max_grad_norm)
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     output: str = "runs/finetune"  # run folder: best/ and last/ checkpoints, metrics.jsonl, test_metrics.json
     seed: int = 0
@@ -64,3 +85,4 @@ class FinetuneConfig:
     data: FinetuneData = field(default_factory=FinetuneData)
     model: FinetuneModel = field(default_factory=FinetuneModel)
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)
+    privacy: FinetunePrivacy = field(default_factory=FinetunePrivacy)

@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 
-from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
+from echocare_core.data.finetune import TaskDataset, split_rows
 from echocare_core.engine.finetune import check_dataset, evaluate_model, task_loader, task_loss, train_epoch
 from echocare_core.engine.optim import build_optimizer
 from echocare_core.federation.job import Job, SiteLimits, check_job, job_hash, shared_names
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
-from echocare_core.privacy.settings import SitePrivacy
+from echocare_core.privacy.settings import SitePrivacy, steps_per_round
 
 __all__ = ["JobRefused", "RoundResult", "build_job_model", "site_round"]
 
@@ -70,32 +69,29 @@ def _local_passes(job: Job, n: int, server_round: int) -> list[list[tuple[int, i
 def _train_private(job: Job, model: EchoCareTaskModel, optimizer: torch.optim.Optimizer, scheduler: Any,
                    loss_fn: Any, train_set: TaskDataset, server_round: int, rounds: int, privacy: SitePrivacy,
                    ledger_dir: Path | None, device: torch.device, num_workers: int) -> tuple[list[float], dict]:
-    """DP-SGD for one round: noise calibrated for the whole job, the spend recorded in the ledger before
-    training, Poisson batches. Returns the batch losses and the privacy metrics (epsilon spent so far)."""
-    from echocare_core.privacy.dp import (DPTraining, noise_multiplier, poisson_batches, secret_generator,
-                                          steps_per_round)
-    from echocare_core.privacy.ledger import BudgetExceeded, LedgerError, PrivacyLedger, dataset_fingerprint
+    """DP-SGD for one round, paid for in the site's ledger before it trains; returns the batch losses and the
+    privacy metrics (the epsilon the dataset has spent so far)."""
+    from echocare_core.privacy.ledger import BudgetExceeded, LedgerError, PrivacyLedger
+    from echocare_core.privacy.passes import PrivatePasses
 
-    n = len(train_set)
-    q, steps = min(1.0, job.batch_size / n), steps_per_round(job.local_epochs, job.local_steps, job.batch_size, n)
-    sigma = noise_multiplier(job.privacy, q, steps * rounds)
     if ledger_dir is None:
         raise JobRefused("the job asks for differential privacy and this site keeps no privacy ledger")
+    steps = steps_per_round(job.local_epochs, job.local_steps, job.batch_size, len(train_set))
     try:
         ledger = PrivacyLedger(ledger_dir, privacy.epsilon_budget, privacy.delta)
-        spend = ledger.record(dataset_fingerprint(train_set.folder), job_hash(job), server_round, sigma, q, steps)
+        private = PrivatePasses(model, optimizer, job.privacy, train_set, job.batch_size, steps, steps * rounds,
+                                ledger, job_hash(job))
+        loader, spend = private.next_pass(server_round, server_round * 1000, num_workers)
     except BudgetExceeded as exc:
         raise JobRefused(str(exc)) from exc
     except LedgerError as exc:  # names files: stays in the site's log
         log.error("%s", exc)
         raise JobRefused("the site's privacy ledger cannot be trusted (see the site's log)") from exc
-    dp = DPTraining(model, optimizer, job.privacy, sigma, job.batch_size)
-    keys = [(server_round * 1000, i) for i in range(n)]
-    batches = [[keys[i] for i in b] for b in poisson_batches(n, q, steps, secret_generator())]
-    loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate_task, num_workers=num_workers)
-    losses, _ = train_epoch(dp.module, loader, dp.optimizer, scheduler, loss_fn, device, False, 1.0, dp=dp)
+    dp = private.training
+    losses, _ = train_epoch(dp.module, loader, dp.optimizer, scheduler, loss_fn, device, False, 0.0, dp=dp)
     dp.module.remove_hooks()
-    return losses, {"epsilon": spend.epsilon, "delta": spend.delta, "noise_multiplier": sigma, "sample_rate": q}
+    return losses, {"epsilon": spend.epsilon, "delta": spend.delta, "noise_multiplier": private.sigma,
+                    "sample_rate": private.sample_rate}
 
 
 def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Path, server_round: int,

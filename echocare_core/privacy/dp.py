@@ -9,7 +9,6 @@ that bias its per-sample gradient rule and makes Opacus' Conv2d rule safe for no
 
 from __future__ import annotations
 
-import math
 import secrets
 from functools import lru_cache
 from typing import Iterator
@@ -27,7 +26,7 @@ from echocare_core.models.swin import RelPosBias, WindowAttention
 from echocare_core.privacy.settings import DPSettings
 
 __all__ = ["DPTraining", "PrivacyError", "epsilon", "noise_multiplier", "poisson_batches",
-           "secret_generator", "steps_per_round"]
+           "secret_generator"]
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 
@@ -54,11 +53,6 @@ def _conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backpro
                       ) -> dict[nn.Parameter, torch.Tensor]:
     """Opacus' conv rule on contiguous activations (permuted or channels-last input gives wrong results)."""
     return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops)
-
-
-def steps_per_round(local_epochs: int, local_steps: int, batch_size: int, train_samples: int) -> int:
-    """Optimiser steps of one round: `local_steps`, or `local_epochs` passes of Poisson batches."""
-    return local_steps or local_epochs * math.ceil(train_samples / batch_size)
 
 
 @lru_cache(maxsize=64)

@@ -22,16 +22,9 @@ from typing import Any
 
 from echocare_core.data.contract import load_spec, read_manifest
 from echocare_core.privacy.dp import epsilon
+from echocare_core.privacy.settings import BudgetExceeded, LedgerError
 
 __all__ = ["BudgetExceeded", "LedgerError", "PrivacyLedger", "Spend", "dataset_fingerprint"]
-
-
-class LedgerError(RuntimeError):
-    """The ledger cannot be trusted (edited, or deleted while its key remains)."""
-
-
-class BudgetExceeded(LedgerError):
-    """One more round would take a dataset past the site's budget (the message names no file)."""
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,19 @@
-"""What a job asks of the sites' privacy and what a site allows: plain settings without the Opacus import."""
+"""What a job asks of the sites' privacy, what a site allows, and the ledger's errors: no Opacus import here."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-__all__ = ["DPSettings", "SitePrivacy"]
+__all__ = ["BudgetExceeded", "DPSettings", "LedgerError", "SitePrivacy", "steps_per_round"]
+
+
+class LedgerError(RuntimeError):
+    """The site's privacy ledger cannot be trusted (edited, or deleted while its key remains)."""
+
+
+class BudgetExceeded(LedgerError):
+    """One more round would take a dataset past the site's budget (the message names no file)."""
 
 
 @dataclass(frozen=True)
@@ -40,3 +49,8 @@ class SitePrivacy:
         if self.required and not self.epsilon_budget:
             raise ValueError("privacy.required is true but privacy.epsilon_budget is 0: set the budget the site's "
                              "datasets may spend, e.g. 8")
+
+
+def steps_per_round(local_epochs: int, local_steps: int, batch_size: int, train_samples: int) -> int:
+    """Optimiser steps of one round: `local_steps`, or `local_epochs` passes of Poisson batches."""
+    return local_steps or local_epochs * math.ceil(train_samples / batch_size)

@@ -8,9 +8,10 @@ import torch
 from conftest import TINY_ENCODER
 from safetensors import safe_open
 
-from echocare_core.checkpoint import build_from_checkpoint, load_weights
+from echocare_core.checkpoint import build_from_checkpoint, load_weights, read_meta
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.federation.processes import run_on_this_machine
+from echocare_core.privacy.ledger import PrivacyLedger
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,7 @@ def _run(tmp, sites, rounds):
     fed = {"output": str(tmp / "run"),
            "rounds": {"rounds": rounds, "min_sites": 2, "expected_sites": 3, "wait_for_sites": 300, "deadline": 600},
            "job": {"task": "segmentation", "labels": [0, 1], "encoder": dict(TINY_ENCODER), "feature_size": 8,
-                   "mode": "lora", "lora_rank": 2, "batch_size": 8}}
+                   "mode": "lora", "lora_rank": 2, "batch_size": 8, "privacy": {"epsilon": 8.0}}}
     return run_on_this_machine(tmp, sites, fed)
 
 
@@ -55,6 +56,17 @@ def test_two_rounds_aggregate_the_sample_weighted_mean(federation):
     model, meta = build_from_checkpoint(tmp / "run" / "checkpoints" / "round_0001")
     assert meta["round"] == 1 and meta["task"] == "segmentation"
     assert (tmp / "run" / "curves.png").is_file() and "global dice" in (tmp / "run" / "report.md").read_text()
+
+
+def test_each_site_trained_with_dp_and_its_spend_is_in_its_ledger_and_the_checkpoint(federation):
+    tmp, *_ = federation
+    spent = read_meta(tmp / "run" / "checkpoints" / "round_0002")["metrics"]["privacy"]
+    assert set(spent) == {"site_a", "site_b"}
+    for site in ("site_a", "site_b"):
+        ledger = PrivacyLedger(tmp / "site_state" / site / "privacy")
+        (spends,) = ledger.datasets.values()
+        assert [s["round"] for s in spends] == [1, 2] and 0 < spent[site]["epsilon"] == spends[-1]["epsilon"] < 8.0
+    assert "Differential privacy: epsilon each site's data has spent" in (tmp / "run" / "report.md").read_text()
 
 
 def test_the_site_with_another_task_is_refused_and_says_why(federation):

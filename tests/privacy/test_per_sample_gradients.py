@@ -75,3 +75,19 @@ def test_a_gradient_that_is_not_per_sample_stops_training():
     dp.check(4)
     with pytest.raises(PrivacyError, match="not the batch size 2"):
         dp.check(2)
+
+
+def test_an_empty_poisson_batch_is_a_noise_only_step():
+    from echocare_core.engine.finetune import train_epoch
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    dp = DPTraining(model, optimizer, DPSettings(epsilon=1.0), sigma=1.0, expected_batch_size=4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    losses, skipped = train_epoch(dp.module, [{"skipped": 0}], dp.optimizer, scheduler, None, torch.device("cpu"),
+                                  False, 0.0, dp=dp)
+    assert losses == [] and skipped == 0
+    moved = [(p - b).abs().max().item() for p, b in zip(model.parameters(), before)]
+    assert all(m > 0 for m in moved)  # noise of std sigma * C / expected batch, nothing from data
