@@ -278,8 +278,10 @@ def train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.o
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch["image"].to(device))
-        loss = loss_fn(logits.float(), _to(batch["target"], device))
-        if not torch.isfinite(loss):
+        target = _to(batch["target"], device)
+        loss = loss_fn(logits.float(), target) if dp is None else dp.loss(loss_fn, logits.float(), target)
+        value = loss.item()
+        if not math.isfinite(value):
             raise NonFiniteLossError(f"non-finite loss after {len(losses)} batches of this epoch; lower optim.lr "
                                      f"or use precision: fp32")
         loss.backward()
@@ -290,7 +292,7 @@ def train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.o
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        losses.append(loss.item())
+        losses.append(value)
     return losses, skipped
 
 

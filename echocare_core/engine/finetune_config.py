@@ -64,17 +64,18 @@ class FinetunePrivacy:
     epsilon: float = 0.0  # for the whole run (all epochs); 0: no differential privacy
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # per-sample clipping norm
+    mode: Literal["hooks", "ghost"] = "hooks"  # ghost: per-sample norms only, two backward passes, less memory
     ledger: str = "echocare_site/privacy"  # the site's ledger: echocare-client's state_dir/privacy
     epsilon_budget: float = 0.0  # the site's lifetime cap per dataset (as in its site.yaml); 0: no cap
 
     def __post_init__(self) -> None:
-        DPSettings(self.epsilon, self.delta, self.max_grad_norm)  # the same checks
+        self.settings  # noqa: B018 - DPSettings checks the values
         if self.epsilon_budget < 0:
             raise ValueError(f"privacy.epsilon_budget={self.epsilon_budget}: must be >= 0 (0: no cap)")
 
     @property
     def settings(self) -> DPSettings:
-        return DPSettings(self.epsilon, self.delta, self.max_grad_norm)
+        return DPSettings(self.epsilon, self.delta, self.max_grad_norm, self.mode)
 
 
 @dataclass(frozen=True)

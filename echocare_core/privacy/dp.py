@@ -10,16 +10,20 @@ that bias its per-sample gradient rule and makes Opacus' Conv2d rule safe for no
 from __future__ import annotations
 
 import secrets
+import warnings
 from functools import lru_cache
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_norm_sampler
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
 from echocare_core.models.swin import RelPosBias, WindowAttention
@@ -29,6 +33,11 @@ __all__ = ["DPTraining", "PrivacyError", "epsilon", "noise_multiplier", "poisson
            "secret_generator"]
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+
+
+# Opacus hooks every layer; torch warns at each backward that the first one's input (the image) needs no gradient
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to "
+                                          "module outputs since no inputs require gradients")
 
 
 class PrivacyError(RuntimeError):
@@ -55,12 +64,25 @@ def _conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backpro
     return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops)
 
 
+@register_norm_sampler(nn.Linear)
+def _linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor
+                        ) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms of a Linear layer: from the explicit per-sample gradient when the input has
+    more tokens T than sqrt(d_in * d_out) (T x T Gram matrices would cost more), else Opacus' ghost norm."""
+    if backprops.dim() == 3 and backprops.shape[1] ** 2 > layer.in_features * layer.out_features:
+        grads = compute_linear_grad_sample(layer, activations, backprops)
+        return {p: g.flatten(1).norm(2, dim=1) for p, g in grads.items()}
+    return compute_linear_norm_sample(layer, activations, backprops)
+
+
 @lru_cache(maxsize=64)
 def noise_multiplier(settings: DPSettings, sample_rate: float, steps: int) -> float:
     """Noise for the whole planned job (`steps` over all rounds), calibrated with RDP (conservative: the PRV
     epsilon the ledger reports comes out at or below the target)."""
-    return get_noise_multiplier(target_epsilon=settings.epsilon, target_delta=settings.delta,
-                                sample_rate=sample_rate, steps=steps, accountant="rdp")
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": a looser bound, so more noise, not less
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return get_noise_multiplier(target_epsilon=settings.epsilon, target_delta=settings.delta,
+                                    sample_rate=sample_rate, steps=steps, accountant="rdp")
 
 
 def epsilon(history: History, delta: float, accountant: str = "prv") -> float:
@@ -85,8 +107,13 @@ def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Gen
 
 
 class DPTraining:
-    """A model and optimizer made private for one round: per-sample gradients (Opacus hooks), clipping to
-    `max_grad_norm`, Gaussian noise, averaging by the expected batch size.
+    """A model and optimizer made private for one round: per-sample gradients, clipping to `max_grad_norm`,
+    Gaussian noise, averaging by the expected batch size.
+
+    `settings.mode`: `hooks` keeps every per-sample gradient (Opacus' default); `ghost` keeps only their norms,
+    clips by reweighting the per-sample losses and backpropagates twice (less memory for full fine-tuning),
+    with a Linear norm rule that takes the explicit per-sample gradient where tokens^2 > d_in * d_out
+    (early Swin stages), where Opacus' Gram-matrix rule would be several times slower.
 
     Args:
         model: trains in place; explicit (non-fused) attention is switched on for it.
@@ -98,20 +125,34 @@ class DPTraining:
         for m in model.modules():
             if isinstance(m, WindowAttention):
                 m.fused_attn = False  # fused kernels fold windows into the batch and bypass RelPosBias
-        self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm,
-                                     expected_batch_size=expected_batch_size, loss_reduction="mean",
-                                     generator=secret_generator(self.params[0].device))
+        self.ghost = settings.mode == "ghost"
+        kwargs = dict(noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm,
+                      expected_batch_size=expected_batch_size, loss_reduction="mean",
+                      generator=secret_generator(self.params[0].device))
+        if self.ghost:
+            self.module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                               max_grad_norm=settings.max_grad_norm)
+            self.optimizer = DPOptimizerFastGradientClipping(optimizer, **kwargs)
+        else:
+            self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            self.optimizer = DPOptimizer(optimizer, **kwargs)
+
+    def loss(self, loss_fn: Callable, out: torch.Tensor, target: Any) -> Any:
+        """The batch loss; for ghost clipping, one that backpropagates twice (norms, then clipped gradients)."""
+        if not self.ghost:
+            return loss_fn(out, target)
+        per_sample = torch.stack([loss_fn(out[i:i + 1], target[i:i + 1]) for i in range(len(out))])  # [B]
+        return DPTensorFastGradientClipping(self.module, self.optimizer, per_sample, "mean")
 
     def check(self, batch_size: int) -> None:
-        """Refuse to step unless every trainable parameter has one per-sample gradient per sample.
+        """Refuse to step unless every trainable parameter has one per-sample gradient (ghost: norm) per sample.
 
         Raises:
             PrivacyError: a missing per-sample gradient, or one whose first dimension is not the batch size.
         """
         for p in self.params:
-            g = getattr(p, "grad_sample", None)
+            g = getattr(p, "_norm_sample" if self.ghost else "grad_sample", None)
             if g is None or g.shape[0] != batch_size:
                 got = "none" if g is None else f"first dimension {g.shape[0]}"
                 raise PrivacyError(f"a per-sample gradient of shape {tuple(p.shape)} has {got}, not the batch size "
@@ -120,4 +161,7 @@ class DPTraining:
     def empty_batch(self) -> None:
         """An empty Poisson batch is still a step: zero per-sample gradients, so the update is noise only."""
         for p in self.params:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            if self.ghost:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = ["BudgetExceeded", "DPSettings", "LedgerError", "SitePrivacy", "steps_per_round"]
 
@@ -23,11 +24,14 @@ class DPSettings:
     epsilon: float = 0.0  # 0: no differential privacy
     delta: float = 1e-5
     max_grad_norm: float = 1.0
+    mode: Literal["hooks", "ghost"] = "hooks"  # ghost: per-sample norms only, two backward passes, less memory
 
     def __post_init__(self) -> None:
         if self.epsilon < 0 or not 0 < self.delta < 1 or self.max_grad_norm <= 0:
             raise ValueError(f"privacy needs epsilon >= 0 (0: off), 0 < delta < 1 and max_grad_norm > 0; got "
                              f"{self.epsilon}, {self.delta}, {self.max_grad_norm}")
+        if self.mode not in ("hooks", "ghost"):
+            raise ValueError(f"privacy.mode '{self.mode}': choose hooks or ghost")
 
     @property
     def on(self) -> bool:

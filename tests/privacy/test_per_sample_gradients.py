@@ -35,9 +35,8 @@ def _sample(target, i):
     return [target[i]] if isinstance(target, list) else target[i:i + 1]
 
 
-@pytest.mark.parametrize("mode", ["full", "frozen", "lora"])
-@pytest.mark.parametrize("task", TASKS)
-def test_per_sample_gradients_equal_single_sample_gradients(batches, task, mode):
+def _case(batches, task, mode):
+    """A float64 model in `mode` for `task`, its non-contiguous images, targets and loss."""
     spec, batch = batches[task]
     torch.manual_seed(0)
     model = EchoCareTaskModel(ENCODER, task, num_classes(spec), feature_size=4, multi_label=spec.multi_label)
@@ -46,11 +45,23 @@ def test_per_sample_gradients_equal_single_sample_gradients(batches, task, mode)
     for p in model.parameters():  # LoRA's B starts at zero, which would hide errors in A's gradients
         if p.requires_grad:
             p.data.add_(torch.randn_like(p) * 0.02)
-    loss_fn = task_loss(spec, (0.0, 1.0))
     images = batch["image"].double().permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # non-contiguous input
     target = [t.double() for t in batch["target"]] if isinstance(batch["target"], list) else batch["target"]
     if task == "landmarks":
         target = target.double()
+    return model, images, target, task_loss(spec, (0.0, 1.0))
+
+
+def _single_sample_gradients(model, images, target, loss_fn):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return named, [torch.autograd.grad(loss_fn(model(images[i:i + 1]), _sample(target, i)), [p for _, p in named])
+                   for i in range(len(images))]
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen", "lora"])
+@pytest.mark.parametrize("task", TASKS)
+def test_per_sample_gradients_equal_single_sample_gradients(batches, task, mode):
+    model, images, target, loss_fn = _case(batches, task, mode)
     dp = DPTraining(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
                     DPSettings(epsilon=1.0), sigma=0.0, expected_batch_size=3)
     loss_fn(dp.module(images), target).backward()
@@ -58,10 +69,29 @@ def test_per_sample_gradients_equal_single_sample_gradients(batches, task, mode)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     per_sample = {n: p.grad_sample.clone() for n, p in named}
     dp.module.disable_hooks()
-    for i in range(3):
-        grads = torch.autograd.grad(loss_fn(model(images[i:i + 1]), _sample(target, i)), [p for _, p in named])
+    named, reference = _single_sample_gradients(model, images, target, loss_fn)
+    for i, grads in enumerate(reference):
         for (name, _), g in zip(named, grads):
             torch.testing.assert_close(per_sample[name][i], g, rtol=1e-8, atol=1e-10, msg=f"{name}, sample {i}")
+
+
+@pytest.mark.parametrize("grad_mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("task", TASKS)
+def test_the_clipped_update_is_the_mean_of_clipped_single_sample_gradients(batches, task, mode, grad_mode):
+    model, images, target, loss_fn = _case(batches, task, mode)
+    named, reference = _single_sample_gradients(model, images, target, loss_fn)
+    norms = torch.stack([torch.cat([g.flatten() for g in grads]).norm() for grads in reference])
+    clip = float(norms.median())  # some samples are clipped, some are not
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    expected = [sum(f * grads[j] for f, grads in zip(factors, reference)) / 3 for j in range(len(named))]
+    dp = DPTraining(model, torch.optim.SGD([p for _, p in named], lr=0.1),
+                    DPSettings(epsilon=1.0, max_grad_norm=clip, mode=grad_mode), sigma=0.0, expected_batch_size=3)
+    dp.loss(loss_fn, dp.module(images), target).backward()
+    dp.check(3)
+    dp.optimizer.pre_step()  # clip, add (zero) noise, average
+    for (name, p), e in zip(named, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-7, atol=1e-10, msg=name)
     if mode == "lora":
         assert any("lora_A" in n for n, _ in named) and any("rel_pos" in n for n, _ in model.named_parameters())
     if mode == "full":
