@@ -10,6 +10,7 @@ both, can reset it: the ledger guards against accidents and casual edits, not th
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -128,12 +129,15 @@ class PrivacyLedger:
         Raises:
             BudgetExceeded: the round would take the dataset past the budget.
         """
-        total = self.epsilon_after(dataset, noise_multiplier, sample_rate, steps)
-        if self.budget and total > self.budget:
-            raise BudgetExceeded(f"privacy budget: this round would bring the dataset's epsilon to {total:.3f}, above "
-                              f"the site's budget {self.budget:g} (spent so far {self.spent(dataset):.3f})")
-        spend = Spend(job, server_round, noise_multiplier, sample_rate, steps, total, self.delta, time.time())
-        datasets = {**self.datasets, dataset: [*self.datasets.get(dataset, []), asdict(spend)]}
-        self._save(datasets)
-        self.datasets = datasets
+        with open(self.folder / "ledger.lock", "w") as lock:  # echocare-client and echocare-finetune may share it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.datasets = self._load()  # what another process recorded meanwhile counts too
+            total = self.epsilon_after(dataset, noise_multiplier, sample_rate, steps)
+            if self.budget and total > self.budget:
+                raise BudgetExceeded(f"privacy budget: this round would bring the dataset's epsilon to {total:.3f}, "
+                                     f"above the site's budget {self.budget:g} (spent so far {self.spent(dataset):.3f})")
+            spend = Spend(job, server_round, noise_multiplier, sample_rate, steps, total, self.delta, time.time())
+            datasets = {**self.datasets, dataset: [*self.datasets.get(dataset, []), asdict(spend)]}
+            self._save(datasets)
+            self.datasets = datasets
         return spend

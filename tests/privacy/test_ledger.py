@@ -61,3 +61,16 @@ def test_an_edited_or_deleted_ledger_is_refused(tmp_path):
     with pytest.raises(LedgerError, match="ledger.key is missing"):
         PrivacyLedger(tmp_path / "b")
     assert oct(PrivacyLedger(tmp_path / "c").key_path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_two_processes_recording_at_once_lose_no_spend(tmp_path):
+    import subprocess
+    import sys
+
+    PrivacyLedger(tmp_path)
+    script = ("import sys; from echocare_core.privacy.ledger import PrivacyLedger\n"
+              "for r in range(10): PrivacyLedger(sys.argv[1]).record('ds', sys.argv[2], r, 1.5, 0.05, 10)")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), job]) for job in ("a", "b")]
+    assert [p.wait() for p in procs] == [0, 0]
+    spends = PrivacyLedger(tmp_path).spends("ds")
+    assert sorted((s.job, s.round) for s in spends) == sorted((j, r) for j in "ab" for r in range(10))

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import TINY_ENCODER
 
 from echocare_core.data.synthetic_dataset import write_dataset
@@ -78,3 +79,12 @@ def test_the_spend_is_on_disk_before_training_and_survives_a_kill(folder, tmp_pa
     ledger = PrivacyLedger(tmp_path)  # intact: its key still matches
     (spends,) = [ledger.spends(d) for d in ledger.datasets]
     assert len(spends) == 1 and spends[0].steps == 25 and spends[0].epsilon > 0
+
+
+def test_a_ghost_round_spends_what_a_hooks_round_spends(folder, tmp_path):
+    state = initial_state(JOB, None)
+    hooks = site_round(JOB, state, folder, 1, ledger_dir=tmp_path / "hooks", rounds=5)
+    ghost = site_round(dataclasses.replace(JOB, privacy=DPSettings(epsilon=4.0, mode="ghost")), state, folder, 1,
+                       ledger_dir=tmp_path / "ghost", rounds=5)
+    assert ghost.metrics["train_steps"] == 3 and ghost.metrics["epsilon"] == hooks.metrics["epsilon"]
+    assert any(not torch.equal(ghost.shared[n], state[n]) for n in ghost.shared)
