@@ -70,8 +70,11 @@ def _round_table(title: str, sites: list[dict], main: str) -> Table:
     table = Table(title=title)
     private = any("epsilon" in s for s in sites)
     for col in ("site", "samples", "steps", "loss", f"global {main}", f"local {main}", *(["epsilon"] * private),
-                "reply s", "MB to site", "MB from site"):
-        table.add_column(col, justify="left" if col == "site" else "right")
+                "reply s", "MB to", "MB from"):
+        if col == "site":  # names in full, also in an 80-column log
+            table.add_column(col, no_wrap=True, min_width=max([len(s["site"]) for s in sites], default=4))
+        else:
+            table.add_column(col, justify="right")
     for s in sites:
         spent = [f"{s['epsilon']:.2f}" if "epsilon" in s else "no DP"] if private else []
         table.add_row(s["site"], f"{s['num-examples']:.0f}", f"{s.get('train_steps', float('nan')):.0f}",

@@ -16,7 +16,7 @@ from rich.table import Table
 
 __all__ = ["command_parser", "config_parser", "input_error", "metrics_table", "setup_logging", "fail", "StopFlag", "step_progress"]
 
-console = Console(stderr=True)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 132)  # logs: tables not squeezed to 80
 
 
 def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
