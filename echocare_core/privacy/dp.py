@@ -157,6 +157,8 @@ class DPTraining:
                 got = "none" if g is None else f"first dimension {g.shape[0]}"
                 raise PrivacyError(f"a per-sample gradient of shape {tuple(p.shape)} has {got}, not the batch size "
                                    f"{batch_size}: the DP guarantee would not hold, so training stops")
+        for p in self.params if self.ghost else []:
+            p._norm_sample = None  # Opacus keeps them: the next step must bring its own
 
     def empty_batch(self) -> None:
         """An empty Poisson batch is still a step: zero per-sample gradients, so the update is noise only."""

@@ -105,6 +105,12 @@ def test_a_gradient_that_is_not_per_sample_stops_training():
     dp.check(4)
     with pytest.raises(PrivacyError, match="not the batch size 2"):
         dp.check(2)
+    other = nn.Linear(3, 2)
+    ghost = DPTraining(other, torch.optim.SGD(other.parameters(), lr=0.1), DPSettings(1.0, mode="ghost"), 1.0, 4)
+    ghost.loss(lambda out, _: out.sum(), ghost.module(torch.randn(4, 3)), torch.zeros(4)).backward()
+    ghost.check(4)
+    with pytest.raises(PrivacyError, match="has none"):  # a step's norms are not reused by the next one
+        ghost.check(4)
 
 
 def test_an_empty_poisson_batch_is_a_noise_only_step():
