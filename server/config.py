@@ -32,13 +32,15 @@ class RoundSettings:
     wait_for_sites: float = 600.0  # run starts with those connected, if they are at least min_sites
     deadline: float = 3600.0  # seconds a round waits for replies; late sites are left out of that round
     participation: float = 1.0  # share of the connected sites asked each round (drawn anew, at least min_sites)
+    max_norm_ratio: float = 10.0  # leave out an update farther from the global model than this many times the
+    # round's median (3 replies or more; 0: off); names, shapes and finite values are always checked
 
     def __post_init__(self) -> None:
         if (self.rounds < 1 or self.min_sites < 1 or self.expected_sites < 0 or self.wait_for_sites <= 0
-                or self.deadline <= 0 or not 0 < self.participation <= 1):
-            raise ValueError(f"need rounds >= 1, min_sites >= 1, wait_for_sites > 0, deadline > 0 and "
-                             f"0 < participation <= 1; got {self.rounds}, {self.min_sites}, {self.wait_for_sites}, "
-                             f"{self.deadline}, {self.participation}")
+                or self.deadline <= 0 or not 0 < self.participation <= 1 or self.max_norm_ratio < 0):
+            raise ValueError(f"need rounds >= 1, min_sites >= 1, wait_for_sites > 0, deadline > 0, "
+                             f"0 < participation <= 1 and max_norm_ratio >= 0; got {self.rounds}, {self.min_sites}, "
+                             f"{self.wait_for_sites}, {self.deadline}, {self.participation}, {self.max_norm_ratio}")
 
 
 @dataclass(frozen=True)

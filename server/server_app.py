@@ -77,7 +77,8 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     from echocare_core.engine.metrics import MAIN_METRIC
     from echocare_core.engine.report import privacy_spent, write_federation_report
     from echocare_core.federation.job import job_hash, shared_names
-    from echocare_core.federation.rounds import aggregate, choose_sites, initial_state, resume, save_round
+    from echocare_core.federation.rounds import (aggregate, choose_sites, initial_state, outlier_reasons, resume,
+                                                 save_round)
     from echocare_core.federation.site import build_job_model
 
     out, job, settings = Path(cfg.output), cfg.job, cfg.rounds
@@ -118,6 +119,11 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
             updates.append((shared, int(metrics["num-examples"])))
             sites.append(site)
             progress("reply", round=rnd, **site)
+        far = outlier_reasons(state, updates, settings.max_norm_ratio)
+        for site, reason in zip(sites, far):
+            if reason:
+                progress("rejected", round=rnd, site=site["site"], reason=reason)
+        updates, sites = [u for u, r in zip(updates, far) if not r], [s for s, r in zip(sites, far) if not r]
         if len(updates) < settings.min_sites:
             progress("failed", round=rnd, reason=f"{len(updates)} valid replies, min_sites is {settings.min_sites}")
             raise RuntimeError(f"round {rnd}: {len(updates)} valid replies; min_sites is {settings.min_sites}")

@@ -19,7 +19,7 @@ from echocare_core.federation.job import Job, job_hash
 from echocare_core.federation.site import build_job_model
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
 
-__all__ = ["aggregate", "choose_sites", "initial_state", "resume", "save_round"]
+__all__ = ["aggregate", "choose_sites", "initial_state", "outlier_reasons", "resume", "save_round"]
 
 ServerState = dict[str, torch.Tensor]
 
@@ -42,6 +42,19 @@ def aggregate(state: dict[str, torch.Tensor], updates: list[tuple[dict[str, torc
     """The next global state (the strategy's new shared parameters, the rest unchanged) and server state."""
     shared, server_state = aggregate_updates(strategy, state, updates, server_state or {})
     return {**state, **shared}, server_state
+
+
+def outlier_reasons(state: dict[str, torch.Tensor], updates: list[tuple[dict[str, torch.Tensor], int]],
+                    max_ratio: float) -> list[str]:
+    """Why each update is left out ("" to keep it): its distance from the global model is more than `max_ratio`
+    times the median distance of the round's updates (a scaled or broken update). Needs 3 updates or more;
+    `max_ratio` 0 turns it off."""
+    dists = [math.sqrt(sum(float((u[n].double() - state[n].double()).pow(2).sum()) for n in u)) for u, _ in updates]
+    if max_ratio <= 0 or len(dists) < 3:
+        return [""] * len(dists)
+    median = float(np.median(dists))
+    return [f"its update norm {d:.3g} is {d / median:.1f} times the round's median {median:.3g} (limit {max_ratio:g})"
+            if median > 0 and d > max_ratio * median else "" for d in dists]
 
 
 def choose_sites(nodes: list[int], participation: float, minimum: int, seed: int, server_round: int) -> list[int]:

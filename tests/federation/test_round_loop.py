@@ -2,16 +2,14 @@
 participation, deadline and quorum, and resuming a run killed in the middle of a round."""
 
 import json
-import uuid
 
 import pytest
 import torch
 from conftest import TINY_ENCODER
-from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from in_process import InProcessGrid, node_config
 from safetensors import safe_open
 
-from echocare_client.client_app import train
 from echocare_core.checkpoint import load_weights
 from echocare_core.config import from_dict
 from echocare_core.data.synthetic_dataset import write_dataset
@@ -20,45 +18,6 @@ from echocare_server.config import FederationConfig
 from echocare_server.server_app import run_rounds
 
 pytestmark = pytest.mark.slow
-
-
-class InProcessGrid:
-    """Flower's Grid for a test: each pulled message is answered at once by the ClientApp's `train`
-    with that site's node config; `silent` sites never answer; `crash_in_round` raises in that round."""
-
-    def __init__(self, sites: dict[int, dict], silent: tuple[int, ...] = (), crash_in_round: int = 0) -> None:
-        self.sites, self.silent, self.crash_in_round = sites, silent, crash_in_round
-        self.pending: dict[str, object] = {}
-        self.asked: list[tuple[int, int]] = []  # (round, node)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.sites)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's in-memory grid does
-            self.pending[msg.metadata.message_id] = msg
-            self.asked.append((int(msg.content["config"]["round"]), msg.metadata.dst_node_id))
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        replies = []
-        for mid in message_ids:
-            msg = self.pending[mid]
-            node = msg.metadata.dst_node_id
-            if int(msg.content["config"]["round"]) == self.crash_in_round:
-                raise RuntimeError("the server was killed")
-            if node not in self.silent:
-                replies.append(train(msg, Context(1, node, self.sites[node], RecordDict(), {})))
-        return replies
-
-
-def _node_config(name, folder, state):
-    return {"site-name": name, "data-folder": str(folder), "state-dir": str(state / name), "device": "cpu",
-            "max-batch-size": 64, "max-local-epochs": 10, "privacy-required": False, "privacy-budget": 0.0,
-            "privacy-delta": 1e-5}
 
 
 def _config(out, job=None, **rounds):
@@ -83,7 +42,7 @@ def _flower_task(monkeypatch):
 def sites(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loop")
     folders = write_dataset(tmp / "seg", "segmentation", sites=4, per_site=8, size=64, seed=2)
-    return {100 + i: _node_config(f"site_{i}", f, tmp / "state") for i, f in enumerate(folders)}
+    return {100 + i: node_config(f"site_{i}", f, tmp / "state") for i, f in enumerate(folders)}
 
 
 def test_choose_sites_draws_a_share_reproducibly():
