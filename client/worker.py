@@ -10,6 +10,7 @@ Without a worker (a SuperNode started by hand) the ClientApp runs the same `run_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -37,6 +38,28 @@ def site_terms(node: Mapping[str, Any]) -> tuple[Any, Any]:
 
 
 def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    """One round at this site (`_round`), recorded in the site's audit log (`state_dir/audit.jsonl`): the job
+    hash, and what was sent (names, shapes, bytes, epsilon) or why nothing was."""
+    from safetensors.numpy import load_file
+
+    from echocare_core.federation.audit import AuditLog, manifest
+
+    answer: dict[str, Any] = {"failed": "the round raised an exception (see the site's log)"}
+    try:
+        answer = _round(node, request)
+    finally:
+        record = {"round": int(request["round"]), "job_hash": hashlib.sha256(str(request["job"]).encode()).hexdigest()}
+        if "shared" in answer:
+            metrics = answer["metrics"]
+            record.update(samples=answer["samples"], sent=manifest(load_file(answer["shared"])),
+                          **{k: metrics[k] for k in ("epsilon", "delta") if k in metrics})
+        AuditLog(Path(str(node["state-dir"])) / "audit.jsonl")(
+            "trained" if "shared" in answer else "refused" if "refused" in answer else "failed",
+            **record, **{k: answer[k] for k in ("refused", "failed") if k in answer})
+    return answer
+
+
+def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     """One round at this site.
 
     Args:

@@ -18,21 +18,25 @@ from typing import Any, Iterator
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from echocare_core.federation.audit import AuditLog, manifest
+
 app = ServerApp()
 
 POLL_S = 0.5
 
 
 class Progress:
-    """Append one JSON line per event (read by `echocare-server`)."""
+    """Append one JSON line per event to `progress.jsonl` (read by `echocare-server`) and, fsynced, to the
+    coordinator's audit log `audit.jsonl` (which also gets the names, shapes and bytes each site sent)."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.path, self.audit = out / "progress.jsonl", AuditLog(out / "audit.jsonl")
 
-    def __call__(self, event: str, **fields: Any) -> None:
+    def __call__(self, event: str, sent: dict | None = None, **fields: Any) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"time": round(time.time(), 3), "event": event, **fields}) + "\n")
+        self.audit(event, **fields, **({"sent": manifest(sent)} if sent is not None else {}))
 
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> Iterator[Message]:
@@ -82,7 +86,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     from echocare_core.federation.site import build_job_model
 
     out, job, settings = Path(cfg.output), cfg.job, cfg.rounds
-    progress = Progress(out / "progress.jsonl")
+    progress = Progress(out)
     resumed = resume(out, job)
     state, done, history, server_state = resumed if resumed else (initial_state(job, cfg.init), 0, [], {})
     progress("start", rounds=settings.rounds, resumed_after=done, job_hash=job_hash(job), strategy=cfg.strategy.name)
@@ -98,10 +102,11 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         connected = wait_for_sites(grid, settings.min_sites, settings.wait_for_sites)
         nodes = choose_sites(connected, settings.participation, settings.min_sites, job.seed, rnd)
         arrays = ArrayRecord(state)
-        messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"round": rnd, "rounds": settings.rounds, "job": job_json})}),
+        config = ConfigRecord({"round": rnd, "rounds": settings.rounds, "job": job_json})
+        messages = [Message(RecordDict({"arrays": arrays, "config": config}),
                             dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd),
                             ttl=settings.deadline) for node in nodes]
-        progress("round_start", round=rnd, sites=len(nodes), connected=len(connected))
+        progress("round_start", round=rnd, sites=len(nodes), connected=len(connected), asked=[str(n) for n in nodes])
         updates, sites = [], []
         for reply in send_and_receive(grid, messages, settings.deadline):
             if reply.has_error():
@@ -114,11 +119,11 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
                     "bytes_sent": _nbytes(state), "bytes_received": _nbytes(shared)}
             problem = _invalid(shared, expected, metrics)
             if problem:
-                progress("rejected", round=rnd, site=site["site"], reason=problem)
+                progress("rejected", sent=shared, round=rnd, site=site["site"], reason=problem)
                 continue
             updates.append((shared, int(metrics["num-examples"])))
             sites.append(site)
-            progress("reply", round=rnd, **site)
+            progress("reply", sent=shared, round=rnd, **site)
         far = outlier_reasons(state, updates, settings.max_norm_ratio)
         for site, reason in zip(sites, far):
             if reason:
@@ -128,7 +133,8 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
             progress("failed", round=rnd, reason=f"{len(updates)} valid replies, min_sites is {settings.min_sites}")
             raise RuntimeError(f"round {rnd}: {len(updates)} valid replies; min_sites is {settings.min_sites}")
         state, server_state = aggregate(state, updates, cfg.strategy, server_state)
-        history.append({"round": rnd, "seconds": round(time.time() - t0, 2), "sites": sorted(sites, key=lambda s: s["site"])})
+        history.append({"round": rnd, "seconds": round(time.time() - t0, 2),
+                        "sites": sorted(sites, key=lambda s: s["site"])})
         path = save_round(out, job, state, rnd, {"sites": len(sites), "privacy": privacy_spent(history)}, history,
                           server_state)
         write_json_lines(out / "metrics.jsonl", history)

@@ -20,6 +20,7 @@ class InProcessGrid:
                  tamper: dict[int, Callable[[dict, dict], dict]] | None = None) -> None:
         self.sites, self.silent, self.crash_in_round, self.tamper = sites, silent, crash_in_round, tamper or {}
         self.state: dict = {}  # the global model of the round being asked
+        self.replies: list = []  # everything the sites sent, as it crossed their boundary
         self.pending: dict[str, object] = {}
         self.asked: list[tuple[int, int]] = []  # (round, node)
 
@@ -49,6 +50,7 @@ class InProcessGrid:
                     sent = reply.content["arrays"].to_torch_state_dict()
                     reply.content["arrays"] = ArrayRecord(self.tamper[node](sent, self.state))
                 replies.append(reply)
+        self.replies += replies
         return replies
 
 
