@@ -58,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         config = msg.content["config"]
         answer = _run(node, {"round": rnd, "rounds": int(config.get("rounds", rnd)), "job": str(config["job"]),
-                             "arrays": str(inbox)})
+                             "toolkit": str(config.get("toolkit", "unknown")), "arrays": str(inbox)})
     finally:
         os.remove(inbox)  # the global model, not the site's data: no reason to keep it
     if "refused" in answer or "failed" in answer:

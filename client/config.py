@@ -21,6 +21,9 @@ class SiteConfig:
     state_dir: str = "echocare_site"  # Flower's state, site-local layers, a copy of everything sent, logs
     limits: SiteLimits = field(default_factory=SiteLimits)
     privacy: SitePrivacy = field(default_factory=SitePrivacy)
+    approved_jobs: tuple[str, ...] = ()  # job hashes the site runs (the server shows each job's); empty: any job
+    # that fits the dataset, limits and privacy terms
+    server_versions: tuple[str, ...] = ()  # coordinator toolkit versions accepted; empty: only this site's own
     max_restarts: int = 5  # restarts of Flower's SuperNode after it exits on its own (e.g. the server restarted)
 
     def __post_init__(self) -> None:

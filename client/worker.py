@@ -59,6 +59,21 @@ def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
     return answer
 
 
+def _not_approved(node: Mapping[str, Any], request: dict[str, Any]) -> str:
+    """Why the site's own approvals refuse this request ("" when they do not): the coordinator's toolkit version
+    and, when the site pinned them, the job's hash."""
+    from echocare_core import __version__
+
+    versions = [v for v in str(node.get("server-versions", "")).split(",") if v] or [__version__]
+    if request.get("toolkit") not in versions:
+        return f"the coordinator runs echocare {request.get('toolkit')}; this site accepts {', '.join(versions)}"
+    approved = [h for h in str(node.get("approved-jobs", "")).split(",") if h]
+    job = hashlib.sha256(str(request["job"]).encode()).hexdigest()
+    if approved and job not in approved:
+        return f"job {job[:12]} is not among the site's approved_jobs"
+    return ""
+
+
 def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     """One round at this site.
 
@@ -79,6 +94,9 @@ def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     from echocare_core.federation.site import JobRefused, site_round
 
     site, state_dir, rnd = str(node["site-name"]), Path(str(node["state-dir"])), int(request["round"])
+    refusal = _not_approved(node, request)
+    if refusal:
+        return {"refused": refusal}
     limits, privacy = site_terms(node)
     t0 = time.perf_counter()
     try:

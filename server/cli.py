@@ -123,7 +123,7 @@ class RunView:
             console.print(f"[red]run failed: {event['reason']}[/]")
         elif kind == "start":
             after = event["resumed_after"]
-            console.print(f"federated run started ({event['rounds']} rounds, job {event['job_hash'][:12]})"
+            console.print(f"federated run started ({event['rounds']} rounds, job hash {event['job_hash']})"
                           + (f", resuming after round {after}" if after else ""))
 
 

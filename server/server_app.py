@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from echocare_core import __version__
 from echocare_core.federation.audit import AuditLog, manifest
 
 app = ServerApp()
@@ -102,7 +103,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         connected = wait_for_sites(grid, settings.min_sites, settings.wait_for_sites)
         nodes = choose_sites(connected, settings.participation, settings.min_sites, job.seed, rnd)
         arrays = ArrayRecord(state)
-        config = ConfigRecord({"round": rnd, "rounds": settings.rounds, "job": job_json})
+        config = ConfigRecord({"round": rnd, "rounds": settings.rounds, "job": job_json, "toolkit": __version__})
         messages = [Message(RecordDict({"arrays": arrays, "config": config}),
                             dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd),
                             ttl=settings.deadline) for node in nodes]

@@ -10,8 +10,9 @@ from conftest import TINY_ENCODER
 from safetensors.torch import load_file, save_file
 
 from echocare_client.worker import SiteWorker, ask_worker, run_request
+from echocare_core import __version__
 from echocare_core.data.synthetic_dataset import write_dataset
-from echocare_core.federation.job import Job
+from echocare_core.federation.job import Job, job_hash
 from echocare_core.federation.rounds import initial_state
 from echocare_core.models.swin import EncoderConfig
 
@@ -37,7 +38,7 @@ def site(tmp_path_factory):
 def test_the_worker_gives_what_the_clientapp_process_gives(site):
     node, arrays, worker = site
     assert stat.S_IMODE(os.stat(worker.folder).st_mode) == 0o700  # only the site's user reaches the socket
-    request = {"round": 1, "job": JOB.to_json(), "arrays": arrays}
+    request = {"round": 1, "job": JOB.to_json(), "arrays": arrays, "toolkit": __version__}
     here = run_request(node, request)
     here_shared = load_file(here["shared"])
     there = ask_worker(worker.socket_path, request)
@@ -51,8 +52,23 @@ def test_the_worker_gives_what_the_clientapp_process_gives(site):
 def test_refusals_and_failures_come_back_with_a_reason_and_the_worker_goes_on(site):
     node, arrays, worker = site
     wrong = Job(task="classification", classes=("a", "b"), encoder=JOB.encoder).to_json()
-    refused = ask_worker(worker.socket_path, {"round": 2, "job": wrong, "arrays": arrays})
+    refused = ask_worker(worker.socket_path, {"round": 2, "job": wrong, "arrays": arrays, "toolkit": __version__})
     assert refused == {"refused": "job task 'classification' but the site's dataset is 'segmentation'"}
-    failed = ask_worker(worker.socket_path, {"round": 3, "job": JOB.to_json(), "arrays": arrays + ".missing"})
+    failed = ask_worker(worker.socket_path, {"round": 3, "job": JOB.to_json(), "arrays": arrays + ".missing",
+                                             "toolkit": __version__})
     assert failed == {"failed": "the round failed at the site (FileNotFoundError; see the site's log)"}
-    assert "refused" not in ask_worker(worker.socket_path, {"round": 4, "job": JOB.to_json(), "arrays": arrays})
+    assert "refused" not in ask_worker(worker.socket_path, {"round": 4, "job": JOB.to_json(), "arrays": arrays,
+                                                            "toolkit": __version__})
+
+
+def test_the_site_runs_only_jobs_it_approved_from_coordinators_it_accepts(site):
+    node, arrays, _ = site
+    request = {"round": 5, "job": JOB.to_json(), "arrays": arrays, "toolkit": "9.9.9"}
+    assert run_request(node, request) == {
+        "refused": f"the coordinator runs echocare 9.9.9; this site accepts {__version__}"}
+    assert "refused" not in run_request({**node, "server-versions": f"9.9.9,{__version__}"}, request)
+    pinned = {**node, "approved-jobs": "0" * 64}
+    refused = run_request(pinned, {**request, "toolkit": __version__})
+    assert refused == {"refused": f"job {job_hash(JOB)[:12]} is not among the site's approved_jobs"}
+    assert "refused" not in run_request({**pinned, "approved-jobs": f"{'0' * 64},{job_hash(JOB)}"},
+                                        {**request, "toolkit": __version__})
