@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
 def _supervise(cfg: SiteConfig, state: Path, node_config: Path) -> int:
     """Keep Flower's SuperNode running until Ctrl-C / SIGTERM; restart it with back-off when it exits."""
     stop_flag = StopFlag("disconnecting from the federation")
-    cmd = ["flower-supernode", "--insecure", "--superlink", cfg.server, "--node-config", str(node_config)]
+    security = ["--insecure"] if cfg.insecure else [
+        "--root-certificates", str(Path(cfg.root_certificates).resolve()),
+        "--auth-supernode-private-key", str(Path(cfg.private_key).resolve())]
+    cmd = ["flower-supernode", *security, "--superlink", cfg.server, "--node-config", str(node_config)]
     restarts = 0
     while True:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from echocare_core.federation.job import SiteLimits
@@ -15,7 +16,9 @@ __all__ = ["SiteConfig"]
 class SiteConfig:
     name: str = ""  # how this site appears in the federation's tables and logs (no patient data)
     server: str = "127.0.0.1:9092"  # the coordinator's host:port
-    insecure: bool = False  # plain HTTP: only on a trusted network or for the demo (TLS: see the security issue)
+    insecure: bool = False  # plain HTTP and no site key: only on a trusted network or for the demo
+    root_certificates: str = ""  # the federation's ca.pem, from the coordinator
+    private_key: str = ""  # this site's private key (echocare-keys: sites/NAME.key; its .pub goes to the coordinator)
     data: str = ""  # the dataset folder (dataset.yaml + manifest.csv); checked before connecting
     device: Literal["auto", "cpu", "cuda"] = "auto"
     state_dir: str = "echocare_site"  # Flower's state, site-local layers, a copy of everything sent, logs
@@ -29,8 +32,12 @@ class SiteConfig:
     def __post_init__(self) -> None:
         if not self.name or not self.data:
             raise ValueError("name and data are required: the site's name and its dataset folder")
-        if not self.insecure:
-            raise ValueError("insecure is false, but TLS and site keys are not built yet (the security issue); "
-                             "set insecure: true, on a trusted network or for the demo only")
+        if not self.insecure and not (self.root_certificates and self.private_key):
+            raise ValueError("insecure is false: set root_certificates (the federation's ca.pem) and private_key "
+                             "(this site's key from echocare-keys), or insecure: true on a trusted network or for "
+                             "the demo only")
+        for key in ("root_certificates", "private_key"):
+            if not self.insecure and not Path(getattr(self, key)).is_file():
+                raise ValueError(f"{key}: {getattr(self, key)} is not a file")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts={self.max_restarts}: must be >= 0")

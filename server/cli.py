@@ -49,14 +49,44 @@ federation = "{}"
 """
 
 
+def _ca(cfg: FederationConfig) -> Path | None:
+    return None if cfg.server.insecure else (Path(cfg.server.keys) / "ca.pem").resolve()
+
+
+def superlink_command(cfg: FederationConfig, out: Path) -> list[str]:
+    """Flower's SuperLink: TLS with the federation's certificate and node authentication, unless insecure."""
+    keys = Path(cfg.server.keys).resolve()
+    security = ["--insecure"] if cfg.server.insecure else [
+        "--ssl-ca-certfile", str(keys / "ca.pem"), "--ssl-certfile", str(keys / "server.pem"),
+        "--ssl-keyfile", str(keys / "server.key"), "--enable-supernode-auth"]
+    return ["flower-superlink", *security, "--host", cfg.server.host, "--port", str(cfg.server.port),
+            "--database", str(out / "superlink.db"), "--disable-runtime-dependency-installation"]
+
+
+def register_sites(cfg: FederationConfig, home: Path) -> None:
+    """Put the allowed sites' public keys on the SuperLink's allow-list (kept in its database across restarts).
+
+    Raises:
+        FlowerError: a key Flower does not accept.
+    """
+    for name in cfg.server.allowed_sites:
+        try:
+            run_flwr(["supernode", "register", str(Path(cfg.server.keys, "sites", f"{name}.pub").resolve()),
+                      CONNECTION, "--name", name], home)
+        except FlowerError as exc:
+            if "already in use" not in str(exc):  # registered by an earlier start on this database
+                raise
+
+
 def prepare(cfg: FederationConfig, out: Path) -> tuple[Path, Path]:
     """Write Flower's private home, the thin app and the run config; returns (app dir, run-config file)."""
     home, app = out / "flwr", out / "app"
     home.mkdir(parents=True, exist_ok=True)
     app.mkdir(exist_ok=True)
     host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::") else cfg.server.host
+    trust = "insecure = true" if cfg.server.insecure else f"root-certificates = {toml_value(str(_ca(cfg)))}"
     (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                      f'address = "{host}:{cfg.server.port}"\ninsecure = true\n', encoding="utf-8")
+                                      f'address = "{host}:{cfg.server.port}"\n{trust}\n', encoding="utf-8")
     (app / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
     run_config = out / "run_config.toml"
     job = json.dumps({**to_dict(cfg), "output": str(out)})
@@ -171,10 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     stop_flag = StopFlag("stopping the run")
     superlink = None
     try:
-        superlink = start(["flower-superlink", "--insecure", "--host", cfg.server.host, "--port", str(cfg.server.port),
-                           "--database", str(out / "superlink.db"), "--disable-runtime-dependency-installation"],
-                          home, out / "superlink.log")
-        wait_healthy(cfg.server.port, superlink, out / "superlink.log")
+        superlink = start(superlink_command(cfg, out), home, out / "superlink.log")
+        wait_healthy(cfg.server.port, superlink, out / "superlink.log", _ca(cfg))
+        register_sites(cfg, home)
         console.print(f"SuperLink up on {cfg.server.host}:{cfg.server.port}; waiting for {cfg.rounds.min_sites} sites")
         run_id = str(run_flwr(["run", str(app), CONNECTION, "--run-config", str(run_config)], home)["run-id"])
         status = follow(run_id, home, progress, offset, stop_flag, MAIN_METRIC[cfg.job.task])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from echocare_core.federation.job import Job
 from echocare_core.federation.strategies import StrategyConfig
@@ -14,14 +15,24 @@ __all__ = ["FederationConfig", "RoundSettings", "ServerSettings"]
 class ServerSettings:
     host: str = "127.0.0.1"  # where the SuperLink listens; sites connect to host:port
     port: int = 9092
-    insecure: bool = False  # plain HTTP: only on a trusted network or for the demo (TLS: see the security issue)
+    insecure: bool = False  # plain HTTP and no site keys: only on a trusted network or for the demo
+    keys: str = ""  # an echocare-keys folder: ca.pem, server.pem, server.key and sites/NAME.pub
+    allowed_sites: tuple[str, ...] = ()  # the sites that may connect, by the name of their key in keys/sites/
 
     def __post_init__(self) -> None:
-        if not self.insecure:
-            raise ValueError("server.insecure is false, but TLS and site keys are not built yet (the security "
-                             "issue); set server.insecure: true, on a trusted network or for the demo only")
         if not 0 < self.port < 65536:
             raise ValueError(f"server.port={self.port}: choose 1-65535")
+        if self.insecure:
+            return
+        if not self.keys or not self.allowed_sites:
+            raise ValueError("server.insecure is false: set server.keys to an echocare-keys folder and list "
+                             "server.allowed_sites (or insecure: true, on a trusted network or for the demo only)")
+        folder = Path(self.keys)
+        missing = [str(f) for f in (folder / "ca.pem", folder / "server.pem", folder / "server.key",
+                                    *(folder / "sites" / f"{n}.pub" for n in self.allowed_sites)) if not f.is_file()]
+        if missing:
+            raise ValueError(f"server.keys: missing {', '.join(missing)}; make them with: echocare-keys --out "
+                             f"{self.keys} --server-name HOST --sites {' '.join(self.allowed_sites)}")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -87,18 +88,20 @@ def stop(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
             continue
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    """Wait until the SuperLink answers `/health` on 127.0.0.1:port.
+def wait_healthy(port: int, proc: subprocess.Popen, log: Path, ca: Path | None = None, timeout: float = 120.0) -> None:
+    """Wait until the SuperLink answers `/health` on 127.0.0.1:port (over TLS, trusting `ca`, when given).
 
     Raises:
         FlowerError: it exited or did not answer within `timeout` seconds.
     """
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{port}/health"
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise FlowerError(f"flower-superlink exited with code {proc.returncode}; see {log}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2, context=context) as r:
                 if r.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -126,15 +129,23 @@ def run_flwr(args: list[str], home: Path, timeout: float = 120.0) -> dict:
     return answer
 
 
-def run_on_this_machine(out: Path, sites: dict[str, Path], federation: dict[str, Any], show_server: bool = True) -> int:
-    """A whole federation on 127.0.0.1: `echocare-server` with `federation` (its `server.port` is set here)
+def run_on_this_machine(out: Path, sites: dict[str, Path], federation: dict[str, Any], show_server: bool = True,
+                        keys: Path | None = None, allowed: list[str] | None = None) -> int:
+    """A whole federation on 127.0.0.1: `echocare-server` with `federation` (its `server` section is set here)
     and one `echocare-client` per site, as separate processes; all stopped on return, also on Ctrl-C.
+
+    Args:
+        keys: an echocare-keys folder: TLS and site keys (each site uses `keys/sites/NAME.key`); None: insecure.
+        allowed: the sites the server lets in (default: all of `sites`).
 
     Returns:
         The server's exit code.
     """
     port = free_port()
-    fed = {**federation, "server": {"host": "127.0.0.1", "port": port, "insecure": True}}
+    server: dict[str, Any] = {"host": "127.0.0.1", "port": port, "insecure": keys is None}
+    if keys is not None:
+        server.update(keys=str(keys), allowed_sites=list(allowed or sites))
+    fed = {**federation, "server": server}
     out.mkdir(parents=True, exist_ok=True)
     (out / "federation.yaml").write_text(yaml.safe_dump(fed, sort_keys=False))
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
@@ -144,8 +155,10 @@ def run_on_this_machine(out: Path, sites: dict[str, Path], federation: dict[str,
                                   start_new_session=True, **({} if show_server else quiet))
         procs.append(server)
         for name, folder in sites.items():
-            site = {"name": name, "server": f"127.0.0.1:{port}", "insecure": True, "data": str(folder),
+            site = {"name": name, "server": f"127.0.0.1:{port}", "insecure": keys is None, "data": str(folder),
                     "device": "cpu", "state_dir": str(out / "site_state" / name)}
+            if keys is not None:
+                site.update(root_certificates=str(keys / "ca.pem"), private_key=str(keys / "sites" / f"{name}.key"))
             (out / f"{name}.yaml").write_text(yaml.safe_dump(site, sort_keys=False))
             procs.append(subprocess.Popen([sys.executable, "-m", "echocare_client.cli", "--config", str(out / f"{name}.yaml")],
                                           start_new_session=True, **quiet))

@@ -11,8 +11,15 @@ from echocare_server.config import FederationConfig
 
 
 def test_federation_config_checks(tmp_path):
-    with pytest.raises(ConfigError, match="TLS and site keys are not built yet"):
+    with pytest.raises(ConfigError, match="set server.keys to an echocare-keys folder and list server.allowed_sites"):
         load_config(FederationConfig, None, [], base={"server": {"insecure": False}})
+    (tmp_path / "keys").mkdir()
+    with pytest.raises(ConfigError, match=r"server.keys: missing .*ca.pem.*sites/site_a.pub; make them with: "
+                                          r"echocare-keys --out .* --sites site_a"):
+        load_config(FederationConfig, None, [], base={"server": {"keys": str(tmp_path / "keys"),
+                                                                 "allowed_sites": ["site_a"]}})
+    with pytest.raises(ConfigError, match="set root_certificates"):
+        load_config(SiteConfig, None, [], base={"name": "a", "data": "d"})
     with pytest.raises(ConfigError, match="fedprox needs proximal_mu > 0"):
         load_config(FederationConfig, None, ["strategy.name=fedprox"], base={"server": {"insecure": True}})
     with pytest.raises(ConfigError, match="differential privacy does not support FedProx"):

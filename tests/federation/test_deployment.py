@@ -1,5 +1,6 @@
-"""The real Flower runtime on 127.0.0.1: `echocare-server` (SuperLink + ServerApp) and three `echocare-client`s
-(SuperNodes + ClientApps) as separate processes, over HTTP. One site has the wrong task and is refused."""
+"""The real Flower runtime on 127.0.0.1: `echocare-server` (SuperLink + ServerApp) and four `echocare-client`s
+(SuperNodes + ClientApps) as separate processes, over HTTPS with the federation's certificate and site keys
+(echocare-keys). One site has the wrong task and is refused; one is not on the allow-list and never takes part."""
 
 import json
 
@@ -9,6 +10,7 @@ from conftest import TINY_ENCODER
 from safetensors import safe_open
 
 from echocare_core.checkpoint import build_from_checkpoint, load_weights, read_meta
+from echocare_core.cli.keys import make_keys
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.federation.processes import run_on_this_machine
 from echocare_core.privacy.ledger import PrivacyLedger
@@ -21,7 +23,7 @@ def _run(tmp, sites, rounds):
            "rounds": {"rounds": rounds, "min_sites": 2, "expected_sites": 3, "wait_for_sites": 300, "deadline": 600},
            "job": {"task": "segmentation", "labels": [0, 1], "encoder": dict(TINY_ENCODER), "feature_size": 8,
                    "mode": "lora", "lora_rank": 2, "batch_size": 8, "privacy": {"epsilon": 8.0}}}
-    return run_on_this_machine(tmp, sites, fed)
+    return run_on_this_machine(tmp, sites, fed, keys=tmp / "keys", allowed=["site_a", "site_b", "site_wrong_task"])
 
 
 def _events(tmp_path):
@@ -36,9 +38,10 @@ def _sent(state, rnd):
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
-    seg = write_dataset(tmp / "seg", "segmentation", sites=2, per_site=14, size=64, seed=5)
+    seg = write_dataset(tmp / "seg", "segmentation", sites=3, per_site=14, size=64, seed=5)
     cls = write_dataset(tmp / "cls", "classification", sites=1, per_site=8, size=64, seed=5)
-    sites = dict(zip(("site_a", "site_b", "site_wrong_task"), [*seg, *cls]))
+    sites = {"site_a": seg[0], "site_b": seg[1], "site_wrong_task": cls[0], "site_unlisted": seg[2]}
+    make_keys(tmp / "keys", ["localhost"], list(sites))
     return tmp, sites, _run(tmp, sites, rounds=2)
 
 
@@ -75,6 +78,8 @@ def test_the_site_with_another_task_is_refused_and_says_why(federation):
     assert len(refused) == 2 and all("site site_wrong_task refused the job: job task 'segmentation' but the site's "
                                      "dataset is 'classification'" in e["reason"] for e in refused)
     assert not (tmp / "site_state" / "site_wrong_task" / "sent").exists()  # nothing left that site
+    assert not (tmp / "site_state" / "site_unlisted" / "sent").exists()  # not on the allow-list: never asked
+    assert "Exit Code: 305" in (tmp / "site_state" / "site_unlisted" / "supernode.log").read_text()  # not activated
     ends = [e for e in _events(tmp) if e["event"] == "round_end"]
     assert [sorted(s["site"] for s in e["sites"]) for e in ends] == [["site_a", "site_b"]] * 2
 
