@@ -40,18 +40,18 @@ def site_terms(node: Mapping[str, Any]) -> tuple[Any, Any]:
 def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     """One round at this site (`_round`), recorded in the site's audit log (`state_dir/audit.jsonl`): the job
     hash, and what was sent (names, shapes, bytes, epsilon) or why nothing was."""
-    from safetensors.numpy import load_file
+    from echocare_core.federation.audit import AuditLog
 
-    from echocare_core.federation.audit import AuditLog, manifest
-
+    job = hashlib.sha256(str(request["job"]).encode()).hexdigest()  # = job_hash of the job the server sent
     answer: dict[str, Any] = {"failed": "the round raised an exception (see the site's log)"}
     try:
-        answer = _round(node, request)
+        refusal = _not_approved(node, request, job)
+        answer = {"refused": refusal} if refusal else _round(node, request)
     finally:
-        record = {"round": int(request["round"]), "job_hash": hashlib.sha256(str(request["job"]).encode()).hexdigest()}
+        record = {"round": int(request["round"]), "job_hash": job}
         if "shared" in answer:
             metrics = answer["metrics"]
-            record.update(samples=answer["samples"], sent=manifest(load_file(answer["shared"])),
+            record.update(samples=answer["samples"], sent=answer["sent"],
                           **{k: metrics[k] for k in ("epsilon", "delta") if k in metrics})
         AuditLog(Path(str(node["state-dir"])) / "audit.jsonl")(
             "trained" if "shared" in answer else "refused" if "refused" in answer else "failed",
@@ -59,7 +59,7 @@ def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
     return answer
 
 
-def _not_approved(node: Mapping[str, Any], request: dict[str, Any]) -> str:
+def _not_approved(node: Mapping[str, Any], request: dict[str, Any], job: str) -> str:
     """Why the site's own approvals refuse this request ("" when they do not): the coordinator's toolkit version
     and, when the site pinned them, the job's hash."""
     from echocare_core import __version__
@@ -68,7 +68,6 @@ def _not_approved(node: Mapping[str, Any], request: dict[str, Any]) -> str:
     if request.get("toolkit") not in versions:
         return f"the coordinator runs echocare {request.get('toolkit')}; this site accepts {', '.join(versions)}"
     approved = [h for h in str(node.get("approved-jobs", "")).split(",") if h]
-    job = hashlib.sha256(str(request["job"]).encode()).hexdigest()
     if approved and job not in approved:
         return f"job {job[:12]} is not among the site's approved_jobs"
     return ""
@@ -83,20 +82,20 @@ def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
             of the global model}.
 
     Returns:
-        {"shared": file of what leaves the site, "samples": N, "metrics": {...}} or {"refused": reason}
+        {"shared": file of what leaves the site, "sent": its names, shapes and bytes, "samples": N,
+        "metrics": {...}} or {"refused": reason}
         (a worker answers {"failed": reason} when the round raised); reasons name job keys and declared
         labels, never paths or sample data.
     """
     from safetensors.torch import load_file, save_file
+
+    from echocare_core.federation.audit import manifest
 
     from echocare_core.engine.finetune import DatasetInvalidError
     from echocare_core.federation.job import Job
     from echocare_core.federation.site import JobRefused, site_round
 
     site, state_dir, rnd = str(node["site-name"]), Path(str(node["state-dir"])), int(request["round"])
-    refusal = _not_approved(node, request)
-    if refusal:
-        return {"refused": refusal}
     limits, privacy = site_terms(node)
     t0 = time.perf_counter()
     try:
@@ -119,7 +118,7 @@ def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
               metadata={"num-examples": str(result.samples)})
     os.replace(tmp, sent)
     metrics = {"compute_s": time.perf_counter() - t0, **{k: v for k, v in result.metrics.items() if math.isfinite(v)}}
-    return {"shared": str(sent), "samples": result.samples, "metrics": metrics}
+    return {"shared": str(sent), "sent": manifest(result.shared), "samples": result.samples, "metrics": metrics}
 
 
 def ask_worker(path: str, request: dict[str, Any]) -> dict[str, Any]:
