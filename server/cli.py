@@ -10,6 +10,8 @@ last checkpointed round.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from rich.table import Table
 from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
 from echocare_core.config import ConfigError, load_config, save_config, to_dict
 from echocare_core.engine.metrics import MAIN_METRIC
-from echocare_core.federation.processes import FlowerError, run_flwr, start, stop, toml_value, wait_healthy
+from echocare_core.federation.processes import (FlowerError, free_port, run_flwr, start, stop, toml_value,
+                                                wait_healthy)
 from echocare_server.config import FederationConfig
 
 PROG = "echocare-server"
@@ -53,14 +56,49 @@ def _ca(cfg: FederationConfig) -> Path | None:
     return None if cfg.server.insecure else (Path(cfg.server.keys) / "ca.pem").resolve()
 
 
-def superlink_command(cfg: FederationConfig, out: Path) -> list[str]:
-    """Flower's SuperLink: TLS with the federation's certificate and node authentication, unless insecure."""
+def superlink_command(cfg: FederationConfig, out: Path, port: int) -> list[str]:
+    """Flower's SuperLink on 127.0.0.1:port: TLS with the federation's certificate and node authentication,
+    unless insecure."""
     keys = Path(cfg.server.keys).resolve()
     security = ["--insecure"] if cfg.server.insecure else [
         "--ssl-ca-certfile", str(keys / "ca.pem"), "--ssl-certfile", str(keys / "server.pem"),
         "--ssl-keyfile", str(keys / "server.key"), "--enable-supernode-auth"]
-    return ["flower-superlink", *security, "--host", cfg.server.host, "--port", str(cfg.server.port),
+    return ["flower-superlink", *security, "--host", "127.0.0.1", "--port", str(port),
             "--database", str(out / "superlink.db"), "--disable-runtime-dependency-installation"]
+
+
+def proxy_command(cfg: FederationConfig, port: int) -> list[str]:
+    """The Fleet-only proxy (echocare_server.proxy) on the public host:port, forwarding to 127.0.0.1:port."""
+    keys = [] if cfg.server.insecure else ["--keys", str(Path(cfg.server.keys).resolve())]
+    return [sys.executable, "-m", "echocare_server.proxy", "--listen", f"{cfg.server.host}:{cfg.server.port}",
+            "--upstream", f"127.0.0.1:{port}", *keys]
+
+
+def start_coordinator(cfg: FederationConfig, out: Path, port: int) -> list[subprocess.Popen]:
+    """Start the SuperLink on 127.0.0.1:port (Flower's home written by `prepare`) and the Fleet-only proxy on
+    the public address; wait until both answer and register the allowed sites. Returns the processes, to stop
+    with `processes.stop`.
+
+    Raises:
+        FlowerError: either did not come up, or a site key Flower refuses (both stopped).
+    """
+    home, procs = out / "flwr", []
+    try:
+        procs.append(start(superlink_command(cfg, out, port), home, out / "superlink.log"))
+        wait_healthy("127.0.0.1", port, procs[0], out / "superlink.log", _ca(cfg))
+        procs.append(start(proxy_command(cfg, port), home, out / "proxy.log"))
+        wait_healthy(_local(cfg.server.host), cfg.server.port, procs[1], out / "proxy.log", _ca(cfg))
+        register_sites(cfg, home)
+    except BaseException:
+        for proc in reversed(procs):
+            stop(proc)
+        raise
+    return procs
+
+
+def _local(host: str) -> str:
+    """Where this machine reaches a server bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
 def register_sites(cfg: FederationConfig, home: Path) -> None:
@@ -78,15 +116,15 @@ def register_sites(cfg: FederationConfig, home: Path) -> None:
                 raise
 
 
-def prepare(cfg: FederationConfig, out: Path) -> tuple[Path, Path]:
-    """Write Flower's private home, the thin app and the run config; returns (app dir, run-config file)."""
+def prepare(cfg: FederationConfig, out: Path, port: int) -> tuple[Path, Path]:
+    """Write Flower's private home (its `flwr` commands reach the SuperLink on 127.0.0.1:port), the thin app
+    and the run config; returns (app dir, run-config file)."""
     home, app = out / "flwr", out / "app"
     home.mkdir(parents=True, exist_ok=True)
     app.mkdir(exist_ok=True)
-    host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::") else cfg.server.host
     trust = "insecure = true" if cfg.server.insecure else f"root-certificates = {toml_value(str(_ca(cfg)))}"
     (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                      f'address = "{host}:{cfg.server.port}"\n{trust}\n', encoding="utf-8")
+                                      f'address = "127.0.0.1:{port}"\n{trust}\n', encoding="utf-8")
     (app / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
     run_config = out / "run_config.toml"
     job = json.dumps({**to_dict(cfg), "output": str(out)})
@@ -195,22 +233,23 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "federation.yaml")
-    app, run_config = prepare(cfg, out)
     home, progress = out / "flwr", out / "progress.jsonl"
     offset = progress.stat().st_size if progress.is_file() else 0
     stop_flag = StopFlag("stopping the run")
-    superlink = None
+    procs: list[subprocess.Popen] = []
     try:
-        superlink = start(superlink_command(cfg, out), home, out / "superlink.log")
-        wait_healthy(cfg.server.port, superlink, out / "superlink.log", _ca(cfg))
-        register_sites(cfg, home)
-        console.print(f"SuperLink up on {cfg.server.host}:{cfg.server.port}; waiting for {cfg.rounds.min_sites} sites")
+        port = free_port()
+        app, run_config = prepare(cfg, out, port)
+        procs = start_coordinator(cfg, out, port)
+        console.print(f"serving the sites on {cfg.server.host}:{cfg.server.port} (Fleet API only); waiting for "
+                      f"{cfg.rounds.min_sites} sites")
         run_id = str(run_flwr(["run", str(app), CONNECTION, "--run-config", str(run_config)], home)["run-id"])
         status = follow(run_id, home, progress, offset, stop_flag, MAIN_METRIC[cfg.job.task])
     except FlowerError as exc:
         return fail(PROG, str(exc), code=1)
     finally:
-        stop(superlink)
+        for proc in reversed(procs):
+            stop(proc)
     console.print(f"run {run_id}: {status}; checkpoints in {out / 'checkpoints'}")
     if status == "finished:completed":
         return 0

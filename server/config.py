@@ -13,7 +13,7 @@ __all__ = ["FederationConfig", "RoundSettings", "ServerSettings"]
 
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = "127.0.0.1"  # where the SuperLink listens; sites connect to host:port
+    host: str = "127.0.0.1"  # the public address sites connect to (the Fleet-only proxy; the SuperLink stays on loopback)
     port: int = 9092
     insecure: bool = False  # plain HTTP and no site keys: only on a trusted network or for the demo
     keys: str = ""  # an echocare-keys folder: ca.pem, server.pem, server.key and sites/NAME.pub

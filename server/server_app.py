@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from echocare_core import __version__
@@ -40,16 +41,37 @@ class Progress:
         self.audit(event, **fields, **({"sent": manifest(sent)} if sent is not None else {}))
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> Iterator[Message]:
-    """Push the messages and yield each reply as it arrives, until all came back or `timeout` seconds passed."""
-    pending = {mid for mid in grid.push_messages(messages) if mid}
+def send_and_receive(grid: Grid, nodes: list[int], message: Callable[[int], Message],
+                     timeout: float) -> Iterator[tuple[int, Message]]:
+    """Send `message(node)` to each node and yield (node, reply) as each reply arrives, until all came back or `timeout`
+    seconds passed.
+
+    Flower answers NODE_UNAVAILABLE for a node that missed its heartbeats, e.g. a SuperNode that restarted
+    (or one the SuperLink still counted as online from before its own restart). Such a node is asked again
+    as soon as it is back online; the error is yielded only if it is still offline at the timeout.
+    """
     end = time.monotonic() + timeout
-    while pending and time.monotonic() < end:
-        for reply in grid.pull_messages(pending):
-            pending.discard(reply.metadata.reply_to_message_id)
-            yield reply
-        if pending:
+    pending: dict[str, int] = {}
+    offline: dict[int, Message] = {}  # node -> its last NODE_UNAVAILABLE answer
+    todo = list(nodes)
+    while (todo or pending or offline) and time.monotonic() < end:
+        if todo:
+            pending.update((mid, node) for mid, node in zip(grid.push_messages([message(n) for n in todo]), todo)
+                           if mid)
+            todo = []
+        for reply in grid.pull_messages(list(pending)):
+            node = pending.pop(reply.metadata.reply_to_message_id)
+            if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                offline[node] = reply
+            else:
+                yield node, reply
+        if offline:
+            todo = [n for n in grid.get_node_ids() if n in offline]
+            for node in todo:
+                del offline[node]
+        if pending or offline:
             time.sleep(POLL_S)
+    yield from offline.items()
 
 
 def wait_for_sites(grid: Grid, needed: int, timeout: float) -> list[int]:
@@ -104,14 +126,16 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         nodes = choose_sites(connected, settings.participation, settings.min_sites, job.seed, rnd)
         arrays = ArrayRecord(state)
         config = ConfigRecord({"round": rnd, "rounds": settings.rounds, "job": job_json, "toolkit": __version__})
-        messages = [Message(RecordDict({"arrays": arrays, "config": config}),
-                            dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd),
-                            ttl=settings.deadline) for node in nodes]
+
+        def message(node: int) -> Message:
+            return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                           message_type=MessageType.TRAIN, group_id=str(rnd), ttl=settings.deadline)
+
         progress("round_start", round=rnd, sites=len(nodes), connected=len(connected), asked=[str(n) for n in nodes])
         updates, sites = [], []
-        for reply in send_and_receive(grid, messages, settings.deadline):
+        for node, reply in send_and_receive(grid, nodes, message, settings.deadline):
             if reply.has_error():
-                progress("refused", round=rnd, node=str(reply.metadata.src_node_id), code=reply.error.code,
+                progress("refused", round=rnd, node=str(node), code=reply.error.code,
                          reason=reply.error.reason)
                 continue
             shared = reply.content["arrays"].to_torch_state_dict()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import uuid
 from typing import Callable
 
-from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from echocare_client.client_app import train
 
@@ -14,11 +15,14 @@ from echocare_client.client_app import train
 class InProcessGrid:
     """Flower's Grid for a test: each pulled message is answered at once by the ClientApp's `train`
     with that site's node config; `silent` sites never answer; `crash_in_round` raises in that round;
-    `tamper[node](sent, global_state)` replaces what that site sends."""
+    `tamper[node](sent, global_state)` replaces what that site sends; `restarting` sites answer their first
+    message as Flower does for a SuperNode that missed its heartbeats (NODE_UNAVAILABLE), then come back."""
 
     def __init__(self, sites: dict[int, dict], silent: tuple[int, ...] = (), crash_in_round: int = 0,
-                 tamper: dict[int, Callable[[dict, dict], dict]] | None = None) -> None:
+                 tamper: dict[int, Callable[[dict, dict], dict]] | None = None,
+                 restarting: tuple[int, ...] = ()) -> None:
         self.sites, self.silent, self.crash_in_round, self.tamper = sites, silent, crash_in_round, tamper or {}
+        self.restarting = set(restarting)
         self.state: dict = {}  # the global model of the round being asked
         self.replies: list = []  # everything the sites sent, as it crossed their boundary
         self.pending: dict[str, object] = {}
@@ -44,7 +48,10 @@ class InProcessGrid:
             node = msg.metadata.dst_node_id
             if int(msg.content["config"]["round"]) == self.crash_in_round:
                 raise RuntimeError("the server was killed")
-            if node not in self.silent:
+            if node in self.restarting:
+                self.restarting.discard(node)
+                replies.append(Message(Error(ErrorCode.NODE_UNAVAILABLE, "missed its heartbeats"), reply_to=msg))
+            elif node not in self.silent:
                 reply = train(msg, Context(1, node, self.sites[node], RecordDict(), {}))
                 if node in self.tamper and not reply.has_error():  # a hostile or broken site changes what it sends
                     sent = reply.content["arrays"].to_torch_state_dict()

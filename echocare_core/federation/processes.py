@@ -88,18 +88,21 @@ def stop(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
             continue
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, log: Path, ca: Path | None = None, timeout: float = 120.0) -> None:
-    """Wait until the SuperLink answers `/health` on 127.0.0.1:port (over TLS, trusting `ca`, when given).
+def wait_healthy(host: str, port: int, proc: subprocess.Popen, log: Path, ca: Path | None = None,
+                 timeout: float = 120.0) -> None:
+    """Wait until `proc` (the SuperLink or its proxy) answers `/health` on host:port (over TLS, trusting `ca`,
+    when given).
 
     Raises:
         FlowerError: it exited or did not answer within `timeout` seconds.
     """
-    url = f"{'https' if ca else 'http'}://127.0.0.1:{port}/health"
+    name = f"the {log.stem}"  # superlink.log, proxy.log
+    url = f"{'https' if ca else 'http'}://{host}:{port}/health"
     context = ssl.create_default_context(cafile=str(ca)) if ca else None
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise FlowerError(f"flower-superlink exited with code {proc.returncode}; see {log}")
+            raise FlowerError(f"{name} exited with code {proc.returncode}; see {log}")
         try:
             with urllib.request.urlopen(url, timeout=2, context=context) as r:
                 if r.status == 200:
@@ -107,7 +110,7 @@ def wait_healthy(port: int, proc: subprocess.Popen, log: Path, ca: Path | None =
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
-    raise FlowerError(f"flower-superlink did not become healthy on port {port} in {timeout:.0f} s; see {log}")
+    raise FlowerError(f"{name} did not become healthy on {host}:{port} in {timeout:.0f} s; see {log}")
 
 
 def run_flwr(args: list[str], home: Path, timeout: float = 120.0) -> dict:

@@ -86,6 +86,17 @@ def test_a_silent_site_misses_the_round_and_a_missing_quorum_fails_the_run(sites
     assert not (tmp_path / "quorum" / "checkpoints").exists()
 
 
+def test_a_site_whose_supernode_restarted_is_asked_again_within_the_round(sites, tmp_path):
+    two = {n: sites[n] for n in list(sites)[:2]}
+    restarting = list(two)[1]
+    grid = InProcessGrid(two, restarting=(restarting,))
+    run_rounds(grid, _config(tmp_path / "run", rounds=1))
+    assert [node for _, node in grid.asked].count(restarting) == 2  # NODE_UNAVAILABLE, then asked again
+    events = _events(tmp_path / "run")
+    assert not [e for e in events if e["event"] == "refused"]
+    assert [s["site"] for s in events[-2]["sites"]] == ["site_0", "site_1"]
+
+
 def test_a_run_killed_mid_round_resumes_to_the_same_model_as_an_uninterrupted_run(sites, tmp_path):
     two = {n: sites[n] for n in list(sites)[:2]}
     out = tmp_path / "killed"
