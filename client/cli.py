@@ -9,7 +9,10 @@ ledger was edited or deleted; `echocare-client privacy --config site.yaml` print
 
 from __future__ import annotations
 
+import ssl
 import time
+import urllib.request
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -24,6 +27,7 @@ from echocare_client.config import SiteConfig
 from echocare_client.worker import SiteWorker
 
 PROG = "echocare-client"
+MAX_CLOCK_OFFSET_S = 240  # Flower allows 300 s; keep a margin for the Date header's resolution and drift
 
 
 def _device(name: str) -> str:
@@ -32,6 +36,31 @@ def _device(name: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def clock_offset(cfg: SiteConfig) -> float | None:
+    """Seconds the coordinator's clock is ahead of this machine's, from the `Date` of its `/health` answer
+    (about a second of resolution); None when it cannot be reached now."""
+    context = None if cfg.insecure else ssl.create_default_context(cafile=cfg.root_certificates or None)
+    t0 = time.time()
+    try:
+        with urllib.request.urlopen(f"{'http' if cfg.insecure else 'https'}://{cfg.server}/health", timeout=10,
+                                    context=context) as reply:
+            date = reply.headers.get("Date")
+    except (OSError, ValueError):
+        return None
+    return parsedate_to_datetime(date).timestamp() - (t0 + time.time()) / 2 if date else None
+
+
+def check_clock(cfg: SiteConfig) -> str:
+    """Why this site cannot sign its requests ("" when it can): Flower's node authentication refuses a
+    request whose timestamp is more than 300 s off the server's clock."""
+    offset = None if cfg.insecure else clock_offset(cfg)
+    if offset is None or abs(offset) <= MAX_CLOCK_OFFSET_S:
+        return ""
+    return (f"this machine's clock is about {round(abs(offset), -1):.0f} s {'behind' if offset > 0 else 'ahead of'} the "
+            f"coordinator's ({cfg.server}); signed requests must be within 300 s, so the coordinator would refuse "
+            f"them. Synchronise the clock (NTP, e.g. timedatectl set-ntp true) and start again")
 
 
 def node_values(cfg: SiteConfig, state: Path) -> dict[str, str | int]:
@@ -116,6 +145,9 @@ def _supervise(cfg: SiteConfig, state: Path, node_config: Path) -> int:
     cmd = ["flower-supernode", *security, "--superlink", cfg.server, "--node-config", str(node_config)]
     restarts = 0
     while True:
+        clock = check_clock(cfg)
+        if clock:
+            return fail(PROG, f"site {cfg.name}: {clock}", code=1)
         try:
             proc = start([*cmd, "--port", str(free_port())], state / "flwr", state / "supernode.log")
         except FlowerError as exc:

@@ -11,7 +11,6 @@ paths or sample data.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file, save_file
 
-from echocare_client.worker import ask_worker, run_request
+from echocare_client.worker import ask_worker, failure_reason, run_request
 
 app = ClientApp()
 log = logging.getLogger(__name__)
@@ -48,19 +47,30 @@ def _run(node: dict, request: dict) -> dict:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    t0 = time.perf_counter()
+    """The round's reply: the shared weights and metrics, or an error whose reason is ours (Flower would send
+    the text of any exception that escaped)."""
     node = dict(context.node_config)
-    site, state_dir = str(node["site-name"]), Path(str(node["state-dir"]))
+    site = str(node.get("site-name", "?"))
+    try:
+        return _train(msg, node, site)
+    except Exception as exc:  # noqa: BLE001 - details in the site's log only
+        log.exception("site %s: the round failed in the ClientApp", site)
+        return _error(msg, site, FAILED, failure_reason(exc))
+
+
+def _train(msg: Message, node: dict, site: str) -> Message:
+    t0 = time.perf_counter()
+    state_dir = Path(str(node["state-dir"]))
     rnd = int(msg.content["config"]["round"])
     inbox = state_dir / "inbox" / f"round_{rnd:04d}.safetensors"
     inbox.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: a.numpy() for k, a in msg.content["arrays"].items()}, str(inbox))
     try:
+        save_file({k: a.numpy() for k, a in msg.content["arrays"].items()}, str(inbox))
         config = msg.content["config"]
         answer = _run(node, {"round": rnd, "rounds": int(config.get("rounds", rnd)), "job": str(config["job"]),
                              "toolkit": str(config.get("toolkit", "unknown")), "arrays": str(inbox)})
     finally:
-        os.remove(inbox)  # the global model, not the site's data: no reason to keep it
+        inbox.unlink(missing_ok=True)  # the global model, not the site's data: no reason to keep it
     if "refused" in answer or "failed" in answer:
         return _error(msg, site, REFUSED if "refused" in answer else FAILED, answer.get("refused") or answer["failed"])
     shared = ArrayRecord({k: Array(v) for k, v in load_file(answer["shared"]).items()})

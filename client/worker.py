@@ -10,6 +10,7 @@ Without a worker (a SuperNode started by hand) the ClientApp runs the same `run_
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["SiteWorker", "ask_worker", "run_request", "site_terms"]
+__all__ = ["SiteWorker", "ask_worker", "failure_reason", "run_request", "site_terms"]
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +38,43 @@ def site_terms(node: Mapping[str, Any]) -> tuple[Any, Any]:
             SitePrivacy(bool(node["privacy-required"]), float(node["privacy-budget"]), float(node["privacy-delta"])))
 
 
+def failure_reason(exc: BaseException) -> str:
+    """What the coordinator learns about a round that failed at the site: the kind of failure, never the
+    exception's message (it can name files or carry values); the site's log has the details."""
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(exc):
+        return "the site's disk is full (state_dir)"  # the second test: safetensors' own error type
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+        return "the site's GPU ran out of memory (a smaller job batch_size or site max_batch_size helps)"
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # the second: torch's CPU allocator
+        return "the site ran out of memory"
+    return f"the round failed at the site ({type(exc).__name__}; see the site's log)"
+
+
 def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     """One round at this site (`_round`), recorded in the site's audit log (`state_dir/audit.jsonl`): the job
-    hash, and what was sent (names, shapes, bytes, epsilon) or why nothing was."""
+    hash, and what was sent (names, shapes, bytes, epsilon) or why nothing was. A round that raises is
+    answered {"failed": `failure_reason`}, the details logged at the site.
+
+    Raises:
+        OSError: the audit log cannot be written (e.g. the disk is full).
+    """
     from echocare_core.federation.audit import AuditLog
 
     job = hashlib.sha256(str(request["job"]).encode()).hexdigest()  # = job_hash of the job the server sent
-    answer: dict[str, Any] = {"failed": "the round raised an exception (see the site's log)"}
     try:
         refusal = _not_approved(node, request, job)
         answer = {"refused": refusal} if refusal else _round(node, request)
-    finally:
-        record = {"round": int(request["round"]), "job_hash": job}
-        if "shared" in answer:
-            metrics = answer["metrics"]
-            record.update(samples=answer["samples"], sent=answer["sent"],
-                          **{k: metrics[k] for k in ("epsilon", "delta") if k in metrics})
-        AuditLog(Path(str(node["state-dir"])) / "audit.jsonl")(
-            "trained" if "shared" in answer else "refused" if "refused" in answer else "failed",
-            **record, **{k: answer[k] for k in ("refused", "failed") if k in answer})
+    except Exception as exc:  # noqa: BLE001 - the site's log gets the details, the server the kind
+        log.exception("site %s: the round failed", node.get("site-name"))
+        answer = {"failed": failure_reason(exc)}
+    record = {"round": int(request["round"]), "job_hash": job}
+    if "shared" in answer:
+        metrics = answer["metrics"]
+        record.update(samples=answer["samples"], sent=answer["sent"],
+                      **{k: metrics[k] for k in ("epsilon", "delta") if k in metrics})
+    AuditLog(Path(str(node["state-dir"])) / "audit.jsonl")(
+        "trained" if "shared" in answer else "refused" if "refused" in answer else "failed",
+        **record, **{k: answer[k] for k in ("refused", "failed") if k in answer})
     return answer
 
 
@@ -160,9 +179,9 @@ class SiteWorker(threading.Thread):
                 try:
                     request = json.loads(conn.makefile("rb").readline())
                     answer = run_request(self.node, request)
-                except Exception as exc:  # noqa: BLE001 - the site's log gets the details, the server a type name
+                except Exception as exc:  # noqa: BLE001 - a broken request or the audit log not writable
                     log.exception("site %s: the round failed", self.node.get("site-name"))
-                    answer = {"failed": f"the round failed at the site ({type(exc).__name__}; see the site's log)"}
+                    answer = {"failed": failure_reason(exc)}
                 try:
                     conn.sendall(json.dumps(answer).encode() + b"\n")
                 except OSError:

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host"}
+OWN = {"date", "server"}  # uvicorn sets its own
 REFUSED = "this address serves only the Fleet API (/v1/fleet/*, /health)\n"
 
 
@@ -47,7 +48,7 @@ def make_app(upstream: str, ca: Path | None) -> Starlette:
             reply = await client.send(sent, stream=True)
         except httpx.HTTPError:
             return PlainTextResponse("the coordinator's SuperLink is not reachable\n", status_code=502)
-        kept = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_BY_HOP}
+        kept = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_BY_HOP | OWN}
         return StreamingResponse(reply.aiter_raw(), status_code=reply.status_code, headers=kept,
                                  background=BackgroundTask(reply.aclose))
 

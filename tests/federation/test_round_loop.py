@@ -136,3 +136,28 @@ def test_a_site_whose_privacy_budget_runs_out_stops_and_the_run_goes_on(sites, t
     spent = read_meta(tmp_path / "run" / "checkpoints" / "round_0004")["metrics"]["privacy"]
     assert spent["site_0"]["epsilon"] == pytest.approx(epsilon([(sigma, q, 1)] * 2, 1e-5), rel=1e-6)
     assert spent["site_0"]["epsilon"] < spent["site_1"]["epsilon"] <= 8.0 and spent["site_1"]["delta"] == 1e-5
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real, tiny filesystem (tmpfs of 8 KiB; needs root, as on the project's machines and CI)."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(folder)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_site_whose_disk_is_full_says_so_and_the_run_goes_on(sites, tmp_path, full_disk):
+    two = {n: dict(sites[n]) for n in list(sites)[:2]}
+    full = list(two)[1]
+    two[full]["state-dir"] = str(full_disk / "site_1")
+    run_rounds(InProcessGrid(two), _config(tmp_path / "run", rounds=1, min_sites=1))
+    events = _events(tmp_path / "run")
+    (refused,) = [e for e in events if e["event"] == "refused"]
+    assert refused["reason"] == "site site_1 failed: the site's disk is full (state_dir)"  # no path, no data
+    assert [s["site"] for s in events[-2]["sites"]] == ["site_0"]

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_ENCODER
 from safetensors.torch import load_file, save_file
 
-from echocare_client.worker import SiteWorker, ask_worker, run_request
+from echocare_client.worker import SiteWorker, ask_worker, failure_reason, run_request
 from echocare_core import __version__
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.federation.job import Job, job_hash
@@ -72,3 +72,13 @@ def test_the_site_runs_only_jobs_it_approved_from_coordinators_it_accepts(site):
     assert refused == {"refused": f"job {job_hash(JOB)[:12]} is not among the site's approved_jobs"}
     assert "refused" not in run_request({**pinned, "approved-jobs": f"{'0' * 64},{job_hash(JOB)}"},
                                         {**request, "toolkit": __version__})
+
+
+def test_memory_failures_are_named_without_the_exception_text():
+    with pytest.raises(RuntimeError) as cpu:  # a real allocator failure (40 TB)
+        torch.empty(10**13)
+    assert failure_reason(cpu.value) == "the site ran out of memory"
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB while reading case_0042.dcm")
+    assert "case_0042" not in failure_reason(gpu) and "GPU ran out of memory" in failure_reason(gpu)
+    assert failure_reason(ValueError("mask of /data/patient_7.png")) == (
+        "the round failed at the site (ValueError; see the site's log)")
