@@ -25,7 +25,7 @@ import numpy as np
 
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.report import read_metrics
-from echocare_core.federation.processes import run_on_this_machine
+from echocare_core.federation.testbed import run_on_this_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # 'base' has the paper's Swin-B size (88M parameters); 64 px keeps its local compute short

@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     state = Path(cfg.state_dir).resolve()
     report = verify_dataset(cfg.data)
     if not report.ok:
-        return fail(PROG, f"{cfg.data} fails the dataset check with {len(report.problems)} problem(s); see them "
-                          f"with: echocare-data verify {cfg.data}")
+        return fail(PROG, f"data: {cfg.data} fails the dataset check with {report.describe()}. See them all with: "
+                          f"echocare-data verify {cfg.data}")
     try:
         if args.action == "privacy":
             return show_ledger(cfg, state)

@@ -111,7 +111,7 @@ def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     from echocare_core.federation.audit import manifest
 
     from echocare_core.engine.finetune import DatasetInvalidError
-    from echocare_core.federation.job import Job
+    from echocare_core.federation.job import Job, job_hash
     from echocare_core.federation.site import JobRefused, site_round
 
     site, state_dir, rnd = str(node["site-name"]), Path(str(node["state-dir"])), int(request["round"])
@@ -120,7 +120,7 @@ def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     try:
         job = Job.from_json(str(request["job"]))
         result = site_round(job, load_file(request["arrays"]), Path(str(node["data-folder"])), rnd, limits,
-                            str(node["device"]), state_dir / "local_layers.safetensors",
+                            str(node["device"]), state_dir / "local_layers" / f"{job_hash(job)[:16]}.safetensors",
                             privacy=privacy, ledger_dir=state_dir / "privacy",
                             rounds=int(request.get("rounds", rnd)))
     except JobRefused as exc:

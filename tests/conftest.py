@@ -20,6 +20,15 @@ def _threads():
     torch.set_num_threads(1)  # two pytest-driven processes must not fight over 2 cores
 
 
+@pytest.fixture
+def flower_task(monkeypatch):
+    """What Flower sets in its ServerApp and ClientApp processes, for the apps called in-process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)
+
+
 @pytest.fixture(scope="session")
 def pretrain_data(tmp_path_factory) -> list[Path]:
     """Two synthetic sites with anatomy labels (some partial, some missing), 64x64."""

@@ -25,7 +25,7 @@ from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.metrics import MAIN_METRIC
-from echocare_core.federation.processes import run_on_this_machine
+from echocare_core.federation.testbed import run_on_this_machine
 
 PROG = "echocare-demo"
 ENCODER = {"variant": "test", "img_size": 64, "patch_size": 4, "window_size": 4}

@@ -30,6 +30,7 @@ TASK_COLUMNS = {"classification": "label", "segmentation": "mask", "landmarks": 
                 "detection": "boxes", "regression": "target", "enhancement": "target_image",
                 "report": "report", "pretrain": None}
 SPLITS = ("train", "val", "test")
+LAST_FRAME = 1 - 1e-9  # read_image's frame_pick of a clip's last frame (with frame_step 1)
 SPEC_KEYS = {"name", "task", "classes", "labels", "landmark_names", "channels", "multi_label", "ontology",
              "description", "device_profile", "synthetic", "findings", "target_name"}
 
@@ -72,6 +73,13 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def describe(self, limit: int = 3) -> str:
+        """The count and the first problems by file, row, column and what is allowed; values are left out (they
+        can be patient ids or paths)."""
+        first = "; ".join(f"{p.file}" + (f" row {p.row}" if p.row else "") + (f" column {p.column}" if p.column else "")
+                          + f": {p.allowed}" for p in self.problems[:limit])
+        return f"{len(self.problems)} problem(s), {'first' if len(self.problems) > limit else 'all'}: {first}"
 
 
 def _spec_error(file: Path, key: str, value: Any, allowed: str) -> ValueError:
@@ -179,6 +187,8 @@ class _Checker:
             self.wrong(row, column, value, "an existing file, relative to the dataset folder")
             return None
         try:
+            if self.spec.task == "regression":  # clips: a truncated file loses its last frames first
+                read_image(path, self.spec.channels, frame_step=1, frame_pick=LAST_FRAME)
             return read_image(path, self.spec.channels).shape[1:]
         except ImageReadError as exc:
             self.wrong(row, column, value, f"a PNG/JPG/BMP/TIFF/DICOM image that decodes ({str(exc).split(': ')[-1]})")

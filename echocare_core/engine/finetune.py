@@ -240,10 +240,7 @@ def check_dataset(folder: Path) -> DatasetSpec:
     """
     report = verify_dataset(folder)
     if not report.ok:
-        p = report.problems[0]
-        # row and column only: values can be patient ids or paths, which must not travel in messages
-        raise DatasetInvalidError(f"{folder} fails the dataset check with {len(report.problems)} problem(s), first: "
-                                  f"{p.file} row {p.row} column {p.column}: {p.allowed}. "
+        raise DatasetInvalidError(f"{folder} fails the dataset check with {report.describe(1)}. "
                                   f"See all with: echocare-data verify {folder}")
     spec = load_spec(folder)
     if spec.task == "landmarks" and not spec.landmark_names:

@@ -83,6 +83,11 @@ class SiteLimits:
     max_batch_size: int = 64
     max_local_epochs: int = 10
 
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_local_epochs < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} and max_local_epochs="
+                             f"{self.max_local_epochs}: both must be >= 1")
+
 
 def _passes(job: Job, train_samples: int) -> float:
     """Passes over the site's training split one round asks for (`local_steps` batches or `local_epochs`)."""

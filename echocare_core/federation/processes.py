@@ -20,11 +20,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
-import yaml
 
-__all__ = ["FlowerError", "flower_env", "free_port", "run_flwr", "run_on_this_machine", "start", "stop", "toml_value",
+__all__ = ["FlowerError", "flower_env", "free_port", "run_flwr", "start", "stop", "toml_value",
            "wait_healthy"]
 
 
@@ -130,42 +128,3 @@ def run_flwr(args: list[str], home: Path, timeout: float = 120.0) -> dict:
         tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
         raise FlowerError(f"flwr {' '.join(args[:2])} failed (exit {done.returncode}): {' | '.join(tail)}")
     return answer
-
-
-def run_on_this_machine(out: Path, sites: dict[str, Path], federation: dict[str, Any], show_server: bool = True,
-                        keys: Path | None = None, allowed: list[str] | None = None) -> int:
-    """A whole federation on 127.0.0.1: `echocare-server` with `federation` (its `server` section is set here)
-    and one `echocare-client` per site, as separate processes; all stopped on return, also on Ctrl-C.
-
-    Args:
-        keys: an echocare-keys folder: TLS and site keys (each site uses `keys/sites/NAME.key`); None: insecure.
-        allowed: the sites the server lets in (default: all of `sites`).
-
-    Returns:
-        The server's exit code.
-    """
-    port = free_port()
-    server: dict[str, Any] = {"host": "127.0.0.1", "port": port, "insecure": keys is None}
-    if keys is not None:
-        server.update(keys=str(keys), allowed_sites=list(allowed or sites))
-    fed = {**federation, "server": server}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "federation.yaml").write_text(yaml.safe_dump(fed, sort_keys=False))
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs: list[subprocess.Popen] = []
-    try:
-        server = subprocess.Popen([sys.executable, "-m", "echocare_server.cli", "--config", str(out / "federation.yaml")],
-                                  start_new_session=True, **({} if show_server else quiet))
-        procs.append(server)
-        for name, folder in sites.items():
-            site = {"name": name, "server": f"127.0.0.1:{port}", "insecure": keys is None, "data": str(folder),
-                    "device": "cpu", "state_dir": str(out / "site_state" / name)}
-            if keys is not None:
-                site.update(root_certificates=str(keys / "ca.pem"), private_key=str(keys / "sites" / f"{name}.key"))
-            (out / f"{name}.yaml").write_text(yaml.safe_dump(site, sort_keys=False))
-            procs.append(subprocess.Popen([sys.executable, "-m", "echocare_client.cli", "--config", str(out / f"{name}.yaml")],
-                                          start_new_session=True, **quiet))
-        return server.wait()
-    finally:
-        for proc in reversed(procs):
-            stop(proc, grace=60.0)

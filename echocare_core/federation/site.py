@@ -94,6 +94,15 @@ def _train_private(job: Job, model: EchoCareTaskModel, optimizer: torch.optim.Op
                     "sample_rate": private.sample_rate}
 
 
+def _mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """How `given` differs from the names and shapes of `expected` ("" when it fits)."""
+    missing, unexpected = expected.keys() - given.keys(), given.keys() - expected.keys()
+    shapes = [k for k in expected.keys() & given.keys() if expected[k].shape != given[k].shape]
+    parts = [f"{len(v)} {what}" for v, what in ((missing, "missing"), (unexpected, "unexpected"),
+                                                (shapes, "of another shape")) if v]
+    return ", ".join(parts) + (f", e.g. {sorted([*missing, *unexpected, *shapes])[0]}" if parts else "")
+
+
 def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Path, server_round: int,
                limits: SiteLimits = SiteLimits(), device: str = "cpu", local_file: Path | None = None,
                num_workers: int = 0, privacy: SitePrivacy = SitePrivacy(), ledger_dir: Path | None = None,
@@ -123,6 +132,9 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
         raise JobRefused(f"the site needs train and val samples (has {len(rows['train'])} and {len(rows['val'])})")
     torch.manual_seed(hash((job.seed, server_round)) & 0x7FFFFFFF)
     model = build_job_model(job)
+    mismatch = _mismatch(model.state_dict(), global_state)
+    if mismatch:
+        raise JobRefused(f"the global weights do not fit the job's model ({mismatch})")
     model.load_state_dict(global_state)
     if local_file is not None and local_file.is_file():
         model.load_state_dict(load_file(str(local_file)), strict=False)

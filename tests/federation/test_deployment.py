@@ -12,7 +12,7 @@ from safetensors import safe_open
 from echocare_core.checkpoint import build_from_checkpoint, load_weights, read_meta
 from echocare_core.cli.keys import make_keys
 from echocare_core.data.synthetic_dataset import write_dataset
-from echocare_core.federation.processes import run_on_this_machine
+from echocare_core.federation.testbed import run_on_this_machine
 from echocare_core.privacy.ledger import PrivacyLedger
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from conftest import TINY_ENCODER
-from flwr.supercore.task_identity import TaskIdentity
 from in_process import InProcessGrid, node_config
 from safetensors import safe_open
 
@@ -17,14 +16,9 @@ from echocare_core.federation.rounds import outlier_reasons
 from echocare_server.config import FederationConfig
 from echocare_server.server_app import run_rounds
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_task")]
 HOSTILE = 100
 
-
-@pytest.fixture(autouse=True)
-def _flower_task(monkeypatch):
-    for key in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, key, 1)
 
 
 @pytest.fixture(scope="module")
