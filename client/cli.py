@@ -27,6 +27,7 @@ from echocare_client.config import SiteConfig
 from echocare_client.worker import SiteWorker
 
 PROG = "echocare-client"
+STABLE_S = 300  # a SuperNode that ran this long was connected: its exit starts a new count of restarts
 MAX_CLOCK_OFFSET_S = 240  # Flower allows 300 s; keep a margin for the Date header's resolution and drift
 
 
@@ -153,17 +154,18 @@ def _supervise(cfg: SiteConfig, state: Path, node_config: Path) -> int:
         except FlowerError as exc:
             return fail(PROG, str(exc), code=1)
         console.print(f"site {cfg.name}: connecting to {cfg.server} (log: {state / 'supernode.log'})")
+        began = time.monotonic()
         while proc.poll() is None and not stop_flag():
             time.sleep(0.5)
         if stop_flag():
             stop(proc)
             console.print(f"site {cfg.name}: disconnected")
             return 0
-        restarts += 1
+        restarts = 1 if time.monotonic() - began > STABLE_S else restarts + 1  # count exits in a row only
         if restarts > cfg.max_restarts:
-            return fail(PROG, f"the SuperNode exited {restarts} times (last code {proc.returncode}); see "
+            return fail(PROG, f"the SuperNode exited {restarts} times in a row (last code {proc.returncode}); see "
                               f"{state / 'supernode.log'}", code=1)
-        wait = min(2.0**restarts, 30.0)
+        wait = min(2.0**restarts, 60.0)
         console.print(f"site {cfg.name}: SuperNode exited with code {proc.returncode}; restarting in {wait:.0f} s")
         time.sleep(wait)
 

@@ -27,7 +27,8 @@ class SiteConfig:
     approved_jobs: tuple[str, ...] = ()  # job hashes the site runs (the server shows each job's); empty: any job
     # that fits the dataset, limits and privacy terms
     server_versions: tuple[str, ...] = ()  # coordinator toolkit versions accepted; empty: only this site's own
-    max_restarts: int = 5  # restarts of Flower's SuperNode after it exits on its own (e.g. the server restarted)
+    max_restarts: int = 20  # restarts in a row of Flower's SuperNode when it exits on its own (e.g. the coordinator
+    # is unreachable: Flower gives up connecting after a few seconds); waits 2, 4, ... 60 s between: about 17 min
 
     def __post_init__(self) -> None:
         if not self.name or not self.data:

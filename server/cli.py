@@ -88,7 +88,7 @@ def start_coordinator(cfg: FederationConfig, out: Path, port: int) -> list[subpr
         wait_healthy("127.0.0.1", port, procs[0], out / "superlink.log", _ca(cfg))
         procs.append(start(proxy_command(cfg, port), home, out / "proxy.log"))
         wait_healthy(_local(cfg.server.host), cfg.server.port, procs[1], out / "proxy.log", _ca(cfg))
-        register_sites(cfg, home)
+        register_sites(cfg, out)
     except BaseException:
         for proc in reversed(procs):
             stop(proc)
@@ -101,19 +101,34 @@ def _local(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
-def register_sites(cfg: FederationConfig, home: Path) -> None:
-    """Put the allowed sites' public keys on the SuperLink's allow-list (kept in its database across restarts).
+def register_sites(cfg: FederationConfig, out: Path) -> None:
+    """Make the SuperLink's allow-list (kept in its database) match `server.allowed_sites`: register each listed
+    site's public key, and unregister the sites registered by an earlier start that are no longer listed or
+    whose key changed (`OUTPUT/sites.json` keeps name -> node id and key).
 
     Raises:
         FlowerError: a key Flower does not accept.
     """
-    for name in cfg.server.allowed_sites:
+    home, path = out / "flwr", out / "sites.json"
+    known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    keys = {name: Path(cfg.server.keys, "sites", f"{name}.pub").resolve() for name in cfg.server.allowed_sites}
+    for name, entry in list(known.items()):
+        if name not in keys or entry["key"] != keys[name].read_text(encoding="utf-8").strip():
+            run_flwr(["supernode", "unregister", str(entry["node"]), CONNECTION], home)
+            del known[name]
+    for name, key in keys.items():
+        if name in known:
+            continue
         try:
-            run_flwr(["supernode", "register", str(Path(cfg.server.keys, "sites", f"{name}.pub").resolve()),
-                      CONNECTION, "--name", name], home)
+            node = run_flwr(["supernode", "register", str(key), CONNECTION, "--name", name], home)["node-id"]
         except FlowerError as exc:
-            if "already in use" not in str(exc):  # registered by an earlier start on this database
+            if "already in use" not in str(exc):  # registered before this file kept track
                 raise
+            continue
+        known[name] = {"node": node, "key": key.read_text(encoding="utf-8").strip()}
+    tmp = path.with_name(".sites.json.tmp")
+    tmp.write_text(json.dumps(known, indent=2), encoding="utf-8")
+    tmp.replace(path)
 
 
 def prepare(cfg: FederationConfig, out: Path, port: int) -> tuple[Path, Path]:

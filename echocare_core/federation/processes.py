@@ -8,6 +8,7 @@ so stopping it also stops what it started.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -24,6 +25,9 @@ from pathlib import Path
 
 __all__ = ["FlowerError", "flower_env", "free_port", "run_flwr", "start", "stop", "toml_value",
            "wait_healthy"]
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class FlowerError(RuntimeError):
@@ -61,13 +65,21 @@ def _resolve(cmd: list[str], env: dict[str, str]) -> list[str]:
     return [program, *cmd[1:]]
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the process that started it dies, so a killed
+    echocare-server or echocare-client leaves no SuperLink, proxy or SuperNode behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start(cmd: list[str], home: Path, log: Path) -> subprocess.Popen:
-    """Start a Flower command in its own process group, output appended to `log`."""
+    """Start a Flower command in its own process group, output appended to `log`; it is stopped when this
+    process dies, however it dies (Linux)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = flower_env(home)
     with log.open("ab") as out:
         return subprocess.Popen(_resolve(cmd, env), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 15.0) -> None:

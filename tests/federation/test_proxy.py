@@ -1,6 +1,8 @@
 """The coordinator publishes only Flower's Fleet API: the real SuperLink on 127.0.0.1 behind the TLS proxy
 that echocare-server starts; the Control and Runtime APIs answer only on the private loopback port."""
 
+import json
+
 import httpx
 import pytest
 
@@ -48,3 +50,29 @@ def test_flwr_commands_work_on_the_private_port_and_are_refused_on_the_public_on
                                           f'"127.0.0.1:{cfg.server.port}"\nroot-certificates = "{ca}"\n')
     with pytest.raises(FlowerError, match="403 Forbidden"):  # an outsider cannot list, run or register
         run_flwr(["ls", "public"], tmp_path)
+
+
+def test_the_allow_list_follows_federation_yaml_across_restarts(tmp_path):
+    make_keys(tmp_path / "keys", ["localhost"], ["site_a", "site_b"])
+
+    def start(allowed):
+        cfg = from_dict(FederationConfig, {"output": str(tmp_path / "run"), "server": {
+            "host": "127.0.0.1", "port": free_port(), "keys": str(tmp_path / "keys"), "allowed_sites": allowed}},
+            "federation")
+        private = free_port()
+        prepare(cfg, tmp_path / "run", private)
+        procs = start_coordinator(cfg, tmp_path / "run", private)
+        try:
+            return {n["node-id"]: n["status"] for n in run_flwr(["supernode", "ls", CONNECTION],
+                                                                tmp_path / "run" / "flwr")["nodes"]}
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
+
+    both = start(["site_a", "site_b"])
+    assert sorted(both.values()) == ["registered", "registered"]
+    assert start(["site_a", "site_b"]) == both  # a restart registers nobody twice
+    known = json.loads((tmp_path / "run" / "sites.json").read_text())
+    after = start(["site_a"])  # site_b taken off the list: its key no longer gets in
+    assert after == {str(known["site_a"]["node"]): "registered", str(known["site_b"]["node"]): "unregistered"}
+    assert list(json.loads((tmp_path / "run" / "sites.json").read_text())) == ["site_a"]
