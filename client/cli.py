@@ -28,7 +28,8 @@ from echocare_client.worker import SiteWorker
 
 PROG = "echocare-client"
 STABLE_S = 300  # a SuperNode that ran this long was connected: its exit starts a new count of restarts
-MAX_CLOCK_OFFSET_S = 240  # Flower allows 300 s; keep a margin for the Date header's resolution and drift
+MAX_BEHIND_S, MAX_AHEAD_S = 240.0, 3.0  # Flower allows 305 s behind and 5 s ahead; margins for the Date
+# header's one-second resolution and drift
 
 
 def _device(name: str) -> str:
@@ -47,21 +48,22 @@ def clock_offset(cfg: SiteConfig) -> float | None:
     try:
         with urllib.request.urlopen(f"{'http' if cfg.insecure else 'https'}://{cfg.server}/health", timeout=10,
                                     context=context) as reply:
-            date = reply.headers.get("Date")
-    except (OSError, ValueError):
+            server_time = parsedate_to_datetime(reply.headers["Date"]).timestamp()
+    except (OSError, ValueError, TypeError, KeyError):
         return None
-    return parsedate_to_datetime(date).timestamp() - (t0 + time.time()) / 2 if date else None
+    return server_time - (t0 + time.time()) / 2
 
 
 def check_clock(cfg: SiteConfig) -> str:
-    """Why this site cannot sign its requests ("" when it can): Flower's node authentication refuses a
-    request whose timestamp is more than 300 s off the server's clock."""
+    """Why this site cannot sign its requests ("" when it can): Flower's node authentication accepts a request
+    signed at most 5 s later and 305 s earlier than the server's clock says."""
     offset = None if cfg.insecure else clock_offset(cfg)
-    if offset is None or abs(offset) <= MAX_CLOCK_OFFSET_S:
+    if offset is None or -MAX_AHEAD_S <= offset <= MAX_BEHIND_S:
         return ""
-    return (f"this machine's clock is about {round(abs(offset), -1):.0f} s {'behind' if offset > 0 else 'ahead of'} the "
-            f"coordinator's ({cfg.server}); signed requests must be within 300 s, so the coordinator would refuse "
-            f"them. Synchronise the clock (NTP, e.g. timedatectl set-ntp true) and start again")
+    size = f"{abs(offset):.0f}" if abs(offset) < 60 else f"about {round(abs(offset), -1):.0f}"
+    return (f"this machine's clock is {size} s {'behind' if offset > 0 else 'ahead of'} the coordinator's "
+            f"({cfg.server}); the coordinator refuses requests signed more than 5 s ahead of or 300 s behind its "
+            f"clock. Synchronise the clock (NTP, e.g. timedatectl set-ntp true) and start again")
 
 
 def node_values(cfg: SiteConfig, state: Path) -> dict[str, str | int]:
@@ -145,7 +147,7 @@ def _supervise(cfg: SiteConfig, state: Path, node_config: Path) -> int:
         "--auth-supernode-private-key", str(Path(cfg.private_key).resolve())]
     cmd = ["flower-supernode", *security, "--superlink", cfg.server, "--node-config", str(node_config)]
     restarts = 0
-    while True:
+    while not stop_flag():
         clock = check_clock(cfg)
         if clock:
             return fail(PROG, f"site {cfg.name}: {clock}", code=1)
@@ -159,16 +161,18 @@ def _supervise(cfg: SiteConfig, state: Path, node_config: Path) -> int:
             time.sleep(0.5)
         if stop_flag():
             stop(proc)
-            console.print(f"site {cfg.name}: disconnected")
-            return 0
+            break
         restarts = 1 if time.monotonic() - began > STABLE_S else restarts + 1  # count exits in a row only
         if restarts > cfg.max_restarts:
             return fail(PROG, f"the SuperNode exited {restarts} times in a row (last code {proc.returncode}); see "
                               f"{state / 'supernode.log'}", code=1)
         wait = min(2.0**restarts, 60.0)
         console.print(f"site {cfg.name}: SuperNode exited with code {proc.returncode}; restarting in {wait:.0f} s")
-        time.sleep(wait)
-
+        end = time.monotonic() + wait
+        while time.monotonic() < end and not stop_flag():
+            time.sleep(0.5)
+    console.print(f"site {cfg.name}: disconnected")
+    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file, save_file
 
 from echocare_client.worker import ask_worker, failure_reason, run_request
+from echocare_core.federation.transport import digest
 
 app = ClientApp()
 log = logging.getLogger(__name__)
@@ -62,13 +63,15 @@ def _train(msg: Message, node: dict, site: str) -> Message:
     t0 = time.perf_counter()
     state_dir = Path(str(node["state-dir"]))
     rnd = int(msg.content["config"]["round"])
-    inbox = state_dir / "inbox" / f"round_{rnd:04d}.safetensors"
+    inbox = state_dir / "inbox" / f"round_{rnd:04d}_{msg.metadata.message_id[:16]}.safetensors"  # one per ask
     inbox.parent.mkdir(parents=True, exist_ok=True)
     try:
-        save_file({k: a.numpy() for k, a in msg.content["arrays"].items()}, str(inbox))
+        arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+        save_file(arrays, str(inbox))
         config = msg.content["config"]
         answer = _run(node, {"round": rnd, "rounds": int(config.get("rounds", rnd)), "job": str(config["job"]),
-                             "toolkit": str(config.get("toolkit", "unknown")), "arrays": str(inbox)})
+                             "toolkit": str(config.get("toolkit", "unknown")), "arrays": str(inbox),
+                             "global": digest(arrays)})
     finally:
         inbox.unlink(missing_ok=True)  # the global model, not the site's data: no reason to keep it
     if "refused" in answer or "failed" in answer:

@@ -28,7 +28,7 @@ class SiteConfig:
     # that fits the dataset, limits and privacy terms
     server_versions: tuple[str, ...] = ()  # coordinator toolkit versions accepted; empty: only this site's own
     max_restarts: int = 20  # restarts in a row of Flower's SuperNode when it exits on its own (e.g. the coordinator
-    # is unreachable: Flower gives up connecting after a few seconds); waits 2, 4, ... 60 s between: about 17 min
+    # is unreachable: its SuperNode stops trying to activate after about 4 s); waits 2, 4, ... 60 s between: ~17 min
 
     def __post_init__(self) -> None:
         if not self.name or not self.data:

@@ -42,7 +42,7 @@ def failure_reason(exc: BaseException) -> str:
     """What the coordinator learns about a round that failed at the site: the kind of failure, never the
     exception's message (it can name files or carry values); the site's log has the details."""
     if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(exc):
-        return "the site's disk is full (state_dir)"  # the second test: safetensors' own error type
+        return "the site's disk is full"  # the second test: safetensors' own error type
     if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
         return "the site's GPU ran out of memory (a smaller job batch_size or site max_batch_size helps)"
     if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # the second: torch's CPU allocator
@@ -53,7 +53,9 @@ def failure_reason(exc: BaseException) -> str:
 def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     """One round at this site (`_round`), recorded in the site's audit log (`state_dir/audit.jsonl`): the job
     hash, and what was sent (names, shapes, bytes, epsilon) or why nothing was. A round that raises is
-    answered {"failed": `failure_reason`}, the details logged at the site.
+    answered {"failed": `failure_reason`}, the details logged at the site. Asked again for a round it
+    answered, with the same job and global model (`request["global"]`, a digest), the site sends the same
+    answer again instead of training (and spending privacy budget) twice.
 
     Raises:
         OSError: the audit log cannot be written (e.g. the disk is full).
@@ -61,21 +63,37 @@ def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
     from echocare_core.federation.audit import AuditLog
 
     job = hashlib.sha256(str(request["job"]).encode()).hexdigest()  # = job_hash of the job the server sent
+    state_dir, rnd = Path(str(node["state-dir"])), int(request["round"])
+    done = state_dir / "sent" / f"round_{rnd:04d}.json"  # this round's answer, for a server that asks again
+    key = {"job": job, "global": request.get("global", "")}
+    event = "trained"
     try:
         refusal = _not_approved(node, request, job)
-        answer = {"refused": refusal} if refusal else _round(node, request)
+        earlier = json.loads(done.read_text(encoding="utf-8")) if done.is_file() and not refusal else {}
+        if earlier.get("key") == key and Path(earlier["answer"]["shared"]).is_file():
+            answer, event = earlier["answer"], "resent"  # same job, round and global model: trained already
+        else:
+            answer = {"refused": refusal} if refusal else _round(node, request)
+            if "shared" in answer:
+                _write_json(done, {"key": key, "answer": answer})
     except Exception as exc:  # noqa: BLE001 - the site's log gets the details, the server the kind
         log.exception("site %s: the round failed", node.get("site-name"))
         answer = {"failed": failure_reason(exc)}
-    record = {"round": int(request["round"]), "job_hash": job}
+    record = {"round": rnd, "job_hash": job}
     if "shared" in answer:
         metrics = answer["metrics"]
         record.update(samples=answer["samples"], sent=answer["sent"],
                       **{k: metrics[k] for k in ("epsilon", "delta") if k in metrics})
-    AuditLog(Path(str(node["state-dir"])) / "audit.jsonl")(
-        "trained" if "shared" in answer else "refused" if "refused" in answer else "failed",
+    AuditLog(state_dir / "audit.jsonl")(
+        event if "shared" in answer else "refused" if "refused" in answer else "failed",
         **record, **{k: answer[k] for k in ("refused", "failed") if k in answer})
     return answer
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _not_approved(node: Mapping[str, Any], request: dict[str, Any], job: str) -> str:

@@ -75,9 +75,9 @@ def proxy_command(cfg: FederationConfig, port: int) -> list[str]:
 
 
 def start_coordinator(cfg: FederationConfig, out: Path, port: int) -> list[subprocess.Popen]:
-    """Start the SuperLink on 127.0.0.1:port (Flower's home written by `prepare`) and the Fleet-only proxy on
-    the public address; wait until both answer and register the allowed sites. Returns the processes, to stop
-    with `processes.stop`.
+    """Start the SuperLink on 127.0.0.1:port (Flower's home written by `prepare`), register the allowed sites,
+    then start the Fleet-only proxy on the public address; wait until both answer. Returns the processes, to
+    stop with `processes.stop`.
 
     Raises:
         FlowerError: either did not come up, or a site key Flower refuses (both stopped).
@@ -86,9 +86,9 @@ def start_coordinator(cfg: FederationConfig, out: Path, port: int) -> list[subpr
     try:
         procs.append(start(superlink_command(cfg, out, port), home, out / "superlink.log"))
         wait_healthy("127.0.0.1", port, procs[0], out / "superlink.log", _ca(cfg))
+        register_sites(cfg, out)  # before any site can reach it
         procs.append(start(proxy_command(cfg, port), home, out / "proxy.log"))
         wait_healthy(_local(cfg.server.host), cfg.server.port, procs[1], out / "proxy.log", _ca(cfg))
-        register_sites(cfg, out)
     except BaseException:
         for proc in reversed(procs):
             stop(proc)
@@ -104,31 +104,47 @@ def _local(host: str) -> str:
 def register_sites(cfg: FederationConfig, out: Path) -> None:
     """Make the SuperLink's allow-list (kept in its database) match `server.allowed_sites`: register each listed
     site's public key, and unregister the sites registered by an earlier start that are no longer listed or
-    whose key changed (`OUTPUT/sites.json` keeps name -> node id and key).
+    whose key changed. `OUTPUT/sites.json` keeps name -> node id and key, rewritten after every change.
 
     Raises:
-        FlowerError: a key Flower does not accept.
+        FlowerError: a key Flower does not accept, or one it already knows but this coordinator did not
+            register (Flower never takes a removed key back).
     """
     home, path = out / "flwr", out / "sites.json"
     known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     keys = {name: Path(cfg.server.keys, "sites", f"{name}.pub").resolve() for name in cfg.server.allowed_sites}
+
+    def save() -> None:
+        tmp = path.with_name(".sites.json.tmp")
+        tmp.write_text(json.dumps(known, indent=2), encoding="utf-8")
+        tmp.replace(path)
+
     for name, entry in list(known.items()):
         if name not in keys or entry["key"] != keys[name].read_text(encoding="utf-8").strip():
-            run_flwr(["supernode", "unregister", str(entry["node"]), CONNECTION], home)
+            try:
+                run_flwr(["supernode", "unregister", str(entry["node"]), CONNECTION], home)
+            except FlowerError:
+                nodes = run_flwr(["supernode", "ls", CONNECTION], home)["nodes"]
+                if any(n["node-id"] == str(entry["node"]) and n["status"] != "unregistered" for n in nodes):
+                    raise
             del known[name]
+            save()
     for name, key in keys.items():
         if name in known:
             continue
         try:
             node = run_flwr(["supernode", "register", str(key), CONNECTION, "--name", name], home)["node-id"]
         except FlowerError as exc:
-            if "already in use" not in str(exc):  # registered before this file kept track
-                raise
-            continue
+            if "already in use" in str(exc):
+                raise FlowerError(
+                    f"site {name}: the SuperLink's database ({out / 'superlink.db'}) already knows the key {key} but "
+                    f"{path.name} has no record of registering it: it was removed from the federation earlier "
+                    f"(Flower never takes a removed key back) or registered by an older start. Give the site a "
+                    f"new key pair (delete {key.with_suffix('.*')}, run echocare-keys --out {cfg.server.keys} "
+                    f"--sites {name}) or start with a new database") from exc
+            raise
         known[name] = {"node": node, "key": key.read_text(encoding="utf-8").strip()}
-    tmp = path.with_name(".sites.json.tmp")
-    tmp.write_text(json.dumps(known, indent=2), encoding="utf-8")
-    tmp.replace(path)
+        save()
 
 
 def prepare(cfg: FederationConfig, out: Path, port: int) -> tuple[Path, Path]:

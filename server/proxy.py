@@ -12,13 +12,14 @@ the sites' request signatures pass), everything else is answered 403.
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import uvicorn
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
@@ -27,30 +28,40 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "transfer-encoding", "upgrade", "host"}
 OWN = {"date", "server"}  # uvicorn sets its own
 REFUSED = "this address serves only the Fleet API (/v1/fleet/*, /health)\n"
-
-
-def is_public(path: str) -> bool:
-    return path == "/health" or path.startswith("/v1/fleet/")
+# letters, digits, '-' and '_' between slashes: no dot segments, escapes or empty segments, so the path that
+# is checked is the path the SuperLink gets (a decoded or normalised path could be walked out of /v1/fleet/)
+PUBLIC = re.compile(r"/health|/v1/fleet(/[A-Za-z0-9_-]+)+")
 
 
 def make_app(upstream: str, ca: Path | None) -> Starlette:
     """The proxy to `upstream` (host:port of the SuperLink; over TLS trusting `ca`, when given)."""
     client = httpx.AsyncClient(base_url=f"{'https' if ca else 'http'}://{upstream}", verify=str(ca) if ca else False,
-                               timeout=httpx.Timeout(None, connect=10.0))
+                               timeout=httpx.Timeout(300.0, connect=10.0, pool=60.0),  # per read/write, not total
+                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
 
     async def forward(request: Request) -> PlainTextResponse | StreamingResponse:
-        if not is_public(request.url.path):
+        path = request.scope.get("raw_path", b"").split(b"?", 1)[0].decode("latin-1")  # as received, undecoded
+        if not PUBLIC.fullmatch(path):
             return PlainTextResponse(REFUSED, status_code=403)
         headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
-        sent = client.build_request(request.method, request.url.path, params=request.url.query or None,
-                                    headers=headers, content=request.stream())
+        query = request.scope.get("query_string", b"")
+        has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
+        sent = client.build_request(request.method, httpx.URL(path=path, **({"query": query} if query else {})),
+                                    headers=headers, content=request.stream() if has_body else None)
         try:
             reply = await client.send(sent, stream=True)
         except httpx.HTTPError:
             return PlainTextResponse("the coordinator's SuperLink is not reachable\n", status_code=502)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in reply.aiter_raw():
+                    yield chunk
+            finally:
+                await reply.aclose()
+
         kept = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_BY_HOP | OWN}
-        return StreamingResponse(reply.aiter_raw(), status_code=reply.status_code, headers=kept,
-                                 background=BackgroundTask(reply.aclose))
+        return StreamingResponse(body(), status_code=reply.status_code, headers=kept)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette):

@@ -127,9 +127,10 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         arrays = ArrayRecord(state)
         config = ConfigRecord({"round": rnd, "rounds": settings.rounds, "job": job_json, "toolkit": __version__})
 
-        def message(node: int) -> Message:
+        def message(node: int) -> Message:  # also a message asked again: it expires with the round
             return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
-                           message_type=MessageType.TRAIN, group_id=str(rnd), ttl=settings.deadline)
+                           message_type=MessageType.TRAIN, group_id=str(rnd),
+                           ttl=max(1.0, settings.deadline - (time.time() - t0)))
 
         progress("round_start", round=rnd, sites=len(nodes), connected=len(connected), asked=[str(n) for n in nodes])
         updates, sites = [], []

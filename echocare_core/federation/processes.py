@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 
 __all__ = ["FlowerError", "flower_env", "free_port", "run_flwr", "start", "stop", "toml_value",
@@ -28,6 +29,8 @@ __all__ = ["FlowerError", "flower_env", "free_port", "run_flwr", "start", "stop"
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # resolved once, not
+# in the forked child (which must not load libraries while other threads may hold locks)
 
 
 class FlowerError(RuntimeError):
@@ -65,21 +68,24 @@ def _resolve(cmd: list[str], env: dict[str, str]) -> list[str]:
     return [program, *cmd[1:]]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec (Linux): SIGTERM when the process that started it dies, so a killed
-    echocare-server or echocare-client leaves no SuperLink, proxy or SuperNode behind."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with(parent: int) -> Callable[[], None]:
+    """For the child, before exec (Linux): SIGTERM when the thread that started it ends (ours: the main
+    thread, so when the process dies, however it dies), so a killed echocare-server or echocare-client leaves
+    no SuperLink, proxy or SuperNode behind; exit at once if the parent is already gone."""
+    def child() -> None:
+        if _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0 or os.getppid() != parent:
+            os._exit(1)
+    return child
 
 
 def start(cmd: list[str], home: Path, log: Path) -> subprocess.Popen:
     """Start a Flower command in its own process group, output appended to `log`; it is stopped when this
-    process dies, however it dies (Linux)."""
+    process dies (Linux)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = flower_env(home)
     with log.open("ab") as out:
         return subprocess.Popen(_resolve(cmd, env), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                start_new_session=True, preexec_fn=_die_with(os.getpid()) if _LIBC else None)
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 15.0) -> None:

@@ -72,7 +72,11 @@ class Testbed:
         self.clients: dict[str, subprocess.Popen] = {}
         self.namespaces: list[str] = []
         if isolated:
-            self._make_network()
+            try:
+                self._make_network()
+            except BaseException:
+                self.close()  # no namespace left behind
+                raise
 
     # -- the network ---------------------------------------------------------------------------------------
     def _ns(self, index: int | None) -> str:
@@ -128,11 +132,12 @@ class Testbed:
             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def kill_site(self, name: str) -> None:
-        """SIGKILL the site's echocare-client and everything it started (SuperNode, ClientApp)."""
+        """SIGKILL the site's echocare-client (and its worker); its SuperNode gets SIGTERM as its parent dies."""
         _kill(self.clients.pop(name))
 
     def kill_server(self) -> None:
-        """SIGKILL echocare-server and everything it started (SuperLink, proxy, ServerApp)."""
+        """SIGKILL echocare-server; its SuperLink and proxy get SIGTERM as their parent dies (the ServerApp
+        goes with the SuperLink)."""
         _kill(self.server)
         self.server = None
 

@@ -1,7 +1,8 @@
 """Faults on the real runtime with a real network: the coordinator and three sites, each in its own network
 namespace (needs root and iproute2, as on the project's machines and CI), over HTTPS with site keys. In
-round 2 one site's link goes down for 30 s and another site is killed; the run completes every round and
-loses nothing, the cut site stays in its round, the killed one rejoins once restarted. `bench/faults.py`
+round 2 one site's link goes down for 75 s (Flower reports a node unavailable after about 60 s without
+heartbeats) and another site is killed; the run completes every round and loses nothing, the cut site is
+asked again when it is back and makes its round, the killed one rejoins once restarted. `bench/faults.py`
 runs more faults and prints a table."""
 
 import time
@@ -33,7 +34,7 @@ def test_a_cut_link_and_a_killed_site_cost_no_round_and_no_data(tmp_path):
                      write_dataset(tmp_path / "data", "segmentation", sites=3, per_site=10, size=64, seed=3)))
     make_keys(tmp_path / "keys", [COORDINATOR_ADDRESS], list(sites))
     fed = {"output": str(tmp_path / "run"),
-           "rounds": {"rounds": 4, "min_sites": 2, "expected_sites": 3, "wait_for_sites": 300, "deadline": 90},
+           "rounds": {"rounds": 4, "min_sites": 2, "expected_sites": 3, "wait_for_sites": 300, "deadline": 120},
            "job": {"task": "segmentation", "labels": [0, 1], "feature_size": 8, "batch_size": 8, "mode": "lora",
                    "lora_rank": 2, "encoder": {"variant": "test", "img_size": 64, "patch_size": 4, "window_size": 4}}}
     with Testbed(tmp_path, sites, fed, keys=tmp_path / "keys", isolated=True, show_server=False) as bed:
@@ -44,7 +45,7 @@ def test_a_cut_link_and_a_killed_site_cost_no_round_and_no_data(tmp_path):
         time.sleep(3)
         bed.kill_site("site_b")
         bed.cut("site_c")
-        time.sleep(30)
+        time.sleep(75)
         assert not _running(str(tmp_path / "site_state" / "site_b"))  # its SuperNode died with it
         bed.cut("site_c", down=False)
         bed.wait_for("round_end", round=2)
@@ -53,5 +54,5 @@ def test_a_cut_link_and_a_killed_site_cost_no_round_and_no_data(tmp_path):
         rounds = {e["round"]: sorted(s["site"] for s in e["sites"]) for e in bed.events() if e["event"] == "round_end"}
         assert bed.lost(4) == []
     assert rounds[1] == ["site_a", "site_b", "site_c"]
-    assert rounds[2] == ["site_a", "site_c"]  # site_c back after the cut; site_b left out at the deadline
-    assert "site_b" in rounds[4]  # restarted after round 2: back by round 3 or 4
+    assert rounds[2] == ["site_a", "site_c"]  # site_c asked again after the cut; site_b left out at the deadline
+    assert "site_b" in rounds[3] + rounds[4]  # restarted after round 2, it rejoins

@@ -1,7 +1,9 @@
 """The coordinator publishes only Flower's Fleet API: the real SuperLink on 127.0.0.1 behind the TLS proxy
 that echocare-server starts; the Control and Runtime APIs answer only on the private loopback port."""
 
+import http.client
 import json
+import ssl
 
 import httpx
 import pytest
@@ -39,6 +41,14 @@ def test_the_public_port_serves_health_and_the_fleet_api_only(coordinator):
     for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/runtime/get-nodes", "/docs", "/"):
         refused = public.post(path, content=b"{}")
         assert refused.status_code == 403 and "serves only the Fleet API" in refused.text, path
+    for path in ("/v1/fleet/%2e%2e/control/list-runs", "/v1/fleet/../control/list-runs",
+                 "/v1/fleet/..%2fcontrol/list-runs", "/v1/fleet//x", "/v1/fleet/", "/health/../v1/control/start-run"):
+        conn = http.client.HTTPSConnection("127.0.0.1", cfg.server.port,  # sends the path as is (curl
+                                           context=ssl.create_default_context(cafile=str(ca)))  # --path-as-is)
+        conn.request("POST", path, body=b"{}")
+        refused = conn.getresponse()
+        assert refused.status == 403 and "serves only the Fleet API" in refused.read().decode(), path
+        conn.close()
     private_client = httpx.Client(base_url=f"https://127.0.0.1:{private}", verify=str(ca))
     assert private_client.post("/v1/control/list-runs", content=b"{}").status_code != 403  # Flower's own answer
 
@@ -76,3 +86,5 @@ def test_the_allow_list_follows_federation_yaml_across_restarts(tmp_path):
     after = start(["site_a"])  # site_b taken off the list: its key no longer gets in
     assert after == {str(known["site_a"]["node"]): "registered", str(known["site_b"]["node"]): "unregistered"}
     assert list(json.loads((tmp_path / "run" / "sites.json").read_text())) == ["site_a"]
+    with pytest.raises(FlowerError, match=r"site site_b: .*\(Flower never takes a removed key back\)"):
+        start(["site_a", "site_b"])  # the removed key cannot come back: the coordinator says so and stops

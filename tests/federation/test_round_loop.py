@@ -153,5 +153,5 @@ def test_a_site_whose_disk_is_full_says_so_and_the_run_goes_on(sites, tmp_path, 
     run_rounds(InProcessGrid(two), _config(tmp_path / "run", rounds=1, min_sites=1))
     events = _events(tmp_path / "run")
     (refused,) = [e for e in events if e["event"] == "refused"]
-    assert refused["reason"] == "site site_1 failed: the site's disk is full (state_dir)"  # no path, no data
+    assert refused["reason"] == "site site_1 failed: the site's disk is full"  # no path, no data
     assert [s["site"] for s in events[-2]["sites"]] == ["site_0"]

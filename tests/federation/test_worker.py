@@ -1,6 +1,7 @@
 """The site worker: the ClientApp's rounds run in `echocare-client`'s long-lived process, with the same result
 as in the ClientApp's own process; refusals and failures come back with a reason and no data."""
 
+import json
 import os
 import stat
 
@@ -75,10 +76,21 @@ def test_the_site_runs_only_jobs_it_approved_from_coordinators_it_accepts(site):
 
 
 def test_memory_failures_are_named_without_the_exception_text():
-    with pytest.raises(RuntimeError) as cpu:  # a real allocator failure (40 TB)
-        torch.empty(10**13)
+    with pytest.raises(RuntimeError) as cpu:  # a real allocator failure
+        torch.empty(10**14)  # 400 TB: more than the address space, also with overcommit
     assert failure_reason(cpu.value) == "the site ran out of memory"
     gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB while reading case_0042.dcm")
     assert "case_0042" not in failure_reason(gpu) and "GPU ran out of memory" in failure_reason(gpu)
     assert failure_reason(ValueError("mask of /data/patient_7.png")) == (
         "the round failed at the site (ValueError; see the site's log)")
+
+
+def test_a_round_asked_again_is_answered_again_not_trained_twice(site):
+    node, arrays, _ = site
+    request = {"round": 7, "job": JOB.to_json(), "arrays": arrays, "toolkit": __version__, "global": "g1"}
+    first = run_request(node, request)
+    sent = os.stat(first["shared"]).st_mtime_ns
+    assert run_request(node, request) == first and os.stat(first["shared"]).st_mtime_ns == sent
+    assert "refused" not in run_request(node, {**request, "global": "g2"})  # another global model: trains
+    events = [json.loads(line) for line in open(f"{node['state-dir']}/audit.jsonl")]
+    assert [e["event"] for e in events if e.get("round") == 7] == ["trained", "resent", "trained"]
