@@ -19,13 +19,11 @@ from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file, save_file
 
 from echocare_client.worker import ask_worker, failure_reason, run_request
-from echocare_core.federation.transport import digest
+from echocare_core.federation.transport import FAILED, NEED_FROZEN, REFUSED, digest
 
 app = ClientApp()
 log = logging.getLogger(__name__)
 
-REFUSED = 1001  # error code of a refused job (Flower's own codes are 0-8)
-FAILED = 1002  # the site accepted the job but the round failed there (details in the site's log)
 
 
 def _error(msg: Message, site: str, code: int, reason: str) -> Message:
@@ -62,16 +60,19 @@ def train(msg: Message, context: Context) -> Message:
 def _train(msg: Message, node: dict, site: str) -> Message:
     t0 = time.perf_counter()
     state_dir = Path(str(node["state-dir"]))
-    rnd = int(msg.content["config"]["round"])
+    config = msg.content["config"]
+    rnd = int(config["round"])
+    frozen = _frozen(msg, state_dir, str(config.get("frozen", "")))
+    if frozen is None:
+        return _error(msg, site, NEED_FROZEN, "it does not hold the frozen part of the model")
     inbox = state_dir / "inbox" / f"round_{rnd:04d}_{msg.metadata.message_id[:16]}.safetensors"  # one per ask
     inbox.parent.mkdir(parents=True, exist_ok=True)
     try:
         arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
         save_file(arrays, str(inbox))
-        config = msg.content["config"]
         answer = _run(node, {"round": rnd, "rounds": int(config.get("rounds", rnd)), "job": str(config["job"]),
                              "toolkit": str(config.get("toolkit", "unknown")), "arrays": str(inbox),
-                             "global": digest(arrays)})
+                             "frozen": str(frozen), "global": digest(arrays)})
     finally:
         inbox.unlink(missing_ok=True)  # the global model, not the site's data: no reason to keep it
     if "refused" in answer or "failed" in answer:
@@ -81,3 +82,26 @@ def _train(msg: Message, node: dict, site: str) -> Message:
                             "clientapp_s": time.perf_counter() - t0})  # compute_s plus handing the weights over
     return Message(RecordDict({"arrays": shared, "metrics": metrics, "site": ConfigRecord({"name": site})}),
                    reply_to=msg)
+
+
+def _frozen(msg: Message, state_dir: Path, name: str) -> Path | None:
+    """The site's copy of the model's frozen part named by its digest: saved from the message when it came
+    along (older copies removed), None when it did not and the site has none.
+
+    Raises:
+        ValueError: what came does not match its digest.
+    """
+    path = state_dir / "frozen" / f"{name[:32]}.safetensors"
+    if "frozen" not in msg.content:
+        return path if path.is_file() else None
+    arrays = {k: a.numpy() for k, a in msg.content["frozen"].items()}
+    if digest(arrays) != name:
+        raise ValueError("the frozen part of the model does not match its digest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(arrays, str(tmp))
+    tmp.replace(path)
+    for old in path.parent.glob("*.safetensors"):
+        if old != path:
+            old.unlink()
+    return path

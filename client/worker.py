@@ -116,10 +116,11 @@ def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     Args:
         node: the SuperNode's node config (site-name, data-folder, state-dir, device, limits).
         request: {"round": N, "rounds": the rounds the job plans, "job": job JSON, "arrays": safetensors file
-            of the global model}.
+            of the global shared parameters, "frozen": safetensors file of the rest of the global model}.
 
     Returns:
-        {"shared": file of what leaves the site, "sent": its names, shapes and bytes, "samples": N,
+        {"shared": file of what leaves the site (in the job's transport), "sent": its names, shapes and bytes,
+        "samples": N,
         "metrics": {...}} or {"refused": reason}
         (a worker answers {"failed": reason} when the round raised); reasons name job keys and declared
         labels, never paths or sample data.
@@ -131,13 +132,15 @@ def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     from echocare_core.engine.finetune import DatasetInvalidError
     from echocare_core.federation.job import Job, job_hash
     from echocare_core.federation.site import JobRefused, site_round
+    from echocare_core.federation.transport import encode
 
     site, state_dir, rnd = str(node["site-name"]), Path(str(node["state-dir"])), int(request["round"])
     limits, privacy = site_terms(node)
     t0 = time.perf_counter()
     try:
         job = Job.from_json(str(request["job"]))
-        result = site_round(job, load_file(request["arrays"]), Path(str(node["data-folder"])), rnd, limits,
+        global_state = {**(load_file(request["frozen"]) if request.get("frozen") else {}), **load_file(request["arrays"])}
+        result = site_round(job, global_state, Path(str(node["data-folder"])), rnd, limits,
                             str(node["device"]), state_dir / "local_layers" / f"{job_hash(job)[:16]}.safetensors",
                             privacy=privacy, ledger_dir=state_dir / "privacy",
                             rounds=int(request.get("rounds", rnd)))
@@ -148,14 +151,14 @@ def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     except ValueError as exc:  # a job this toolkit version cannot read or build; details stay in the site's log
         log.warning("site %s cannot run the job: %s", site, exc)
         return {"refused": f"unreadable job ({type(exc).__name__})"}
+    encoded = encode(result.shared, global_state, job.transport)  # deltas in 16 bits, or fp32 weights
     sent = state_dir / "sent" / f"round_{rnd:04d}.safetensors"  # the site's copy of everything that left it
     sent.parent.mkdir(parents=True, exist_ok=True)
     tmp = sent.with_name(f".{sent.name}.tmp")
-    save_file({k: v.contiguous() for k, v in result.shared.items()}, str(tmp),
-              metadata={"num-examples": str(result.samples)})
+    save_file(encoded, str(tmp), metadata={"num-examples": str(result.samples), "transport": job.transport})
     os.replace(tmp, sent)
     metrics = {"compute_s": time.perf_counter() - t0, **{k: v for k, v in result.metrics.items() if math.isfinite(v)}}
-    return {"shared": str(sent), "sent": manifest(result.shared), "samples": result.samples, "metrics": metrics}
+    return {"shared": str(sent), "sent": manifest(encoded), "samples": result.samples, "metrics": metrics}
 
 
 def ask_worker(path: str, request: dict[str, Any]) -> dict[str, Any]:

@@ -45,13 +45,16 @@ class RoundSettings:
     participation: float = 1.0  # share of the connected sites asked each round (drawn anew, at least min_sites)
     max_norm_ratio: float = 10.0  # leave out an update farther from the global model than this many times the
     # round's median (3 replies or more; 0: off); names, shapes and finite values are always checked
+    keep_checkpoints: int = 2  # round checkpoints kept (the newest); checkpoints/best is kept besides
 
     def __post_init__(self) -> None:
         if (self.rounds < 1 or self.min_sites < 1 or self.expected_sites < 0 or self.wait_for_sites <= 0
-                or self.deadline <= 0 or not 0 < self.participation <= 1 or self.max_norm_ratio < 0):
+                or self.deadline <= 0 or not 0 < self.participation <= 1 or self.max_norm_ratio < 0
+                or self.keep_checkpoints < 2):
             raise ValueError(f"need rounds >= 1, min_sites >= 1, wait_for_sites > 0, deadline > 0, "
-                             f"0 < participation <= 1 and max_norm_ratio >= 0; got {self.rounds}, {self.min_sites}, "
-                             f"{self.wait_for_sites}, {self.deadline}, {self.participation}, {self.max_norm_ratio}")
+                             f"0 < participation <= 1, max_norm_ratio >= 0 and keep_checkpoints >= 2; got "
+                             f"{self.rounds}, {self.min_sites}, {self.wait_for_sites}, {self.deadline}, "
+                             f"{self.participation}, {self.max_norm_ratio}, {self.keep_checkpoints}")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The Flower ServerApp: our own round loop around `echocare_core.federation` (deadline, quorum, checkpoint, resume).
 
 Flower's `Strategy.start` waits without a deadline for nodes and has no resume, so the loop is ours:
-each round sends the global model and the job to every connected site, waits up to the deadline
-(polling every half second instead of Flower's fixed 3 s), keeps the valid replies, needs at least
-`min_sites` of them, aggregates (sample-weighted), checkpoints and logs. Started again on the same
+each round sends the job and the global values of the shared parameters to the chosen sites (the frozen
+rest of the model only to sites that do not hold it yet, see `echocare_core.federation.transport`),
+waits up to the deadline (polling every half second instead of Flower's fixed 3 s), decodes and checks
+the replies (deltas in the job's transport, added to the global model in fp32), needs at least
+`min_sites` valid ones, aggregates (sample-weighted), checkpoints and logs. Started again on the same
 output folder it resumes after the last checkpointed round. Events go to `progress.jsonl`, which
 `echocare-server` shows as a live table.
 """
@@ -21,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from echocare_core import __version__
 from echocare_core.federation.audit import AuditLog, manifest
+from echocare_core.federation.transport import NEED_FROZEN, decode, digest
 
 app = ServerApp()
 
@@ -41,14 +44,15 @@ class Progress:
         self.audit(event, **fields, **({"sent": manifest(sent)} if sent is not None else {}))
 
 
-def send_and_receive(grid: Grid, nodes: list[int], message: Callable[[int], Message],
+def send_and_receive(grid: Grid, nodes: list[int], message: Callable[[int], Message], lacking: set[int],
                      timeout: float) -> Iterator[tuple[int, Message]]:
-    """Send `message(node)` to each node and yield (node, reply) as each reply arrives, until all came back or `timeout`
-    seconds passed.
+    """Send `message(node)` to each node and yield (node, reply) as each reply arrives, until all came back or
+    `timeout` seconds passed.
 
     Flower answers NODE_UNAVAILABLE for a node that missed its heartbeats, e.g. a SuperNode that restarted
     (or one the SuperLink still counted as online from before its own restart). Such a node is asked again
-    as soon as it is back online; the error is yielded only if it is still offline at the timeout.
+    as soon as it is back online; the error is yielded only if it is still offline at the timeout. A site
+    that answers NEED_FROZEN is added to `lacking` (which `message` reads) and asked again at once.
     """
     end = time.monotonic() + timeout
     pending: dict[str, int] = {}
@@ -61,16 +65,21 @@ def send_and_receive(grid: Grid, nodes: list[int], message: Callable[[int], Mess
             todo = []
         for reply in grid.pull_messages(list(pending)):
             node = pending.pop(reply.metadata.reply_to_message_id)
-            if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+            code = reply.error.code if reply.has_error() else None
+            if code == ErrorCode.NODE_UNAVAILABLE:
                 offline[node] = reply
+            elif code == NEED_FROZEN and node not in lacking:
+                lacking.add(node)
+                todo.append(node)
             else:
                 yield node, reply
         if offline:
-            todo = [n for n in grid.get_node_ids() if n in offline]
-            for node in todo:
+            back = [n for n in grid.get_node_ids() if n in offline]
+            for node in back:
                 del offline[node]
-        if pending or offline:
-            time.sleep(POLL_S)
+            todo += back
+        if todo or pending or offline:
+            time.sleep(POLL_S if not todo else 0)
     yield from offline.items()
 
 
@@ -85,13 +94,20 @@ def _nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def _invalid(shared: dict, expected: dict, metrics: dict[str, float]) -> str:
-    """Why a reply cannot be aggregated ("" when it can): other parameters or shapes, non-finite values, no samples."""
-    if {n: t.shape for n, t in shared.items()} != expected:
-        return "its parameters differ from the job's shared parameters (names or shapes)"
+def _received(sent: dict, state: dict, expected: dict, metrics: dict[str, float],
+              transport: str) -> tuple[dict, str]:
+    """A reply's trained shared parameters (fp32, from its deltas or weights) and why they cannot be aggregated
+    ("" when they can): other parameters or shapes, another dtype than the transport's, non-finite values, no
+    samples."""
+    if {n: t.shape for n, t in sent.items()} != expected:
+        return {}, "its parameters differ from the job's shared parameters (names or shapes)"
+    try:
+        shared = decode(sent, state, transport)
+    except ValueError as exc:
+        return {}, str(exc)
     if not all(bool(t.isfinite().all()) for t in shared.values()):
-        return "non-finite values"
-    return "" if metrics.get("num-examples", 0) >= 1 else "no training samples"
+        return {}, "non-finite values"
+    return shared, "" if metrics.get("num-examples", 0) >= 1 else "no training samples"
 
 
 def run_rounds(grid: Grid, cfg: Any) -> None:
@@ -105,7 +121,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     from echocare_core.engine.report import privacy_spent, write_federation_report
     from echocare_core.federation.job import job_hash, shared_names
     from echocare_core.federation.rounds import (aggregate, choose_sites, initial_state, outlier_reasons, resume,
-                                                 save_round)
+                                                 save_best, save_round)
     from echocare_core.federation.site import build_job_model
 
     out, job, settings = Path(cfg.output), cfg.job, cfg.rounds
@@ -119,37 +135,46 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         raise RuntimeError(f"{len(nodes)} site(s) connected in {settings.wait_for_sites:.0f} s; min_sites is "
                            f"{settings.min_sites}")
     job_json = job.to_json()
-    expected = {n: state[n].shape for n in shared_names(build_job_model(job), job)}
+    shared_keys = shared_names(build_job_model(job), job)
+    expected = {n: state[n].shape for n in shared_keys}
+    frozen = {k: v for k, v in state.items() if k not in expected}  # never changes during the run
+    frozen_record, frozen_digest = ArrayRecord(frozen), digest({k: v.numpy() for k, v in frozen.items()})
+    frozen_bytes, shared_bytes = _nbytes(frozen), _nbytes({k: state[k] for k in shared_keys})  # tensor bytes
+    holding: set[int] = set()  # sites that have the frozen part (they replied to a round of this run)
     for rnd in range(done + 1, settings.rounds + 1):
         t0 = time.time()
         connected = wait_for_sites(grid, settings.min_sites, settings.wait_for_sites)
         nodes = choose_sites(connected, settings.participation, settings.min_sites, job.seed, rnd)
-        arrays = ArrayRecord(state)
-        config = ConfigRecord({"round": rnd, "rounds": settings.rounds, "job": job_json, "toolkit": __version__})
+        arrays = ArrayRecord({k: state[k] for k in shared_keys})
+        config = ConfigRecord({"round": rnd, "rounds": settings.rounds, "job": job_json, "toolkit": __version__,
+                               "frozen": frozen_digest})
+        lacking, down = set(nodes) - holding, dict.fromkeys(nodes, 0)
 
         def message(node: int) -> Message:  # also a message asked again: it expires with the round
-            return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
-                           message_type=MessageType.TRAIN, group_id=str(rnd),
+            content = {"arrays": arrays, "config": config, **({"frozen": frozen_record} if node in lacking else {})}
+            down[node] += shared_bytes + (frozen_bytes if node in lacking else 0)
+            return Message(RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd),
                            ttl=max(1.0, settings.deadline - (time.time() - t0)))
 
         progress("round_start", round=rnd, sites=len(nodes), connected=len(connected), asked=[str(n) for n in nodes])
         updates, sites = [], []
-        for node, reply in send_and_receive(grid, nodes, message, settings.deadline):
+        for node, reply in send_and_receive(grid, nodes, message, lacking, settings.deadline):
             if reply.has_error():
                 progress("refused", round=rnd, node=str(node), code=reply.error.code,
                          reason=reply.error.reason)
                 continue
-            shared = reply.content["arrays"].to_torch_state_dict()
+            holding.add(node)
+            sent = reply.content["arrays"].to_torch_state_dict()
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
             site = {"site": str(reply.content["site"]["name"]), **metrics, "seconds": round(time.time() - t0, 2),
-                    "bytes_sent": _nbytes(state), "bytes_received": _nbytes(shared)}
-            problem = _invalid(shared, expected, metrics)
+                    "bytes_sent": down[node], "bytes_received": _nbytes(sent)}
+            shared, problem = _received(sent, state, expected, metrics, job.transport)
             if problem:
-                progress("rejected", sent=shared, round=rnd, site=site["site"], reason=problem)
+                progress("rejected", sent=sent, round=rnd, site=site["site"], reason=problem)
                 continue
             updates.append((shared, int(metrics["num-examples"])))
             sites.append(site)
-            progress("reply", sent=shared, round=rnd, **site)
+            progress("reply", sent=sent, round=rnd, **site)
         far = outlier_reasons(state, updates, settings.max_norm_ratio)
         for site, reason in zip(sites, far):
             if reason:
@@ -162,9 +187,10 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         history.append({"round": rnd, "seconds": round(time.time() - t0, 2),
                         "sites": sorted(sites, key=lambda s: s["site"])})
         path = save_round(out, job, state, rnd, {"sites": len(sites), "privacy": privacy_spent(history)}, history,
-                          server_state)
+                          server_state, settings.keep_checkpoints)
+        best = save_best(out, job, history, MAIN_METRIC[job.task])
         write_json_lines(out / "metrics.jsonl", history)
-        progress("round_end", **history[-1], checkpoint=str(path))
+        progress("round_end", **history[-1], checkpoint=str(path), **({"best": rnd - 1} if best else {}))
     report = write_federation_report(out, MAIN_METRIC[job.task])
     progress("done", rounds=settings.rounds, report=str(report))
 

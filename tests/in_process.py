@@ -3,6 +3,7 @@ Flower's network replaced by direct calls (the real runtime has its own test, te
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Callable
 
@@ -10,12 +11,13 @@ from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from echocare_client.client_app import train
+from echocare_core.federation.transport import decode, encode
 
 
 class InProcessGrid:
     """Flower's Grid for a test: each pulled message is answered at once by the ClientApp's `train`
     with that site's node config; `silent` sites never answer; `crash_in_round` raises in that round;
-    `tamper[node](sent, global_state)` replaces what that site sends; `restarting` sites answer their first
+    `tamper[node](trained, global_state)` replaces the weights that site trained (before its transport); `restarting` sites answer their first
     message as Flower does for a SuperNode that missed its heartbeats (NODE_UNAVAILABLE), then come back."""
 
     def __init__(self, sites: dict[int, dict], silent: tuple[int, ...] = (), crash_in_round: int = 0,
@@ -53,9 +55,11 @@ class InProcessGrid:
                 replies.append(Message(Error(ErrorCode.NODE_UNAVAILABLE, "missed its heartbeats"), reply_to=msg))
             elif node not in self.silent:
                 reply = train(msg, Context(1, node, self.sites[node], RecordDict(), {}))
-                if node in self.tamper and not reply.has_error():  # a hostile or broken site changes what it sends
-                    sent = reply.content["arrays"].to_torch_state_dict()
-                    reply.content["arrays"] = ArrayRecord(self.tamper[node](sent, self.state))
+                if node in self.tamper and not reply.has_error():  # a hostile or broken site changes its weights
+                    transport = json.loads(str(msg.content["config"]["job"])).get("transport", "bf16")
+                    sent = decode(reply.content["arrays"].to_torch_state_dict(), self.state, transport)
+                    reply.content["arrays"] = ArrayRecord(encode(self.tamper[node](sent, self.state), self.state,
+                                                                 transport))
                 replies.append(reply)
         self.replies += replies
         return replies

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from pathlib import Path
 
 __all__ = ["privacy_spent", "read_metrics", "write_federation_report", "write_pretrain_report"]
@@ -88,6 +89,18 @@ def privacy_spent(history: list[dict]) -> dict[str, dict[str, float]]:
             if "epsilon" in s}
 
 
+def _traffic(rounds: list[dict]) -> str:
+    """The run's bytes (tensor bytes) to and from each site and in all."""
+    to, back = defaultdict(int), defaultdict(int)
+    for r in rounds:
+        for s in r["sites"]:
+            to[s["site"]] += s["bytes_sent"]
+            back[s["site"]] += s["bytes_received"]
+    per_site = ", ".join(f"{site} {to[site] / 1e6:.2f} / {back[site] / 1e6:.2f}" for site in sorted(to))
+    return (f"Traffic over {len(rounds)} round(s): {sum(to.values()) / 1e6:.2f} MB to the sites and "
+            f"{sum(back.values()) / 1e6:.2f} MB from them (MB to / from each site: {per_site}).")
+
+
 def write_federation_report(run_dir: Path, main: str) -> Path:
     """Write `report.md` and `curves.png` from a federated run's `metrics.jsonl` (one line per round).
 
@@ -130,6 +143,7 @@ def write_federation_report(run_dir: Path, main: str) -> Path:
         lines.append(f"| {s['site']} | {s['num-examples']:.0f} | {s.get('train_loss', float('nan')):.4f} | "
                      f"{s.get(f'global_{main}', float('nan')):.4f} | {s.get(f'local_{main}', float('nan')):.4f} | "
                      f"{spent} | {s['bytes_sent'] / 1e6:.2f} | {s['bytes_received'] / 1e6:.2f} |")
+    lines += ["", _traffic(rounds)]
     spent_by_site = privacy_spent(rounds)
     if spent_by_site:
         lines += ["", "Differential privacy: epsilon each site's data has spent on this run's model: "

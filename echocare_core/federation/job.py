@@ -47,6 +47,7 @@ class Job:
     batch_size: int = 16
     proximal_mu: float = 0.0  # FedProx: the site adds mu/2 * |w - w_global|^2 to its loss
     privacy: DPSettings = field(default_factory=DPSettings)  # DP-SGD at every site, epsilon for the whole job
+    transport: Literal["bf16", "fp16", "fp32"] = "bf16"  # what sites send: deltas in 16 bits, or fp32 weights
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ from echocare_core.checkpoint import (latest_checkpoint, load_encoder_weights, l
                                       prune_checkpoints, read_meta, save_checkpoint)
 from echocare_core.config import to_dict
 from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
+from echocare_core.engine.metrics import LOWER_IS_BETTER
 from echocare_core.federation.job import Job, job_hash
 from echocare_core.federation.site import build_job_model
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
@@ -78,15 +79,39 @@ def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any
 
 
 def save_round(out: Path, job: Job, state: dict[str, torch.Tensor], server_round: int, metrics: dict[str, Any],
-               history: list[dict[str, Any]], server_state: ServerState | None = None) -> Path:
+               history: list[dict[str, Any]], server_state: ServerState | None = None, keep: int = 2) -> Path:
     """Checkpoint the global model, the strategy's state and the history after a round
-    (`out/checkpoints/round_N`, the last two kept)."""
+    (`out/checkpoints/round_N`, the last `keep` kept)."""
     model = build_job_model(job)
     model.load_state_dict(state)
     path = save_checkpoint(out / "checkpoints" / f"round_{server_round:04d}", model, _meta(job, server_round, metrics),
                            {"round": server_round, "history": history, "server_state": server_state or {}})
-    prune_checkpoints(out / "checkpoints", keep_last=2, kind="round")
+    prune_checkpoints(out / "checkpoints", keep_last=keep, kind="round")
     return path
+
+
+def save_best(out: Path, job: Job, history: list[dict[str, Any]], main: str) -> Path | None:
+    """Make the previous round's global model `checkpoints/best` when it scored better than the one there.
+
+    Its score is the sample-weighted mean of `global_<main>`, which the sites measured on their validation
+    splits when they received that model in the round just finished (so the last round's model is scored
+    only by a further round). Returns the folder when it changed.
+    """
+    key, last = f"global_{main}", history[-1]
+    scored = [(s[key], s["num-examples"]) for s in last["sites"] if math.isfinite(s.get(key, math.nan))]
+    source = out / "checkpoints" / f"round_{last['round'] - 1:04d}"
+    if not scored or not source.is_dir():
+        return None
+    score = sum(v * n for v, n in scored) / sum(n for _, n in scored)
+    best = out / "checkpoints" / "best"
+    if best.is_dir():
+        before = read_meta(best)["metrics"]["score"]
+        if not (score < before if main in LOWER_IS_BETTER else score > before):
+            return None
+    model = build_job_model(job)
+    model.load_state_dict(load_weights(source))
+    meta = read_meta(source)
+    return save_checkpoint(best, model, {**meta, "metrics": {**meta["metrics"], "score": score, "scored_by": key}})
 
 
 def resume(out: Path, job: Job) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]], ServerState] | None:

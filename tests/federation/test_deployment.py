@@ -6,14 +6,19 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_ENCODER
 from safetensors import safe_open
 
 from echocare_core.checkpoint import build_from_checkpoint, load_weights, read_meta
 from echocare_core.cli.keys import make_keys
+from echocare_core.config import from_dict
 from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.federation.rounds import initial_state
 from echocare_core.federation.testbed import run_on_this_machine
+from echocare_core.federation.transport import decode
 from echocare_core.privacy.ledger import PrivacyLedger
+from echocare_server.config import FederationConfig
 
 pytestmark = pytest.mark.slow
 
@@ -49,13 +54,20 @@ def test_two_rounds_aggregate_the_sample_weighted_mean(federation):
     tmp, _, code = federation
     assert code == 0
     assert [e["event"] for e in _events(tmp)][-1] == "done"
-    for rnd in (1, 2):
-        (a, na), (b, nb) = _sent(tmp / "site_state" / "site_a", rnd), _sent(tmp / "site_state" / "site_b", rnd)
+    job = from_dict(FederationConfig, yaml.safe_load((tmp / "federation.yaml").read_text()), "federation").job
+    for rnd in (1, 2):  # the sites sent bf16 deltas against the global model they received
+        reference = initial_state(job, None) if rnd == 1 else load_weights(tmp / "run" / "checkpoints" / "round_0001")
+        (a, na), (b, nb) = (_sent(tmp / "site_state" / site, rnd) for site in ("site_a", "site_b"))
         assert set(a) == set(b) and all(".lora_" in k or k.startswith("head.") for k in a)
+        assert all(v.dtype == torch.int16 for v in a.values())  # bf16 bits
+        a, b = decode(a, reference, "bf16"), decode(b, reference, "bf16")
         global_state = load_weights(tmp / "run" / "checkpoints" / f"round_{rnd:04d}")
         for name in a:
             expected = (a[name].double() * na + b[name].double() * nb) / (na + nb)
             torch.testing.assert_close(global_state[name].double(), expected, rtol=1e-6, atol=1e-7)
+    rounds = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    down = [{s["site"]: s["bytes_sent"] for s in r["sites"]} for r in rounds]
+    assert down[0]["site_a"] > 10 * down[1]["site_a"]  # the frozen encoder went in round 1 only
     model, meta = build_from_checkpoint(tmp / "run" / "checkpoints" / "round_0001")
     assert meta["round"] == 1 and meta["task"] == "segmentation"
     assert (tmp / "run" / "curves.png").is_file() and "global dice" in (tmp / "run" / "report.md").read_text()

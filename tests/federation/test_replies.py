@@ -2,16 +2,29 @@
 
 import torch
 
-from echocare_server.server_app import _invalid
+from echocare_core.federation.transport import encode
+from echocare_server.server_app import _received
 
 EXPECTED = {"a": torch.Size([2]), "b": torch.Size([1])}
+GLOBAL = {"a": torch.ones(2), "b": torch.ones(1)}
 GOOD = {"a": torch.zeros(2), "b": torch.zeros(1)}
 
 
-def test_replies_are_screened_for_names_shapes_values_and_samples():
-    assert _invalid(GOOD, EXPECTED, {"num-examples": 3}) == ""
-    assert "names or shapes" in _invalid({"a": torch.zeros(2)}, EXPECTED, {"num-examples": 3})
-    assert "names or shapes" in _invalid({"a": torch.zeros(3), "b": torch.zeros(1)}, EXPECTED, {"num-examples": 3})
-    assert _invalid({"a": torch.tensor([1.0, float("inf")]), "b": torch.zeros(1)}, EXPECTED,
-                    {"num-examples": 3}) == "non-finite values"
-    assert _invalid(GOOD, EXPECTED, {"num-examples": 0}) == "no training samples"
+def _why(sent, metrics=None, transport="fp32"):
+    return _received(sent, GLOBAL, EXPECTED, metrics or {"num-examples": 3}, transport)[1]
+
+
+def test_replies_are_screened_for_names_shapes_dtypes_values_and_samples():
+    assert _why(GOOD) == ""
+    assert "names or shapes" in _why({"a": torch.zeros(2)})
+    assert "names or shapes" in _why({"a": torch.zeros(3), "b": torch.zeros(1)})
+    assert _why({"a": torch.tensor([1.0, float("inf")]), "b": torch.zeros(1)}) == "non-finite values"
+    assert _why(GOOD, {"num-examples": 0}) == "no training samples"
+    assert "not in int16 (the bf16 transport)" in _why(GOOD, transport="bf16")
+    nan = encode({"a": torch.tensor([0.0, float("nan")]), "b": torch.zeros(1)}, GLOBAL, "bf16")
+    assert _why(nan, transport="bf16") == "non-finite values"  # NaN survives the 16-bit transport
+
+
+def test_a_delta_comes_back_as_the_trained_weights():
+    shared, why = _received(encode(GOOD, GLOBAL, "bf16"), GLOBAL, EXPECTED, {"num-examples": 3}, "bf16")
+    assert why == "" and all(torch.equal(shared[k], GOOD[k]) for k in GOOD)

@@ -2,6 +2,7 @@
 participation, deadline and quorum, and resuming a run killed in the middle of a round."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +13,18 @@ from safetensors import safe_open
 from echocare_core.checkpoint import load_weights
 from echocare_core.config import from_dict
 from echocare_core.data.synthetic_dataset import write_dataset
-from echocare_core.federation.rounds import choose_sites
+from echocare_core.federation.job import Job
+from echocare_core.federation.rounds import choose_sites, initial_state
+from echocare_core.federation.transport import decode
+from echocare_core.models.swin import EncoderConfig
 from echocare_server.config import FederationConfig
 from echocare_server.server_app import run_rounds
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_task")]
+
+
+JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, mode="lora",
+          lora_rank=2, batch_size=8, local_steps=1)
 
 
 def _config(out, job=None, **rounds):
@@ -54,11 +62,15 @@ def test_participation_asks_a_share_and_aggregates_exactly_their_replies(sites, 
     for rnd in (1, 2):
         asked = [node for r, node in grid.asked if r == rnd]
         assert len(asked) == 2 and asked == choose_sites(list(sites), 0.5, 2, 0, rnd)
+        reference = initial_state(JOB, None) if rnd == 1 else load_weights(
+            tmp_path / "run" / "checkpoints" / f"round_{rnd - 1:04d}")  # the global model the sites received
         sent = []
         for node in asked:
             state = sites[node]["state-dir"]
             with safe_open(f"{state}/sent/round_{rnd:04d}.safetensors", "pt") as f:
-                sent.append(({k: f.get_tensor(k) for k in f.keys()}, int(f.metadata()["num-examples"])))
+                assert f.metadata()["transport"] == "bf16"  # the default: deltas in 16 bits
+                sent.append((decode({k: f.get_tensor(k) for k in f.keys()}, reference, "bf16"),
+                             int(f.metadata()["num-examples"])))
         total = sum(n for _, n in sent)
         global_state = load_weights(tmp_path / "run" / "checkpoints" / f"round_{rnd:04d}")
         for name in sent[0][0]:
@@ -66,6 +78,27 @@ def test_participation_asks_a_share_and_aggregates_exactly_their_replies(sites, 
             torch.testing.assert_close(global_state[name].double(), expected, rtol=1e-6, atol=1e-7)
     replies = [e for e in _events(tmp_path / "run") if e["event"] == "reply"]
     assert len(replies) == 4 and all(e["train_steps"] == 1 and e["seconds"] >= 0 for e in replies)
+
+
+def test_the_frozen_model_goes_once_and_again_to_a_site_that_lost_it(sites, tmp_path):
+    two = {n: dict(sites[n], **{"state-dir": sites[n]["state-dir"] + "_bytes"}) for n in list(sites)[:2]}
+    full = initial_state(JOB, None)
+    shared = {k: v for k, v in full.items() if ".lora_" in k or k.startswith("head.")}
+    shared_bytes = sum(v.numel() * 4 for v in shared.values())
+    frozen_bytes = sum(v.numel() * v.element_size() for v in full.values()) - shared_bytes
+    lost = list(two)[1]
+
+    def forget(trained, _):  # after its round 1 the site loses its copy: in round 2 it asks and gets it again
+        for cached in Path(two[lost]["state-dir"], "frozen").glob("*"):
+            cached.unlink()
+        return trained
+
+    run_rounds(InProcessGrid(two, tamper={lost: forget}), _config(tmp_path / "run", rounds=2))
+    replies = [e for e in _events(tmp_path / "run") if e["event"] == "reply"]
+    down = {(e["round"], e["site"]): e["bytes_sent"] for e in replies}
+    assert down == {(1, "site_0"): shared_bytes + frozen_bytes, (1, "site_1"): shared_bytes + frozen_bytes,
+                    (2, "site_0"): shared_bytes, (2, "site_1"): 2 * shared_bytes + frozen_bytes}
+    assert frozen_bytes > 10 * shared_bytes and all(e["bytes_received"] == shared_bytes // 2 for e in replies)
 
 
 def test_a_silent_site_misses_the_round_and_a_missing_quorum_fails_the_run(sites, tmp_path):
@@ -155,3 +188,17 @@ def test_a_site_whose_disk_is_full_says_so_and_the_run_goes_on(sites, tmp_path, 
     (refused,) = [e for e in events if e["event"] == "refused"]
     assert refused["reason"] == "site site_1 failed: the site's disk is full"  # no path, no data
     assert [s["site"] for s in events[-2]["sites"]] == ["site_0"]
+
+
+def test_the_server_keeps_the_newest_rounds_and_the_best_scored_model(sites, tmp_path):
+    from echocare_core.checkpoint import read_meta
+
+    two = {n: sites[n] for n in list(sites)[:2]}
+    run_rounds(InProcessGrid(two), _config(tmp_path / "run", rounds=4, keep_checkpoints=2))
+    folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert folders == ["best", "round_0003", "round_0004"]
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scores = {r["round"] - 1: sum(s["global_dice"] * s["num-examples"] for s in r["sites"])
+              / sum(s["num-examples"] for s in r["sites"]) for r in history[1:]}  # round N's model, scored in N+1
+    best = read_meta(tmp_path / "run" / "checkpoints" / "best")
+    assert best["round"] == max(scores, key=scores.get) and best["metrics"]["score"] == pytest.approx(max(scores.values()))
