@@ -12,8 +12,10 @@ from echocare_client.client_app import train
 from echocare_core import __version__
 from echocare_core.data.contract import read_manifest
 from echocare_core.data.synthetic_dataset import write_dataset
-from echocare_core.federation.job import Job
+from echocare_core.federation.job import Job, shared_names
 from echocare_core.federation.rounds import initial_state
+from echocare_core.federation.site import build_job_model
+from echocare_core.federation.transport import digest
 from echocare_core.models.swin import EncoderConfig
 from in_process import node_config
 
@@ -95,8 +97,13 @@ def site(tmp_path):
 
 
 def _round(node, state, job=JOB):
-    msg = Message(RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(
-        {"round": 1, "rounds": 1, "job": job.to_json(), "toolkit": __version__})}),
+    """The round as the server sends it: the job's shared parameters, and the frozen rest with its digest."""
+    names = set(shared_names(build_job_model(job), job))
+    frozen = {k: v for k, v in state.items() if k not in names}
+    msg = Message(RecordDict({"arrays": ArrayRecord({k: v for k, v in state.items() if k in names}),
+                              "frozen": ArrayRecord(frozen), "config": ConfigRecord(
+        {"round": 1, "rounds": 1, "job": job.to_json(), "toolkit": __version__,
+         "frozen": digest({k: v.numpy() for k, v in frozen.items()})})}),
         dst_node_id=1, message_type=MessageType.TRAIN)
     return train(msg, Context(1, 1, node, RecordDict(), {}))
 

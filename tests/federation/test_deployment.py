@@ -65,9 +65,13 @@ def test_two_rounds_aggregate_the_sample_weighted_mean(federation):
         for name in a:
             expected = (a[name].double() * na + b[name].double() * nb) / (na + nb)
             torch.testing.assert_close(global_state[name].double(), expected, rtol=1e-6, atol=1e-7)
+    full = initial_state(job, None)
+    whole, shared = (sum(v.numel() * v.element_size() for k, v in full.items() if k in names) for names in
+                     (full, a))  # a: the shared names
     rounds = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
-    down = [{s["site"]: s["bytes_sent"] for s in r["sites"]} for r in rounds]
-    assert down[0]["site_a"] > 10 * down[1]["site_a"]  # the frozen encoder went in round 1 only
+    assert [{s["site"]: (s["bytes_sent"], s["bytes_received"]) for s in r["sites"]} for r in rounds] == [
+        {site: (whole, shared // 2) for site in ("site_a", "site_b")},  # round 1: with the frozen part
+        {site: (shared, shared // 2) for site in ("site_a", "site_b")}]  # then only the shared part; bf16 up
     model, meta = build_from_checkpoint(tmp / "run" / "checkpoints" / "round_0001")
     assert meta["round"] == 1 and meta["task"] == "segmentation"
     assert (tmp / "run" / "curves.png").is_file() and "global dice" in (tmp / "run" / "report.md").read_text()

@@ -13,6 +13,7 @@ from echocare_core.checkpoint import load_weights
 from echocare_core.config import from_dict
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.federation.rounds import outlier_reasons
+from echocare_core.federation.transport import decode
 from echocare_server.config import FederationConfig
 from echocare_server.server_app import run_rounds
 
@@ -39,9 +40,12 @@ def _run(folders, out, tamper=None, strategy="fedavg", max_norm_ratio=10.0):
     return load_weights(out / "run" / "checkpoints" / "round_0002"), events
 
 
-def _sent(out, site, rnd):
+def _trained(out, site, rnd):
+    """What a site trained in round `rnd` >= 2: its sent deltas added to the global model it received."""
+    reference = load_weights(out / "run" / "checkpoints" / f"round_{rnd - 1:04d}")
     with safe_open(str(out / "state" / site / "sent" / f"round_{rnd:04d}.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, int(f.metadata()["num-examples"])
+        sent = {k: f.get_tensor(k) for k in f.keys()}
+        return decode(sent, reference, f.metadata()["transport"]), int(f.metadata()["num-examples"])
 
 
 def test_outlier_reasons_flag_only_the_far_update():
@@ -65,7 +69,7 @@ def test_a_scaled_or_broken_update_is_left_out_and_the_mean_is_the_honest_sites(
     assert [e["round"] for e in rejected] == [1, 2] and all(e["site"] == "site_0" for e in rejected)
     reason = "non-finite values" if attack == "nan" else "times the round's median"
     assert all(reason in e["reason"] for e in rejected)
-    honest = [_sent(tmp_path, f"site_{i}", 2) for i in range(1, 5)]
+    honest = [_trained(tmp_path, f"site_{i}", 2) for i in range(1, 5)]
     total = sum(n for _, n in honest)
     for name in honest[0][0]:
         expected = sum(t[name].double() * n for t, n in honest) / total
