@@ -10,7 +10,10 @@ paths or sample data.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
 import time
 from pathlib import Path
 
@@ -18,11 +21,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file, save_file
 
-from echocare_client.worker import ask_worker, failure_reason, run_request
+from echocare_client.worker import ask_worker, failure_reason, not_approved, run_request
+from echocare_core.federation.audit import AuditLog
 from echocare_core.federation.transport import FAILED, NEED_FROZEN, REFUSED, digest
 
 app = ClientApp()
 log = logging.getLogger(__name__)
+
+DIGEST = re.compile(r"[0-9a-f]{64}")  # how the coordinator names the frozen part (SHA-256, hex)
+KEEP_FROZEN = 3  # frozen parts kept at the site (other jobs or federations it takes part in)
 
 
 
@@ -61,8 +68,17 @@ def _train(msg: Message, node: dict, site: str) -> Message:
     t0 = time.perf_counter()
     state_dir = Path(str(node["state-dir"]))
     config = msg.content["config"]
-    rnd = int(config["round"])
-    frozen = _frozen(msg, state_dir, str(config.get("frozen", "")))
+    rnd, job, frozen_digest = int(config["round"]), str(config["job"]), str(config.get("frozen", ""))
+    request = {"round": rnd, "rounds": int(config.get("rounds", rnd)), "job": job,
+               "toolkit": str(config.get("toolkit", "unknown"))}
+    job_hash = hashlib.sha256(job.encode()).hexdigest()
+    refusal = not_approved(node, request, job_hash)
+    if refusal:  # before anything the coordinator sent is kept
+        AuditLog(state_dir / "audit.jsonl")("refused", round=rnd, job_hash=job_hash, refused=refusal)
+        return _error(msg, site, REFUSED, refusal)
+    if not DIGEST.fullmatch(frozen_digest):
+        return _error(msg, site, FAILED, "the frozen part of the model is not named by a digest")
+    frozen = _frozen(msg, state_dir, frozen_digest)
     if frozen is None:
         return _error(msg, site, NEED_FROZEN, "it does not hold the frozen part of the model")
     inbox = state_dir / "inbox" / f"round_{rnd:04d}_{msg.metadata.message_id[:16]}.safetensors"  # one per ask
@@ -70,11 +86,12 @@ def _train(msg: Message, node: dict, site: str) -> Message:
     try:
         arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
         save_file(arrays, str(inbox))
-        answer = _run(node, {"round": rnd, "rounds": int(config.get("rounds", rnd)), "job": str(config["job"]),
-                             "toolkit": str(config.get("toolkit", "unknown")), "arrays": str(inbox),
-                             "frozen": str(frozen), "global": digest(arrays)})
+        answer = _run(node, {**request, "arrays": str(inbox), "frozen": str(frozen),
+                             "global": f"{digest(arrays)}:{frozen_digest}"})  # the whole global model
     finally:
         inbox.unlink(missing_ok=True)  # the global model, not the site's data: no reason to keep it
+    if "failed" in answer and not frozen.is_file():  # evicted meanwhile by another job's round
+        return _error(msg, site, NEED_FROZEN, "it does not hold the frozen part of the model")
     if "refused" in answer or "failed" in answer:
         return _error(msg, site, REFUSED if "refused" in answer else FAILED, answer.get("refused") or answer["failed"])
     shared = ArrayRecord({k: Array(v) for k, v in load_file(answer["shared"]).items()})
@@ -86,22 +103,28 @@ def _train(msg: Message, node: dict, site: str) -> Message:
 
 def _frozen(msg: Message, state_dir: Path, name: str) -> Path | None:
     """The site's copy of the model's frozen part named by its digest: saved from the message when it came
-    along (older copies removed), None when it did not and the site has none.
+    along (the `KEEP_FROZEN` most recently used copies are kept), None when it did not and the site has none.
 
     Raises:
         ValueError: what came does not match its digest.
     """
-    path = state_dir / "frozen" / f"{name[:32]}.safetensors"
+    path = state_dir / "frozen" / f"{name}.safetensors"
     if "frozen" not in msg.content:
-        return path if path.is_file() else None
+        if path.is_file():
+            path.touch()  # recently used
+            return path
+        return None
     arrays = {k: a.numpy() for k, a in msg.content["frozen"].items()}
     if digest(arrays) != name:
         raise ValueError("the frozen part of the model does not match its digest")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(arrays, str(tmp))
-    tmp.replace(path)
-    for old in path.parent.glob("*.safetensors"):
-        if old != path:
-            old.unlink()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per ClientApp process
+    try:
+        save_file(arrays, str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    copies = sorted(path.parent.glob("*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in copies[KEEP_FROZEN:]:
+        old.unlink(missing_ok=True)
     return path

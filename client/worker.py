@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["SiteWorker", "ask_worker", "failure_reason", "run_request", "site_terms"]
+__all__ = ["SiteWorker", "ask_worker", "failure_reason", "not_approved", "run_request", "site_terms"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
     key = {"job": job, "global": request.get("global", "")}
     event = "trained"
     try:
-        refusal = _not_approved(node, request, job)
+        refusal = not_approved(node, request, job)
         earlier = json.loads(done.read_text(encoding="utf-8")) if done.is_file() and not refusal else {}
         if earlier.get("key") == key and Path(earlier["answer"]["shared"]).is_file():
             answer, event = earlier["answer"], "resent"  # same job, round and global model: trained already
@@ -96,7 +96,7 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def _not_approved(node: Mapping[str, Any], request: dict[str, Any], job: str) -> str:
+def not_approved(node: Mapping[str, Any], request: dict[str, Any], job: str) -> str:
     """Why the site's own approvals refuse this request ("" when they do not): the coordinator's toolkit version
     and, when the site pinned them, the job's hash."""
     from echocare_core import __version__

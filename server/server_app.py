@@ -157,20 +157,23 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
                            ttl=max(1.0, settings.deadline - (time.time() - t0)))
 
         progress("round_start", round=rnd, sites=len(nodes), connected=len(connected), asked=[str(n) for n in nodes])
-        updates, sites = [], []
+        updates, sites, received = [], [], 0
         for node, reply in send_and_receive(grid, nodes, message, lacking, settings.deadline):
+            if not reply.has_error() or reply.error.code != ErrorCode.NODE_UNAVAILABLE:
+                holding.add(node)  # it answered with the frozen part in hand (or will say NEED_FROZEN)
             if reply.has_error():
                 progress("refused", round=rnd, node=str(node), code=reply.error.code,
-                         reason=reply.error.reason)
+                         reason=reply.error.reason, bytes_sent=down[node])
                 continue
-            holding.add(node)
             sent = reply.content["arrays"].to_torch_state_dict()
+            received += _nbytes(sent)
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
             site = {"site": str(reply.content["site"]["name"]), **metrics, "seconds": round(time.time() - t0, 2),
                     "bytes_sent": down[node], "bytes_received": _nbytes(sent)}
             shared, problem = _received(sent, state, expected, metrics, job.transport)
             if problem:
-                progress("rejected", sent=sent, round=rnd, site=site["site"], reason=problem)
+                progress("rejected", sent=sent, round=rnd, site=site["site"], reason=problem,
+                         bytes_sent=site["bytes_sent"], bytes_received=site["bytes_received"])
                 continue
             updates.append((shared, int(metrics["num-examples"])))
             sites.append(site)
@@ -178,14 +181,16 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         far = outlier_reasons(state, updates, settings.max_norm_ratio)
         for site, reason in zip(sites, far):
             if reason:
-                progress("rejected", round=rnd, site=site["site"], reason=reason)
+                progress("rejected", round=rnd, site=site["site"], reason=reason, bytes_sent=site["bytes_sent"],
+                         bytes_received=site["bytes_received"])
         updates, sites = [u for u, r in zip(updates, far) if not r], [s for s, r in zip(sites, far) if not r]
         if len(updates) < settings.min_sites:
             progress("failed", round=rnd, reason=f"{len(updates)} valid replies, min_sites is {settings.min_sites}")
             raise RuntimeError(f"round {rnd}: {len(updates)} valid replies; min_sites is {settings.min_sites}")
         state, server_state = aggregate(state, updates, cfg.strategy, server_state)
         history.append({"round": rnd, "seconds": round(time.time() - t0, 2),
-                        "sites": sorted(sites, key=lambda s: s["site"])})
+                        "sites": sorted(sites, key=lambda s: s["site"]),
+                        "bytes_to_sites": sum(down.values()), "bytes_from_sites": received})  # all asked
         path = save_round(out, job, state, rnd, {"sites": len(sites), "privacy": privacy_spent(history)}, history,
                           server_state, settings.keep_checkpoints)
         best = save_best(out, job, history, MAIN_METRIC[job.task])

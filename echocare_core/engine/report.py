@@ -90,15 +90,18 @@ def privacy_spent(history: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def _traffic(rounds: list[dict]) -> str:
-    """The run's bytes (tensor bytes) to and from each site and in all."""
+    """The run's bytes (tensor bytes): in all, with every site asked (also those refused, left out or late),
+    and per site for the replies that were aggregated."""
     to, back = defaultdict(int), defaultdict(int)
     for r in rounds:
         for s in r["sites"]:
             to[s["site"]] += s["bytes_sent"]
             back[s["site"]] += s["bytes_received"]
+    total_to = sum(r.get("bytes_to_sites", 0) for r in rounds) or sum(to.values())
+    total_back = sum(r.get("bytes_from_sites", 0) for r in rounds) or sum(back.values())
     per_site = ", ".join(f"{site} {to[site] / 1e6:.2f} / {back[site] / 1e6:.2f}" for site in sorted(to))
-    return (f"Traffic over {len(rounds)} round(s): {sum(to.values()) / 1e6:.2f} MB to the sites and "
-            f"{sum(back.values()) / 1e6:.2f} MB from them (MB to / from each site: {per_site}).")
+    return (f"Traffic over {len(rounds)} round(s): {total_to / 1e6:.2f} MB to the sites and {total_back / 1e6:.2f} MB "
+            f"from them, with every site asked; MB to / from each site in the rounds it was aggregated: {per_site}.")
 
 
 def write_federation_report(run_dir: Path, main: str) -> Path:

@@ -98,13 +98,13 @@ def save_best(out: Path, job: Job, history: list[dict[str, Any]], main: str) -> 
     only by a further round). Returns the folder when it changed.
     """
     key, last = f"global_{main}", history[-1]
-    scored = [(s[key], s["num-examples"]) for s in last["sites"] if math.isfinite(s.get(key, math.nan))]
+    scored = [(s[key], s.get("val_samples", 1.0)) for s in last["sites"] if math.isfinite(s.get(key, math.nan))]
     source = out / "checkpoints" / f"round_{last['round'] - 1:04d}"
-    if not scored or not source.is_dir():
+    if not scored or not source.is_dir() or sum(n for _, n in scored) <= 0:
         return None
-    score = sum(v * n for v, n in scored) / sum(n for _, n in scored)
+    score = sum(v * n for v, n in scored) / sum(n for _, n in scored)  # weighted by validation samples
     best = out / "checkpoints" / "best"
-    if best.is_dir():
+    if best.is_dir() and read_meta(best).get("job_hash") == job_hash(job):  # another job's best is replaced
         before = read_meta(best)["metrics"]["score"]
         if not (score < before if main in LOWER_IS_BETTER else score > before):
             return None

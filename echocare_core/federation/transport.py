@@ -3,6 +3,9 @@
 Up (site to server): the shared parameters as deltas against the round's global weights, in the job's
 `transport` precision; bf16 travels as its raw 16 bits (int16: Flower's arrays and numpy have no bf16),
 fp32 sends the weights themselves. The server adds the deltas back to its global weights in fp32.
+bf16 (the default) keeps 8 significant bits at any magnitude; fp16 keeps 11 but loses deltas below
+about 6e-5 to its subnormal range (1.4% off at 1e-6, most of the value at 3e-8) and turns those above
+65504 into inf, which the server rejects: use it only where updates are known to sit in its range.
 
 Down (server to site): the shared parameters every round; the frozen rest of the model (the pretrained
 encoder of a LoRA or head-only job, buffers) only when the site does not hold it yet. Its digest

@@ -1,6 +1,8 @@
 """Bad input at a site: each gets a clear message naming the file or key and what is allowed, at the site;
 what the coordinator gets back names the problem's kind, never a path, a value or file contents."""
 
+import json
+
 import pytest
 import yaml
 from conftest import TINY_ENCODER
@@ -96,16 +98,35 @@ def site(tmp_path):
     return folder, node_config("site_x", folder, tmp_path / "state")
 
 
-def _round(node, state, job=JOB):
+def _round(node, state, job=JOB, send_frozen=True, name=None, toolkit=__version__):
     """The round as the server sends it: the job's shared parameters, and the frozen rest with its digest."""
     names = set(shared_names(build_job_model(job), job))
     frozen = {k: v for k, v in state.items() if k not in names}
     msg = Message(RecordDict({"arrays": ArrayRecord({k: v for k, v in state.items() if k in names}),
-                              "frozen": ArrayRecord(frozen), "config": ConfigRecord(
-        {"round": 1, "rounds": 1, "job": job.to_json(), "toolkit": __version__,
-         "frozen": digest({k: v.numpy() for k, v in frozen.items()})})}),
+                              **({"frozen": ArrayRecord(frozen)} if send_frozen else {}), "config": ConfigRecord(
+        {"round": 1, "rounds": 1, "job": job.to_json(), "toolkit": toolkit,
+         "frozen": name or digest({k: v.numpy() for k, v in frozen.items()})})}),
         dst_node_id=1, message_type=MessageType.TRAIN)
     return train(msg, Context(1, 1, node, RecordDict(), {}))
+
+
+def test_the_frozen_part_is_named_by_its_digest_and_kept_only_for_approved_jobs(site, tmp_path, flower_task):
+    _, node = site
+    state = initial_state(JOB, None)
+    cache = tmp_path / "state" / "site_x" / "frozen"
+    assert _round(node, state, toolkit="9.9.9").error.code == 1001 and not cache.exists()  # refused first
+    for bad in ("../local_layers/x", "/etc/passwd", "ab" * 40):  # never a path outside the cache
+        reply = _round(node, state, send_frozen=False, name=bad)
+        assert reply.error.reason == "site site_x failed: the frozen part of the model is not named by a digest"
+    assert _round(node, state, send_frozen=False).error.code == 1003  # NEED_FROZEN: it holds none yet
+    first = _round(node, state)
+    assert not first.has_error() and len(list(cache.glob("*.safetensors"))) == 1
+    assert not _round(node, state, send_frozen=False).has_error()  # from its copy
+    other = dict(state)  # the same job and shared part with another frozen encoder (another init): trains anew
+    other["encoder.patch_embed.proj.weight"] = other["encoder.patch_embed.proj.weight"] + 1.0
+    _round(node, other)
+    events = [json.loads(line)["event"] for line in (tmp_path / "state" / "site_x" / "audit.jsonl").open()]
+    assert events == ["refused", "trained", "resent", "trained"]
 
 
 def test_round_errors_reach_the_coordinator_without_paths_or_values(site, flower_task):

@@ -135,7 +135,8 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model_as_an_uninterrupted_ru
     assert [e["round"] for e in events if e["event"] == "round_start"] == [1, 2, 2, 3]
     assert [e["round"] for e in events if e["event"] == "round_end"] == [1, 2, 3]
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    run_rounds(InProcessGrid(two), _config(tmp_path / "whole", rounds=3))
+    fresh = {n: dict(c, **{"state-dir": c["state-dir"] + "_whole"}) for n, c in two.items()}  # trains, no replays
+    run_rounds(InProcessGrid(fresh), _config(tmp_path / "whole", rounds=3))
     resumed, whole = (load_weights(tmp_path / run / "checkpoints" / "round_0003") for run in ("killed", "whole"))
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
@@ -198,7 +199,7 @@ def test_the_server_keeps_the_newest_rounds_and_the_best_scored_model(sites, tmp
     folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert folders == ["best", "round_0003", "round_0004"]
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    scores = {r["round"] - 1: sum(s["global_dice"] * s["num-examples"] for s in r["sites"])
-              / sum(s["num-examples"] for s in r["sites"]) for r in history[1:]}  # round N's model, scored in N+1
+    scores = {r["round"] - 1: sum(s["global_dice"] * s["val_samples"] for s in r["sites"])
+              / sum(s["val_samples"] for s in r["sites"]) for r in history[1:]}  # round N's model, scored in N+1
     best = read_meta(tmp_path / "run" / "checkpoints" / "best")
     assert best["round"] == max(scores, key=scores.get) and best["metrics"]["score"] == pytest.approx(max(scores.values()))
