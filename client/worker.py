@@ -60,6 +60,7 @@ def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
     Raises:
         OSError: the audit log cannot be written (e.g. the disk is full).
     """
+    from echocare_core.engine.finetune import write_json
     from echocare_core.federation.audit import AuditLog
 
     job = hashlib.sha256(str(request["job"]).encode()).hexdigest()  # = job_hash of the job the server sent
@@ -75,7 +76,7 @@ def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
         else:
             answer = {"refused": refusal} if refusal else _round(node, request)
             if "shared" in answer:
-                _write_json(done, {"key": key, "answer": answer})
+                write_json(done, {"key": key, "answer": answer})
     except Exception as exc:  # noqa: BLE001 - the site's log gets the details, the server the kind
         log.exception("site %s: the round failed", node.get("site-name"))
         answer = {"failed": failure_reason(exc)}
@@ -88,12 +89,6 @@ def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
         event if "shared" in answer else "refused" if "refused" in answer else "failed",
         **record, **{k: answer[k] for k in ("refused", "failed") if k in answer})
     return answer
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def not_approved(node: Mapping[str, Any], request: dict[str, Any], job: str) -> str:
