@@ -5,6 +5,8 @@ which hands the round to this process's site worker (torch and the model code st
 SuperNode is restarted (with back-off) when it exits on its own, e.g. after the server restarted
 without its database. Ctrl-C or SIGTERM stops it cleanly. The site refuses to start when its privacy
 ledger was edited or deleted; `echocare-client privacy --config site.yaml` prints the ledger.
+`echocare-client model --config site.yaml --checkpoint ROUND --out DIR` makes the site's own model from a
+global checkpoint of the federation and the layers the site kept (its head in a multi-task job).
 """
 
 from __future__ import annotations
@@ -108,12 +110,29 @@ def show_ledger(cfg: SiteConfig, state: Path) -> int:
     return 0
 
 
+def _site_model(cfg: SiteConfig, state: Path, checkpoint: Path, out: Path) -> int:
+    from echocare_core.federation.rounds import site_model
+
+    try:
+        path = site_model(checkpoint, Path(cfg.data), state, out)
+    except (ValueError, FileNotFoundError) as exc:
+        return fail(PROG, str(exc))
+    console.print(f"site {cfg.name}: its model is in {path} (echocare-evaluate / echocare-predict --checkpoint {path})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(PROG, "Join a federation: check this site's dataset, then connect to the coordinator "
                                  "and train each round on local data; only the shared weights leave the site.")
-    parser.add_argument("action", nargs="?", choices=("run", "privacy"), default="run",
-                        help="run: join the federation; privacy: print the site's privacy ledger")
+    parser.add_argument("action", nargs="?", choices=("run", "privacy", "model"), default="run",
+                        help="run: join the federation; privacy: print the site's privacy ledger; model: write the "
+                             "site's own model (--checkpoint, --out)")
+    parser.add_argument("--checkpoint", type=Path, help="model: a global checkpoint of the federation (from the "
+                                                        "coordinator's OUTPUT/checkpoints)")
+    parser.add_argument("--out", type=Path, help="model: the folder to write the site's model to")
     args = parser.parse_args(argv)
+    if args.action == "model" and not (args.checkpoint and args.out):
+        parser.error("model needs --checkpoint and --out")
     setup_logging(args.verbose)
     try:
         cfg = load_config(SiteConfig, args.config, args.overrides)
@@ -127,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.action == "privacy":
             return show_ledger(cfg, state)
+        if args.action == "model":
+            return _site_model(cfg, state, args.checkpoint, args.out)
         PrivacyLedger(state / "privacy", cfg.privacy.epsilon_budget, cfg.privacy.delta)  # refuse a broken ledger
     except LedgerError as exc:
         return fail(PROG, str(exc), code=1)

@@ -126,7 +126,7 @@ def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
 
     from echocare_core.engine.finetune import DatasetInvalidError
     from echocare_core.federation.job import Job, job_hash
-    from echocare_core.federation.site import JobRefused, site_round
+    from echocare_core.federation.site import JobRefused, local_layers_file, site_round
     from echocare_core.federation.transport import encode
 
     site, state_dir, rnd = str(node["site-name"]), Path(str(node["state-dir"])), int(request["round"])
@@ -136,7 +136,7 @@ def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
         job = Job.from_json(str(request["job"]))
         global_state = {**(load_file(request["frozen"]) if request.get("frozen") else {}), **load_file(request["arrays"])}
         result = site_round(job, global_state, Path(str(node["data-folder"])), rnd, limits,
-                            str(node["device"]), state_dir / "local_layers" / f"{job_hash(job)[:16]}.safetensors",
+                            str(node["device"]), local_layers_file(state_dir, job_hash(job)),
                             privacy=privacy, ledger_dir=state_dir / "privacy",
                             rounds=int(request.get("rounds", rnd)))
     except JobRefused as exc:

@@ -233,6 +233,10 @@ def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
         model = EchoCareTaskModel(cfg, meta["task"], head["num_classes"], head["feature_size"], head["multi_label"],
                                   head.get("target_stats", (0.0, 1.0)))
         apply_finetune_mode(model, ft["mode"], ft["lora_rank"], ft["lora_alpha"])
+    elif kind == "shared_encoder":
+        raise ValueError(f"{path} is a multi-task federation's shared encoder (model_kind 'shared_encoder'), without "
+                         f"heads: each site makes its own model from it with echocare-client model --config "
+                         f"site.yaml --checkpoint {path} --out DIR")
     else:
         raise ValueError(f"{path}: model_kind {kind!r} is not buildable here (known: 'pretrain', 'task')")
     model.load_state_dict(load_weights(path), strict=True)

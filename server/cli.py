@@ -20,7 +20,6 @@ from rich.table import Table
 
 from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
 from echocare_core.config import ConfigError, load_config, save_config, to_dict
-from echocare_core.engine.metrics import MAIN_METRIC
 from echocare_core.federation.processes import (FlowerError, free_port, run_flwr, start, stop, toml_value,
                                                 wait_healthy)
 from echocare_server.config import FederationConfig
@@ -163,22 +162,27 @@ def prepare(cfg: FederationConfig, out: Path, port: int) -> tuple[Path, Path]:
     return app, run_config
 
 
-def _round_table(title: str, sites: list[dict], main: str) -> Table:
-    """Per site: samples, steps, train loss, the main validation metric of the received and the trained model,
-    the epsilon its data has spent (DP jobs), seconds until its reply, MB each way."""
+def _round_table(title: str, sites: list[dict]) -> Table:
+    """Per site: its task (multi-task runs), samples, steps, train loss, the main validation metric of its task
+    for the received and the trained model, the epsilon its data has spent (DP jobs), seconds until its reply,
+    MB each way."""
     table = Table(title=title)
-    private = any("epsilon" in s for s in sites)
-    for col in ("site", "samples", "steps", "loss", f"global {main}", f"local {main}", *(["epsilon"] * private),
-                "reply s", "MB to", "MB from"):
+    private, multi = any("epsilon" in s for s in sites), len({s["task"] for s in sites}) > 1
+    metrics = {s["metric"] for s in sites}
+    metric = "" if len(metrics) != 1 else f" {metrics.pop()}"
+    for col in ("site", *(["task"] * multi), "samples", "steps", "loss", f"global{metric}", f"local{metric}",
+                *(["epsilon"] * private), "reply s", "MB to", "MB from"):
         if col == "site":  # names in full, also in an 80-column log
             table.add_column(col, no_wrap=True, min_width=max([len(s["site"]) for s in sites], default=4))
         else:
             table.add_column(col, justify="right")
     for s in sites:
         spent = [f"{s['epsilon']:.2f}" if "epsilon" in s else "no DP"] if private else []
-        table.add_row(s["site"], f"{s['num-examples']:.0f}", f"{s.get('train_steps', float('nan')):.0f}",
-                      f"{s.get('train_loss', float('nan')):.3f}", f"{s.get(f'global_{main}', float('nan')):.3f}",
-                      f"{s.get(f'local_{main}', float('nan')):.3f}", *spent, f"{s.get('seconds', float('nan')):.1f}",
+        main, named = s["metric"], "" if metric else f"{s['metric']} "
+        table.add_row(s["site"], *([s["task"]] * multi), f"{s['num-examples']:.0f}",
+                      f"{s.get('train_steps', float('nan')):.0f}", f"{s.get('train_loss', float('nan')):.3f}",
+                      f"{named}{s.get(f'global_{main}', float('nan')):.3f}",
+                      f"{named}{s.get(f'local_{main}', float('nan')):.3f}", *spent, f"{s.get('seconds', float('nan')):.1f}",
                       f"{s['bytes_sent'] / 1e6:.2f}", f"{s['bytes_received'] / 1e6:.2f}")
     return table
 
@@ -187,15 +191,15 @@ class RunView:
     """What `echocare-server` shows: a live table of the round in progress (sites that replied so far, how
     many are still training, time), then one table per finished round and the run's other events."""
 
-    def __init__(self, main: str) -> None:
-        self.main, self.round, self.sites, self.asked, self.left_out, self.t0 = main, 0, [], 0, 0, 0.0
+    def __init__(self) -> None:
+        self.round, self.sites, self.asked, self.left_out, self.t0 = 0, [], 0, 0, 0.0
         self.live = Live(self, console=console, transient=True, refresh_per_second=2)
 
     def __rich__(self) -> Table:
         waiting = self.asked - len(self.sites) - self.left_out
         return _round_table(f"round {self.round}, {time.time() - self.t0:.0f} s: {len(self.sites)} of {self.asked} "
                             f"site(s) replied" + (f", {self.left_out} refused or left out" if self.left_out else "")
-                            + (f", waiting for {waiting}" if waiting > 0 else ""), self.sites, self.main)
+                            + (f", waiting for {waiting}" if waiting > 0 else ""), self.sites)
 
     def show(self, event: dict) -> None:
         kind = event["event"]
@@ -210,7 +214,7 @@ class RunView:
         elif kind in ("round_end", "failed", "done"):
             self.live.stop()
         if kind == "round_end":
-            console.print(_round_table(f"round {event['round']} ({event['seconds']:.1f} s)", event["sites"], self.main))
+            console.print(_round_table(f"round {event['round']} ({event['seconds']:.1f} s)", event["sites"]))
         elif kind == "refused":
             console.print(f"[yellow]round {event['round']}: {event['reason']}[/]")
         elif kind == "rejected":
@@ -226,9 +230,9 @@ class RunView:
                           + (f", resuming after round {after}" if after else ""))
 
 
-def follow(run_id: str, home: Path, progress: Path, offset: int, stop_flag: StopFlag, main: str) -> str:
+def follow(run_id: str, home: Path, progress: Path, offset: int, stop_flag: StopFlag) -> str:
     """Show the run's events until Flower says it finished; returns Flower's final status."""
-    status, last_poll, stop_sent, view = "", 0.0, False, RunView(main)
+    status, last_poll, stop_sent, view = "", 0.0, False, RunView()
     try:
         while True:
             if progress.is_file():
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"serving the sites on {cfg.server.host}:{cfg.server.port} (Fleet API only); waiting for "
                       f"{cfg.rounds.min_sites} sites")
         run_id = str(run_flwr(["run", str(app), CONNECTION, "--run-config", str(run_config)], home)["run-id"])
-        status = follow(run_id, home, progress, offset, stop_flag, MAIN_METRIC[cfg.job.task])
+        status = follow(run_id, home, progress, offset, stop_flag)
     except FlowerError as exc:
         return fail(PROG, str(exc), code=1)
     finally:

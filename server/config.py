@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from echocare_core.federation.job import Job
+from echocare_core.federation.job import Job, task_jobs
 from echocare_core.federation.strategies import StrategyConfig
 
 __all__ = ["FederationConfig", "RoundSettings", "ServerSettings"]
@@ -70,7 +70,8 @@ class FederationConfig:
         if (self.strategy.name == "fedprox") != (self.job.proximal_mu > 0):
             raise ValueError(f"strategy.name={self.strategy.name} with job.proximal_mu={self.job.proximal_mu}: "
                              f"fedprox needs proximal_mu > 0, the other strategies need 0")
-        if self.job.privacy.on and (self.job.proximal_mu > 0 or self.job.task == "regression"):
-            raise ValueError(f"job.privacy.epsilon={self.job.privacy.epsilon} with task {self.job.task} and "
+        tasks = [j.task for j in task_jobs(self.job)]
+        if self.job.privacy.on and (self.job.proximal_mu > 0 or "regression" in tasks):
+            raise ValueError(f"job.privacy.epsilon={self.job.privacy.epsilon} with task(s) {', '.join(tasks)} and "
                              f"proximal_mu {self.job.proximal_mu}: differential privacy does not support FedProx or "
                              f"clip regression yet")

@@ -94,13 +94,15 @@ def _nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def _received(sent: dict, state: dict, expected: dict, metrics: dict[str, float],
-              transport: str) -> tuple[dict, str]:
+def _received(sent: dict, state: dict, expected: dict, metrics: dict[str, float], transport: str,
+              tasks: int) -> tuple[dict, str]:
     """A reply's trained shared parameters (fp32, from its deltas or weights) and why they cannot be aggregated
     ("" when they can): other parameters or shapes, another dtype than the transport's, non-finite values, no
-    samples."""
+    samples, no task of the job's `tasks` (multi-task; 0: single-task)."""
     if {n: t.shape for n, t in sent.items()} != expected:
         return {}, "its parameters differ from the job's shared parameters (names or shapes)"
+    if tasks and metrics.get("task_index") not in range(tasks):
+        return {}, f"it names no task of the job (task_index must be 0-{tasks - 1})"
     try:
         shared = decode(sent, state, transport)
     except ValueError as exc:
@@ -119,7 +121,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     from echocare_core.engine.finetune import write_json_lines
     from echocare_core.engine.metrics import MAIN_METRIC
     from echocare_core.engine.report import privacy_spent, write_federation_report
-    from echocare_core.federation.job import job_hash, shared_names
+    from echocare_core.federation.job import job_hash, shared_names, task_jobs
     from echocare_core.federation.rounds import (aggregate, choose_sites, initial_state, outlier_reasons, resume,
                                                  save_best, save_round)
     from echocare_core.federation.site import build_job_model
@@ -134,7 +136,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         progress("failed", reason=f"{len(nodes)} site(s) connected, min_sites is {settings.min_sites}")
         raise RuntimeError(f"{len(nodes)} site(s) connected in {settings.wait_for_sites:.0f} s; min_sites is "
                            f"{settings.min_sites}")
-    job_json = job.to_json()
+    job_json, tasks = job.to_json(), [j.task for j in task_jobs(job)]
     shared_keys = shared_names(build_job_model(job), job)
     expected = {n: state[n].shape for n in shared_keys}
     frozen = {k: v for k, v in state.items() if k not in expected}  # never changes during the run
@@ -170,11 +172,13 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
             site = {"site": str(reply.content["site"]["name"]), **metrics, "seconds": round(time.time() - t0, 2),
                     "bytes_sent": down[node], "bytes_received": _nbytes(sent)}
-            shared, problem = _received(sent, state, expected, metrics, job.transport)
+            shared, problem = _received(sent, state, expected, metrics, job.transport, len(job.tasks))
             if problem:
                 progress("rejected", sent=sent, round=rnd, site=site["site"], reason=problem,
                          bytes_sent=site["bytes_sent"], bytes_received=site["bytes_received"])
                 continue
+            task = tasks[int(metrics["task_index"]) if job.tasks else 0]  # what the site ran, for the tables
+            site.update(task=task, metric=MAIN_METRIC[task])
             updates.append((shared, int(metrics["num-examples"])))
             sites.append(site)
             progress("reply", sent=sent, round=rnd, **site)
@@ -193,10 +197,10 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
                         "bytes_to_sites": sum(down.values()), "bytes_from_sites": received})  # all asked
         path = save_round(out, job, state, rnd, {"sites": len(sites), "privacy": privacy_spent(history)}, history,
                           server_state, settings.keep_checkpoints)
-        best = save_best(out, job, history, MAIN_METRIC[job.task])
+        best = save_best(out, job, history)
         write_json_lines(out / "metrics.jsonl", history)
         progress("round_end", **history[-1], checkpoint=str(path), **({"best": rnd - 1} if best else {}))
-    report = write_federation_report(out, MAIN_METRIC[job.task])
+    report = write_federation_report(out)
     progress("done", rounds=settings.rounds, report=str(report))
 
 

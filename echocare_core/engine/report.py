@@ -104,12 +104,12 @@ def _traffic(rounds: list[dict]) -> str:
             f"from them, with every site asked; MB to / from each site in the rounds it was aggregated: {per_site}.")
 
 
-def write_federation_report(run_dir: Path, main: str) -> Path:
+def write_federation_report(run_dir: Path) -> Path:
     """Write `report.md` and `curves.png` from a federated run's `metrics.jsonl` (one line per round).
 
-    The curves show, per site and round, the main validation metric of the global model the site
-    received (`global_`) and of its own update after local training (`local_`), with the
-    sample-weighted mean over sites of the global one.
+    The curves show, per site and round, the main validation metric of its task (each site row names it) for
+    the global model the site received (`global_`) and for its own update after local training (`local_`),
+    with the sample-weighted mean over the sites of each task of the global one; one panel per task.
     """
     rounds = read_metrics(run_dir / "metrics.jsonl")
     lines = ["# Federated run report", ""]
@@ -117,35 +117,44 @@ def write_federation_report(run_dir: Path, main: str) -> Path:
         _write_text(run_dir / "report.md", lines + ["No round finished."])
         return run_dir / "report.md"
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    names = sorted({s["site"] for r in rounds for s in r["sites"]})
-    for i, name in enumerate(names):
-        pts = [(r["round"], s) for r in rounds for s in r["sites"] if s["site"] == name]
-        colour = f"C{i % 10}"
-        ax.plot([p for p, _ in pts], [s.get(f"global_{main}", float("nan")) for _, s in pts], "-o", color=colour,
-                label=f"{name}: global model")
-        ax.plot([p for p, _ in pts], [s.get(f"local_{main}", float("nan")) for _, s in pts], ":", color=colour,
-                label=f"{name}: after local training")
-    mean = [sum(s.get(f"global_{main}", 0.0) * s["num-examples"] for s in r["sites"])
-            / max(sum(s["num-examples"] for s in r["sites"]), 1) for r in rounds]
-    ax.plot([r["round"] for r in rounds], mean, "k-", linewidth=2, label="global model, sample-weighted mean")
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"validation {main} (at each site)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    tasks = sorted({(s["task"], s["metric"]) for r in rounds for s in r["sites"]})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4), squeeze=False)
+    for ax, (task, main) in zip(axes[0], tasks):
+        names = sorted({s["site"] for r in rounds for s in r["sites"] if s["task"] == task})
+        for i, name in enumerate(names):
+            pts = [(r["round"], s) for r in rounds for s in r["sites"] if s["site"] == name]
+            colour = f"C{i % 10}"
+            ax.plot([p for p, _ in pts], [s.get(f"global_{main}", float("nan")) for _, s in pts], "-o",
+                    color=colour, label=f"{name}: global model")
+            ax.plot([p for p, _ in pts], [s.get(f"local_{main}", float("nan")) for _, s in pts], ":", color=colour,
+                    label=f"{name}: after local training")
+        mean = [(r["round"], sum(s.get(f"global_{main}", 0.0) * s["num-examples"] for s in group)
+                 / max(sum(s["num-examples"] for s in group), 1))
+                for r in rounds if (group := [s for s in r["sites"] if s["task"] == task])]
+        ax.plot([m for m, _ in mean], [v for _, v in mean], "k-", linewidth=2,
+                label="global model, sample-weighted mean")
+        ax.set_title(task if len(tasks) > 1 else "")
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"validation {main} (at each site)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, run_dir / "curves.png")
     last = rounds[-1]
     lines += [f"{len(rounds)} round(s); the global model after round {last['round']} is in "
-              f"`checkpoints/round_{last['round']:04d}` (loadable by echocare-evaluate and echocare-predict).", "",
+              f"`checkpoints/round_{last['round']:04d}` (loadable by echocare-evaluate and echocare-predict"
+              + ("; a multi-task run's checkpoints hold the shared encoder, each site keeps its own head" if
+                 len(tasks) > 1 else "") + ").", "",
               "![learning curves](curves.png)", "", f"Round {last['round']}, per site (validation split of each site):",
-              "", f"| site | samples | train loss | global {main} | local {main} | epsilon (delta) | MB to site | "
-                  f"MB from site |", "|---|---|---|---|---|---|---|---|"]
+              "", "| site | task | samples | train loss | metric | global model | after local training | "
+                  "epsilon (delta) | MB to site | MB from site |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in last["sites"]:
         spent = f"{s['epsilon']:.3f} ({s['delta']:g})" if "epsilon" in s else "no DP"
-        lines.append(f"| {s['site']} | {s['num-examples']:.0f} | {s.get('train_loss', float('nan')):.4f} | "
-                     f"{s.get(f'global_{main}', float('nan')):.4f} | {s.get(f'local_{main}', float('nan')):.4f} | "
-                     f"{spent} | {s['bytes_sent'] / 1e6:.2f} | {s['bytes_received'] / 1e6:.2f} |")
+        main = s["metric"]
+        lines.append(f"| {s['site']} | {s['task']} | {s['num-examples']:.0f} | {s.get('train_loss', float('nan')):.4f} "
+                     f"| {main} | {s.get(f'global_{main}', float('nan')):.4f} | "
+                     f"{s.get(f'local_{main}', float('nan')):.4f} | {spent} | {s['bytes_sent'] / 1e6:.2f} | "
+                     f"{s['bytes_received'] / 1e6:.2f} |")
     lines += ["", _traffic(rounds)]
     spent_by_site = privacy_spent(rounds)
     if spent_by_site:

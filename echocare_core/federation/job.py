@@ -5,6 +5,11 @@ mode, what is shared and the local training settings; `job_hash` identifies it. 
 whose task or labels do not match its dataset or that asks for more than the site allows
 (`check_job`). Only parameters that train and are not named site-local are shared (`shared_names`);
 the server aggregates them with sample weights (`weighted_mean`).
+
+A multi-task job (`task: multitask`, two or more `tasks`) lets sites with different label types train one
+encoder: each site runs the task its dataset declares (`task_for`), its head and the encoder's final norm
+(which feeds only the pooled heads) stay at the site (`MULTITASK_LOCAL`), and the server holds and
+aggregates only the encoder with its adapters.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -23,12 +28,31 @@ from echocare_core.data.contract import DatasetSpec
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.settings import DPSettings, SitePrivacy
 
-__all__ = ["Job", "SiteLimits", "check_job", "job_hash", "shared_names", "weighted_mean"]
+__all__ = ["MULTITASK_LOCAL", "Job", "SiteLimits", "TaskSpec", "check_job", "job_hash", "local_patterns",
+           "shared_names", "task_for", "task_jobs", "weighted_mean"]
+
+MULTITASK_LOCAL = ("head.*", "encoder.norm.*")  # what each site of a multi-task job keeps: its task's own layers
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a multi-task job: what a site's dataset must declare to run it."""
+
+    task: Literal["classification", "segmentation", "landmarks", "detection", "regression"]
+    classes: tuple[str, ...] = ()  # classification, detection
+    labels: tuple[int, ...] = ()  # segmentation: the declared mask values
+    landmarks: int = 0  # landmarks: points per image
+    multi_label: bool = False
+
+    def describe(self) -> str:
+        detail = {"classification": list(self.classes), "detection": list(self.classes),
+                  "segmentation": sorted(self.labels), "landmarks": self.landmarks}.get(self.task)
+        return f"{self.task} {detail}" if detail is not None else self.task
 
 
 @dataclass(frozen=True)
 class Job:
-    task: str = "segmentation"
+    task: str = "segmentation"  # one of echocare_core.models.task.TASKS, or "multitask" (with `tasks`)
     classes: tuple[str, ...] = ()  # classification, detection
     labels: tuple[int, ...] = ()  # segmentation: the declared mask values
     landmarks: int = 0  # landmarks: points per image
@@ -49,8 +73,15 @@ class Job:
     privacy: DPSettings = field(default_factory=DPSettings)  # DP-SGD at every site, epsilon for the whole job
     transport: Literal["bf16", "fp16", "fp32"] = "bf16"  # what sites send: deltas in 16 bits, or fp32 weights
     seed: int = 0
+    tasks: tuple[TaskSpec, ...] = ()  # task "multitask": each site runs the one its dataset declares
 
     def __post_init__(self) -> None:
+        if (self.task == "multitask") != bool(self.tasks) or (self.tasks and len(set(self.tasks)) < 2):
+            raise ValueError(f"task '{self.task}' with {len(self.tasks)} tasks: a multi-task job needs task: "
+                             f"multitask and two or more different tasks; a single-task job lists none")
+        if self.tasks and self.mode == "frozen":
+            raise ValueError("a multi-task job shares the encoder (mode full) or its adapters (mode lora); with "
+                             "mode frozen every site's trained part is its own head and nothing would be shared")
         if (self.local_epochs < 1 or self.local_steps < 0 or self.batch_size < 1 or self.lr <= 0
                 or self.proximal_mu < 0):
             raise ValueError(f"job needs local_epochs >= 1, local_steps >= 0, batch_size >= 1, lr > 0 and "
@@ -90,6 +121,40 @@ class SiteLimits:
                              f"{self.max_local_epochs}: both must be >= 1")
 
 
+def task_jobs(job: Job) -> list[Job]:
+    """The single-task jobs the sites run: `job` itself, or one per task of a multi-task job (its head and the
+    encoder's final norm site-local)."""
+    if not job.tasks:
+        return [job]
+    return [replace(job, task=t.task, classes=t.classes, labels=t.labels, landmarks=t.landmarks,
+                    multi_label=t.multi_label, tasks=(), local=local_patterns(job)) for t in job.tasks]
+
+
+def task_for(job: Job, spec: DatasetSpec) -> tuple[int, Job] | None:
+    """The index and single-task job of the first of the job's tasks that the site's dataset matches (None:
+    none does)."""
+    return next(((i, j) for i, j in enumerate(task_jobs(job)) if not _task_reasons(j, spec)), None)
+
+
+def local_patterns(job: Job) -> tuple[str, ...]:
+    """Parameter-name patterns that never leave a site: the job's `local`, and the heads of a multi-task job."""
+    return (*job.local, *MULTITASK_LOCAL) if job.tasks else job.local
+
+
+def _task_reasons(job: Job, spec: DatasetSpec) -> list[str]:
+    if job.task != spec.task:
+        return [f"job task '{job.task}' but the site's dataset is '{spec.task}'"]
+    if job.task in ("classification", "detection") and (tuple(job.classes), job.multi_label) != (
+            tuple(spec.classes), spec.multi_label):
+        return [f"job classes {list(job.classes)} (multi-label {job.multi_label}) but the site declares "
+                f"{list(spec.classes)} (multi-label {spec.multi_label})"]
+    if job.task == "segmentation" and tuple(sorted(job.labels)) != tuple(sorted(spec.labels)):
+        return [f"job mask values {sorted(job.labels)} but the site declares {sorted(spec.labels)}"]
+    if job.task == "landmarks" and spec.landmark_names and job.landmarks != len(spec.landmark_names):
+        return [f"job has {job.landmarks} landmarks but the site has {len(spec.landmark_names)}"]
+    return []
+
+
 def _passes(job: Job, train_samples: int) -> float:
     """Passes over the site's training split one round asks for (`local_steps` batches or `local_epochs`)."""
     return job.local_steps * job.batch_size / max(train_samples, 1) if job.local_steps else float(job.local_epochs)
@@ -97,23 +162,21 @@ def _passes(job: Job, train_samples: int) -> float:
 
 def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits, train_samples: int | None = None,
               privacy: SitePrivacy = SitePrivacy()) -> list[str]:
-    """Reasons to refuse the job at this site (empty: accept). Reasons name keys, not data.
+    """Reasons to refuse the job at this site (empty: accept). Reasons name keys, not data. A multi-task job is
+    checked as the task the site's dataset matches (`task_for`).
 
     Args:
         train_samples: the site's training samples; with it, `local_steps` counts against `max_local_epochs`.
         privacy: the site's privacy terms (DP required, delta).
     """
-    reasons = []
-    if job.task != spec.task:
-        reasons.append(f"job task '{job.task}' but the site's dataset is '{spec.task}'")
-    elif job.task in ("classification", "detection") and (tuple(job.classes), job.multi_label) != (
-            tuple(spec.classes), spec.multi_label):
-        reasons.append(f"job classes {list(job.classes)} (multi-label {job.multi_label}) but the site declares "
-                       f"{list(spec.classes)} (multi-label {spec.multi_label})")
-    elif job.task == "segmentation" and tuple(sorted(job.labels)) != tuple(sorted(spec.labels)):
-        reasons.append(f"job mask values {sorted(job.labels)} but the site declares {sorted(spec.labels)}")
-    elif job.task == "landmarks" and spec.landmark_names and job.landmarks != len(spec.landmark_names):
-        reasons.append(f"job has {job.landmarks} landmarks but the site has {len(spec.landmark_names)}")
+    if job.tasks:
+        match = task_for(job, spec)
+        if match is None:
+            own = TaskSpec(spec.task, tuple(spec.classes), tuple(spec.labels), len(spec.landmark_names))  # type: ignore[arg-type]
+            return [f"none of the job's tasks ({'; '.join(t.describe() for t in job.tasks)}) matches the site's "
+                    f"dataset ({own.describe()})"]
+        job = match[1]
+    reasons = _task_reasons(job, spec)
     if job.batch_size > limits.max_batch_size:
         reasons.append(f"job batch_size {job.batch_size} exceeds the site's max_batch_size {limits.max_batch_size}")
     if not job.local_steps and job.local_epochs > limits.max_local_epochs:
@@ -144,7 +207,7 @@ def _privacy_reasons(job: Job, site: SitePrivacy) -> list[str]:
 def shared_names(model: nn.Module, job: Job) -> list[str]:
     """Names of the parameters that leave the site: those that train, minus the job's site-local patterns."""
     return [n for n, p in model.named_parameters()
-            if p.requires_grad and not any(fnmatch.fnmatchcase(n, pat) for pat in job.local)]
+            if p.requires_grad and not any(fnmatch.fnmatchcase(n, pat) for pat in local_patterns(job))]
 
 
 def weighted_mean(updates: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:

@@ -1,5 +1,7 @@
 """The coordinator's side of a federated run, without Flower: the initial model, aggregation, and round
-checkpoints that `echocare-evaluate` and `echocare-predict` load like any fine-tuned checkpoint."""
+checkpoints that `echocare-evaluate` and `echocare-predict` load like any fine-tuned checkpoint. A multi-task
+job's checkpoints hold the shared encoder only (`model_kind` "shared_encoder"); `site_model` gives a site its
+own model: a global checkpoint with the layers the site kept (its head, the job's `local` layers)."""
 
 from __future__ import annotations
 
@@ -13,14 +15,16 @@ import torch
 
 from echocare_core.checkpoint import (latest_checkpoint, load_encoder_weights, load_train_state, load_weights,
                                       prune_checkpoints, read_meta, save_checkpoint)
-from echocare_core.config import to_dict
+from echocare_core.config import from_dict, to_dict
 from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
-from echocare_core.engine.metrics import LOWER_IS_BETTER
-from echocare_core.federation.job import Job, job_hash
-from echocare_core.federation.site import build_job_model
+from echocare_core.engine.metrics import LOWER_IS_BETTER, MAIN_METRIC
+from echocare_core.data.contract import load_spec
+from echocare_core.federation.job import Job, job_hash, local_patterns, task_for, task_jobs
+from echocare_core.federation.site import build_job_model, local_layers_file
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
 
-__all__ = ["aggregate", "choose_sites", "initial_state", "outlier_reasons", "resume", "save_round"]
+__all__ = ["aggregate", "choose_sites", "initial_state", "outlier_reasons", "resume", "save_best", "save_round",
+           "site_model"]
 
 ServerState = dict[str, torch.Tensor]
 
@@ -67,6 +71,11 @@ def choose_sites(nodes: list[int], participation: float, minimum: int, seed: int
 
 
 def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    if job.tasks:  # the heads are at the sites
+        return {"model_kind": "shared_encoder", "task": job.task, "tasks": [to_dict(t) for t in job.tasks],
+                "encoder": to_dict(job.encoder), "epoch": server_round, "round": server_round, "metrics": metrics,
+                "job_hash": job_hash(job), "job": to_dict(job),
+                "finetune": {"mode": job.mode, "lora_rank": job.lora_rank, "lora_alpha": job.lora_alpha}}
     return {"model_kind": "task", "task": job.task, "encoder": to_dict(job.encoder), "epoch": server_round,
             "round": server_round, "metrics": metrics, "job_hash": job_hash(job), "job": to_dict(job),
             "head": {"num_classes": job.num_outputs, "feature_size": job.feature_size, "multi_label": job.multi_label,
@@ -90,15 +99,18 @@ def save_round(out: Path, job: Job, state: dict[str, torch.Tensor], server_round
     return path
 
 
-def save_best(out: Path, job: Job, history: list[dict[str, Any]], main: str) -> Path | None:
+def save_best(out: Path, job: Job, history: list[dict[str, Any]]) -> Path | None:
     """Make the previous round's global model `checkpoints/best` when it scored better than the one there.
 
-    Its score is the sample-weighted mean of `global_<main>`, which the sites measured on their validation
-    splits when they received that model in the round just finished (so the last round's model is scored
-    only by a further round). Returns the folder when it changed.
+    Its score is the sample-weighted mean of `global_<main metric>`, which the sites measured on their
+    validation splits when they received that model in the round just finished (so the last round's model is
+    scored only by a further round); in a multi-task job, by the sites of its first task. Returns the folder
+    when it changed.
     """
+    main = MAIN_METRIC[task_jobs(job)[0].task]
     key, last = f"global_{main}", history[-1]
-    scored = [(s[key], s.get("val_samples", 1.0)) for s in last["sites"] if math.isfinite(s.get(key, math.nan))]
+    scored = [(s[key], s.get("val_samples", 1.0)) for s in last["sites"]
+              if math.isfinite(s.get(key, math.nan)) and s.get("task_index", 0) == 0]
     source = out / "checkpoints" / f"round_{last['round'] - 1:04d}"
     if not scored or not source.is_dir() or sum(n for _, n in scored) <= 0:
         return None
@@ -128,3 +140,35 @@ def resume(out: Path, job: Job) -> tuple[dict[str, torch.Tensor], int, list[dict
                          f"restore that job's federation.yaml")
     state = load_train_state(last)
     return load_weights(last), int(state["round"]), list(state["history"]), dict(state.get("server_state", {}))
+
+
+def site_model(checkpoint: Path, data: Path, state_dir: Path, out: Path) -> Path:
+    """Write this site's own model: the federation's global checkpoint with the layers the site kept for that job
+    (its task's head in a multi-task job, the job's `local` layers), as a fine-tuned checkpoint for
+    `echocare-evaluate` and `echocare-predict`.
+
+    Raises:
+        ValueError: not a federation checkpoint, the site's dataset matches none of the job's tasks, or the site
+            holds no local layers of the job (it never took part in a round).
+    """
+    from safetensors.torch import load_file
+
+    meta = read_meta(checkpoint)
+    if "job_hash" not in meta or "job" not in meta:
+        raise ValueError(f"{checkpoint} is not a checkpoint of a federated run (no job in its metadata)")
+    job = from_dict(Job, meta["job"], f"{checkpoint} job")
+    match = task_for(job, load_spec(data))
+    if match is None:
+        raise ValueError(f"the dataset {data} matches none of the tasks of the job of {checkpoint} "
+                         f"({'; '.join(j.task for j in task_jobs(job))})")
+    site_job, local = match[1], {}
+    if local_patterns(job):
+        file = local_layers_file(state_dir, job_hash(job))
+        if not file.is_file():
+            raise ValueError(f"{file} does not exist: this site keeps no layers of that job (it has not taken part "
+                             f"in one of its rounds with this state_dir)")
+        local = load_file(str(file))
+    model = build_job_model(site_job)
+    model.load_state_dict({**load_weights(checkpoint), **local})
+    return save_checkpoint(out, model, {**_meta(site_job, meta["round"], meta["metrics"]), "site_model_of": {
+        "checkpoint_job_hash": meta["job_hash"], "round": meta["round"]}})

@@ -1,7 +1,8 @@
 """One federated round at a site: take the global weights, train locally, return only what the job shares.
 
 Plain functions, no Flower: the ClientApp calls `site_round`, and so can a test. Parameters the job
-names site-local (`Job.local`) are kept in the site's state folder between rounds and never leave.
+names site-local (`Job.local`, and a multi-task job's heads) are kept in the site's state folder between
+rounds and never leave; the server need not send them (a multi-task server has no heads at all).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from safetensors.torch import load_file, save_file
 from echocare_core.data.finetune import TaskDataset, split_rows
 from echocare_core.engine.finetune import check_dataset, evaluate_model, task_loader, task_loss, train_epoch
 from echocare_core.engine.optim import build_optimizer
-from echocare_core.federation.job import Job, SiteLimits, check_job, job_hash, shared_names
+from echocare_core.federation.job import (Job, SiteLimits, check_job, job_hash, local_patterns, shared_names,
+                                          task_for, task_jobs)
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 from echocare_core.privacy.settings import SitePrivacy, steps_per_round
 
-__all__ = ["JobRefused", "RoundResult", "build_job_model", "site_round"]
+__all__ = ["JobRefused", "RoundResult", "SharedEncoder", "build_job_model", "local_layers_file", "site_round"]
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +43,38 @@ class RoundResult:
     metrics: dict[str, float]  # validation metrics of the received (global_*) and the trained (local_*) model
 
 
-def build_job_model(job: Job) -> EchoCareTaskModel:
-    """The job's model with its fine-tuning mode applied (same parameter names at every site and the server)."""
+class SharedEncoder(torch.nn.Module):
+    """What the server of a multi-task job holds: the encoder with the job's adapters, named as in every site's
+    model (`encoder.*`); the heads live at the sites."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__()
+        self.encoder = _task_model(task_jobs(job)[0]).encoder
+
+
+def _task_model(job: Job) -> EchoCareTaskModel:
     model = EchoCareTaskModel(job.encoder, job.task, job.num_outputs, job.feature_size, job.multi_label)
     apply_finetune_mode(model, job.mode, job.lora_rank, job.lora_alpha)
     return model
 
 
+def build_job_model(job: Job) -> EchoCareTaskModel | SharedEncoder:
+    """The job's model with its fine-tuning mode applied (same parameter names at every site and the server);
+    for a multi-task job, the shared encoder the server holds."""
+    return SharedEncoder(job) if job.tasks else _task_model(job)
+
+
+def local_layers_file(state_dir: Path, job: str) -> Path:
+    """Where a site keeps the site-local layers of the job with hash `job` between rounds."""
+    return state_dir / "local_layers" / f"{job[:16]}.safetensors"
+
+
+def _is_local(name: str, job: Job) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) for pat in local_patterns(job))
+
+
 def _save_local(model: EchoCareTaskModel, job: Job, path: Path) -> None:
-    local = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()
-             if any(fnmatch.fnmatchcase(n, pat) for pat in job.local)}
+    local = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if _is_local(n, job)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(local, str(tmp))
@@ -128,14 +152,18 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
     reasons = check_job(job, spec, limits, len(rows["train"]), privacy)
     if reasons:
         raise JobRefused("; ".join(reasons))
+    task = task_for(job, spec) if job.tasks else None  # (index, this site's single-task job)
+    if task:
+        job = task[1]
     if not rows["train"] or not rows["val"]:
         raise JobRefused(f"the site needs train and val samples (has {len(rows['train'])} and {len(rows['val'])})")
     torch.manual_seed(hash((job.seed, server_round)) & 0x7FFFFFFF)
-    model = build_job_model(job)
-    mismatch = _mismatch(model.state_dict(), global_state)
+    model = _task_model(job)
+    expected = {k: v for k, v in model.state_dict().items() if k in global_state or not _is_local(k, job)}
+    mismatch = _mismatch(expected, global_state)
     if mismatch:
         raise JobRefused(f"the global weights do not fit the job's model ({mismatch})")
-    model.load_state_dict(global_state)
+    model.load_state_dict(global_state, strict=False)  # checked above: only site-local parameters may be missing
     if local_file is not None and local_file.is_file():
         model.load_state_dict(load_file(str(local_file)), strict=False)
     model.to(device)
@@ -172,7 +200,7 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
     state = model.state_dict()
     shared = {n: state[n].detach().cpu() for n in shared_names(model, job)}
     metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_steps": float(len(losses)),
-               "val_samples": float(len(rows["val"])), **spent,
+               "val_samples": float(len(rows["val"])), **({"task_index": float(task[0])} if task else {}), **spent,
                **{f"global_{k}": v for k, v in before.items()}, **{f"local_{k}": v for k, v in after.items()}}
     log.info("round %d: trained on %d samples, %d shared tensors", server_round, len(rows["train"]), len(shared))
     return RoundResult(shared, len(rows["train"]), metrics)

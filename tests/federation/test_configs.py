@@ -67,3 +67,18 @@ def test_the_site_prints_its_ledger_and_refuses_to_start_when_it_was_edited(tmp_
     assert "does not match its key" in capsys.readouterr().err.replace("\n", "")
     with pytest.raises(ConfigError, match="privacy.required is true but privacy.epsilon_budget is 0"):
         load_config(SiteConfig, None, [], base={**site, "privacy": {"required": True}})
+
+
+def test_the_site_model_command_needs_its_arguments_and_names_what_is_wrong(tmp_path, capsys):
+    from echocare_core.data.synthetic_dataset import write_dataset
+
+    folder = write_dataset(tmp_path / "data", "segmentation", sites=1, per_site=6, size=64, seed=1)[0]
+    site = {"name": "site_x", "insecure": True, "data": str(folder), "state_dir": str(tmp_path / "state")}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(site))
+    with pytest.raises(SystemExit) as exc:
+        client_main(["model", "--config", str(tmp_path / "site.yaml")])
+    assert exc.value.code == 2 and "model needs --checkpoint and --out" in capsys.readouterr().err
+    args = ["model", "--config", str(tmp_path / "site.yaml"), "--checkpoint", str(tmp_path / "nowhere"), "--out",
+            str(tmp_path / "mine")]
+    assert client_main(args) == 2
+    assert "nowhere" in capsys.readouterr().err and not (tmp_path / "mine").exists()

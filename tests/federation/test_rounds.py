@@ -41,7 +41,7 @@ def test_weighted_mean_is_exact_and_checks_its_input():
 def test_job_round_trips_as_json_and_sites_check_it(sites):
     assert Job.from_json(JOB.to_json()) == JOB and len(job_hash(JOB)) == 64
     with pytest.raises(ValueError, match="Did you mean 'task'"):
-        Job.from_json('{"taks": "segmentation"}')
+        Job.from_json('{"tak": "segmentation"}')
     seg, cls = load_spec(sites[0]), load_spec(sites[2])
     assert check_job(JOB, seg, SiteLimits()) == []
     assert check_job(JOB, cls, SiteLimits()) == ["job task 'segmentation' but the site's dataset is 'classification'"]

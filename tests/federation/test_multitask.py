@@ -1,0 +1,137 @@
+"""Multi-task jobs without Flower: sites with different tasks share the encoder's trained part, keep their heads."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import TINY_ENCODER
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from echocare_core.checkpoint import build_from_checkpoint, load_weights, read_meta
+from echocare_core.config import ConfigError
+from echocare_core.data.contract import load_spec
+from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.engine.evaluate import evaluate_checkpoint
+from echocare_core.federation.job import Job, SiteLimits, TaskSpec, check_job, job_hash, shared_names, task_for
+from echocare_core.federation.rounds import aggregate, initial_state, save_round, site_model
+from echocare_core.federation.site import JobRefused, build_job_model, local_layers_file, site_round
+from echocare_core.federation.testbed import run_on_this_machine
+from echocare_core.models.swin import EncoderConfig
+
+TASKS = (TaskSpec("segmentation", labels=(0, 1)), TaskSpec("classification", classes=("benign", "malignant")),
+         TaskSpec("regression"))
+JOB = Job(task="multitask", tasks=TASKS, encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, mode="lora",
+          lora_rank=2, batch_size=4, frames=2)
+HEADS = ("head.", "encoder.norm.")
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multitask")
+    return [write_dataset(root / task, task, sites=1, per_site=8, size=64, seed=3)[0]
+            for task in ("segmentation", "classification", "regression", "landmarks")]
+
+
+def test_a_multi_task_job_needs_two_different_tasks_and_something_to_share():
+    for bad, match in ((dict(tasks=TASKS[:1]), "two or more different tasks"),
+                       (dict(tasks=(TASKS[0], TASKS[0])), "two or more different tasks"),
+                       (dict(task="segmentation"), "single-task job lists none"),
+                       (dict(mode="frozen"), "nothing would be shared")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(JOB, **bad)
+    with pytest.raises(ConfigError, match=r"job.tasks\[1\].task: 'segmentaton' is not allowed"):
+        Job.from_json('{"task": "multitask", "tasks": [{"task": "regression"}, {"task": "segmentaton"}]}')
+    assert Job.from_json(JOB.to_json()) == JOB
+
+
+def test_each_site_runs_the_task_its_dataset_declares_and_others_are_refused_with_the_tasks_named(sites):
+    specs = [load_spec(folder) for folder in sites]
+    assert [task_for(JOB, spec)[0] if task_for(JOB, spec) else None for spec in specs] == [0, 1, 2, None]
+    assert [check_job(JOB, spec, SiteLimits()) for spec in specs[:3]] == [[], [], []]
+    (reason,) = check_job(JOB, specs[3], SiteLimits())
+    assert reason == ("none of the job's tasks (segmentation [0, 1]; classification ['benign', 'malignant']; "
+                      "regression) matches the site's dataset (landmarks 4)")
+    with pytest.raises(JobRefused, match="none of the job's tasks"):
+        site_round(JOB, initial_state(JOB, None), sites[3], 1)
+    private = dataclasses.replace(JOB, privacy=dataclasses.replace(JOB.privacy, epsilon=4.0))
+    assert "clip regression is not supported" in check_job(private, specs[2], SiteLimits())[0]
+
+
+def test_sites_send_only_the_shared_encoder_and_keep_their_heads_across_rounds(sites, tmp_path):
+    state = initial_state(JOB, None)
+    assert state and not any(k.startswith("head.") for k in state)  # the server holds no head
+    local = [tmp_path / f"local_{i}.safetensors" for i in range(3)]
+    results = [site_round(JOB, state, folder, 1, local_file=file) for folder, file in zip(sites, local)]
+    names = [set(r.shared) for r in results]
+    assert names[0] == names[1] == names[2] and all(".lora_" in n for n in names[0])
+    assert not any(n.startswith(HEADS) for n in names[0])
+    assert [r.metrics["task_index"] for r in results] == [0.0, 1.0, 2.0]
+    heads = [load_file(str(f)) for f in local]  # each site's own head and final norm, at the site
+    assert all(h and all(k.startswith(HEADS) for k in h) for h in heads)
+    assert {k for k in heads[0] if k.startswith("head.")}.isdisjoint({k for k in heads[1] if k.startswith("head.")})
+    new, _ = aggregate(state, [(r.shared, r.samples) for r in results])
+    assert new.keys() == state.keys()  # heads were never part of the aggregation
+    frozen = [k for k in state if k not in names[0]]
+    assert frozen and all(torch.equal(new[k], state[k]) for k in frozen)
+    weights = torch.tensor([float(r.samples) for r in results])
+    for name in names[0]:
+        mean = sum(w * r.shared[name].double() for w, r in zip(weights / weights.sum(), results))
+        torch.testing.assert_close(new[name].double(), mean)
+    still = dataclasses.replace(JOB, lr=1e-12)  # round 2 barely moves: it must start from the site's own head
+    site_round(still, new, sites[1], 2, local_file=local[1])
+    kept = load_file(str(local[1]))
+    assert kept.keys() == heads[1].keys()
+    for k in kept:
+        torch.testing.assert_close(kept[k], heads[1][k], rtol=0, atol=1e-6)
+
+
+def test_a_site_makes_its_own_model_from_the_shared_encoder_and_its_head(sites, tmp_path):
+    state = initial_state(JOB, None)
+    result = site_round(JOB, state, sites[1], 1, local_file=local_layers_file(tmp_path / "state", job_hash(JOB)))
+    new, _ = aggregate(state, [(result.shared, result.samples)])
+    path = save_round(tmp_path / "run", JOB, new, 1, {}, [])
+    meta = read_meta(path)
+    assert meta["model_kind"] == "shared_encoder" and [t["task"] for t in meta["tasks"]] == [t.task for t in TASKS]
+    assert not any(k.startswith("head.") for k in load_weights(path))
+    with pytest.raises(ValueError, match="echocare-client model --config site.yaml"):
+        evaluate_checkpoint(path, sites[1], "val")
+    with pytest.raises(ValueError, match="keeps no layers of that job"):
+        site_model(path, sites[1], tmp_path / "other_state", tmp_path / "nothing")
+    with pytest.raises(ValueError, match="matches none of the tasks"):
+        site_model(path, sites[3], tmp_path / "state", tmp_path / "nothing")
+    mine = site_model(path, sites[1], tmp_path / "state", tmp_path / "mine")
+    model, own = build_from_checkpoint(mine)
+    weights = model.state_dict()
+    head = load_file(str(local_layers_file(tmp_path / "state", job_hash(JOB))))
+    assert own["task"] == "classification" and own["head"]["classes"] == ["benign", "malignant"]
+    assert all(torch.equal(weights[k], v) for k, v in head.items())
+    assert all(torch.equal(weights[k], v) for k, v in new.items() if k not in head)
+    assert 0 <= evaluate_checkpoint(mine, sites[1], "val")["metrics"]["accuracy"] <= 1
+    assert not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.slow
+def test_a_two_site_multi_task_federation_over_the_real_runtime_never_sends_a_head(sites, tmp_path):
+    job = dataclasses.replace(JOB, tasks=TASKS[:2], lora_rank=2)
+    fed = {"output": str(tmp_path / "run"), "server": {"insecure": True},
+           "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 300, "deadline": 600},
+           "job": json.loads(job.to_json())}
+    assert run_on_this_machine(tmp_path, {"seg": sites[0], "cls": sites[1]}, fed, show_server=False) == 0
+    shared = set(shared_names(build_job_model(job), job))
+    for site in ("seg", "cls"):  # what left each site: the encoder's adapters, in bf16 deltas
+        for rnd in (1, 2):
+            with safe_open(str(tmp_path / "site_state" / site / "sent" / f"round_{rnd:04d}.safetensors"), "pt") as f:
+                assert set(f.keys()) == shared
+        (kept,) = (tmp_path / "site_state" / site / "local_layers").iterdir()
+        assert {k.split(".")[0] for k in load_file(str(kept))} == {"head", "encoder"}
+    audit = [json.loads(line) for line in (tmp_path / "run" / "audit.jsonl").read_text().splitlines()]
+    received = [set(e["sent"]["tensors"]) for e in audit if e["event"] == "reply"]
+    assert len(received) == 4 and all(names == shared for names in received)
+    assert not any(k.startswith("head.") for k in load_weights(tmp_path / "run" / "checkpoints" / "round_0002"))
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [{s["site"]: (s["task"], s["metric"]) for s in r["sites"]} for r in rounds] == [
+        {"seg": ("segmentation", "dice"), "cls": ("classification", "auc")}] * 2
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| seg | segmentation |" in report and "| cls | classification |" in report
