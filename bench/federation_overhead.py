@@ -1,4 +1,5 @@
-"""Benchmark: what a federated round costs beyond the sites' own compute, for a tiny and a Swin-base-sized model.
+"""Benchmark: what a federated round costs beyond the sites' own compute, for a tiny and a Swin-base-sized model
+(the latter fine-tuned in full, with LoRA adapters + head, or the head only).
 
 For each model, two synthetic sites federate for a few rounds on 127.0.0.1 over the real runtime
 (`echocare-server`, two `echocare-client`s; Flower's SuperLink, SuperNodes and app processes). Per
@@ -8,7 +9,7 @@ handing the weights to the worker and back), the overhead (wall minus slowest co
 polling, transfers), megabytes to and from each site, and the peak resident memory of each kind of
 process (sampled every 0.2 s). Prints a table and writes JSON. A program, not a test.
 
-    python bench/federation_overhead.py                 # about 10 minutes on 2 CPU cores
+    python bench/federation_overhead.py                 # about 20 minutes on 2 CPU cores
     python bench/federation_overhead.py --models tiny --rounds 2
 """
 
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # 'base' has the paper's Swin-B size (88M parameters); 64 px keeps its local compute short
     "tiny": {"encoder": {"variant": "test", "img_size": 64, "patch_size": 4, "window_size": 4}, "mode": "lora"},
     "base": {"encoder": {"variant": "base", "img_size": 64, "patch_size": 4, "window_size": 4}, "mode": "full"},
+    "base-lora": {"encoder": {"variant": "base", "img_size": 64, "patch_size": 4, "window_size": 4}, "mode": "lora"},
+    "base-head": {"encoder": {"variant": "base", "img_size": 64, "patch_size": 4, "window_size": 4}, "mode": "frozen"},
 }
 KINDS = ("flower-superlink", "flwr-serverapp", "flower-supernode", "flwr-clientapp", "flower-superexec",
          "echocare_client.cli")  # the last: echocare-client with its site worker
@@ -93,7 +96,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="echocare_fo_") as name:
         results = [measure(m, args.rounds, Path(name)) for m in args.models]
-    print(f"{'model':<6} {'MB to/from site':>16} {'round s':>8} {'compute s':>10} {'clientapp s':>12} "
+    print(f"{'model':<9} {'MB to site r1/later, from':>26} {'round s':>8} {'compute s':>10} {'clientapp s':>12} "
           f"{'overhead s':>11} {'run s':>6}  peak RSS MB: superlink / serverapp / supernode / clientapp / superexec / "
           f"echocare-client")
     for r in results:
@@ -101,7 +104,8 @@ def main() -> None:
         med = {k: float(np.median([x[k] for x in rounds]))
                for k in ("wall_s", "slowest_compute_s", "slowest_clientapp_s", "overhead_s")}
         mem = " / ".join(f"{r['peak_rss_mb'][k]:.0f}" for k in KINDS)
-        print(f"{r['model']:<6} {rounds[0]['mb_to_site']:>7.1f} / {rounds[0]['mb_from_site']:<7.1f} "
+        print(f"{r['model']:<9} {rounds[0]['mb_to_site']:>8.1f} / {rounds[-1]['mb_to_site']:<7.1f}, "
+              f"{rounds[-1]['mb_from_site']:<7.1f} "
               f"{med['wall_s']:>8.1f} {med['slowest_compute_s']:>10.1f} {med['slowest_clientapp_s']:>12.1f} "
               f"{med['overhead_s']:>11.1f} "
               f"{r['total_s']:>6.0f}  {mem}")

@@ -111,11 +111,13 @@ def show_ledger(cfg: SiteConfig, state: Path) -> int:
 
 
 def _site_model(cfg: SiteConfig, state: Path, checkpoint: Path, out: Path) -> int:
+    from safetensors import SafetensorError
+
     from echocare_core.federation.rounds import site_model
 
     try:
         path = site_model(checkpoint, Path(cfg.data), state, out)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError, RuntimeError, SafetensorError) as exc:  # RuntimeError: the layers do not fit
         return fail(PROG, str(exc))
     console.print(f"site {cfg.name}: its model is in {path} (echocare-evaluate / echocare-predict --checkpoint {path})")
     return 0

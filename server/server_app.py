@@ -130,13 +130,17 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     progress = Progress(out)
     resumed = resume(out, job)
     state, done, history, server_state = resumed if resumed else (initial_state(job, cfg.init), 0, [], {})
+    tasks = [j.task for j in task_jobs(job)]
+    for site in (s for r in history for s in r["sites"]):  # rounds of an earlier version name no task
+        site.setdefault("task", tasks[0])
+        site.setdefault("metric", MAIN_METRIC[tasks[0]])
     progress("start", rounds=settings.rounds, resumed_after=done, job_hash=job_hash(job), strategy=cfg.strategy.name)
     nodes = wait_for_sites(grid, max(settings.expected_sites, settings.min_sites), settings.wait_for_sites)
     if len(nodes) < settings.min_sites:
         progress("failed", reason=f"{len(nodes)} site(s) connected, min_sites is {settings.min_sites}")
         raise RuntimeError(f"{len(nodes)} site(s) connected in {settings.wait_for_sites:.0f} s; min_sites is "
                            f"{settings.min_sites}")
-    job_json, tasks = job.to_json(), [j.task for j in task_jobs(job)]
+    job_json = job.to_json()
     shared_keys = shared_names(build_job_model(job), job)
     expected = {n: state[n].shape for n in shared_keys}
     frozen = {k: v for k, v in state.items() if k not in expected}  # never changes during the run
@@ -200,7 +204,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         best = save_best(out, job, history)
         write_json_lines(out / "metrics.jsonl", history)
         progress("round_end", **history[-1], checkpoint=str(path), **({"best": rnd - 1} if best else {}))
-    report = write_federation_report(out)
+    report = write_federation_report(out, shared_encoder=bool(job.tasks))
     progress("done", rounds=settings.rounds, report=str(report))
 
 

@@ -104,12 +104,13 @@ def _traffic(rounds: list[dict]) -> str:
             f"from them, with every site asked; MB to / from each site in the rounds it was aggregated: {per_site}.")
 
 
-def write_federation_report(run_dir: Path) -> Path:
+def write_federation_report(run_dir: Path, shared_encoder: bool = False) -> Path:
     """Write `report.md` and `curves.png` from a federated run's `metrics.jsonl` (one line per round).
 
     The curves show, per site and round, the main validation metric of its task (each site row names it) for
     the global model the site received (`global_`) and for its own update after local training (`local_`),
     with the sample-weighted mean over the sites of each task of the global one; one panel per task.
+    `shared_encoder`: a multi-task run, whose checkpoints hold the shared encoder only.
     """
     rounds = read_metrics(run_dir / "metrics.jsonl")
     lines = ["# Federated run report", ""]
@@ -142,9 +143,9 @@ def write_federation_report(run_dir: Path) -> Path:
     _save(fig, run_dir / "curves.png")
     last = rounds[-1]
     lines += [f"{len(rounds)} round(s); the global model after round {last['round']} is in "
-              f"`checkpoints/round_{last['round']:04d}` (loadable by echocare-evaluate and echocare-predict"
-              + ("; a multi-task run's checkpoints hold the shared encoder, each site keeps its own head" if
-                 len(tasks) > 1 else "") + ").", "",
+              f"`checkpoints/round_{last['round']:04d}` " + (
+                  "(the shared encoder: each site makes its own model from it with its head, `echocare-client model`)."
+                  if shared_encoder else "(loadable by echocare-evaluate and echocare-predict)."), "",
               "![learning curves](curves.png)", "", f"Round {last['round']}, per site (validation split of each site):",
               "", "| site | task | samples | train loss | metric | global model | after local training | "
                   "epsilon (delta) | MB to site | MB from site |", "|---|---|---|---|---|---|---|---|---|---|"]

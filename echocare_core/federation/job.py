@@ -47,7 +47,8 @@ class TaskSpec:
     def describe(self) -> str:
         detail = {"classification": list(self.classes), "detection": list(self.classes),
                   "segmentation": sorted(self.labels), "landmarks": self.landmarks}.get(self.task)
-        return f"{self.task} {detail}" if detail is not None else self.task
+        return " ".join([self.task, *([str(detail)] if detail is not None else []),
+                         *(["multi-label"] if self.multi_label else [])])
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ class Job:
     tasks: tuple[TaskSpec, ...] = ()  # task "multitask": each site runs the one its dataset declares
 
     def __post_init__(self) -> None:
-        if (self.task == "multitask") != bool(self.tasks) or (self.tasks and len(set(self.tasks)) < 2):
+        kinds = {replace(t, labels=tuple(sorted(t.labels))) for t in self.tasks}  # a task listed twice never runs
+        if (self.task == "multitask") != bool(self.tasks) or len(self.tasks) == 1 or len(kinds) < len(self.tasks):
             raise ValueError(f"task '{self.task}' with {len(self.tasks)} tasks: a multi-task job needs task: "
                              f"multitask and two or more different tasks; a single-task job lists none")
         if self.tasks and self.mode == "frozen":
@@ -95,7 +97,10 @@ class Job:
                 "segmentation": len(self.labels), "landmarks": self.landmarks}.get(self.task, 1)
 
     def to_json(self) -> str:
-        return json.dumps(to_dict(self), sort_keys=True)
+        data = to_dict(self)
+        if not self.tasks:  # a single-task job keeps the JSON (and the hash) it had before multi-task jobs
+            del data["tasks"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Job:
@@ -172,7 +177,8 @@ def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits, train_samples: in
     if job.tasks:
         match = task_for(job, spec)
         if match is None:
-            own = TaskSpec(spec.task, tuple(spec.classes), tuple(spec.labels), len(spec.landmark_names))  # type: ignore[arg-type]
+            own = TaskSpec(spec.task, tuple(spec.classes), tuple(spec.labels), len(spec.landmark_names),  # type: ignore[arg-type]
+                           spec.multi_label)
             return [f"none of the job's tasks ({'; '.join(t.describe() for t in job.tasks)}) matches the site's "
                     f"dataset ({own.describe()})"]
         job = match[1]

@@ -147,11 +147,13 @@ def site_model(checkpoint: Path, data: Path, state_dir: Path, out: Path) -> Path
     (its task's head in a multi-task job, the job's `local` layers), as a fine-tuned checkpoint for
     `echocare-evaluate` and `echocare-predict`.
 
+    The site keeps its layers of the last round it took part in, which fit that round's global checkpoint only.
+
     Raises:
         ValueError: not a federation checkpoint, the site's dataset matches none of the job's tasks, or the site
-            holds no local layers of the job (it never took part in a round).
+            holds no local layers of the job (it never took part in a round) or those of another round.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     meta = read_meta(checkpoint)
     if "job_hash" not in meta or "job" not in meta:
@@ -167,7 +169,12 @@ def site_model(checkpoint: Path, data: Path, state_dir: Path, out: Path) -> Path
         if not file.is_file():
             raise ValueError(f"{file} does not exist: this site keeps no layers of that job (it has not taken part "
                              f"in one of its rounds with this state_dir)")
-        local = load_file(str(file))
+        with safe_open(str(file), "pt") as f:
+            kept = int((f.metadata() or {}).get("round", -1))
+            local = {k: f.get_tensor(k) for k in f.keys()}
+        if kept != meta["round"]:
+            raise ValueError(f"{checkpoint} is the global model of round {meta['round']}, but this site's layers are "
+                             f"from round {kept}: ask the coordinator for checkpoints/round_{kept:04d}")
     model = build_job_model(site_job)
     model.load_state_dict({**load_weights(checkpoint), **local})
     return save_checkpoint(out, model, {**_meta(site_job, meta["round"], meta["metrics"]), "site_model_of": {

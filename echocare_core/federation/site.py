@@ -73,11 +73,11 @@ def _is_local(name: str, job: Job) -> bool:
     return any(fnmatch.fnmatchcase(name, pat) for pat in local_patterns(job))
 
 
-def _save_local(model: EchoCareTaskModel, job: Job, path: Path) -> None:
+def _save_local(model: EchoCareTaskModel, job: Job, path: Path, server_round: int) -> None:
     local = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if _is_local(n, job)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(local, str(tmp))
+    save_file(local, str(tmp), metadata={"round": str(server_round)})  # they pair with that round's global model
     os.replace(tmp, path)
 
 
@@ -92,9 +92,11 @@ def _local_passes(job: Job, n: int, server_round: int) -> list[list[tuple[int, i
 
 def _train_private(job: Job, model: EchoCareTaskModel, optimizer: torch.optim.Optimizer, scheduler: Any,
                    loss_fn: Any, train_set: TaskDataset, server_round: int, rounds: int, privacy: SitePrivacy,
-                   ledger_dir: Path | None, device: torch.device, num_workers: int) -> tuple[list[float], dict]:
-    """DP-SGD for one round, paid for in the site's ledger before it trains; returns the batch losses and the
-    privacy metrics (the epsilon the dataset has spent so far)."""
+                   ledger_dir: Path | None, device: torch.device, num_workers: int, ledger_job: str
+                   ) -> tuple[list[float], dict]:
+    """DP-SGD for one round, paid for in the site's ledger (under `ledger_job`, the federation's job hash)
+    before it trains; returns the batch losses and the privacy metrics (the epsilon the dataset has spent so
+    far)."""
     from echocare_core.privacy.ledger import BudgetExceeded, LedgerError, PrivacyLedger
     from echocare_core.privacy.passes import PrivatePasses
 
@@ -104,7 +106,7 @@ def _train_private(job: Job, model: EchoCareTaskModel, optimizer: torch.optim.Op
     try:
         ledger = PrivacyLedger(ledger_dir, privacy.epsilon_budget, privacy.delta)
         private = PrivatePasses(model, optimizer, job.privacy, train_set, job.batch_size, steps, steps * rounds,
-                                ledger, job_hash(job))
+                                ledger, ledger_job)
         loader, spend = private.next_pass(server_round, server_round * 1000, num_workers)
     except BudgetExceeded as exc:
         raise JobRefused(str(exc)) from exc
@@ -152,6 +154,7 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
     reasons = check_job(job, spec, limits, len(rows["train"]), privacy)
     if reasons:
         raise JobRefused("; ".join(reasons))
+    federation_job = job_hash(job)  # what the site's ledger and the coordinator know the job by
     task = task_for(job, spec) if job.tasks else None  # (index, this site's single-task job)
     if task:
         job = task[1]
@@ -159,13 +162,20 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
         raise JobRefused(f"the site needs train and val samples (has {len(rows['train'])} and {len(rows['val'])})")
     torch.manual_seed(hash((job.seed, server_round)) & 0x7FFFFFFF)
     model = _task_model(job)
-    expected = {k: v for k, v in model.state_dict().items() if k in global_state or not _is_local(k, job)}
+    own = model.state_dict()
+    expected = {k: v for k, v in own.items() if not (task and k.startswith("head."))}  # multi-task: no heads sent
     mismatch = _mismatch(expected, global_state)
     if mismatch:
         raise JobRefused(f"the global weights do not fit the job's model ({mismatch})")
-    model.load_state_dict(global_state, strict=False)  # checked above: only site-local parameters may be missing
+    model.load_state_dict(global_state, strict=False)  # checked above: only a multi-task site's head is missing
     if local_file is not None and local_file.is_file():
-        model.load_state_dict(load_file(str(local_file)), strict=False)
+        kept = load_file(str(local_file))
+        if _mismatch({k: v for k, v in own.items() if _is_local(k, job)}, kept):
+            raise JobRefused(f"the layers this site kept for the job do not fit its model (did its dataset change?); "
+                             f"remove {local_file.name} from state_dir/local_layers to start them anew")
+        model.load_state_dict(kept, strict=False)
+    elif task:
+        log.warning("round %d: no kept layers of this job at the site: its %s head starts anew", server_round, job.task)
     model.to(device)
     size, channels = job.encoder.img_size, job.encoder.in_chans
     sets = {s: TaskDataset(folder, spec, r, size, channels, train=s == "train", seed=job.seed, frames=job.frames)
@@ -187,7 +197,7 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
 
     if job.privacy.on:
         losses, spent = _train_private(job, model, optimizer, scheduler, loss_fn, sets["train"], server_round,
-                                       rounds, privacy, ledger_dir, dev, num_workers)
+                                       rounds, privacy, ledger_dir, dev, num_workers, federation_job)
     else:
         losses, spent = [], {}
         for keys in _local_passes(job, len(sets["train"]), server_round):
@@ -196,7 +206,7 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
             losses += batch_losses
     after = evaluate_model(model, val, dev, job.num_outputs)
     if local_file is not None and job.local:
-        _save_local(model, job, local_file)
+        _save_local(model, job, local_file, server_round)
     state = model.state_dict()
     shared = {n: state[n].detach().cpu() for n in shared_names(model, job)}
     metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_steps": float(len(losses)),

@@ -19,6 +19,7 @@ from echocare_core.federation.rounds import aggregate, initial_state, save_round
 from echocare_core.federation.site import JobRefused, build_job_model, local_layers_file, site_round
 from echocare_core.federation.testbed import run_on_this_machine
 from echocare_core.models.swin import EncoderConfig
+from echocare_core.privacy.ledger import PrivacyLedger
 
 TASKS = (TaskSpec("segmentation", labels=(0, 1)), TaskSpec("classification", classes=("benign", "malignant")),
          TaskSpec("regression"))
@@ -37,6 +38,7 @@ def sites(tmp_path_factory):
 def test_a_multi_task_job_needs_two_different_tasks_and_something_to_share():
     for bad, match in ((dict(tasks=TASKS[:1]), "two or more different tasks"),
                        (dict(tasks=(TASKS[0], TASKS[0])), "two or more different tasks"),
+                       (dict(tasks=(*TASKS, TaskSpec("segmentation", labels=(1, 0)))), "two or more different tasks"),
                        (dict(task="segmentation"), "single-task job lists none"),
                        (dict(mode="frozen"), "nothing would be shared")):
         with pytest.raises(ValueError, match=match):
@@ -44,6 +46,7 @@ def test_a_multi_task_job_needs_two_different_tasks_and_something_to_share():
     with pytest.raises(ConfigError, match=r"job.tasks\[1\].task: 'segmentaton' is not allowed"):
         Job.from_json('{"task": "multitask", "tasks": [{"task": "regression"}, {"task": "segmentaton"}]}')
     assert Job.from_json(JOB.to_json()) == JOB
+    assert "tasks" not in json.loads(Job().to_json())  # single-task jobs keep the hash they had before
 
 
 def test_each_site_runs_the_task_its_dataset_declares_and_others_are_refused_with_the_tasks_named(sites):
@@ -101,6 +104,9 @@ def test_a_site_makes_its_own_model_from_the_shared_encoder_and_its_head(sites, 
         site_model(path, sites[1], tmp_path / "other_state", tmp_path / "nothing")
     with pytest.raises(ValueError, match="matches none of the tasks"):
         site_model(path, sites[3], tmp_path / "state", tmp_path / "nothing")
+    later = save_round(tmp_path / "run", JOB, new, 2, {}, [])
+    with pytest.raises(ValueError, match="global model of round 2, but this site's layers are from round 1"):
+        site_model(later, sites[1], tmp_path / "state", tmp_path / "nothing")
     mine = site_model(path, sites[1], tmp_path / "state", tmp_path / "mine")
     model, own = build_from_checkpoint(mine)
     weights = model.state_dict()
@@ -135,3 +141,11 @@ def test_a_two_site_multi_task_federation_over_the_real_runtime_never_sends_a_he
         {"seg": ("segmentation", "dice"), "cls": ("classification", "auc")}] * 2
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| seg | segmentation |" in report and "| cls | classification |" in report
+
+
+def test_a_private_multi_task_round_is_paid_under_the_federations_job_hash(sites, tmp_path):
+    job = dataclasses.replace(JOB, tasks=TASKS[:2], privacy=dataclasses.replace(JOB.privacy, epsilon=8.0))
+    result = site_round(job, initial_state(job, None), sites[1], 1, ledger_dir=tmp_path / "privacy", rounds=2)
+    assert 0 < result.metrics["epsilon"] < 8.0 and not any(k.startswith(HEADS) for k in result.shared)
+    (spends,) = PrivacyLedger(tmp_path / "privacy").datasets.values()
+    assert [s["job"] for s in spends] == [job_hash(job)]
