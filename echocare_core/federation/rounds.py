@@ -99,31 +99,44 @@ def save_round(out: Path, job: Job, state: dict[str, torch.Tensor], server_round
     return path
 
 
+def _task_scores(job: Job, sites: list[dict[str, Any]]) -> dict[str, float]:
+    """Per task of the job (by index): the mean of `global_<its main metric>` over its sites, weighted by their
+    validation samples."""
+    scores = {}
+    for i, task in enumerate(task_jobs(job)):
+        key = f"global_{MAIN_METRIC[task.task]}"
+        scored = [(s[key], s.get("val_samples", 1.0)) for s in sites
+                  if s.get("task_index", 0) == i and math.isfinite(s.get(key, math.nan))]
+        if sum(n for _, n in scored) > 0:
+            scores[str(i)] = sum(v * n for v, n in scored) / sum(n for _, n in scored)
+    return scores
+
+
 def save_best(out: Path, job: Job, history: list[dict[str, Any]]) -> Path | None:
     """Make the previous round's global model `checkpoints/best` when it scored better than the one there.
 
-    Its score is the sample-weighted mean of `global_<main metric>`, which the sites measured on their
-    validation splits when they received that model in the round just finished (so the last round's model is
-    scored only by a further round); in a multi-task job, by the sites of its first task. Returns the folder
-    when it changed.
+    Its score (per task of a multi-task job) is the validation-sample-weighted mean of `global_<main metric>`,
+    which the sites measured on their validation splits when they received that model in the round just
+    finished (so the last round's model is scored only by a further round). It replaces the best model when it
+    is at least as good on every task both were scored on and better on one: a multi-task model that gains on
+    one task by losing on another does not. Returns the folder when it changed.
     """
-    main = MAIN_METRIC[task_jobs(job)[0].task]
-    key, last = f"global_{main}", history[-1]
-    scored = [(s[key], s.get("val_samples", 1.0)) for s in last["sites"]
-              if math.isfinite(s.get(key, math.nan)) and s.get("task_index", 0) == 0]
-    source = out / "checkpoints" / f"round_{last['round'] - 1:04d}"
-    if not scored or not source.is_dir() or sum(n for _, n in scored) <= 0:
+    last = history[-1]
+    scores, source = _task_scores(job, last["sites"]), out / "checkpoints" / f"round_{last['round'] - 1:04d}"
+    if not scores or not source.is_dir():
         return None
-    score = sum(v * n for v, n in scored) / sum(n for _, n in scored)  # weighted by validation samples
     best = out / "checkpoints" / "best"
     if best.is_dir() and read_meta(best).get("job_hash") == job_hash(job):  # another job's best is replaced
-        before = read_meta(best)["metrics"]["score"]
-        if not (score < before if main in LOWER_IS_BETTER else score > before):
+        kept = read_meta(best)["metrics"]
+        before = kept.get("scores") or ({"0": kept["score"]} if "score" in kept else {})  # an earlier version's
+        lower = [MAIN_METRIC[t.task] in LOWER_IS_BETTER for t in task_jobs(job)]
+        gains = [before[t] - scores[t] if lower[int(t)] else scores[t] - before[t] for t in scores.keys() & before.keys()]
+        if not gains or min(gains) < 0 or max(gains) <= 0:
             return None
     model = build_job_model(job)
     model.load_state_dict(load_weights(source))
     meta = read_meta(source)
-    return save_checkpoint(best, model, {**meta, "metrics": {**meta["metrics"], "score": score, "scored_by": key}})
+    return save_checkpoint(best, model, {**meta, "metrics": {**meta["metrics"], "scores": scores}})
 
 
 def resume(out: Path, job: Job) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]], ServerState] | None:

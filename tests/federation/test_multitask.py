@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from echocare_core.data.contract import load_spec
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.federation.job import Job, SiteLimits, TaskSpec, check_job, job_hash, shared_names, task_for
-from echocare_core.federation.rounds import aggregate, initial_state, save_round, site_model
+from echocare_core.federation.rounds import aggregate, initial_state, save_best, save_round, site_model
 from echocare_core.federation.site import JobRefused, build_job_model, local_layers_file, site_round
 from echocare_core.federation.testbed import run_on_this_machine
 from echocare_core.models.swin import EncoderConfig
@@ -149,3 +150,22 @@ def test_a_private_multi_task_round_is_paid_under_the_federations_job_hash(sites
     assert 0 < result.metrics["epsilon"] < 8.0 and not any(k.startswith(HEADS) for k in result.shared)
     (spends,) = PrivacyLedger(tmp_path / "privacy").datasets.values()
     assert [s["job"] for s in spends] == [job_hash(job)]
+
+
+def test_the_best_multi_task_model_is_better_on_one_task_and_worse_on_none(tmp_path):
+    job = dataclasses.replace(JOB, tasks=TASKS[:2])
+    state = initial_state(job, None)
+    for rnd in (1, 2, 3, 4):
+        save_round(tmp_path, job, state, rnd, {}, [], keep=10)
+
+    def scored(rnd, dice, auc):  # round `rnd` scores the model of round rnd - 1
+        sites = [{"task_index": 0.0, "global_dice": dice, "val_samples": 3.0},
+                 {"task_index": 1.0, "global_auc": auc, "val_samples": 2.0},
+                 {"task_index": 1.0, "global_auc": math.nan, "val_samples": 9.0}]
+        return save_best(tmp_path, job, [{"round": rnd, "sites": sites}])
+
+    assert scored(2, 0.5, 0.6) is not None
+    assert scored(3, 0.7, 0.55) is None  # better Dice, worse AUC: not better
+    assert scored(4, 0.5, 0.65) is not None  # as good on one, better on the other
+    meta = read_meta(tmp_path / "checkpoints" / "best")
+    assert meta["round"] == 3 and meta["metrics"]["scores"] == {"0": 0.5, "1": 0.65}

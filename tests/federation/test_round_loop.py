@@ -202,4 +202,4 @@ def test_the_server_keeps_the_newest_rounds_and_the_best_scored_model(sites, tmp
     scores = {r["round"] - 1: sum(s["global_dice"] * s["val_samples"] for s in r["sites"])
               / sum(s["val_samples"] for s in r["sites"]) for r in history[1:]}  # round N's model, scored in N+1
     best = read_meta(tmp_path / "run" / "checkpoints" / "best")
-    assert best["round"] == max(scores, key=scores.get) and best["metrics"]["score"] == pytest.approx(max(scores.values()))
+    assert best["round"] == max(scores, key=scores.get) and best["metrics"]["scores"]["0"] == pytest.approx(max(scores.values()))
