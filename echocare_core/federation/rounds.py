@@ -17,8 +17,8 @@ from echocare_core.checkpoint import (latest_checkpoint, load_encoder_weights, l
                                       prune_checkpoints, read_meta, save_checkpoint)
 from echocare_core.config import from_dict, to_dict
 from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
-from echocare_core.engine.metrics import LOWER_IS_BETTER, MAIN_METRIC
 from echocare_core.data.contract import load_spec
+from echocare_core.engine.metrics import LOWER_IS_BETTER, MAIN_METRIC
 from echocare_core.federation.job import Job, job_hash, local_patterns, task_for, task_jobs
 from echocare_core.federation.site import build_job_model, local_layers_file
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
@@ -183,11 +183,11 @@ def site_model(checkpoint: Path, data: Path, state_dir: Path, out: Path) -> Path
             raise ValueError(f"{file} does not exist: this site keeps no layers of that job (it has not taken part "
                              f"in one of its rounds with this state_dir)")
         with safe_open(str(file), "pt") as f:
-            kept = int((f.metadata() or {}).get("round", -1))
+            kept = (f.metadata() or {}).get("round", "")
             local = {k: f.get_tensor(k) for k in f.keys()}
-        if kept != meta["round"]:
+        if kept != str(meta["round"]):
             raise ValueError(f"{checkpoint} is the global model of round {meta['round']}, but this site's layers are "
-                             f"from round {kept}: ask the coordinator for checkpoints/round_{kept:04d}")
+                             f"from round {kept or '(not recorded)'}: use the coordinator's checkpoint of that round")
     model = build_job_model(site_job)
     model.load_state_dict({**load_weights(checkpoint), **local})
     return save_checkpoint(out, model, {**_meta(site_job, meta["round"], meta["metrics"]), "site_model_of": {
