@@ -3,6 +3,8 @@
 Subcommands:
     synth   write synthetic ultrasound dataset folders, one per simulated site.
     verify  check a dataset folder against the contract before anything trains.
+    ingest  turn a folder of DICOM files, images and cine loops into a clean, anonymised dataset folder.
+    card    counts of a dataset that are safe to share with the coordinator.
 """
 
 from __future__ import annotations
@@ -124,8 +126,12 @@ def _run_verify(args: argparse.Namespace, console: Console) -> int:
 
 
 def _write_json(path: Path, report: VerifyReport) -> None:
-    data = {"folder": str(report.folder), "task": report.task, "rows": report.rows, "ok": report.ok,
-            "columns": report.columns, "splits": report.splits, "problems": [asdict(p) for p in report.problems]}
+    _write_json_file(path, {"folder": str(report.folder), "task": report.task, "rows": report.rows, "ok": report.ok,
+                            "columns": report.columns, "splits": report.splits,
+                            "problems": [asdict(p) for p in report.problems]})
+
+
+def _write_json_file(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
     os.replace(tmp, path)
@@ -138,7 +144,93 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(subparsers)
     _add_verify(subparsers)
+    _add_ingest(subparsers)
+    _add_card(subparsers)
     return parser
+
+
+def _add_ingest(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ingest", help="DICOM files, images and cine loops in; a clean anonymised dataset folder out",
+        description="Read every file under SRC (DICOM single- and multi-frame, PNG/JPG/BMP/TIFF, videos with "
+                    "PyAV), sample cine loops, cut out the ultrasound scan region (text, logos, rulers and colour "
+                    "bars outside it go), drop near-empty and near-duplicate frames, and write OUT: PNG images "
+                    "under fresh names, a manifest with a pseudonymous patient id (keyed by the site secret) and "
+                    "device fields only. Why each file was dropped: OUT.ingest.csv, beside OUT (it names source "
+                    "files). Then check OUT with: echocare-data verify OUT",
+        formatter_class=_HelpFormatter)
+    p.add_argument("src", type=Path, help="the folder to read (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="the dataset folder to write (must not exist)")
+    p.add_argument("--task", choices=("pretrain", "classification"), default="pretrain",
+                   help="pretrain: unlabelled images; classification: the class is the first folder under SRC")
+    p.add_argument("--secret", type=Path, default=Path("echocare_site.secret"),
+                   help="the site's pseudonymisation secret (made when missing; keep it: the same secret gives "
+                        "the same patient ids; it never leaves the site)")
+    p.add_argument("--frame-step", type=_int_at_least(1), default=10, help="cine loops: keep every k-th frame")
+    p.add_argument("--min-nonzero", type=_int_at_least(0), default=1000,
+                   help="drop frames with fewer non-zero pixels in the scan region")
+    p.add_argument("--dedup-bits", type=_int_at_least(-1), default=4,
+                   help="drop a frame whose 64-bit perceptual hash is within this many bits of one kept for the "
+                        "same patient (-1: keep all)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=_run_ingest)
+
+
+def _run_ingest(args: argparse.Namespace, console: Console) -> int:
+    from echocare_core.data.ingest import IngestSettings, ingest, load_secret
+
+    prog = f"{PROG} ingest"
+    try:
+        settings = IngestSettings(args.frame_step, args.min_nonzero, args.dedup_bits, args.task)
+        secret, made = load_secret(args.secret)
+    except (ValueError, OSError) as exc:
+        return fail(prog, str(exc))
+    if made:
+        console.print(f"made a new site secret in {args.secret} (mode 0600): keep it; it never leaves the site")
+    with Progress(TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
+        bar = progress.add_task("files", total=None)
+        try:
+            result = ingest(args.src, args.out, secret, settings,
+                            on_file=lambda done, total: progress.update(bar, completed=done, total=total))
+        except (FileNotFoundError, FileExistsError, ValueError) as exc:
+            return fail(prog, str(exc), code=2 if not isinstance(exc, ValueError) else 1)
+    dropped = ", ".join(f"{reason} {n}" for reason, n in result.dropped.most_common()) or "nothing"
+    console.print(f"{result.out}: {result.images} images of {result.patients} patients from {result.files} files; "
+                  f"dropped: {dropped} (why, per file: {result.log}). Next: echocare-data verify {result.out}",
+                  highlight=False, soft_wrap=True)
+    return 0
+
+
+def _add_card(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "card", help="counts of a dataset that are safe to share with the coordinator",
+        description="Samples and patients per split, class, device and modality, and image sizes: counts only, "
+                    "no id, file name or value of any sample.", formatter_class=_HelpFormatter)
+    p.add_argument("folder", type=Path, help="the dataset folder")
+    p.add_argument("--json", type=Path, help="also write the card as JSON to this file")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=_run_card)
+
+
+def _run_card(args: argparse.Namespace, console: Console) -> int:
+    from echocare_core.data.ingest import data_card
+
+    try:
+        card = data_card(args.folder)
+    except (ValueError, OSError) as exc:
+        return fail(f"{PROG} card", str(exc))
+    table = Table(title=f"data card: {card['name']} ({card['task']}), {card['samples']} samples, "
+                        f"{card['patients'] if card['patients'] is not None else '?'} patients")
+    table.add_column("what")
+    table.add_column("counts", overflow="fold")
+    for key in ("splits", "classes", "devices", "modalities", "image_sizes"):
+        if card[key]:
+            table.add_row(key.replace("_", " "), ", ".join(f"{k} {v}" for k, v in card[key].items()))
+    console.print(table)
+    if args.json:
+        _write_json_file(args.json, card)
+    return 0
 
 
 def _site_summary(folder: Path) -> str:

@@ -40,9 +40,11 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ImageReadError",
     "count_frames",
+    "is_dicom",
     "is_image_file",
     "nonzero_pixels",
     "read_clip",
+    "read_frames",
     "read_image",
     "sampled_frames",
 ]
@@ -105,7 +107,8 @@ def _has_dicm_magic(path: Path) -> bool:
     return head[_DICM_OFFSET:] == b"DICM"
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom(path: Path) -> bool:
+    """A DICOM file by its suffix, or by the DICM magic when the suffix says nothing."""
     suffix = path.suffix.lower()
     if suffix in _DICOM_SUFFIXES:
         return True
@@ -170,7 +173,7 @@ def count_frames(path: PathType) -> int:
     p = Path(path)
     if not p.is_file():
         raise ImageReadError(f"{p}: file not found")
-    if not _is_dicom(p):
+    if not is_dicom(p):
         return 1
     try:
         hdr = dcmread(p, stop_before_pixels=True, force=True, specific_tags=_FRAMES_TAG)
@@ -220,6 +223,18 @@ def read_image(
     return _to_channels(images[order[0]], channels)
 
 
+def read_frames(path: PathType, frame_step: int = 10) -> list[np.ndarray]:
+    """Decode the frames :func:`sampled_frames` ``(n, frame_step)`` picks from a cine loop (a still image: its
+    one frame), each ``[H, W]`` (gray) or ``[H, W, 3]`` (colour) uint8, converted as by :func:`read_image`.
+
+    Raises:
+        ValueError: If ``frame_step < 1``.
+        ImageReadError: If the file is missing or cannot be decoded.
+    """
+    images, order = _read_frames(Path(path), lambda n: sampled_frames(n, frame_step))
+    return [images[k] for k in order]
+
+
 def read_clip(path: PathType, channels: int = 1, frames: int = 16) -> np.ndarray:
     """Decode ``frames`` evenly spaced frames of a cine loop to a uint8 array ``[frames, channels, H, W]``.
 
@@ -262,7 +277,7 @@ def _read_frames(path: Path, pick: Callable[[int], list[int]]) -> tuple[list[np.
     each index it returned, its position in that list; a still image has 1 frame."""
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found")
-    if _is_dicom(path):
+    if is_dicom(path):
         return _read_dicom(path, pick)
     return [_read_pillow(path)], [0] * len(pick(1))
 

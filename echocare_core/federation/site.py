@@ -175,7 +175,7 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
                              f"remove {local_file.name} from state_dir/local_layers to start them anew")
         model.load_state_dict(kept, strict=False)
     elif task:
-        log.warning("round %d: no kept layers of this job at the site: its %s head starts anew", server_round, job.task)
+        log.info("round %d: no kept layers of this job at the site: its %s head starts anew", server_round, job.task)
     model.to(device)
     size, channels = job.encoder.img_size, job.encoder.in_chans
     sets = {s: TaskDataset(folder, spec, r, size, channels, train=s == "train", seed=job.seed, frames=job.frames)
