@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
-from pydicom import uid
+from pydicom import dcmread, uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 
@@ -206,3 +206,26 @@ def test_plain_images_in_class_folders_make_a_classification_dataset(tmp_path):
     assert [r["label"] for r in rows] == ["benign", "benign", "malignant"] and len({r["patient"] for r in rows}) == 3
     assert result.dropped == {"no class folder": 1} and verify_dataset(result.out).ok
     assert all(r["manufacturer"] == r["modality"] == "" for r in rows)  # no DICOM header: nothing known
+
+
+def test_a_video_is_sampled_and_a_missing_pixel_handler_is_named(tmp_path):
+    import av
+
+    src = tmp_path / "src"
+    src.mkdir()
+    frames = [_screen(_scan(20), rgb=True)] * 10 + [_screen(_scan(21), rgb=True)] * 10
+    with av.open(str(src / "loop.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 260, 220, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    _dicom(src / "jpegls.dcm", [_screen(_scan(22))])
+    ds = dcmread(src / "jpegls.dcm")
+    ds.file_meta.TransferSyntaxUID = uid.JPEGLSLossless  # no decoder for it in this environment
+    ds.PixelData = encapsulate([b"\xff\xd8" + b"\0" * 64])
+    ds.save_as(src / "jpegls.dcm")
+    result = ingest(src, tmp_path / "out", b"0123456789abcdef")
+    log = _log(result)
+    assert [log[("loop.mp4", f"frame {i}")][:7] for i in (0, 10)] == ["kept as"] * 2 and result.images == 2
+    assert "JPEG-LS Lossless" in log[("jpegls.dcm", "")] and "pip install" in log[("jpegls.dcm", "")]
