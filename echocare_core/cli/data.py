@@ -156,16 +156,19 @@ def _add_ingest(subparsers: argparse._SubParsersAction) -> None:
                     "PyAV), sample cine loops, cut out the ultrasound scan region (text, logos, rulers and colour "
                     "bars outside it go), drop near-empty and near-duplicate frames, and write OUT: PNG images "
                     "under fresh names, a manifest with a pseudonymous patient id (keyed by the site secret) and "
-                    "device fields only. Why each file was dropped: OUT.ingest.csv, beside OUT (it names source "
-                    "files). Then check OUT with: echocare-data verify OUT",
+                    "device fields only. What became of each file: OUT.ingest.csv beside OUT (mode 0600: it maps "
+                    "the dataset back to source files; keep it with the site). Then: echocare-data verify OUT",
         formatter_class=_HelpFormatter)
     p.add_argument("src", type=Path, help="the folder to read (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="the dataset folder to write (must not exist)")
     p.add_argument("--task", choices=("pretrain", "classification"), default="pretrain",
                    help="pretrain: unlabelled images; classification: the class is the first folder under SRC")
-    p.add_argument("--secret", type=Path, default=Path("echocare_site.secret"),
-                   help="the site's pseudonymisation secret (made when missing; keep it: the same secret gives "
-                        "the same patient ids; it never leaves the site)")
+    p.add_argument("--classes", nargs="+", default=[], metavar="CLASS",
+                   help="classification: the class folders under SRC to read (others are left out)")
+    p.add_argument("--secret", type=Path, required=True,
+                   help="the site's pseudonymisation secret, mode 0600 (made when missing; keep it: the same "
+                        "secret gives the same patient ids; it never leaves the site)")
+    p.add_argument("--log", type=Path, help="where to write what became of each file (default: OUT.ingest.csv)")
     p.add_argument("--frame-step", type=_int_at_least(1), default=10, help="cine loops: keep every k-th frame")
     p.add_argument("--min-nonzero", type=_int_at_least(0), default=1000,
                    help="drop frames with fewer non-zero pixels in the scan region")
@@ -180,8 +183,12 @@ def _run_ingest(args: argparse.Namespace, console: Console) -> int:
     from echocare_core.data.ingest import IngestSettings, ingest, load_secret
 
     prog = f"{PROG} ingest"
+    if not args.src.is_dir():
+        return fail(prog, f"{args.src} is not a folder")
+    if args.out.exists():
+        return fail(prog, f"{args.out} exists: choose a new output folder (nothing is overwritten)")
     try:
-        settings = IngestSettings(args.frame_step, args.min_nonzero, args.dedup_bits, args.task)
+        settings = IngestSettings(args.frame_step, args.min_nonzero, args.dedup_bits, args.task, tuple(args.classes))
         secret, made = load_secret(args.secret)
     except (ValueError, OSError) as exc:
         return fail(prog, str(exc))
@@ -191,10 +198,10 @@ def _run_ingest(args: argparse.Namespace, console: Console) -> int:
                   console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         bar = progress.add_task("files", total=None)
         try:
-            result = ingest(args.src, args.out, secret, settings,
+            result = ingest(args.src, args.out, secret, settings, args.log,
                             on_file=lambda done, total: progress.update(bar, completed=done, total=total))
-        except (FileNotFoundError, FileExistsError, ValueError) as exc:
-            return fail(prog, str(exc), code=2 if not isinstance(exc, ValueError) else 1)
+        except (ValueError, OSError) as exc:  # nothing usable, the output appeared meanwhile, a full disk
+            return fail(prog, str(exc))
     dropped = ", ".join(f"{reason} {n}" for reason, n in result.dropped.most_common()) or "nothing"
     console.print(f"{result.out}: {result.images} images of {result.patients} patients from {result.files} files; "
                   f"dropped: {dropped} (why, per file: {result.log}). Next: echocare-data verify {result.out}",
@@ -215,10 +222,11 @@ def _add_card(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_card(args: argparse.Namespace, console: Console) -> int:
     from echocare_core.data.ingest import data_card
+    from echocare_core.data.io import ImageReadError
 
     try:
         card = data_card(args.folder)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ImageReadError) as exc:
         return fail(f"{PROG} card", str(exc))
     table = Table(title=f"data card: {card['name']} ({card['task']}), {card['samples']} samples, "
                         f"{card['patients'] if card['patients'] is not None else '?'} patients")

@@ -90,6 +90,7 @@ def archive(tmp_path_factory):
     data = (src / "broken.dcm").read_bytes()
     (src / "broken.dcm").write_bytes(data[: len(data) // 2])
     (src / "notes.txt").write_text("DOE^JANE called back")
+    (src / ".DS_Store").write_bytes(b"\0" * 64)  # system files are not even looked at
     return src
 
 
@@ -141,7 +142,7 @@ def test_the_sector_is_kept_and_burned_in_text_around_it_is_gone(ingested):
 
 def test_cine_sampling_dedup_near_empty_and_corrupt_files_are_counted_and_logged(ingested):
     result, _ = ingested
-    assert result.images == 5 and result.files == 7  # still, 2 of 3 cine frames, doppler, jpeg
+    assert result.images == 5 and result.files == 7  # still, 2 of 3 cine frames, doppler, jpeg (not .DS_Store)
     assert result.dropped == {"near-duplicate": 1, "near-empty": 1, "unreadable": 2}
     log = _log(result)
     assert log[("cine.dcm", "frame 10")] == "near-duplicate of a frame kept for the same patient"
@@ -150,6 +151,7 @@ def test_cine_sampling_dedup_near_empty_and_corrupt_files_are_counted_and_logged
     assert log[("broken.dcm", "")].startswith("unreadable:") and "truncated" in log[("broken.dcm", "")]
     assert log[("notes.txt", "")].startswith("unreadable: not an image")
     assert result.log.parent == result.out.parent  # beside the dataset, not in it: it names source files
+    assert result.log.stat().st_mode & 0o777 == 0o600
 
 
 def test_pseudonyms_are_stable_per_patient_and_device_fields_are_kept(ingested, archive, tmp_path):
@@ -190,9 +192,17 @@ def test_bad_input_is_refused_with_exit_code_2_and_nothing_written(archive, tmp_
     with pytest.raises(ValueError, match="ingest makes pretrain or classification"):
         IngestSettings(task="segmentation")
     (tmp_path / "short.secret").write_bytes(b"123")
+    (tmp_path / "short.secret").chmod(0o600)
     assert data_main(["ingest", str(archive), "--out", str(tmp_path / "y"), "--secret",
                       str(tmp_path / "short.secret")]) == 2
+    (tmp_path / "open.secret").write_bytes(b"0123456789abcdef")
+    assert data_main(["ingest", str(archive), "--out", str(tmp_path / "y"), "--secret",
+                      str(tmp_path / "open.secret")]) == 2
+    assert "chmod 600" in capsys.readouterr().err
+    assert data_main(["ingest", str(archive), "--out", str(tmp_path / "y"), *secret, "--task", "classification"]) == 2
+    assert "needs the class folders listed" in capsys.readouterr().err
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.tmp-*"))
+    assert not (tmp_path / "s.secret").exists()  # usage errors are found before the secret is made
 
 
 def test_plain_images_in_class_folders_make_a_classification_dataset(tmp_path):
@@ -201,10 +211,18 @@ def test_plain_images_in_class_folders_make_a_classification_dataset(tmp_path):
         folder.mkdir(parents=True)
         Image.fromarray(_screen(_scan(10 + i))).save(folder / "scan.png")
     (tmp_path / "src" / "loose.png").write_bytes((tmp_path / "src" / "benign" / "case_0" / "scan.png").read_bytes())
-    result = ingest(tmp_path / "src", tmp_path / "cls", b"0123456789abcdef", IngestSettings(task="classification"))
+    (tmp_path / "src" / "DOE^JANE").mkdir()  # a folder that is not a listed class: never a label
+    Image.fromarray(_screen(_scan(13))).save(tmp_path / "src" / "DOE^JANE" / "scan.png")
+    Image.fromarray(_screen(_scan(14))).save(tmp_path / "src" / "benign" / "case_0" / "second.png")
+    settings = IngestSettings(task="classification", classes=("benign", "malignant"))
+    result = ingest(tmp_path / "src", tmp_path / "cls", b"0123456789abcdef", settings)
     rows = read_manifest(result.out)[1]
-    assert [r["label"] for r in rows] == ["benign", "benign", "malignant"] and len({r["patient"] for r in rows}) == 3
-    assert result.dropped == {"no class folder": 1} and verify_dataset(result.out).ok
+    assert [r["label"] for r in rows] == ["benign", "benign", "benign", "malignant"]
+    assert len({r["patient"] for r in rows}) == 3  # one folder per patient below the class folders
+    assert result.dropped == {"not in a class folder": 2} and verify_dataset(result.out).ok
+    assert "DOE" not in (result.out / "dataset.yaml").read_text() + (result.out / "manifest.csv").read_text()
+    flat = ingest(tmp_path / "src" / "benign" / "case_0", tmp_path / "flat", b"0123456789abcdef")
+    assert len({r["patient"] for r in read_manifest(flat.out)[1]}) == 2  # files at the top: one patient each
     assert all(r["manufacturer"] == r["modality"] == "" for r in rows)  # no DICOM header: nothing known
 
 
@@ -229,3 +247,34 @@ def test_a_video_is_sampled_and_a_missing_pixel_handler_is_named(tmp_path):
     log = _log(result)
     assert [log[("loop.mp4", f"frame {i}")][:7] for i in (0, 10)] == ["kept as"] * 2 and result.images == 2
     assert "JPEG-LS Lossless" in log[("jpegls.dcm", "")] and "pip install" in log[("jpegls.dcm", "")]
+
+
+def test_in_a_cine_static_marks_go_and_moving_bright_anatomy_stays_and_a_bad_header_is_logged(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    frames = []
+    for i in range(3):
+        screen = _screen(_scan(30 + i)).copy()
+        y, x = OFFSET
+        screen[y + 90:y + 94, x + 60:x + 64] = 255  # a caliper mark that stays put inside the fan
+        screen[y + 70:y + 74, x + 50 + 4 * i:x + 54 + 4 * i] = 255  # a bright reflector that moves
+        frames.append(screen)
+    _dicom(src / "loop.dcm", frames * 10)  # frames 0, 10, 20 sampled: 0, 1, 2 of the cycle
+    still = _screen(_scan(33)).copy()
+    still[OFFSET[0] + 90:OFFSET[0] + 94, OFFSET[1] + 60:OFFSET[1] + 64] = 255  # in a still: kept (could be anatomy)
+    _dicom(src / "still.dcm", [still])
+    _dicom(src / "bad.dcm", [_screen(_scan(34))])
+    ds = dcmread(src / "bad.dcm")
+    del ds.SequenceOfUltrasoundRegions[0].TransducerFrequency
+    ds.SequenceOfUltrasoundRegions[0].add_new(0x00186030, "LO", "5k00")  # written with a wrong VR, as some are
+    ds.save_as(src / "bad.dcm")
+    result = ingest(src, tmp_path / "out", b"0123456789abcdef", IngestSettings(dedup_bits=-1))
+    log = _log(result)
+    assert "unreadable DICOM header (ValueError" in log[("bad.dcm", "")]
+    scan = _scan(30)
+    top, left = np.nonzero(scan)[0].min(), np.nonzero(scan)[1].min()
+    first = np.asarray(Image.open(result.out / _row(result, "loop.dcm", "frame 0")["image"]))
+    assert not first[90 - top:94 - top, 60 - left:64 - left].any()  # the static mark is blanked
+    assert (first[70 - top:74 - top, 50 - left:54 - left] == 255).all()  # the moving reflector is not
+    kept = np.asarray(Image.open(result.out / _row(result, "still.dcm")["image"]))
+    assert (kept == 255).sum() >= 16
