@@ -1,10 +1,12 @@
-"""Benchmark: do the landmark, detection and clip-regression heads learn? Test metrics against trivial baselines.
+"""Benchmark: do the landmark, detection, clip-regression and enhancement heads learn? Test metrics against
+trivial baselines.
 
 On synthetic data from `echocare-data synth` (nodule calipers, cysts and solid nodules, echo clips
-with an ejection fraction), fine-tune each head from random initialisation (full) and from an
-encoder pretrained with `echocare-pretrain` (LoRA), and compare the test metric with what a model
-that learned nothing would score: the mean training landmark positions (MRE), the mean training
-ejection fraction (MAE), no boxes (mAP 0). Prints a table and writes JSON. A program, not a test.
+with an ejection fraction, low-end/high-end image pairs of one phantom), fine-tune each head from random
+initialisation (full) and from an encoder pretrained with `echocare-pretrain` (LoRA), and compare the test
+metric with what a model that learned nothing would score: the mean training landmark positions (MRE),
+the mean training ejection fraction (MAE), no boxes (mAP 0), the low-end input itself (SSIM). Prints a
+table and writes JSON. A program, not a test.
 
     python bench/finetune_tasks.py                 # about 25 minutes on 2 CPU cores
     python bench/finetune_tasks.py --epochs 3 --pretrain-steps 50 --tasks landmarks    # quicker
@@ -19,14 +21,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from finetune_quality import ROOT, finetune, pretrain
 
+from echocare_core.data.io import read_image
 from echocare_core.data.synthetic_dataset import write_dataset
-from echocare_core.engine.metrics import MAIN_METRIC
+from echocare_core.engine.metrics import MAIN_METRIC, enhancement_metrics
 
-PER_SITE = {"landmarks": 240, "detection": 240, "regression": 240}
-LR = {"landmarks": 1e-3, "detection": 1e-3, "regression": 1e-4}  # regression collapses to the mean at 1e-3
+PER_SITE = {"landmarks": 240, "detection": 240, "regression": 240, "enhancement": 240}
+LR = {"landmarks": 1e-3, "detection": 1e-3, "regression": 1e-4, "enhancement": 1e-3}  # regression: mean at 1e-3
+SIZE = 128
 
 
 def trivial_baseline(folder: Path, task: str) -> float:
@@ -39,6 +45,12 @@ def trivial_baseline(folder: Path, task: str) -> float:
     if task == "regression":
         mean = np.mean([float(r["target"]) for r in train])
         return float(np.mean([abs(float(r["target"]) - mean) for r in test]))
+    if task == "enhancement":  # the input as its own enhancement, at the model's size
+        def load(name: str) -> torch.Tensor:
+            return F.interpolate(torch.from_numpy(read_image(folder / name)).float()[None] / 255, size=(SIZE, SIZE),
+                                 mode="bilinear", antialias=True, align_corners=False)
+        pairs = [(load(r["image"]), load(r["target_image"])) for r in test]
+        return enhancement_metrics(torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs]))["ssim"]
     mean = np.mean([json.loads(r["landmarks"]) for r in train], axis=0)  # [K, 2]
     return float(np.mean([np.linalg.norm(np.asarray(json.loads(r["landmarks"])) - mean, axis=-1) for r in test]))
 
@@ -57,7 +69,7 @@ def main() -> None:
         tmp = Path(name)
         ckpt = pretrain(tmp, args.pretrain_steps)
         for task in args.tasks:
-            folder = write_dataset(tmp / task, task, sites=1, per_site=PER_SITE[task], size=128, seed=21)[0]
+            folder = write_dataset(tmp / task, task, sites=1, per_site=PER_SITE[task], size=SIZE, seed=21)[0]
             baseline = trivial_baseline(folder, task)
             for init, mode in ((None, "full"), (ckpt, "lora")):
                 r = finetune(folder, tmp / f"{task}_{mode}", init, mode, args.epochs, lr=LR[task], frames=args.frames)

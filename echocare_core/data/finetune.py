@@ -33,8 +33,8 @@ class TaskDataset(Dataset):
     """`dataset[(epoch, i)]` -> image `[C, S, S]` (regression: clip `[T, C, S, S]`), its target, its
     original size `[2]` (H, W) and its row.
 
-    Targets: class index or multi-hot `[K]`, mask `[S, S]`, landmarks `[K, 2]`, boxes `[G, 5]` or a
-    value. Training samples get a horizontal flip with probability 0.5 (target with them; not for
+    Targets: class index or multi-hot `[K]`, mask `[S, S]`, landmarks `[K, 2]`, boxes `[G, 5]`, a
+    value, or the paired target image `[C, S, S]` in [0, 1] (enhancement). Training samples get a horizontal flip with probability 0.5 (target with them; not for
     landmarks, whose order can depend on the side), drawn from (seed, epoch, i), so a resumed run
     sees the same samples.
     """
@@ -65,6 +65,10 @@ class TaskDataset(Dataset):
         if task == "landmarks":
             points = torch.tensor(json.loads(row["landmarks"]), dtype=torch.float32).view(-1, 2)
             return to_model_points(points, height, width, s)
+        if task == "enhancement":
+            target = torch.from_numpy(read_image(self.folder / row["target_image"], self.channels)).float()
+            return F.interpolate(target[None].div_(255.0), size=(s, s), mode="bilinear", antialias=True,
+                                 align_corners=False)[0]
         if task == "detection":
             boxes = json.loads(row["boxes"])
             out = torch.tensor([[*b[:4], self.spec.classes.index(str(b[4]))] for b in boxes],
@@ -93,7 +97,7 @@ class TaskDataset(Dataset):
             if self.spec.task == "detection":  # x1, x2 -> S - x2, S - x1
                 target = torch.stack([self.img_size - target[:, 2], target[:, 1], self.img_size - target[:, 0],
                                       target[:, 3], target[:, 4]], dim=1)
-            elif self.spec.task == "segmentation":
+            elif self.spec.task in ("segmentation", "enhancement"):
                 target = target.flip(-1)
         x = (x - INPUT_MEAN) / INPUT_STD
         return {"image": x if self.spec.task == "regression" else x[0], "target": target, "row": i,

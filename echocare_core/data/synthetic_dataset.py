@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage
 
 from echocare_core.data.contract import TASK_COLUMNS
 from echocare_core.data.synthetic import (CLASSES, LANDMARK_NAMES, LESIONS, MAX_SIZE, MIN_SIZE, SCENES,
-                                          SPLIT_FRACTIONS, TASKS, generate_echo_clip, generate_image, lookup_option,
+                                          ENHANCEMENT_PAIR, SPLIT_FRACTIONS, TASKS, generate_echo_clip, generate_image, lookup_option,
                                           profile_for_site)
 
 __all__ = ["CLIP_FRAMES", "DETECTION_CLASSES", "keep_patients", "manifest_anatomy", "pool_sites", "write_dataset"]
@@ -122,11 +122,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def _write_site(folder: Path, task: str, site: int, per_site: int, size: int, seed: int,
                 on_image: Callable[[], None] | None) -> None:
     """Write one site's dataset folder (images or clips, masks, manifest.csv, then dataset.yaml)."""
-    for sub in ("images", "masks", "clips"):
+    for sub in ("images", "masks", "clips", "targets"):
         shutil.rmtree(folder / sub, ignore_errors=True)
     (folder / ("clips" if task == "regression" else "images")).mkdir(parents=True)
-    if task == "segmentation":
-        (folder / "masks").mkdir()
+    if task in ("segmentation", "enhancement"):
+        (folder / ("masks" if task == "segmentation" else "targets")).mkdir()
     ctx = _Site(folder, task, site, size, seed, profile_for_site(site))
     rng = np.random.default_rng([seed, site])  # site-level draws: patients, splits, lesions or hearts
     patient_of = _patients(per_site, rng)
@@ -164,6 +164,8 @@ def _site_meta(site: _Site) -> dict[str, Any]:
         meta["classes"] = list(DETECTION_CLASSES)
     elif site.task == "regression":
         meta["target_name"] = "ejection_fraction"
+    elif site.task == "enhancement":
+        return meta | {"device_profile": "->".join(ENHANCEMENT_PAIR), "synthetic": True}
     return meta | {"device_profile": site.profile, "synthetic": True}
 
 
@@ -175,6 +177,14 @@ def _write_sample(site: _Site, name: str, rng: np.random.Generator, draw: Any, p
                                     frames=CLIP_FRAMES)  # [T, H, W]
         _save_clip(site.folder / "clips" / f"{name}.dcm", frames, patient, site.seed)
         return f"clips/{name}.dcm", f"{ef:.1f}"
+    if site.task == "enhancement":  # the same phantom (same draws) by a low-end and a high-end device
+        state = rng.bit_generator.state
+        low = generate_image(rng, site.size, ENHANCEMENT_PAIR[0], lesion=draw).image
+        rng.bit_generator.state = state
+        Image.fromarray(low, mode="L").save(site.folder / "images" / f"{name}.png")
+        high = generate_image(rng, site.size, ENHANCEMENT_PAIR[1], lesion=draw).image
+        Image.fromarray(high, mode="L").save(site.folder / "targets" / f"{name}.png")
+        return f"images/{name}.png", f"targets/{name}.png"
     scene = str(rng.choice(list(SCENES))) if site.task == "pretrain" else None
     sample = generate_image(rng, site.size, site.profile, scene=scene, lesion=draw)
     Image.fromarray(sample.image, mode="L").save(site.folder / "images" / f"{name}.png")
@@ -239,6 +249,8 @@ def write_dataset(out: Path | str, task: str, sites: int, per_site: int, size: i
     - detection: 1 or 2 lesions; boxes = JSON [[x1, y1, x2, y2, class], ...], integer pixel edges
       (x2, y2 exclusive) of each lesion's mask, class from DETECTION_CLASSES.
     - regression: clips/NNNNN.dcm, 16-frame apical four-chamber cycles (multi-frame DICOM);
+    - enhancement: images/NNNNN.png by a low-end portable convex probe and targets/NNNNN.png, the same
+      phantom (same lesion, tissue and speckle draws) by a high-end convex probe, target_image = the latter;
       target = ejection fraction in % (1 decimal), dataset.yaml target_name: ejection_fraction.
 
     Site i uses the device profile `profile_for_site(i)`; its content depends only on (seed, i), not

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, SSIMLoss
 from torch.utils.data import DataLoader
 
 from echocare_core.checkpoint import (load_encoder_weights, load_train_state, load_weights, read_meta,
@@ -31,8 +31,8 @@ from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
 from echocare_core.engine.distributed import init_distributed
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.metrics import (LOWER_IS_BETTER, MAIN_METRIC, classification_metrics, detection_metrics,
-                                          landmark_metrics, multilabel_metrics, regression_metrics,
-                                          segmentation_metrics)
+                                          enhancement_metrics, landmark_metrics, multilabel_metrics,
+                                          regression_metrics, segmentation_metrics)
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.pretrain import NonFiniteLossError
 from echocare_core.engine.report import read_metrics
@@ -113,6 +113,9 @@ def task_loss(spec: DatasetSpec, stats: tuple[float, float]) -> Callable[[torch.
         return heatmap_loss
     if spec.task == "detection":
         return detection_loss
+    if spec.task == "enhancement":  # L1 + (1 - SSIM) on the enhanced image in [0, 1]
+        ssim = SSIMLoss(spatial_dims=2, data_range=1.0)
+        return lambda logits, target: F.l1_loss(logits.sigmoid(), target) + ssim(logits.sigmoid(), target)
     mean, std = stats
     return lambda pred, target: F.smooth_l1_loss(pred, (target - mean) / std)
 
@@ -159,6 +162,8 @@ def task_metrics(task: str, pred: Any, true: Any, k: int, threshold: float | Non
         return detection_metrics(pred, true, k)
     if task == "regression":
         return regression_metrics(pred, true)
+    if task == "enhancement":
+        return enhancement_metrics(pred, true)
     return multilabel_metrics(pred, true) if true.ndim == 2 else classification_metrics(pred, true, threshold)
 
 

@@ -19,16 +19,18 @@ import torch.nn.functional as F
 from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc, compute_surface_dice
+from monai.metrics import (PSNRMetric, SSIMMetric, compute_dice, compute_hausdorff_distance, compute_roc_auc,
+                           compute_surface_dice)
 
 from echocare_core.models.detection import Detections
 
 __all__ = ["LOWER_IS_BETTER", "MAIN_METRIC", "SDR_RADII", "classification_metrics", "detection_ap",
-           "detection_metrics", "landmark_metrics", "match_detections", "multilabel_metrics", "regression_metrics", "segmentation_metrics", "youden"]
+           "detection_metrics", "landmark_metrics", "match_detections", "multilabel_metrics", "regression_metrics", "segmentation_metrics", "youden",
+           "enhancement_metrics"]
 
 # what "best checkpoint" means
 MAIN_METRIC = {"classification": "auc", "segmentation": "dice", "landmarks": "mre", "detection": "map50",
-               "regression": "mae"}
+               "regression": "mae", "enhancement": "ssim"}
 LOWER_IS_BETTER = frozenset({"mre", "mae", "rmse", "hd95"})
 SDR_RADII = (2, 4, 10)  # pixels: the successful detection rates the paper reports
 
@@ -206,3 +208,14 @@ def regression_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict[str, floa
     r = float(torch.corrcoef(torch.stack([p, t]))[0, 1]) if len(p) > 1 else float("nan")
     return {"mae": float(err.abs().mean()), "rmse": float(err.pow(2).mean().sqrt()), "bias": float(err.mean()),
             "pearson_r": r}
+
+
+def enhancement_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
+    """PSNR (dB) and SSIM (11 x 11 Gaussian window) of enhanced images against their paired targets, both
+    `[N, C, H, W]` in [0, 1], averaged over images (MONAI's PSNRMetric and SSIMMetric). Identical images
+    give PSNR infinity and SSIM 1."""
+    pred, true = pred.float().clamp(0, 1), true.float()
+    psnr = PSNRMetric(max_val=1.0, reduction="none")(pred, true).flatten()
+    ssim = SSIMMetric(spatial_dims=2, data_range=1.0, reduction="none")(pred, true).flatten()
+    mae = (pred - true).abs().flatten(1).mean(1)
+    return {"ssim": float(ssim.mean()), "psnr": float(psnr.mean()), "l1": float(mae.mean())}

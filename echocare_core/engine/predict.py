@@ -2,7 +2,8 @@
 
 CSV columns by task: classification the class and one probability per class; segmentation the mask
 and overlay PNG names and the foreground fraction; landmarks `<name>_x, <name>_y` per point;
-detection the boxes as JSON `[[x1, y1, x2, y2, class, score], ...]`; regression the value. All
+detection the boxes as JSON `[[x1, y1, x2, y2, class, score], ...]`; regression the value;
+enhancement the enhanced image (at the input's size) and a side-by-side PNG (input | enhanced). All
 coordinates are pixels of the input image.
 """
 
@@ -80,6 +81,8 @@ def _header(meta: dict) -> list[str]:
         return ["file", *[f"{n}_{a}" for n in head["landmark_names"] for a in "xy"], "overlay"]
     if task == "detection":
         return ["file", "boxes", "count", "overlay"]
+    if task == "enhancement":
+        return ["file", "enhanced", "side_by_side"]
     return ["file", head.get("target_name", "target")]
 
 
@@ -101,6 +104,15 @@ def _predict_one(model: EchoCareTaskModel, meta: dict, img: np.ndarray, stem: st
         return [label, *[f"{p:.6f}" for p in probs]]
     if task == "regression":
         return [f"{float(model.decode(raw)[0]):.4f}"]
+    if task == "enhancement":
+        enhanced = F.interpolate(model.decode(raw), size=(height, width), mode="bilinear", align_corners=False)[0]
+        pixels = (enhanced.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()  # [H, W, C]
+        pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+        Image.fromarray(pixels).save(out / f"{stem}_enhanced.png")
+        before = img[0].transpose(1, 2, 0)
+        pair = np.concatenate([before[..., 0] if before.shape[-1] == 1 else before, pixels], axis=1)
+        Image.fromarray(pair).save(out / f"{stem}_side_by_side.png")
+        return [f"{stem}_enhanced.png", f"{stem}_side_by_side.png"]
     if task == "segmentation":
         labels = F.interpolate(raw, size=(height, width), mode="bilinear", align_corners=False)[0].argmax(0)
         values = np.array(sorted(int(v) for v in head["labels"]), dtype=np.uint8)

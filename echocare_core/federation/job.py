@@ -38,7 +38,7 @@ MULTITASK_LOCAL = ("head.*", "encoder.norm.*")  # what each site of a multi-task
 class TaskSpec:
     """One task of a multi-task job: what a site's dataset must declare to run it."""
 
-    task: Literal["classification", "segmentation", "landmarks", "detection", "regression"]
+    task: Literal["classification", "segmentation", "landmarks", "detection", "regression", "enhancement"]
     classes: tuple[str, ...] = ()  # classification, detection
     labels: tuple[int, ...] = ()  # segmentation: the declared mask values
     landmarks: int = 0  # landmarks: points per image

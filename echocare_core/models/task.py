@@ -25,7 +25,7 @@ from echocare_core.models.swin import EncoderConfig, SwinEncoder, WindowAttentio
 
 __all__ = ["TASKS", "MODES", "LoRALinear", "EchoCareTaskModel", "apply_finetune_mode", "count_trainable"]
 
-TASKS = ("classification", "segmentation", "landmarks", "detection", "regression")
+TASKS = ("classification", "segmentation", "landmarks", "detection", "regression", "enhancement")
 MODES = ("full", "frozen", "lora")
 
 
@@ -53,7 +53,7 @@ class EchoCareTaskModel(nn.Module):
         cfg: encoder config.
         task: one of TASKS.
         num_classes: classes (classification, detection), mask labels (segmentation) or points
-            (landmarks); unused for regression.
+            (landmarks); unused for regression and enhancement (whose output has the input's channels).
         feature_size: width of the dense decoder.
         multi_label: classification with an independent sigmoid per class.
         target_stats: regression: (mean, std) of the training targets; the head predicts
@@ -73,7 +73,8 @@ class EchoCareTaskModel(nn.Module):
         elif task == "regression":
             self.head = ClipRegressionHead(self.encoder.num_features)
         else:
-            self.head = DenseHead(cfg, num_classes + 2 if task == "detection" else num_classes, feature_size)
+            out = {"detection": num_classes + 2, "enhancement": cfg.in_chans}.get(task, num_classes)
+            self.head = DenseHead(cfg, out, feature_size)
         if task == "detection":  # centre heatmaps start at a low prior, as in CenterNet and RetinaNet
             with torch.no_grad():
                 self.head.out.conv.conv.bias[:num_classes] = math.log(HEAT_PRIOR / (1 - HEAT_PRIOR))
@@ -83,7 +84,8 @@ class EchoCareTaskModel(nn.Module):
 
         Returns:
             classification `[B, K]` logits; segmentation `[B, K, H, W]` logits; landmarks `[B, K, H, W]`
-            heatmap logits; detection `[B, K + 2, H, W]` centre logits and log box sizes; regression `[B]`.
+            heatmap logits; detection `[B, K + 2, H, W]` centre logits and log box sizes; regression `[B]`;
+            enhancement `[B, C, H, W]` logits of the enhanced image's intensities in [0, 1].
         """
         if self.task == "classification":
             return self.head(self.encoder(images))
@@ -95,7 +97,8 @@ class EchoCareTaskModel(nn.Module):
 
     def decode(self, out: torch.Tensor) -> Any:
         """Predictions from `forward`'s output: class probabilities `[B, K]`, label maps `[B, H, W]`,
-        landmark (x, y) `[B, K, 2]` in input pixels, a list of `Detections`, or values `[B]`."""
+        landmark (x, y) `[B, K, 2]` in input pixels, a list of `Detections`, values `[B]`, or enhanced
+        images `[B, C, H, W]` in [0, 1]."""
         if self.task == "classification":
             return out.sigmoid() if self.multi_label else out.softmax(-1)
         if self.task == "segmentation":
@@ -104,6 +107,8 @@ class EchoCareTaskModel(nn.Module):
             return decode_heatmaps(out)
         if self.task == "detection":
             return decode_detections(out)
+        if self.task == "enhancement":
+            return out.sigmoid()
         return out * self.target_stats[1] + self.target_stats[0]
 
 

@@ -1,4 +1,5 @@
-"""Landmarks, detection and clip regression end to end: synth -> finetune -> evaluate -> predict, real files."""
+"""Landmarks, detection, clip regression and enhancement end to end: synth -> finetune -> evaluate -> predict,
+real files."""
 
 import csv
 import json
@@ -18,10 +19,10 @@ from echocare_core.engine.finetune_config import FinetuneConfig
 
 pytestmark = pytest.mark.slow
 
-MAIN = {"landmarks": "mre", "detection": "map50", "regression": "mae"}
+MAIN = {"landmarks": "mre", "detection": "map50", "regression": "mae", "enhancement": "ssim"}
 
 
-@pytest.fixture(scope="module", params=["landmarks", "detection", "regression"])
+@pytest.fixture(scope="module", params=["landmarks", "detection", "regression", "enhancement"])
 def trained(request, tmp_path_factory):
     task = request.param
     root = tmp_path_factory.mktemp(task)
@@ -39,7 +40,7 @@ def test_finetune_keeps_the_best_epoch_by_the_tasks_main_metric(trained):
     main = MAIN[task]
     assert result.status == "finished" and len(result.history) == 2
     values = [r[f"val_{main}"] for r in result.history]
-    best = min(values) if task != "detection" else max(values)
+    best = min(values) if task not in ("detection", "enhancement") else max(values)
     assert result.best[main] == pytest.approx(best)
     assert json.loads((root / "run" / "test_metrics.json").read_text())[main] == pytest.approx(result.test[main])
     if task == "landmarks":
@@ -48,6 +49,8 @@ def test_finetune_keeps_the_best_epoch_by_the_tasks_main_metric(trained):
         assert {"ap50_class0", "ap50_class1"} <= set(result.test)
     if task == "regression":
         assert result.test["mae"] > 0 and set(result.test) == {"mae", "rmse", "bias", "pearson_r"}
+    if task == "enhancement":
+        assert set(result.test) == {"ssim", "psnr", "l1"} and 0 < result.test["ssim"] < 1 and result.test["psnr"] > 5
 
 
 def test_evaluate_gives_the_main_metric_with_an_interval(trained, tmp_path, capsys):
@@ -74,6 +77,11 @@ def test_predict_writes_the_tasks_columns_in_image_pixels(trained, tmp_path):
         name = meta["head"]["target_name"]
         assert name == "ejection_fraction" and all(0 < float(r[name]) < 100 for r in out)
         return
+    if task == "enhancement":
+        width, height = Image.open(files[0]).size
+        enhanced, pair = (Image.open(tmp_path / "out" / out[0][k]) for k in ("enhanced", "side_by_side"))
+        assert enhanced.size == (width, height) and pair.size == (2 * width, height)
+        return
     width, height = Image.open(files[0]).size
     overlay = Image.open(tmp_path / "out" / out[0]["overlay"])
     assert overlay.size == (width, height) and overlay.mode == "RGB"
@@ -89,7 +97,8 @@ def test_predict_writes_the_tasks_columns_in_image_pixels(trained, tmp_path):
 
 def test_a_checkpoint_for_another_task_is_refused(trained):
     task, folder, root, _ = trained
-    other = {"landmarks": "detection", "detection": "regression", "regression": "landmarks"}[task]
+    other = {"landmarks": "detection", "detection": "regression", "regression": "enhancement",
+             "enhancement": "landmarks"}[task]
     with pytest.raises(ValueError, match=f"trained for {task}, the dataset is"):
         evaluate_checkpoint(root / "run" / "best", _other_site(folder.parent.parent, other))
 

@@ -104,3 +104,14 @@ def test_regression_errors():
     m = regression_metrics(torch.tensor([50.0, 62.0, 38.0]), torch.tensor([52.0, 60.0, 40.0]))
     assert m["mae"] == pytest.approx(2.0) and m["rmse"] == pytest.approx(2.0)
     assert m["bias"] == pytest.approx(-2 / 3) and 0.9 < m["pearson_r"] <= 1.0
+
+
+def test_enhancement_metrics_on_hand_made_images():
+    from echocare_core.engine.metrics import enhancement_metrics
+
+    target = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    same = enhancement_metrics(target.clone(), target)
+    assert same["psnr"] == float("inf") and same["ssim"] == pytest.approx(1.0) and same["l1"] == 0.0
+    off = enhancement_metrics((target + 0.1).clamp(0, 1), target)
+    mse = float(((target + 0.1).clamp(0, 1) - target).pow(2).flatten(1).mean(1).log10().mul(-10).mean())
+    assert off["psnr"] == pytest.approx(mse, rel=1e-4) and 0 < off["ssim"] < 1

@@ -169,3 +169,13 @@ def test_the_best_multi_task_model_is_better_on_one_task_and_worse_on_none(tmp_p
     assert scored(4, 0.5, 0.65) is not None  # as good on one, better on the other
     meta = read_meta(tmp_path / "checkpoints" / "best")
     assert meta["round"] == 3 and meta["metrics"]["scores"] == {"0": 0.5, "1": 0.65}
+
+
+def test_an_enhancement_site_joins_a_multi_task_federation(sites, tmp_path):
+    enhance = write_dataset(tmp_path / "enh", "enhancement", sites=1, per_site=8, size=64, seed=3)[0]
+    job = dataclasses.replace(JOB, tasks=(TASKS[0], TaskSpec("enhancement")))
+    state = initial_state(job, None)
+    seg, enh = (site_round(job, state, f, 1, local_file=tmp_path / f"{i}.safetensors")
+                for i, f in enumerate((sites[0], enhance)))
+    assert set(seg.shared) == set(enh.shared) and enh.metrics["task_index"] == 1.0
+    assert 0 < enh.metrics["global_ssim"] < 1 and enh.metrics["local_psnr"] > 0

@@ -1,8 +1,11 @@
-"""Landmark, detection and clip-regression heads: shapes, finite gradients, per-sample losses, decoding."""
+"""Landmark, detection, clip-regression and enhancement heads: shapes, finite gradients, per-sample losses,
+decoding."""
 
 import pytest
 import torch
 
+from echocare_core.data.contract import DatasetSpec
+from echocare_core.engine.finetune import task_loss
 from echocare_core.models.detection import centre_targets, decode_detections, detection_loss
 from echocare_core.models.landmarks import decode_heatmaps, gaussian_heatmaps, heatmap_loss
 from echocare_core.models.task import EchoCareTaskModel
@@ -16,15 +19,19 @@ def _inputs(task):
         return torch.randn(2, 3, 1, 64, 64), torch.tensor([40.0, 65.0])
     if task == "landmarks":
         return torch.randn(2, 1, 64, 64), torch.rand(2, 4, 2) * 63
+    if task == "enhancement":
+        return torch.randn(2, 1, 64, 64), torch.rand(2, 1, 64, 64)
     return torch.randn(2, 1, 64, 64), BOXES
 
 
 LOSSES = {"landmarks": heatmap_loss, "detection": detection_loss,
-          "regression": lambda pred, target: torch.nn.functional.smooth_l1_loss(pred, (target - 50) / 10)}
-SHAPES = {"landmarks": (2, 4, 64, 64), "detection": (2, 2 + 2, 64, 64), "regression": (2,)}
+          "regression": lambda pred, target: torch.nn.functional.smooth_l1_loss(pred, (target - 50) / 10),
+          "enhancement": task_loss(DatasetSpec("x", "enhancement"), (0.0, 1.0))}
+SHAPES = {"landmarks": (2, 4, 64, 64), "detection": (2, 2 + 2, 64, 64), "regression": (2,),
+          "enhancement": (2, 1, 64, 64)}
 
 
-@pytest.mark.parametrize("task", ["landmarks", "detection", "regression"])
+@pytest.mark.parametrize("task", ["landmarks", "detection", "regression", "enhancement"])
 def test_head_shapes_and_finite_backward(tiny_encoder_cfg, task):
     model = EchoCareTaskModel(tiny_encoder_cfg, task, num_classes=4 if task == "landmarks" else 2, feature_size=8,
                               target_stats=(50.0, 10.0))
@@ -40,7 +47,7 @@ def test_head_shapes_and_finite_backward(tiny_encoder_cfg, task):
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-@pytest.mark.parametrize("task", ["landmarks", "detection", "regression"])
+@pytest.mark.parametrize("task", ["landmarks", "detection", "regression", "enhancement"])
 def test_losses_are_means_of_per_sample_losses(tiny_encoder_cfg, task):
     """DP clips per sample: a batch's loss must be the mean of its samples' losses."""
     model = EchoCareTaskModel(tiny_encoder_cfg, task, num_classes=4 if task == "landmarks" else 2, feature_size=8)
@@ -80,3 +87,9 @@ def test_centre_heatmaps_decode_back_to_the_boxes():
     # sizes are exact; the centre snaps to a pixel centre, so odd-sized boxes move by half a pixel
     torch.testing.assert_close(det.boxes[order], boxes[:, :4], atol=0.5 + 1e-4, rtol=0)
     assert detection_loss(out, [boxes]) < detection_loss(out, [boxes + torch.tensor([6.0, 6, 6, 6, 0])])
+
+
+def test_enhancement_decodes_to_an_image_in_the_unit_range(tiny_encoder_cfg):
+    model = EchoCareTaskModel(tiny_encoder_cfg, "enhancement", 1, feature_size=8)
+    out = model.decode(model(torch.randn(2, 1, 64, 64)))
+    assert out.shape == (2, 1, 64, 64) and 0 <= float(out.min()) and float(out.max()) <= 1
