@@ -19,12 +19,18 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                         "column (default: the one the checkpoint was trained with)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the interval")
     parser.add_argument("--json", type=Path, help="also write the result as JSON")
+    parser.add_argument("--fid-weights", default="", help="enhancement: FID against the targets, with "
+                        "torch-fidelity's Inception-v3 weights from this file (weights-inception-2015-12-05-6726825d.pth)")
+    parser.add_argument("--brisque-weights", default="", help="enhancement: BRISQUE of the enhanced images, with "
+                        "piq's SVM weights from this file (brisque_svm_weights.pt)")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     from echocare_core.engine.evaluate import evaluate_checkpoint
+    from echocare_core.engine.quality import QualityWeights
 
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.split_seed, rounds=args.bootstrap)
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.split_seed, rounds=args.bootstrap,
+                                     quality=QualityWeights(args.fid_weights, args.brisque_weights))
     except (ValueError, FileNotFoundError) as exc:
         return input_error(prog, exc)
     main = result["main_metric"]

@@ -15,6 +15,7 @@ from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.engine.finetune import check_dataset, num_classes, predict_all, task_metrics
 from echocare_core.engine.metrics import MAIN_METRIC, detection_ap, match_detections
+from echocare_core.engine.quality import QualityWeights, quality_metrics
 
 __all__ = ["evaluate_checkpoint", "bootstrap_ci", "check_fits"]
 
@@ -69,8 +70,9 @@ def bootstrap_ci(task: str, pred: Any, true: Any, k: int, groups: list[str],
 
 
 def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str = "test", split_seed: int | None = None,
-                        batch_size: int = 16, rounds: int = 1000) -> dict:
-    """Metrics of a fine-tuned checkpoint on one split of a dataset folder, with a 95% CI for the main metric.
+                        batch_size: int = 16, rounds: int = 1000, quality: QualityWeights = QualityWeights()) -> dict:
+    """Metrics of a fine-tuned checkpoint on one split of a dataset folder, with a 95% CI for the main metric;
+    for enhancement also FID and BRISQUE when `quality` names their weights files.
 
     The split seed defaults to the one the checkpoint was trained with, so "test" holds no training
     patient; binary tasks use the Youden threshold chosen on validation during training.
@@ -78,7 +80,9 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str =
     Raises:
         DatasetInvalidError: the dataset fails the verifier.
         ValueError: the checkpoint does not fit the dataset, or the split is empty.
+        FileNotFoundError: a weights file in `quality` is absent.
     """
+    quality.check()
     spec = check_dataset(Path(folder))
     model, meta = build_from_checkpoint(checkpoint)
     check_fits(meta, spec, checkpoint)
@@ -97,6 +101,8 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str =
     pred, true, used = out
     k = meta["head"]["num_classes"]
     metrics = task_metrics(spec.task, pred, true, k, meta.get("metrics", {}).get("youden_threshold"))
+    if spec.task == "enhancement":
+        metrics |= quality_metrics(pred, true, quality)
     main = MAIN_METRIC[spec.task]
     patients = [rows[i].get("patient") or f"row{i}" for i in used.tolist()]
     lo, hi = bootstrap_ci(spec.task, pred, true, k, patients, rounds)

@@ -62,6 +62,10 @@ def test_evaluate_gives_the_main_metric_with_an_interval(trained, tmp_path, caps
     assert lo <= hi
     assert evaluate_main(["--checkpoint", str(root / "run" / "best"), "--data", str(folder), "--bootstrap", "20"]) == 0
     assert "95% CI" in capsys.readouterr().out
+    if task == "enhancement":  # the quality metrics' weights are local files; an absent one is named
+        assert evaluate_main(["--checkpoint", str(root / "run" / "best"), "--data", str(folder), "--fid-weights",
+                              str(tmp_path / "inception.pth")]) == 2
+        assert "quality weights fid" in capsys.readouterr().err
 
 
 def test_predict_writes_the_tasks_columns_in_image_pixels(trained, tmp_path):
