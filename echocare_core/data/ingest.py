@@ -266,12 +266,8 @@ def ingest(src: str | Path, out: str | Path, secret: bytes, settings: IngestSett
 
     Args:
         secret: the site's pseudonymisation secret (`load_secret`).
-        on_file: called with (files done, files in all) after each source file (a progress bar).
-
-    Args:
-        secret: the site's pseudonymisation secret (`load_secret`).
         log: where to write what became of each file (default: `<out>.ingest.csv` beside `out`; mode 0600).
-        on_file: called with (files done, files in all) after each source file (a progress bar).
+        on_file: called with (files done, files in all) as the files go (a progress bar).
 
     Raises:
         FileExistsError: `out` exists.
