@@ -249,12 +249,13 @@ def write_dataset(out: Path | str, task: str, sites: int, per_site: int, size: i
     - detection: 1 or 2 lesions; boxes = JSON [[x1, y1, x2, y2, class], ...], integer pixel edges
       (x2, y2 exclusive) of each lesion's mask, class from DETECTION_CLASSES.
     - regression: clips/NNNNN.dcm, 16-frame apical four-chamber cycles (multi-frame DICOM);
-    - enhancement: images/NNNNN.png by a low-end portable convex probe and targets/NNNNN.png, the same
-      phantom (same lesion, tissue and speckle draws) by a high-end convex probe, target_image = the latter;
       target = ejection fraction in % (1 decimal), dataset.yaml target_name: ejection_fraction.
+    - enhancement: images/NNNNN.png by a low-end portable convex probe and targets/NNNNN.png, the same
+      phantom (lesions and tissue from the same draws; speckle differs with the probe's line density and
+      blur) by a high-end convex probe; target_image = the latter.
 
-    Site i uses the device profile `profile_for_site(i)`; its content depends only on (seed, i), not
-    on `sites`.
+    Site i uses the device profile `profile_for_site(i)` (enhancement: always the pair ENHANCEMENT_PAIR); its
+    content depends only on (seed, i), not on `sites`.
 
     Args:
         out: parent folder; created if missing.

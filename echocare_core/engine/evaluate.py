@@ -14,7 +14,7 @@ from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.engine.finetune import check_dataset, num_classes, predict_all, task_metrics
-from echocare_core.engine.metrics import MAIN_METRIC, detection_ap, match_detections
+from echocare_core.engine.metrics import MAIN_METRIC, detection_ap, enhancement_metrics, match_detections
 from echocare_core.engine.quality import QualityWeights, quality_metrics
 
 __all__ = ["evaluate_checkpoint", "bootstrap_ci", "check_fits"]
@@ -54,6 +54,8 @@ def bootstrap_ci(task: str, pred: Any, true: Any, k: int, groups: list[str],
         dice = compute_dice(p, t, include_background=False).numpy()
     if task == "detection":  # match once, resample the per-image matches
         matched = match_detections(pred, true)
+    if task == "enhancement":  # SSIM per image once, then means of the resampled images
+        ssim = np.asarray([enhancement_metrics(pred[i:i + 1], true[i:i + 1])["ssim"] for i in range(len(pred))])
     values = []
     for _ in range(rounds):
         idx = np.concatenate([members[names[j]] for j in rng.integers(0, len(names), len(names))])
@@ -61,6 +63,8 @@ def bootstrap_ci(task: str, pred: Any, true: Any, k: int, groups: list[str],
             values.append(np.nanmean(np.nanmean(dice[idx], axis=0)))
         elif task == "detection":
             values.append(detection_ap([matched[i] for i in idx], k)["map50"])
+        elif task == "enhancement":
+            values.append(float(ssim[idx].mean()))
         else:
             rows = torch.from_numpy(idx)
             values.append(task_metrics(task, pred[rows], true[rows], k)[MAIN_METRIC[task]])
@@ -84,6 +88,8 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str =
     """
     quality.check()
     spec = check_dataset(Path(folder))
+    if (quality.fid or quality.brisque) and spec.task != "enhancement":
+        raise ValueError(f"FID and BRISQUE weights apply to enhancement; the dataset's task is {spec.task}")
     model, meta = build_from_checkpoint(checkpoint)
     check_fits(meta, spec, checkpoint)
     if split_seed is None:

@@ -3,8 +3,9 @@
 CSV columns by task: classification the class and one probability per class; segmentation the mask
 and overlay PNG names and the foreground fraction; landmarks `<name>_x, <name>_y` per point;
 detection the boxes as JSON `[[x1, y1, x2, y2, class, score], ...]`; regression the value;
-enhancement the enhanced image (at the input's size) and a side-by-side PNG (input | enhanced). All
-coordinates are pixels of the input image.
+enhancement the enhanced image and a side-by-side PNG (input | enhanced): the model enhances at its own
+input size (e.g. 224 px) and the result is resized to the input's, so fine detail above that size is not
+restored. All coordinates are pixels of the input image.
 """
 
 from __future__ import annotations

@@ -13,14 +13,18 @@ provided: the one maintained implementation (pyiqa) is licensed for non-commerci
 
 from __future__ import annotations
 
-import os
+import pickle
+import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 __all__ = ["QualityWeights", "quality_metrics"]
+
+_HUB = threading.Lock()  # torch.hub's folder is process-wide
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,10 @@ def _brisque(images: torch.Tensor, weights: str) -> float:
     from ever reaching for the network."""
     from piq import brisque
 
-    hub = torch.hub.get_dir()
-    with tempfile.TemporaryDirectory(prefix="echocare_brisque_") as cache:
+    with _HUB, tempfile.TemporaryDirectory(prefix="echocare_brisque_") as cache:
         (Path(cache) / "checkpoints").mkdir()
-        os.symlink(Path(weights).resolve(), Path(cache) / "checkpoints" / "brisque_svm_weights.pt")
+        shutil.copyfile(weights, Path(cache) / "checkpoints" / "brisque_svm_weights.pt")
+        hub = torch.hub.get_dir()
         torch.hub.set_dir(cache)
         try:
             return float(brisque(images.float().clamp(0, 1), data_range=1.0))
@@ -70,15 +74,24 @@ def quality_metrics(pred: torch.Tensor, target: torch.Tensor, weights: QualityWe
     """FID (enhanced vs target images) and BRISQUE (of the enhanced images), each when its weights are configured.
 
     Args:
-        pred, target: `[N, C, H, W]` in [0, 1]; FID needs N >= 2.
+        pred, target: `[N, C, H, W]` in [0, 1]. FID needs N >= 2 and is biased upwards for a few dozen images
+            (2048 features): compare FIDs of equal N only.
 
     Raises:
         FileNotFoundError: a configured weights file is absent.
+        ValueError: too few images for FID, or a weights file that does not load.
     """
     weights.check()
+    if weights.fid and len(pred) < 2:
+        raise ValueError(f"FID needs at least 2 images, got {len(pred)}")
     out = {}
-    if weights.fid:
-        out["fid"] = _fid(pred, target, weights.fid)
-    if weights.brisque:
-        out["brisque"] = _brisque(pred, weights.brisque)
+    for key, path, measure in (("fid", weights.fid, lambda: _fid(pred, target, weights.fid)),
+                               ("brisque", weights.brisque, lambda: _brisque(pred, weights.brisque))):
+        if not path:
+            continue
+        try:
+            out[key] = measure()
+        except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # not its file
+            raise ValueError(f"quality weights {key}: {path} does not load as expected ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from exc
     return out

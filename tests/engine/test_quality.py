@@ -44,3 +44,14 @@ def test_a_missing_weights_file_is_named_with_its_key(tmp_path):
                                                 r"downloaded"):
         quality_metrics(torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32),
                         QualityWeights(fid=str(tmp_path / "inception.pth")))
+
+
+def test_a_weights_file_that_does_not_load_or_too_few_images_are_refused(weights, tmp_path):
+    (tmp_path / "other.pth").write_bytes(b"not a checkpoint")
+    images = torch.rand(3, 1, 32, 32)
+    with pytest.raises(ValueError, match="quality weights fid: .*other.pth does not load"):
+        quality_metrics(images, images, QualityWeights(fid=str(tmp_path / "other.pth")))
+    with pytest.raises(ValueError, match="quality weights brisque: .*other.pth does not load"):
+        quality_metrics(images, images, QualityWeights(brisque=str(tmp_path / "other.pth")))
+    with pytest.raises(ValueError, match="FID needs at least 2 images"):
+        quality_metrics(images[:1], images[:1], weights)
