@@ -35,6 +35,7 @@ from echocare_core import __version__
 from echocare_core.config import from_dict
 from echocare_core.data.ontology import Ontology
 from echocare_core.models.pretrain import EchoCarePretrainModel
+from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig, SwinEncoder
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 
@@ -230,8 +231,9 @@ def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
         model: nn.Module = EchoCarePretrainModel(cfg, Ontology.from_tree(meta["ontology"], f"{path} ontology"))
     elif kind == "task":
         head, ft = meta["head"], meta["finetune"]
+        report = from_dict(ReportHeadConfig, head["report"], "head.report") if "report" in head else None
         model = EchoCareTaskModel(cfg, meta["task"], head["num_classes"], head["feature_size"], head["multi_label"],
-                                  head.get("target_stats", (0.0, 1.0)))
+                                  head.get("target_stats", (0.0, 1.0)), report)
         apply_finetune_mode(model, ft["mode"], ft["lora_rank"], ft["lora_alpha"])
     elif kind == "shared_encoder":
         raise ValueError(f"{path} is a multi-task federation's shared encoder (model_kind 'shared_encoder'), without "

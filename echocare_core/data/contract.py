@@ -48,6 +48,7 @@ class DatasetSpec:
     ontology: str = "default"
     landmark_names: tuple[str, ...] = ()  # landmarks: the points' names in manifest order (optional)
     target_name: str = "target"  # regression: what the number is, e.g. "ejection_fraction"
+    findings: tuple[str, ...] = ()  # report: phrases a report states only when the finding is present
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,11 @@ def load_spec(folder: str | Path) -> DatasetSpec:
     names = data.get("landmark_names") or []
     if not isinstance(names, list) or len(set(map(str, names))) != len(names):
         raise _spec_error(file, "landmark_names", names, "a list of distinct point names, in manifest order")
+    findings = data.get("findings") or []
+    if not isinstance(findings, list) or not all(isinstance(f, str) and f.strip() for f in findings) \
+            or len({f.lower() for f in findings}) != len(findings):
+        raise _spec_error(file, "findings", findings, "a list of distinct phrases a report states only when the "
+                                                      "finding is present, e.g. [posterior shadowing, calcification]")
     labels = data.get("labels") or {}
     if task == "segmentation" and (not isinstance(labels, dict) or not labels
                                    or not all(isinstance(k, int) and 0 <= k < 256 for k in labels)):
@@ -128,7 +134,8 @@ def load_spec(folder: str | Path) -> DatasetSpec:
     return DatasetSpec(name=str(data.get("name") or Path(folder).name), task=task, channels=channels,
                        classes=tuple(map(str, classes)), labels={int(k): str(v) for k, v in labels.items()},
                        multi_label=bool(data.get("multi_label", False)), ontology=str(data.get("ontology", "default")),
-                       landmark_names=tuple(map(str, names)), target_name=str(data.get("target_name") or "target"))
+                       landmark_names=tuple(map(str, names)), target_name=str(data.get("target_name") or "target"),
+                       findings=tuple(findings))
 
 
 def read_manifest(folder: str | Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -316,6 +323,8 @@ def _check_rows(check: _Checker, rows: list[dict[str, str]], task_column: str | 
             check.report.problems.append(Problem("manifest.csv", row, "image", "", "a path to the sample's image"))
         else:
             size = check.image_size(row, "image", values["image"])
+        if values.get("image2"):  # report: the study's second image
+            check.image_size(row, "image2", values["image2"])
         if task_column and not values.get(task_column):
             check.report.problems.append(Problem("manifest.csv", row, task_column, "",
                                                  f"a value: every sample of a '{check.spec.task}' dataset needs one"))

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from echocare_core.data.contract import DatasetSpec, patient_splits, read_manifest
 from echocare_core.data.io import ImageReadError, read_clip, read_image
 from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
+from echocare_core.data.text import ReportTokenizer
 
 __all__ = ["TaskDataset", "collate_task", "from_model_points", "split_rows", "to_model_points"]
 
@@ -30,20 +31,29 @@ def split_rows(folder: str | Path, split: str, seed: int = 0) -> list[dict[str, 
 
 
 class TaskDataset(Dataset):
-    """`dataset[(epoch, i)]` -> image `[C, S, S]` (regression: clip `[T, C, S, S]`), its target, its
-    original size `[2]` (H, W) and its row.
+    """`dataset[(epoch, i)]` -> image `[C, S, S]` (regression: clip `[T, C, S, S]`; report: its views
+    `[V, C, S, S]`), its target, its original size `[2]` (H, W) and its row.
 
     Targets: class index or multi-hot `[K]`, mask `[S, S]`, landmarks `[K, 2]`, boxes `[G, 5]`, a
-    value, or the paired target image `[C, S, S]` in [0, 1] (enhancement). Training samples get a horizontal flip with probability 0.5 (target with them; not for
-    landmarks, whose order can depend on the side), drawn from (seed, epoch, i), so a resumed run
-    sees the same samples.
+    value, the paired target image `[C, S, S]` in [0, 1] (enhancement), or the report's token ids
+    `[max_tokens]`. Training samples get a horizontal flip with probability 0.5 (target with them; not
+    for landmarks, whose order can depend on the side, nor reports, which say "left" and "right"), drawn
+    from (seed, epoch, i), so a resumed run sees the same samples. A report dataset whose manifest has an
+    `image2` column has two views per report (a row without one repeats its `image`).
+
+    Raises:
+        ValueError: a report dataset without `tokenizer`.
     """
 
     def __init__(self, folder: str | Path, spec: DatasetSpec, rows: list[dict[str, str]], img_size: int,
-                 channels: int, train: bool, seed: int = 0, frames: int = 16) -> None:
+                 channels: int, train: bool, seed: int = 0, frames: int = 16,
+                 tokenizer: ReportTokenizer | None = None) -> None:
+        if spec.task == "report" and tokenizer is None:
+            raise ValueError("a report dataset needs the model's tokenizer")
         self.folder, self.spec, self.rows = Path(folder), spec, rows
         self.img_size, self.channels, self.train, self.seed = img_size, channels, train, seed
-        self.frames = frames
+        self.frames, self.tokenizer = frames, tokenizer
+        self.views = 2 if spec.task == "report" and rows and "image2" in rows[0] else 1
         # mask values (e.g. 0 and 255) -> class indices 0..K-1, in the order of the declared values
         self.lut = np.zeros(256, dtype=np.int64)
         self.lut[sorted(spec.labels)] = np.arange(len(spec.labels))
@@ -69,6 +79,8 @@ class TaskDataset(Dataset):
             target = torch.from_numpy(read_image(self.folder / row["target_image"], self.channels)).float()
             return F.interpolate(target[None].div_(255.0), size=(s, s), mode="bilinear", antialias=True,
                                  align_corners=False)[0]
+        if task == "report":
+            return self.tokenizer.encode(row["report"])
         if task == "detection":
             boxes = json.loads(row["boxes"])
             out = torch.tensor([[*b[:4], self.spec.classes.index(str(b[4]))] for b in boxes],
@@ -77,6 +89,11 @@ class TaskDataset(Dataset):
             out[:, 1:4:2] *= s / height
             return out
         return torch.tensor(float(row["target"]))
+
+    def _resize(self, frames: np.ndarray) -> torch.Tensor:
+        """`[T, C, H, W]` uint8 -> `[T, C, S, S]` in [0, 1]."""
+        return F.interpolate(torch.from_numpy(frames).float().div_(255.0), size=(self.img_size,) * 2,
+                             mode="bilinear", antialias=True, align_corners=False)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
@@ -87,12 +104,14 @@ class TaskDataset(Dataset):
                       else read_image(path, self.channels)[None])  # [T, C, H, W], the model's channels
             height, width = frames.shape[-2:]
             target = self._target(row, height, width)
+            x = self._resize(frames)
+            if self.views == 2:  # the study's second image
+                x = torch.cat([x, self._resize(read_image(self.folder / (row.get("image2") or row["image"]),
+                                                          self.channels)[None])])
         except (ImageReadError, OSError):
             return {"skip": i}
-        x = F.interpolate(torch.from_numpy(frames).float().div_(255.0), size=(self.img_size,) * 2,
-                          mode="bilinear", antialias=True, align_corners=False)
         flip = self.train and np.random.default_rng([self.seed, epoch, i]).random() < 0.5
-        if flip and self.spec.task != "landmarks":
+        if flip and self.spec.task not in ("landmarks", "report"):
             x = x.flip(-1)
             if self.spec.task == "detection":  # x1, x2 -> S - x2, S - x1
                 target = torch.stack([self.img_size - target[:, 2], target[:, 1], self.img_size - target[:, 0],
@@ -100,7 +119,7 @@ class TaskDataset(Dataset):
             elif self.spec.task in ("segmentation", "enhancement"):
                 target = target.flip(-1)
         x = (x - INPUT_MEAN) / INPUT_STD
-        return {"image": x if self.spec.task == "regression" else x[0], "target": target, "row": i,
+        return {"image": x if self.spec.task in ("regression", "report") else x[0], "target": target, "row": i,
                 "size": torch.tensor([height, width])}
 
 

@@ -39,7 +39,8 @@ __all__ = ["CLASSES", "DEFAULT_SCENE", "DEVICE_PROFILES", "GEOMETRIES", "HEART_S
            "SCENES", "TASKS", "SyntheticSample", "generate_echo_clip", "generate_image", "lesion_label",
            "lv_scale", "profile_for_site"]
 
-TASKS = ("classification", "segmentation", "pretrain", "landmarks", "detection", "regression", "enhancement")
+TASKS = ("classification", "segmentation", "pretrain", "landmarks", "detection", "regression", "enhancement",
+         "report")
 ENHANCEMENT_PAIR = ("portable_convex", "highend_convex")  # enhancement: the input's device and the target's
 LESIONS = ("cyst", "hypoechoic", "hyperechoic", "irregular")
 CLASSES = ("benign", "malignant")

@@ -29,7 +29,8 @@ from echocare_core.data.synthetic import (CLASSES, LANDMARK_NAMES, LESIONS, MAX_
                                           ENHANCEMENT_PAIR, SPLIT_FRACTIONS, TASKS, generate_echo_clip, generate_image, lookup_option,
                                           profile_for_site)
 
-__all__ = ["CLIP_FRAMES", "DETECTION_CLASSES", "keep_patients", "manifest_anatomy", "pool_sites", "write_dataset"]
+__all__ = ["CLIP_FRAMES", "DETECTION_CLASSES", "REPORT_FINDINGS", "keep_patients", "lesion_report", "manifest_anatomy",
+           "pool_sites", "write_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ CLIP_FRAMES = 16  # one cardiac cycle per regression clip, frame 0 at end-diasto
 EF_RANGE = (20.0, 75.0)  # ejection fraction (%), uniform per patient
 ED_SCALE_RANGE = (0.85, 1.1)  # end-diastolic ventricle size; above ~1.1 the septum thins to nothing
 _FRAME_TIME_MS = 1000.0 / CLIP_FRAMES  # one beat a second (60 beats per minute)
+FIELD_MM = 40.0  # report: the image's width in millimetres
+# report: what each lesion kind looks like, in words (echogenicity, margin, behind the lesion, impression)
+_REPORT_WORDS = {"cyst": ("anechoic", "smooth", "posterior acoustic enhancement", "likely benign"),
+                 "hypoechoic": ("hypoechoic", "smooth", "", "likely benign"),
+                 "hyperechoic": ("hyperechoic", "smooth", "", "likely benign"),
+                 "irregular": ("hypoechoic", "irregular", "posterior acoustic shadowing", "suspicious for malignancy")}
+REPORT_FINDINGS = ("anechoic", "hypoechoic", "hyperechoic", "irregular margin", "posterior acoustic enhancement",
+                   "posterior acoustic shadowing")
 
 
 @dataclass(frozen=True)
@@ -133,12 +142,12 @@ def _write_site(folder: Path, task: str, site: int, per_site: int, size: int, se
     split_of = _split_of_patients(patient_of[-1] + 1, rng)
     draw_of = (_patient_hearts(len(split_of), rng) if task == "regression"
                else _patient_lesions(task, len(split_of), rng))
-    rows = [("image", "patient", "split", TASK_COLUMNS[task] or "anatomy")]
+    rows = [("image", "patient", "split", TASK_COLUMNS[task] or "anatomy", *(["image2"] if task == "report" else []))]
     width = max(5, len(str(per_site - 1)))
     for i, p in enumerate(patient_of):
         patient, img_rng = f"site{site:02d}_p{p:04d}", np.random.default_rng([seed, site, i])
-        image, value = _write_sample(ctx, f"{i:0{width}d}", img_rng, draw_of[p], patient)
-        rows.append((image, patient, split_of[p], value))
+        image, *values = _write_sample(ctx, f"{i:0{width}d}", img_rng, draw_of[p], patient)
+        rows.append((image, patient, split_of[p], *values))
         if on_image is not None:
             on_image()
     text = io.StringIO()
@@ -166,11 +175,26 @@ def _site_meta(site: _Site) -> dict[str, Any]:
         meta["target_name"] = "ejection_fraction"
     elif site.task == "enhancement":
         return meta | {"device_profile": "->".join(ENHANCEMENT_PAIR), "synthetic": True}
+    elif site.task == "report":
+        meta["findings"] = list(REPORT_FINDINGS)
     return meta | {"device_profile": site.profile, "synthetic": True}
 
 
-def _write_sample(site: _Site, name: str, rng: np.random.Generator, draw: Any, patient: str) -> tuple[str, str]:
-    """Write one sample's files; return its manifest `image` path and task column value."""
+def lesion_report(kind: str, box: np.ndarray, size: int) -> str:
+    """The templated report of one lesion: size (its box's width), echogenicity, location, margin, what is behind
+    it and an impression; each of REPORT_FINDINGS is stated only when present."""
+    echo, margin, behind, impression = _REPORT_WORDS[kind]
+    x, y = (box[0] + box[2]) / 2 / size, (box[1] + box[3]) / 2 / size
+    side = "left" if x < 1 / 3 else "central" if x < 2 / 3 else "right"
+    mm = max(1, round(float(box[2] - box[0]) / size * FIELD_MM))
+    article = "An" if str(mm).startswith("8") or mm in (11, 18) else "A"
+    text = (f"{article} {mm} mm {echo} nodule in the {side} {'superficial' if y < 0.5 else 'deep'} field, with "
+            f"{'an' if margin == 'irregular' else 'a'} {margin} margin{f' and {behind}' if behind else ''}.")
+    return f"{text} Impression: {impression}."
+
+
+def _write_sample(site: _Site, name: str, rng: np.random.Generator, draw: Any, patient: str) -> tuple[str, ...]:
+    """Write one sample's files; return its manifest `image` path and task column value (report: and `image2`)."""
     if site.task == "regression":
         ef, ed_scale = draw
         frames = generate_echo_clip(rng, site.size, site.profile, ejection_fraction=ef, ed_scale=ed_scale,
@@ -185,6 +209,14 @@ def _write_sample(site: _Site, name: str, rng: np.random.Generator, draw: Any, p
         high = generate_image(rng, site.size, ENHANCEMENT_PAIR[1], lesion=draw).image
         Image.fromarray(high, mode="L").save(site.folder / "targets" / f"{name}.png")
         return f"images/{name}.png", f"targets/{name}.png"
+    if site.task == "report":  # two images of one study: the same phantom by the site's and another device
+        state = rng.bit_generator.state
+        sample = generate_image(rng, site.size, site.profile, lesion=draw)
+        rng.bit_generator.state = state
+        Image.fromarray(sample.image, mode="L").save(site.folder / "images" / f"{name}.png")
+        second = generate_image(rng, site.size, profile_for_site(site.index + 1), lesion=draw).image
+        Image.fromarray(second, mode="L").save(site.folder / "images" / f"{name}_view2.png")
+        return f"images/{name}.png", lesion_report(draw, sample.boxes[0], site.size), f"images/{name}_view2.png"
     scene = str(rng.choice(list(SCENES))) if site.task == "pretrain" else None
     sample = generate_image(rng, site.size, site.profile, scene=scene, lesion=draw)
     Image.fromarray(sample.image, mode="L").save(site.folder / "images" / f"{name}.png")
@@ -253,6 +285,9 @@ def write_dataset(out: Path | str, task: str, sites: int, per_site: int, size: i
     - enhancement: images/NNNNN.png by a low-end portable convex probe and targets/NNNNN.png, the same
       phantom (lesions and tissue from the same draws; speckle differs with the probe's line density and
       blur) by a high-end convex probe; target_image = the latter.
+    - report: one lesion per study, imaged by the site's device (`image`) and by the next site's (`image2`, the
+      same phantom); report = a templated sentence of its size, echogenicity, location, margin and what lies
+      behind it (`lesion_report`), dataset.yaml findings: REPORT_FINDINGS.
 
     Site i uses the device profile `profile_for_site(i)` (enhancement: always the pair ENHANCEMENT_PAIR); its
     content depends only on (seed, i), not on `sites`.

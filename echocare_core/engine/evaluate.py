@@ -13,8 +13,10 @@ from monai.metrics import compute_dice
 from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
+from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.finetune import check_dataset, num_classes, predict_all, task_metrics
 from echocare_core.engine.metrics import MAIN_METRIC, detection_ap, enhancement_metrics, match_detections
+from echocare_core.engine.text_metrics import bleu
 from echocare_core.engine.quality import QualityWeights, quality_metrics
 
 __all__ = ["evaluate_checkpoint", "bootstrap_ci", "check_fits"]
@@ -65,6 +67,8 @@ def bootstrap_ci(task: str, pred: Any, true: Any, k: int, groups: list[str],
             values.append(detection_ap([matched[i] for i in idx], k)["map50"])
         elif task == "enhancement":
             values.append(float(ssim[idx].mean()))
+        elif task == "report":  # corpus BLEU-4 of the resampled reports
+            values.append(bleu([pred[i] for i in idx], [true[i] for i in idx]))
         else:
             rows = torch.from_numpy(idx)
             values.append(task_metrics(task, pred[rows], true[rows], k)[MAIN_METRIC[task]])
@@ -74,9 +78,11 @@ def bootstrap_ci(task: str, pred: Any, true: Any, k: int, groups: list[str],
 
 
 def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str = "test", split_seed: int | None = None,
-                        batch_size: int = 16, rounds: int = 1000, quality: QualityWeights = QualityWeights()) -> dict:
+                        batch_size: int = 16, rounds: int = 1000, quality: QualityWeights = QualityWeights(),
+                        beam: int | None = None) -> dict:
     """Metrics of a fine-tuned checkpoint on one split of a dataset folder, with a 95% CI for the main metric;
-    for enhancement also FID and BRISQUE when `quality` names their weights files.
+    for enhancement also FID and BRISQUE when `quality` names their weights files; reports are written with
+    beam search of width `beam` (default: the one the checkpoint was trained with).
 
     The split seed defaults to the one the checkpoint was trained with, so "test" holds no training
     patient; binary tasks use the Youden threshold chosen on validation during training.
@@ -97,16 +103,18 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str =
     rows = split_rows(folder, split, split_seed)
     if not rows:
         raise ValueError(f"{folder}: the '{split}' split is empty (splits: train, val, test)")
+    head = meta["head"]
+    tokenizer = ReportTokenizer(head["tokenizer"], head["report"]["max_tokens"]) if spec.task == "report" else None
     ds = TaskDataset(folder, spec, rows, meta["input"]["size"], meta["input"]["channels"], train=False,
-                     frames=meta["input"].get("frames", 16))
+                     frames=meta["input"].get("frames", 16), tokenizer=tokenizer)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=[(0, i) for i in range(len(ds))],
                                          collate_fn=collate_task)
-    out = predict_all(model, loader, torch.device("cpu"))
+    out = predict_all(model, loader, torch.device("cpu"), beam or head.get("beam", 1))
     if out is None:
         raise ValueError(f"{folder}: no readable sample in the '{split}' split")
     pred, true, used = out
     k = meta["head"]["num_classes"]
-    metrics = task_metrics(spec.task, pred, true, k, meta.get("metrics", {}).get("youden_threshold"))
+    metrics = task_metrics(spec.task, pred, true, k, meta.get("metrics", {}).get("youden_threshold"), spec.findings)
     if spec.task == "enhancement":
         metrics |= quality_metrics(pred, true, quality)
     main = MAIN_METRIC[spec.task]

@@ -28,11 +28,13 @@ from echocare_core.config import from_dict, save_config, to_dict
 from echocare_core.data.contract import DatasetSpec, load_spec, read_manifest, verify_dataset
 from echocare_core.data.finetune import TaskDataset, collate_task, from_model_points, split_rows
 from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
+from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.distributed import init_distributed
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.metrics import (LOWER_IS_BETTER, MAIN_METRIC, classification_metrics, detection_metrics,
                                           enhancement_metrics, landmark_metrics, multilabel_metrics,
                                           regression_metrics, segmentation_metrics)
+from echocare_core.engine.text_metrics import report_metrics
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.pretrain import NonFiniteLossError
 from echocare_core.engine.report import read_metrics
@@ -42,8 +44,8 @@ from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
 from echocare_core.privacy.settings import BudgetExceeded
 
-__all__ = ["DatasetInvalidError", "FinetuneResult", "check_dataset", "evaluate_model", "num_classes", "run_finetune",
-           "task_loader", "task_loss", "train_epoch", "write_json", "write_json_lines"]
+__all__ = ["DatasetInvalidError", "FinetuneResult", "check_dataset", "evaluate_model", "num_classes", "report_loss",
+           "run_finetune", "task_loader", "task_loss", "tokenizer_for", "train_epoch", "write_json", "write_json_lines"]
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, int, dict[str, float]], None]
@@ -66,10 +68,26 @@ class FinetuneResult:
     history: list[dict] = field(default_factory=list)
 
 
-def num_classes(spec: DatasetSpec) -> int:
-    """Classes (classification, detection), declared mask values (segmentation), points (landmarks), 1 (regression)."""
+def num_classes(spec: DatasetSpec, tokenizer: ReportTokenizer | None = None) -> int:
+    """Classes (classification, detection), declared mask values (segmentation), points (landmarks), the
+    tokenizer's ids (report), 1 (regression, enhancement)."""
+    if spec.task == "report":
+        return tokenizer.vocab_size if tokenizer is not None else ReportTokenizer().vocab_size
     return {"classification": len(spec.classes), "detection": len(spec.classes), "segmentation": len(spec.labels),
             "landmarks": len(spec.landmark_names)}.get(spec.task, 1)
+
+
+def tokenizer_for(cfg: FinetuneConfig, spec: DatasetSpec) -> ReportTokenizer | None:
+    """The report tokenizer of the config (byte-level unless `model.tokenizer` names a file); None for other tasks.
+
+    Raises:
+        FileNotFoundError, ValueError: the tokenizer file is absent or unusable.
+    """
+    if spec.task != "report":
+        return None
+    m = cfg.model
+    return ReportTokenizer.from_file(m.tokenizer, m.report.max_tokens) if m.tokenizer else \
+        ReportTokenizer(max_tokens=m.report.max_tokens)
 
 
 def target_stats(spec: DatasetSpec, rows: list[dict[str, str]]) -> tuple[float, float]:
@@ -91,10 +109,11 @@ def _encoder_config(cfg: FinetuneConfig) -> EncoderConfig:
     return cfg.model.encoder
 
 
-def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec, stats: tuple[float, float] = (0.0, 1.0)
-                     ) -> EchoCareTaskModel:
+def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec, stats: tuple[float, float] = (0.0, 1.0),
+                     tokenizer: ReportTokenizer | None = None) -> EchoCareTaskModel:
     enc = _encoder_config(cfg)
-    model = EchoCareTaskModel(enc, spec.task, num_classes(spec), cfg.model.feature_size, spec.multi_label, stats)
+    model = EchoCareTaskModel(enc, spec.task, num_classes(spec, tokenizer), cfg.model.feature_size, spec.multi_label,
+                              stats, cfg.model.report)
     if cfg.model.init:
         report = load_encoder_weights(model.encoder, cfg.model.init)
         (log.warning if report.missing else log.info)("encoder weights from %s: %s", cfg.model.init, report.summary())
@@ -102,8 +121,20 @@ def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec, stats: tuple[float,
     return model
 
 
-def task_loss(spec: DatasetSpec, stats: tuple[float, float]) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-    """The task's training loss, computed per sample and averaged (so DP can clip per sample)."""
+def report_loss(pad: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Next-token cross-entropy: the mean over each report's tokens (its padding left out), then over reports."""
+    def loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # [B, L - 1, vocab], [B, L]
+        target = ids[:, 1:]
+        keep = (target != pad).float()
+        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, L - 1]
+        return ((ce * keep).sum(1) / keep.sum(1).clamp(min=1)).mean()
+    return loss
+
+
+def task_loss(spec: DatasetSpec, stats: tuple[float, float], pad: int = 0
+              ) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """The task's training loss, computed per sample and averaged (so DP can clip per sample); `pad` is the
+    report tokenizer's padding id."""
     if spec.task == "classification":
         return F.binary_cross_entropy_with_logits if spec.multi_label else F.cross_entropy
     if spec.task == "segmentation":
@@ -113,6 +144,8 @@ def task_loss(spec: DatasetSpec, stats: tuple[float, float]) -> Callable[[torch.
         return heatmap_loss
     if spec.task == "detection":
         return detection_loss
+    if spec.task == "report":
+        return report_loss(pad)
     if spec.task == "enhancement":  # L1 + (1 - SSIM) on the enhanced image in [0, 1]
         ssim = SSIMLoss(spatial_dims=2, data_range=1.0)
         return lambda logits, target: F.l1_loss(logits.sigmoid(), target) + ssim(logits.sigmoid(), target)
@@ -125,14 +158,22 @@ def _to(target: torch.Tensor | list[torch.Tensor], device: torch.device) -> torc
 
 
 @torch.no_grad()
-def predict_all(model: EchoCareTaskModel, loader: DataLoader, device: torch.device) -> tuple[Any, Any, torch.Tensor] | None:
+def predict_all(model: EchoCareTaskModel, loader: DataLoader, device: torch.device, beam: int = 1
+                ) -> tuple[Any, Any, torch.Tensor] | None:
     """Predictions (`EchoCareTaskModel.decode`), targets and the dataset rows they belong to; None when
     nothing was readable. Landmarks come back in the images' own pixels, boxes in the model's grid
-    (IoU does not change with scale)."""
+    (IoU does not change with scale); reports as texts written with beam search of width `beam`, next to
+    the manifest's reports."""
     model.eval()
     preds, targets, rows = [], [], []
     for batch in loader:
         if "image" not in batch:
+            continue
+        if model.task == "report":
+            tok, ds = loader.dataset.tokenizer, loader.dataset
+            preds += [tok.decode(ids) for ids in model.generate(batch["image"].to(device), tok.bos, tok.eos, beam)]
+            targets += [ds.rows[int(i)]["report"] for i in batch["row"]]
+            rows.append(batch["row"])
             continue
         pred, true = model.decode(model(batch["image"].to(device)).float()), batch["target"]
         if model.task == "landmarks":
@@ -148,12 +189,16 @@ def predict_all(model: EchoCareTaskModel, loader: DataLoader, device: torch.devi
     model.train()
     if not rows:
         return None
-    return (preds, targets, torch.cat(rows)) if model.task == "detection" else \
+    return (preds, targets, torch.cat(rows)) if model.task in ("detection", "report") else \
         (torch.cat(preds), torch.cat(targets), torch.cat(rows))
 
 
-def task_metrics(task: str, pred: Any, true: Any, k: int, threshold: float | None = None) -> dict[str, float]:
-    """The task's metrics; `threshold` fixes the binary operating point (else the Youden one of this data)."""
+def task_metrics(task: str, pred: Any, true: Any, k: int, threshold: float | None = None,
+                 findings: tuple[str, ...] = ()) -> dict[str, float]:
+    """The task's metrics; `threshold` fixes the binary operating point (else the Youden one of this data);
+    `findings` are the report dataset's declared findings."""
+    if task == "report":
+        return report_metrics(pred, true, findings)
     if task == "segmentation":
         return segmentation_metrics(pred, true, k)
     if task == "landmarks":
@@ -168,10 +213,11 @@ def task_metrics(task: str, pred: Any, true: Any, k: int, threshold: float | Non
 
 
 def evaluate_model(model: EchoCareTaskModel, loader: DataLoader, device: torch.device, k: int,
-                   threshold: float | None = None) -> dict[str, float]:
-    """Main and secondary metrics of `model` over `loader`."""
-    out = predict_all(model, loader, device)
-    return task_metrics(model.task, out[0], out[1], k, threshold) if out is not None else {}
+                   threshold: float | None = None, beam: int = 1) -> dict[str, float]:
+    """Main and secondary metrics of `model` over `loader` (a `TaskDataset`'s)."""
+    out = predict_all(model, loader, device, beam)
+    return task_metrics(model.task, out[0], out[1], k, threshold, loader.dataset.spec.findings) \
+        if out is not None else {}
 
 
 def task_loader(ds: TaskDataset, keys: list[tuple[int, int]], batch: int, workers: int) -> DataLoader:
@@ -187,10 +233,12 @@ def _score(metrics: dict[str, float], task: str) -> float:
 
 
 def _meta(cfg: FinetuneConfig, spec: DatasetSpec, model: EchoCareTaskModel, epoch: int,
-          metrics: dict[str, float]) -> dict[str, Any]:
+          metrics: dict[str, float], tokenizer: ReportTokenizer | None) -> dict[str, Any]:
     enc = model.encoder.cfg
+    report = {"report": to_dict(cfg.model.report), "tokenizer": tokenizer.to_str(), "findings": list(spec.findings),
+              "beam": cfg.model.beam} if tokenizer is not None else {}
     return {"model_kind": "task", "task": spec.task, "encoder": to_dict(enc), "epoch": epoch, "metrics": metrics,
-            "head": {"num_classes": num_classes(spec), "feature_size": cfg.model.feature_size,
+            "head": {"num_classes": num_classes(spec, tokenizer), "feature_size": cfg.model.feature_size, **report,
                      "multi_label": spec.multi_label, "classes": list(spec.classes),
                      "labels": {str(k): v for k, v in spec.labels.items()},
                      "landmark_names": list(spec.landmark_names), "target_name": spec.target_name,
@@ -256,11 +304,12 @@ def check_dataset(folder: Path) -> DatasetSpec:
 
 
 def train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
-                loss_fn: Callable, device: torch.device, bf16: bool, clip: float, dp: Any = None
-                ) -> tuple[list[float], int]:
+                loss_fn: Callable, device: torch.device, bf16: bool, clip: float, dp: Any = None,
+                teacher: bool = False) -> tuple[list[float], int]:
     """One pass over the training data; returns the batch losses and the number of unreadable samples.
 
     Args:
+        teacher: the model reads the target too (report generation's teacher forcing).
         dp: a `DPTraining` whose module, optimizer and Poisson loader these are: per-sample clipping and noise
             replace `clip`, every batch is checked to be per sample, and an empty batch is still a (noise) step.
 
@@ -278,9 +327,9 @@ def train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.o
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
             continue
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(batch["image"].to(device))
         target = _to(batch["target"], device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(batch["image"].to(device), *([target] if teacher else []))
         loss = loss_fn(logits.float(), target) if dp is None else dp.loss(loss_fn, logits.float(), target)
         value = loss.item()
         if not math.isfinite(value):
@@ -339,25 +388,26 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     if not rows["train"] or not rows["val"]:
         raise ValueError(f"{folder}: need train and val samples (found {len(rows['train'])} and {len(rows['val'])})")
     torch.manual_seed(cfg.seed)
-    stats = target_stats(spec, rows["train"])
-    model = build_task_model(cfg, spec, stats).to(device)
+    stats, tok = target_stats(spec, rows["train"]), tokenizer_for(cfg, spec)
+    model = build_task_model(cfg, spec, stats, tok).to(device)
     trainable, total = count_trainable(model)
     log.info("%s, mode %s: %d of %d parameters train (%.2f%%)", spec.task, cfg.model.mode, trainable, total,
              100 * trainable / total)
-    o, size, k = cfg.optim, model.encoder.cfg.img_size, num_classes(spec)
+    o, size, k = cfg.optim, model.encoder.cfg.img_size, num_classes(spec, tok)
     sets = {s: TaskDataset(folder, spec, r, size, model.encoder.cfg.in_chans, train=s == "train", seed=cfg.seed,
-                           frames=cfg.model.frames) for s, r in rows.items()}
+                           frames=cfg.model.frames, tokenizer=tok) for s, r in rows.items()}
     steps = math.ceil(len(sets["train"]) / o.batch_size)
     optimizer = build_optimizer(model, o.lr, o.weight_decay, (0.9, 0.999))
     scheduler = warmup_cosine(optimizer, o.warmup_epochs * steps, o.epochs * steps, 0.01)
-    state = _resume(cfg, out, model, _meta(cfg, spec, model, 0, {})["head"], optimizer, scheduler, device)
+    state = _resume(cfg, out, model, _meta(cfg, spec, model, 0, {}, tok)["head"], optimizer, scheduler, device)
     start, best, best_metrics, skipped = (state.get("epoch", 0), state.get("best"),
                                           state.get("best_metrics", {}), state.get("skipped", 0))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     history = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= start]
     write_json_lines(out / "metrics.jsonl", history)
-    loss_fn, bf16 = task_loss(spec, stats), o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
+    loss_fn = task_loss(spec, stats, tok.pad if tok else 0)
+    bf16 = o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
     val_keys = [(0, i) for i in range(len(sets["val"]))]
     status, epoch = "finished", start
     private = _private(cfg, spec, model, optimizer, sets["train"]) if cfg.privacy.epsilon > 0 else None
@@ -367,7 +417,8 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
         if private is None:
             keys = [(epoch, int(i)) for i in np.random.default_rng([cfg.seed, epoch]).permutation(len(sets["train"]))]
             losses, unread = train_epoch(model, task_loader(sets["train"], keys, o.batch_size, cfg.data.num_workers),
-                                          optimizer, scheduler, loss_fn, device, bf16, o.clip_grad)
+                                          optimizer, scheduler, loss_fn, device, bf16, o.clip_grad,
+                                          teacher=tok is not None)
             spent = {}
         else:
             try:
@@ -377,10 +428,12 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
                 status, epoch = "privacy budget spent", epoch - 1
                 break
             dp = private.training
-            losses, unread = train_epoch(dp.module, loader, dp.optimizer, scheduler, loss_fn, device, False, 0.0, dp=dp)
+            losses, unread = train_epoch(dp.module, loader, dp.optimizer, scheduler, loss_fn, device, False, 0.0, dp=dp,
+                                          teacher=tok is not None)
             spent = {"epsilon": spend.epsilon, "delta": spend.delta}
         skipped += unread
-        val = evaluate_model(model, task_loader(sets["val"], val_keys, o.batch_size, cfg.data.num_workers), device, k)
+        val = evaluate_model(model, task_loader(sets["val"], val_keys, o.batch_size, cfg.data.num_workers), device, k,
+                             beam=cfg.model.beam)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                **{f"val_{n}": v for n, v in val.items()}, "lr": optimizer.param_groups[0]["lr"],
                "seconds": time.perf_counter() - t0, **spent}
@@ -388,8 +441,8 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
         write_json_lines(out / "metrics.jsonl", history)
         if best is None or _score(val, spec.task) > best:  # the first epoch is best until one beats it
             best, best_metrics = _score(val, spec.task), val
-            save_checkpoint(out / "best", model, _meta(cfg, spec, model, epoch, {**val, **spent}))
-        save_checkpoint(out / "last", model, _meta(cfg, spec, model, epoch, {**val, **spent}),
+            save_checkpoint(out / "best", model, _meta(cfg, spec, model, epoch, {**val, **spent}, tok))
+        save_checkpoint(out / "last", model, _meta(cfg, spec, model, epoch, {**val, **spent}, tok),
                         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                          "best": best, "best_metrics": best_metrics, "skipped": skipped})
         if on_epoch is not None:
@@ -403,7 +456,7 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
         test_keys = [(0, i) for i in range(len(sets["test"]))]
         # the binary operating point chosen on validation, not on the test split itself
         test = evaluate_model(model, task_loader(sets["test"], test_keys, o.batch_size, cfg.data.num_workers), device, k,
-                              best_metrics.get("youden_threshold"))
+                              best_metrics.get("youden_threshold"), cfg.model.beam)
         write_json(out / "test_metrics.json", {"split": "test", "samples": len(rows["test"]), **test})
     return FinetuneResult(status, epoch, best_metrics, test, trainable, total, out, skipped, history)
 

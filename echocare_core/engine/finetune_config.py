@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.settings import DPSettings
 
@@ -33,11 +34,14 @@ class FinetuneModel:
     lora_alpha: float = 16.0
     feature_size: int = 16  # width of the dense decoder (segmentation, landmarks, detection)
     frames: int = 16  # regression over clips: frames the model sees per clip, evenly spaced
+    report: ReportHeadConfig = field(default_factory=ReportHeadConfig)  # report generation: the text decoder
+    tokenizer: str | None = None  # report: a tokenizers JSON file (tokenizer.json); null = byte-level, any language
+    beam: int = 3  # report: beam width when writing reports for validation and test (1 = greedy)
 
     def __post_init__(self) -> None:
-        if self.lora_rank < 1 or self.feature_size < 1 or self.frames < 1:
-            raise ValueError(f"lora_rank={self.lora_rank}, feature_size={self.feature_size} and frames={self.frames} "
-                             f"must be >= 1")
+        if self.lora_rank < 1 or self.feature_size < 1 or self.frames < 1 or self.beam < 1:
+            raise ValueError(f"lora_rank={self.lora_rank}, feature_size={self.feature_size}, frames={self.frames} "
+                             f"and beam={self.beam} must be >= 1")
 
 
 @dataclass(frozen=True)

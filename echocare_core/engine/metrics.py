@@ -30,7 +30,7 @@ __all__ = ["LOWER_IS_BETTER", "MAIN_METRIC", "SDR_RADII", "classification_metric
 
 # what "best checkpoint" means
 MAIN_METRIC = {"classification": "auc", "segmentation": "dice", "landmarks": "mre", "detection": "map50",
-               "regression": "mae", "enhancement": "ssim"}
+               "regression": "mae", "enhancement": "ssim", "report": "bleu4"}
 LOWER_IS_BETTER = frozenset({"mre", "mae", "rmse", "hd95"})
 SDR_RADII = (2, 4, 10)  # pixels: the successful detection rates the paper reports
 

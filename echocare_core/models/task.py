@@ -1,7 +1,8 @@
 """A fine-tuning model: the EchoCare encoder plus one task head, and the fine-tuning modes.
 
-Heads: classification (pooled feature), segmentation, landmarks and detection (one dense decoder
-with skips from every stage), regression over clips (frame features pooled over time).
+Heads: classification (pooled feature), segmentation, landmarks, detection and enhancement (one dense
+decoder with skips from every stage), regression over clips (frame features pooled over time), report
+generation (a transformer decoder on the last stage's tokens of one or two images).
 
 Modes: `full` (everything trains), `frozen` (the encoder is fixed, the head trains) and `lora`
 (low-rank adapters on the attention projections `qkv` and `proj` train with the head; the encoder's
@@ -21,11 +22,12 @@ from torch import nn
 from echocare_core.models.detection import HEAT_PRIOR, decode_detections
 from echocare_core.models.heads import ClassificationHead, ClipRegressionHead, DenseHead
 from echocare_core.models.landmarks import decode_heatmaps
+from echocare_core.models.report import ReportHead, ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig, SwinEncoder, WindowAttention
 
 __all__ = ["TASKS", "MODES", "LoRALinear", "EchoCareTaskModel", "apply_finetune_mode", "count_trainable"]
 
-TASKS = ("classification", "segmentation", "landmarks", "detection", "regression", "enhancement")
+TASKS = ("classification", "segmentation", "landmarks", "detection", "regression", "enhancement", "report")
 MODES = ("full", "frozen", "lora")
 
 
@@ -52,16 +54,19 @@ class EchoCareTaskModel(nn.Module):
     Args:
         cfg: encoder config.
         task: one of TASKS.
-        num_classes: classes (classification, detection), mask labels (segmentation) or points
-            (landmarks); unused for regression and enhancement (whose output has the input's channels).
+        num_classes: classes (classification, detection), mask labels (segmentation), points (landmarks) or
+            the tokenizer's ids (report); unused for regression and enhancement (whose output has the input's
+            channels).
         feature_size: width of the dense decoder.
         multi_label: classification with an independent sigmoid per class.
         target_stats: regression: (mean, std) of the training targets; the head predicts
             standardised values, `decode` gives them in the target's units.
+        report: the report decoder's size.
     """
 
     def __init__(self, cfg: EncoderConfig, task: str, num_classes: int, feature_size: int = 16,
-                 multi_label: bool = False, target_stats: tuple[float, float] = (0.0, 1.0)) -> None:
+                 multi_label: bool = False, target_stats: tuple[float, float] = (0.0, 1.0),
+                 report: ReportHeadConfig | None = None) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task '{task}' has no head; available: {', '.join(TASKS)}")
@@ -72,6 +77,9 @@ class EchoCareTaskModel(nn.Module):
             self.head = ClassificationHead(self.encoder.num_features, num_classes)
         elif task == "regression":
             self.head = ClipRegressionHead(self.encoder.num_features)
+        elif task == "report":
+            self.head = ReportHead(self.encoder.num_features, cfg.stage_resolutions[-1] ** 2, num_classes,
+                                   report or ReportHeadConfig())
         else:
             out = {"detection": num_classes + 2, "enhancement": cfg.in_chans}.get(task, num_classes)
             self.head = DenseHead(cfg, out, feature_size)
@@ -79,13 +87,15 @@ class EchoCareTaskModel(nn.Module):
             with torch.no_grad():
                 self.head.out.conv.conv.bias[:num_classes] = math.log(HEAT_PRIOR / (1 - HEAT_PRIOR))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """`images` `[B, C, H, W]`, or clips `[B, T, C, H, W]` for regression.
+    def forward(self, images: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`images` `[B, C, H, W]`; clips `[B, T, C, H, W]` for regression; the views of each report
+        `[B, V, C, H, W]` with its token ids `[B, L]` for report (teacher forcing).
 
         Returns:
             classification `[B, K]` logits; segmentation `[B, K, H, W]` logits; landmarks `[B, K, H, W]`
             heatmap logits; detection `[B, K + 2, H, W]` centre logits and log box sizes; regression `[B]`;
-            enhancement `[B, C, H, W]` logits of the enhanced image's intensities in [0, 1].
+            enhancement `[B, C, H, W]` logits of the enhanced image's intensities in [0, 1]; report `[B, L - 1, vocab]`
+            logits of ids[:, 1:].
         """
         if self.task == "classification":
             return self.head(self.encoder(images))
@@ -93,7 +103,20 @@ class EchoCareTaskModel(nn.Module):
             b, t = images.shape[:2]
             # the B*T frames go through the encoder as one batch: per-sample gradients (DP) must sum a clip's frames
             return self.head(self.encoder(images.flatten(0, 1)).view(b, t, -1))
+        if self.task == "report":
+            if ids is None:
+                raise ValueError("a report model reads the report's ids in training; to write one use generate()")
+            return self.head(self._views(images), ids[:, :-1])
         return self.head(images, self.encoder.forward_intermediates(images, intermediates_only=True))
+
+    def _views(self, images: torch.Tensor) -> torch.Tensor:
+        """Last-stage tokens of every view: `[B, V, C, H, W] -> [B, V, h * w, C_enc]`."""
+        b, v = images.shape[:2]
+        return self.encoder.forward_features(images.flatten(0, 1)).reshape(b, v, -1, self.encoder.num_features)
+
+    def generate(self, images: torch.Tensor, bos: int, eos: int, beam: int = 1) -> list[list[int]]:
+        """Report ids of each sample's views `[B, V, C, H, W]` (greedy for `beam` 1, else beam search)."""
+        return self.head.generate(self._views(images), bos, eos, beam)
 
     def decode(self, out: torch.Tensor) -> Any:
         """Predictions from `forward`'s output: class probabilities `[B, K]`, label maps `[B, H, W]`,
@@ -128,7 +151,7 @@ def apply_finetune_mode(model: EchoCareTaskModel, mode: str, lora_rank: int = 8,
             attn.proj = LoRALinear(attn.proj, lora_rank, lora_alpha)
     for name, p in model.encoder.named_parameters():
         p.requires_grad = mode == "full" or ".lora_" in name
-    if model.task not in ("classification", "regression"):  # dense heads read the stage maps, not the final norm
+    if model.task not in ("classification", "regression", "report"):  # dense heads read the stage maps, not the norm
         model.encoder.norm.requires_grad_(False)  # (DP needs a gradient for every trainable parameter)
 
 
