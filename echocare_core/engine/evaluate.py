@@ -81,7 +81,7 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str =
                         batch_size: int = 16, rounds: int = 1000, quality: QualityWeights = QualityWeights(),
                         beam: int | None = None) -> dict:
     """Metrics of a fine-tuned checkpoint on one split of a dataset folder, with a 95% CI for the main metric;
-    for enhancement also FID and BRISQUE when `quality` names their weights files; reports are written with
+    for enhancement also PIQE, and FID, BRISQUE and NIQE when `quality` names their files; reports are written with
     beam search of width `beam` (default: the one the checkpoint was trained with).
 
     The split seed defaults to the one the checkpoint was trained with, so "test" holds no training
@@ -94,8 +94,9 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str =
     """
     quality.check()
     spec = check_dataset(Path(folder))
-    if (quality.fid or quality.brisque) and spec.task != "enhancement":
-        raise ValueError(f"FID and BRISQUE weights apply to enhancement; the dataset's task is {spec.task}")
+    if quality.configured() and spec.task != "enhancement":
+        raise ValueError(f"quality weights {', '.join(quality.configured())}: FID, BRISQUE and NIQE apply to "
+                         f"enhancement; the dataset's task is {spec.task}")
     model, meta = build_from_checkpoint(checkpoint)
     check_fits(meta, spec, checkpoint)
     if split_seed is None:

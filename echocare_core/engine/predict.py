@@ -5,7 +5,9 @@ and overlay PNG names and the foreground fraction; landmarks `<name>_x, <name>_y
 detection the boxes as JSON `[[x1, y1, x2, y2, class, score], ...]`; regression the value;
 enhancement the enhanced image and a side-by-side PNG (input | enhanced): the model enhances at its own
 input size (e.g. 224 px) and the result is resized to the input's, so fine detail above that size is not
-restored. All coordinates are pixels of the input image.
+restored; report generation one row per study (the images of one folder, the first two by name, are the
+study's views) with the report, also written to `<study>_report.txt`. All coordinates are pixels of the
+input image.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from PIL import Image, ImageDraw
 from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.data.finetune import from_model_points
 from echocare_core.data.io import ImageReadError, is_image_file, read_clip, read_image
+from echocare_core.data.text import ReportTokenizer
+from echocare_core.models.report import MAX_VIEWS
 from echocare_core.models.task import EchoCareTaskModel
 
 __all__ = ["list_inputs", "predict_files"]
@@ -84,7 +88,17 @@ def _header(meta: dict) -> list[str]:
         return ["file", "boxes", "count", "overlay"]
     if task == "enhancement":
         return ["file", "enhanced", "side_by_side"]
+    if task == "report":
+        return ["study", "images", "report_file", "report"]
     return ["file", head.get("target_name", "target")]
+
+
+def _model_input(img: np.ndarray, meta: dict) -> torch.Tensor:
+    """`[T, C, H, W]` uint8 -> the model's normalised input `[T, C, S, S]`."""
+    size = meta["input"]["size"]
+    x = F.interpolate(torch.from_numpy(img).float() / 255.0, size=(size, size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return (x - meta["input"]["mean"]) / meta["input"]["std"]
 
 
 def _predict_one(model: EchoCareTaskModel, meta: dict, img: np.ndarray, stem: str, out: Path,
@@ -92,9 +106,7 @@ def _predict_one(model: EchoCareTaskModel, meta: dict, img: np.ndarray, stem: st
     """The CSV cells after `file` for one image `[T, C, H, W]`; writes its PNGs under `out`."""
     size, task, head = meta["input"]["size"], meta["task"], meta["head"]
     height, width = img.shape[-2:]
-    x = F.interpolate(torch.from_numpy(img).float() / 255.0, size=(size, size), mode="bilinear", antialias=True,
-                      align_corners=False)
-    x = (x - meta["input"]["mean"]) / meta["input"]["std"]
+    x = _model_input(img, meta)
     with torch.no_grad():
         raw = model(x[None] if task == "regression" else x).float()
     gray = img[0].mean(0).astype(np.uint8)
@@ -134,12 +146,40 @@ def _predict_one(model: EchoCareTaskModel, meta: dict, img: np.ndarray, stem: st
     return [json.dumps([b[:6] for b in boxes]), str(len(boxes)), f"{stem}_overlay.png"]
 
 
-def predict_files(checkpoint: str | Path, files: list[Path], out: str | Path, min_score: float = 0.3
-                  ) -> tuple[Path, int]:
-    """Predict every file; returns the CSV written and the number of files that could not be read.
+def _reports(model: EchoCareTaskModel, meta: dict, files: list[Path], out: Path, beam: int | None
+             ) -> tuple[list[list[str]], int]:
+    """One CSV row per study (the files of one folder; the first MAX_VIEWS by name are its views) and the number
+    of studies with an unreadable image; writes each report to a text file."""
+    head = meta["head"]
+    tok = ReportTokenizer(head["tokenizer"], head["report"]["max_tokens"])
+    studies: dict[Path, list[Path]] = {}
+    for file in files:
+        studies.setdefault(file.parent, []).append(file)
+    rows, unreadable = [], 0
+    for i, (folder, members) in enumerate(studies.items()):
+        views = sorted(members)[:MAX_VIEWS]
+        names = ";".join(f.name for f in views)
+        try:
+            x = torch.cat([_model_input(read_image(f, meta["input"]["channels"])[None], meta) for f in views])
+        except ImageReadError:
+            unreadable += 1
+            rows.append([str(folder), names, "unreadable", ""])
+            continue
+        text = tok.decode(model.generate(x[None], tok.bos, tok.eos, beam or head.get("beam", 1))[0])
+        name = f"{i:05d}_{folder.name}_report.txt"
+        (out / name).write_text(text + "\n", encoding="utf-8")
+        rows.append([str(folder), names, name, text])
+    return rows, unreadable
+
+
+def predict_files(checkpoint: str | Path, files: list[Path], out: str | Path, min_score: float = 0.3,
+                  beam: int | None = None) -> tuple[Path, int]:
+    """Predict every file (report generation: every study); returns the CSV written and the number of files
+    (studies) that could not be read.
 
     Args:
         min_score: detection: boxes below this score are left out of the CSV and overlays.
+        beam: report generation: beam width (1 = greedy; default: the checkpoint's).
 
     Raises:
         ValueError: the checkpoint is not a fine-tuned task model.
@@ -151,8 +191,8 @@ def predict_files(checkpoint: str | Path, files: list[Path], out: str | Path, mi
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     channels, header = meta["input"]["channels"], _header(meta)
-    rows, unreadable = [], 0
-    for i, file in enumerate(files):
+    rows, unreadable = _reports(model, meta, files, out, beam) if meta["task"] == "report" else ([], 0)
+    for i, file in enumerate(files if meta["task"] != "report" else []):
         try:
             img = (read_clip(file, channels, meta["input"].get("frames", 16)) if meta["task"] == "regression"
                    else read_image(file, channels)[None])  # [T, C, H, W]

@@ -1,7 +1,8 @@
 """Metrics of generated reports against the reference reports, from maintained implementations.
 
-- BLEU-1 to BLEU-4: sacrebleu's corpus BLEU (lowercased; its `zh` tokenizer, one token per CJK
-  character, when the references hold CJK text, else its `13a` tokenizer).
+- BLEU-1 to BLEU-4: sacrebleu's corpus BLEU (lowercased, no smoothing, as the COCO caption toolkit that
+  report-generation papers quote; its `zh` tokenizer, one token per CJK character, when the references
+  hold CJK text, else its `13a` tokenizer).
 - ROUGE-L: Google's `rouge-score` (F-measure, mean over reports), with the word tokenizer below instead of
   its own, which drops every non-Latin character.
 - METEOR: NLTK's `meteor_score` (mean over reports): exact, Porter-stem and WordNet-synonym matches. NLTK's
@@ -47,7 +48,7 @@ def bleu(preds: list[str], refs: list[str], order: int = 4) -> float:
     from sacrebleu.metrics import BLEU
 
     tokenize = "zh" if any(re.search(f"[{_CJK}]", r) for r in refs) else "13a"
-    return BLEU(max_ngram_order=order, lowercase=True, tokenize=tokenize).corpus_score(preds, [refs]).score / 100
+    return BLEU(max_ngram_order=order, lowercase=True, tokenize=tokenize, smooth_method="none").corpus_score(preds, [refs]).score / 100
 
 
 class _NoSynonyms:

@@ -25,6 +25,8 @@ from torch import nn
 
 from echocare_core.config import from_dict, to_dict
 from echocare_core.data.contract import DatasetSpec
+from echocare_core.data.text import ReportTokenizer
+from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.settings import DPSettings, SitePrivacy
 
@@ -38,7 +40,7 @@ MULTITASK_LOCAL = ("head.*", "encoder.norm.*")  # what each site of a multi-task
 class TaskSpec:
     """One task of a multi-task job: what a site's dataset must declare to run it."""
 
-    task: Literal["classification", "segmentation", "landmarks", "detection", "regression", "enhancement"]
+    task: Literal["classification", "segmentation", "landmarks", "detection", "regression", "enhancement", "report"]
     classes: tuple[str, ...] = ()  # classification, detection
     labels: tuple[int, ...] = ()  # segmentation: the declared mask values
     landmarks: int = 0  # landmarks: points per image
@@ -75,6 +77,7 @@ class Job:
     transport: Literal["bf16", "fp16", "fp32"] = "bf16"  # what sites send: deltas in 16 bits, or fp32 weights
     seed: int = 0
     tasks: tuple[TaskSpec, ...] = ()  # task "multitask": each site runs the one its dataset declares
+    report: ReportHeadConfig = field(default_factory=ReportHeadConfig)  # report generation (byte-level tokens)
 
     def __post_init__(self) -> None:
         kinds = {replace(t, labels=tuple(sorted(t.labels))) for t in self.tasks}  # a task listed twice never runs
@@ -92,14 +95,21 @@ class Job:
 
     @property
     def num_outputs(self) -> int:
-        """Head outputs: classes, mask labels or points (1 for regression)."""
-        return {"classification": len(self.classes), "detection": len(self.classes),
-                "segmentation": len(self.labels), "landmarks": self.landmarks}.get(self.task, 1)
+        """Head outputs: classes, mask labels, points or the byte-level tokenizer's ids (1 for regression)."""
+        return {"classification": len(self.classes), "detection": len(self.classes), "segmentation": len(self.labels),
+                "landmarks": self.landmarks, "report": ReportTokenizer().vocab_size}.get(self.task, 1)
+
+    @property
+    def tokenizer(self) -> ReportTokenizer | None:
+        """Report generation: the byte-level tokenizer (learned from no site's text), else None."""
+        return ReportTokenizer(max_tokens=self.report.max_tokens) if self.task == "report" else None
 
     def to_json(self) -> str:
         data = to_dict(self)
         if not self.tasks:  # a single-task job keeps the JSON (and the hash) it had before multi-task jobs
             del data["tasks"]
+        if "report" not in (self.task, *(t.task for t in self.tasks)):  # nor before report generation
+            del data["report"]
         return json.dumps(data, sort_keys=True)
 
     @classmethod

@@ -81,7 +81,9 @@ def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any
             "head": {"num_classes": job.num_outputs, "feature_size": job.feature_size, "multi_label": job.multi_label,
                      "classes": list(job.classes), "labels": {str(v): str(v) for v in job.labels},
                      "landmark_names": [f"point{i + 1}" for i in range(job.landmarks)], "target_name": "target",
-                     "target_stats": [0.0, 1.0]},
+                     "target_stats": [0.0, 1.0],
+                     **({"report": to_dict(job.report), "tokenizer": job.tokenizer.to_str(), "beam": 1}
+                        if job.task == "report" else {})},
             "finetune": {"mode": job.mode, "lora_rank": job.lora_rank, "lora_alpha": job.lora_alpha},
             "input": {"channels": job.encoder.in_chans, "size": job.encoder.img_size, "mean": INPUT_MEAN,
                       "std": INPUT_STD, "frames": job.frames}}

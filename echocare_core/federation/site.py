@@ -53,7 +53,8 @@ class SharedEncoder(torch.nn.Module):
 
 
 def _task_model(job: Job) -> EchoCareTaskModel:
-    model = EchoCareTaskModel(job.encoder, job.task, job.num_outputs, job.feature_size, job.multi_label)
+    model = EchoCareTaskModel(job.encoder, job.task, job.num_outputs, job.feature_size, job.multi_label,
+                              report=job.report)
     apply_finetune_mode(model, job.mode, job.lora_rank, job.lora_alpha)
     return model
 
@@ -114,7 +115,8 @@ def _train_private(job: Job, model: EchoCareTaskModel, optimizer: torch.optim.Op
         log.error("%s", exc)
         raise JobRefused("the site's privacy ledger cannot be trusted (see the site's log)") from exc
     dp = private.training
-    losses, _ = train_epoch(dp.module, loader, dp.optimizer, scheduler, loss_fn, device, False, 0.0, dp=dp)
+    losses, _ = train_epoch(dp.module, loader, dp.optimizer, scheduler, loss_fn, device, False, 0.0, dp=dp,
+                            teacher=job.task == "report")
     dp.module.remove_hooks()
     return losses, {"epsilon": spend.epsilon, "delta": spend.delta, "noise_multiplier": private.sigma,
                     "sample_rate": private.sample_rate}
@@ -178,14 +180,15 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
         log.info("round %d: no kept layers of this job at the site: its %s head starts anew", server_round, job.task)
     model.to(device)
     size, channels = job.encoder.img_size, job.encoder.in_chans
-    sets = {s: TaskDataset(folder, spec, r, size, channels, train=s == "train", seed=job.seed, frames=job.frames)
-            for s, r in rows.items()}
+    tok = job.tokenizer
+    sets = {s: TaskDataset(folder, spec, r, size, channels, train=s == "train", seed=job.seed, frames=job.frames,
+                           tokenizer=tok) for s, r in rows.items()}
     val = task_loader(sets["val"], [(0, i) for i in range(len(sets["val"]))], job.batch_size, num_workers)
     dev = torch.device(device)
     before = evaluate_model(model, val, dev, job.num_outputs)
     optimizer = build_optimizer(model, job.lr, job.weight_decay, (0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    base_loss = task_loss(spec, (0.0, 1.0))
+    base_loss = task_loss(spec, (0.0, 1.0), tok.pad if tok else 0)
     anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -202,7 +205,7 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
         losses, spent = [], {}
         for keys in _local_passes(job, len(sets["train"]), server_round):
             batch_losses, _ = train_epoch(model, task_loader(sets["train"], keys, job.batch_size, num_workers),
-                                          optimizer, scheduler, loss_fn, dev, False, 1.0)
+                                          optimizer, scheduler, loss_fn, dev, False, 1.0, teacher=tok is not None)
             losses += batch_losses
     after = evaluate_model(model, val, dev, job.num_outputs)
     if local_file is not None and job.local:

@@ -40,15 +40,22 @@ class _Attention(nn.Module):
         self.heads = heads
         self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, causal: bool) -> torch.Tensor:
-        b, n, c = x.shape
+    def _split(self, t: torch.Tensor) -> torch.Tensor:  # [B, L, C] -> [B, heads, L, C / heads]
+        return t.view(t.shape[0], -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
 
-        def split(t: torch.Tensor) -> torch.Tensor:  # [B, L, C] -> [B, heads, L, C / heads]
-            return t.view(b, -1, self.heads, c // self.heads).transpose(1, 2)
+    def kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `source` `[B, L, C]`, each `[B, heads, L, C / heads]`."""
+        return self._split(self.k(source)), self._split(self.v(source))
 
-        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(memory)), split(self.v(memory)),
-                                           is_causal=causal)
-        return self.out(y.transpose(1, 2).reshape(b, n, c))
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        y = F.scaled_dot_product_attention(self._split(self.q(x)), k, v, is_causal=causal)
+        return self.out(y.transpose(1, 2).reshape(x.shape))
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor, causal: bool) -> torch.Tensor:
+        return self.attend(x, *self.kv(source), causal=causal)
+
+
+_Cache = tuple[torch.Tensor, torch.Tensor]
 
 
 class _Block(nn.Module):
@@ -58,11 +65,21 @@ class _Block(nn.Module):
         self.self_attn, self.cross_attn = _Attention(width, heads), _Attention(width, heads)
         self.fc1, self.fc2, self.act = nn.Linear(width, 4 * width), nn.Linear(4 * width, width), nn.GELU()
 
+    def _rest(self, x: torch.Tensor, cross: _Cache) -> torch.Tensor:
+        x = x + self.cross_attn.attend(self.norm2(x), *cross, causal=False)
+        return x + self.fc2(self.act(self.fc1(self.norm3(x))))
+
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.self_attn(h, h, causal=True)
-        x = x + self.cross_attn(self.norm2(x), memory, causal=False)
-        return x + self.fc2(self.act(self.fc1(self.norm3(x))))
+        return self._rest(x + self.self_attn(h, h, causal=True), self.cross_attn.kv(memory))
+
+    def step(self, x: torch.Tensor, cache: _Cache | None, cross: _Cache) -> tuple[torch.Tensor, _Cache]:
+        """One new position `x` `[K, 1, C]`, the earlier positions' self-attention keys and values in `cache`."""
+        h = self.norm1(x)
+        k, v = self.self_attn.kv(h)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        return self._rest(x + self.self_attn.attend(h, k, v, causal=False), cross), (k, v)
 
 
 class ReportHead(nn.Module):
@@ -78,20 +95,21 @@ class ReportHead(nn.Module):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.memory_proj = nn.Linear(in_features, cfg.width)
-        self.memory_pos = nn.Parameter(torch.zeros(grid, cfg.width))
+        self.memory_pos = nn.Embedding(grid, cfg.width)  # an Embedding, not a bare Parameter: Opacus has its rule
         self.view_embed = nn.Embedding(MAX_VIEWS, cfg.width)
         self.token_embed = nn.Embedding(vocab_size, cfg.width)
         self.token_pos = nn.Embedding(cfg.max_tokens, cfg.width)
         self.blocks = nn.ModuleList(_Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
         self.logits = nn.Linear(cfg.width, vocab_size)
-        nn.init.trunc_normal_(self.memory_pos, std=0.02)
+        nn.init.trunc_normal_(self.memory_pos.weight, std=0.02)
 
     def memory(self, stage_tokens: torch.Tensor) -> torch.Tensor:
         """`[B, V, N, C_enc] -> [B, V * N, width]`."""
         b, v, n, _ = stage_tokens.shape
         views = self.view_embed(torch.arange(v, device=stage_tokens.device))  # [V, width]
-        x = self.memory_proj(stage_tokens) + self.memory_pos + views[None, :, None]
+        pos = self.memory_pos(torch.arange(n, device=stage_tokens.device))  # [N, width]
+        x = self.memory_proj(stage_tokens) + pos + views[None, :, None]
         return x.reshape(b, v * n, -1)
 
     def decode(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -108,26 +126,43 @@ class ReportHead(nn.Module):
     @torch.no_grad()
     def generate(self, stage_tokens: torch.Tensor, bos: int, eos: int, beam: int = 1) -> list[list[int]]:
         """The ids of each sample's report (without `<bos>`, up to `<eos>`): greedy when `beam` is 1, else beam
-        search keeping `beam` hypotheses, ranked by log-probability per token (length-normalised)."""
+        search keeping `beam` hypotheses, ranked by log-probability per token (length-normalised). Keys and
+        values of earlier positions are cached, so each step runs the decoder on one position."""
         if beam < 1:
             raise ValueError(f"beam={beam}: must be >= 1 (1: greedy)")
         memory = self.memory(stage_tokens)  # [B, M, width]
         return [self._beam(memory[i:i + 1], bos, eos, beam) for i in range(len(memory))]
 
+    def _log_probs(self, seqs: torch.Tensor, cross: list[_Cache], caches: list[_Cache | None]
+                   ) -> tuple[torch.Tensor, list[_Cache]]:
+        """Log-probabilities `[K, vocab]` of the token after each hypothesis `seqs` `[K, t]`, whose first t - 1
+        positions are in `caches` (one per block); returns the caches with position t added."""
+        k = len(seqs)
+        x = self.token_embed(seqs[:, -1:]) + self.token_pos.weight[seqs.shape[1] - 1]  # [K, 1, width]
+        new = []
+        for block, (ck, cv), cache in zip(self.blocks, cross, caches):
+            x, kv = block.step(x, cache, (ck.expand(k, -1, -1, -1), cv.expand(k, -1, -1, -1)))
+            new.append(kv)
+        return self.logits(self.norm(x))[:, -1].float().log_softmax(-1), new
+
     def _beam(self, memory: torch.Tensor, bos: int, eos: int, beam: int) -> list[int]:
-        """Beam search for one sample; with `beam` 1 it is greedy decoding."""
+        """Beam search for one sample `memory` `[1, M, width]`; with `beam` 1 it is greedy decoding."""
+        cross = [block.cross_attn.kv(memory) for block in self.blocks]
+        caches: list = [None] * len(self.blocks)
         seqs = torch.full((1, 1), bos, dtype=torch.long, device=memory.device)  # live hypotheses [K, t]
         scores = torch.zeros(1, device=memory.device)  # their summed log-probabilities [K]
         done: list[tuple[float, list[int]]] = []
         for step in range(1, self.cfg.max_tokens):
-            logp = self.decode(memory.expand(len(seqs), -1, -1), seqs)[:, -1].float().log_softmax(-1)  # [K, vocab]
+            logp, caches = self._log_probs(seqs, cross, caches)  # [K, vocab]
             total = (scores[:, None] + logp).flatten()
             top = total.topk(min(beam, len(total))).indices
             src, token = top // logp.shape[1], top % logp.shape[1]
             seqs, scores = torch.cat([seqs[src], token[:, None]], dim=1), total[top]
             ended = (token == eos) | (step == self.cfg.max_tokens - 1)
             done += [(float(s) / step, q[1:].tolist()) for s, q, e in zip(scores, seqs, ended) if e]
+            live = src[~ended]
             seqs, scores = seqs[~ended], scores[~ended]
+            caches = [(k[live], v[live]) for k, v in caches]
             best_live = float(scores.max()) / step if len(scores) else float("-inf")
             # Hugging Face's early stop: `beam` hypotheses have ended and the best live one, scored at its
             # current length, is no better than the worst of them

@@ -1,8 +1,9 @@
-"""Landmarks, detection, clip regression and enhancement end to end: synth -> finetune -> evaluate -> predict,
-real files."""
+"""Landmarks, detection, clip regression, enhancement and report generation end to end: synth -> finetune ->
+evaluate -> predict, real files."""
 
 import csv
 import json
+import shutil
 
 import pytest
 from conftest import TINY_ENCODER
@@ -19,17 +20,19 @@ from echocare_core.engine.finetune_config import FinetuneConfig
 
 pytestmark = pytest.mark.slow
 
-MAIN = {"landmarks": "mre", "detection": "map50", "regression": "mae", "enhancement": "ssim"}
+MAIN = {"landmarks": "mre", "detection": "map50", "regression": "mae", "enhancement": "ssim", "report": "bleu4"}
+REPORT = {"width": 32, "depth": 1, "heads": 4, "max_tokens": 160}
 
 
-@pytest.fixture(scope="module", params=["landmarks", "detection", "regression", "enhancement"])
+@pytest.fixture(scope="module", params=["landmarks", "detection", "regression", "enhancement", "report"])
 def trained(request, tmp_path_factory):
     task = request.param
     root = tmp_path_factory.mktemp(task)
     folder = write_dataset(root / "data", task, sites=1, per_site=16 if task == "regression" else 30, size=64,
                            seed=3)[0]
     base = {"output": str(root / "run"), "device": "cpu", "data": {"folder": str(folder), "num_workers": 0},
-            "model": {"encoder": dict(TINY_ENCODER), "feature_size": 8, "frames": 4, "mode": "full"},
+            "model": {"encoder": dict(TINY_ENCODER), "feature_size": 8, "frames": 4, "mode": "full", "report": REPORT,
+                      "beam": 2},
             "optim": {"lr": 1e-3, "batch_size": 8, "epochs": 2, "warmup_epochs": 0}}
     result = run_finetune(load_config(FinetuneConfig, None, [], base=base))
     return task, folder, root, result
@@ -40,7 +43,7 @@ def test_finetune_keeps_the_best_epoch_by_the_tasks_main_metric(trained):
     main = MAIN[task]
     assert result.status == "finished" and len(result.history) == 2
     values = [r[f"val_{main}"] for r in result.history]
-    best = min(values) if task not in ("detection", "enhancement") else max(values)
+    best = min(values) if task not in ("detection", "enhancement", "report") else max(values)
     assert result.best[main] == pytest.approx(best)
     assert json.loads((root / "run" / "test_metrics.json").read_text())[main] == pytest.approx(result.test[main])
     if task == "landmarks":
@@ -51,6 +54,10 @@ def test_finetune_keeps_the_best_epoch_by_the_tasks_main_metric(trained):
         assert result.test["mae"] > 0 and set(result.test) == {"mae", "rmse", "bias", "pearson_r"}
     if task == "enhancement":
         assert set(result.test) == {"ssim", "psnr", "l1"} and 0 < result.test["ssim"] < 1 and result.test["psnr"] > 5
+    if task == "report":
+        assert {"bleu1", "bleu4", "meteor", "rouge_l", "finding_accuracy", "finding_f1"} <= set(result.test)
+        assert 0 <= result.test["bleu1"] <= 1 and 0 <= result.test["finding_accuracy"] <= 1
+        assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
 
 
 def test_evaluate_gives_the_main_metric_with_an_interval(trained, tmp_path, capsys):
@@ -71,6 +78,9 @@ def test_evaluate_gives_the_main_metric_with_an_interval(trained, tmp_path, caps
 def test_predict_writes_the_tasks_columns_in_image_pixels(trained, tmp_path):
     task, folder, root, _ = trained
     rows = list(csv.DictReader((folder / "manifest.csv").open()))[:3]
+    if task == "report":
+        _predict_reports(root, rows, folder, tmp_path)
+        return
     files = [folder / r["image"] for r in rows]
     assert predict_main(["--checkpoint", str(root / "run" / "best"), "--input", str(files[0].parent),
                          "--out", str(tmp_path / "out"), "--min-score", "0"]) == 0
@@ -102,7 +112,7 @@ def test_predict_writes_the_tasks_columns_in_image_pixels(trained, tmp_path):
 def test_a_checkpoint_for_another_task_is_refused(trained):
     task, folder, root, _ = trained
     other = {"landmarks": "detection", "detection": "regression", "regression": "enhancement",
-             "enhancement": "landmarks"}[task]
+             "enhancement": "report", "report": "landmarks"}[task]
     with pytest.raises(ValueError, match=f"trained for {task}, the dataset is"):
         evaluate_checkpoint(root / "run" / "best", _other_site(folder.parent.parent, other))
 
@@ -112,3 +122,22 @@ def _other_site(root, task):
     if not folder.exists():
         write_dataset(folder, task, sites=1, per_site=6, size=64, seed=1)
     return folder / "site_00"
+
+
+def _predict_reports(root, rows, folder, tmp_path):
+    """One study per folder: two views, one view, and one whose image does not decode."""
+    studies = {"two_views": [rows[0]["image"], rows[0]["image2"]], "one_view": [rows[1]["image"]]}
+    for name, files in studies.items():
+        (tmp_path / "in" / name).mkdir(parents=True)
+        for f in files:
+            shutil.copy(folder / f, tmp_path / "in" / name)
+    (tmp_path / "in" / "broken").mkdir()
+    (tmp_path / "in" / "broken" / "x.png").write_bytes(b"not a png")
+    assert predict_main(["--checkpoint", str(root / "run" / "best"), "--input", str(tmp_path / "in"),
+                         "--out", str(tmp_path / "out"), "--beam", "1"]) == 0
+    out = {r["study"].rsplit("/", 1)[-1]: r for r in csv.DictReader((tmp_path / "out" / "predictions.csv").open())}
+    assert set(out) == {"two_views", "one_view", "broken"} and out["broken"]["report_file"] == "unreadable"
+    assert len(out["two_views"]["images"].split(";")) == 2 and len(out["one_view"]["images"].split(";")) == 1
+    for name in ("two_views", "one_view"):
+        text = (tmp_path / "out" / out[name]["report_file"]).read_text(encoding="utf-8")
+        assert text.strip() == out[name]["report"]
