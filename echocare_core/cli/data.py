@@ -146,7 +146,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(subparsers)
     _add_ingest(subparsers)
     _add_card(subparsers)
+    _add_niqe_model(subparsers)
     return parser
+
+
+def _add_niqe_model(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "niqe-model", help="fit NIQE's pristine model to a folder of high-quality images",
+        description="Fit the model NIQE scores images against (mean and covariance of the sharp blocks' "
+                    "features) to the site's own high-quality images, and write it as .npz for "
+                    "echocare-evaluate --niqe-params. The published model was fitted to natural photographs.",
+        formatter_class=_HelpFormatter)
+    p.add_argument("folder", type=Path, help="folder of high-quality images (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="the model file to write (.npz)")
+    p.add_argument("--block-size", type=_int_at_least(16), default=96, help="block side in pixels, even; images to "
+                   "score need two whole blocks")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=_run_niqe_model)
+
+
+def _run_niqe_model(args: argparse.Namespace, console: Console) -> int:
+    from echocare_core.engine.nr_quality import fit_niqe_params, save_niqe_params
+
+    if args.out.suffix != ".npz":
+        return fail(f"{PROG} niqe-model", f"--out {args.out}: name a .npz file")
+    try:
+        params = fit_niqe_params(args.folder, args.block_size)
+    except (ValueError, FileNotFoundError) as exc:
+        return fail(f"{PROG} niqe-model", str(exc))
+    save_niqe_params(args.out, params)
+    console.print(f"wrote {args.out} (blocks of {args.block_size} px)")
+    return 0
 
 
 def _add_ingest(subparsers: argparse._SubParsersAction) -> None:
@@ -248,7 +278,7 @@ def _site_summary(folder: Path) -> str:
         rows = list(csv.DictReader(f))
     splits = Counter(r["split"] for r in rows)
     patients = len({r["patient"] for r in rows})
-    samples = "clips" if meta["task"] == "regression" else "images"
+    samples = {"regression": "clips", "report": "studies"}.get(meta["task"], "images")
     line = (f"{folder}: {len(rows)} {samples}, {patients} patients, train/val/test "
             f"{splits['train']}/{splits['val']}/{splits['test']}, profile {meta['device_profile']}")
     if meta["task"] == "classification":

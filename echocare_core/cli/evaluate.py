@@ -25,9 +25,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                         "piq's SVM weights from this file (brisque_svm_weights.pt)")
     parser.add_argument("--niqe-params", default="", help="enhancement: NIQE of the enhanced images against the "
                         "pristine model in this file: .npz with mu_pris_param and cov_pris_param (BasicSR's "
-                        "niqe_pris_params.npz, or one from echocare_core.engine.nr_quality.fit_niqe_params on your "
-                        "own high-quality images) or .mat from the NIQE authors' release (PIQE needs no file and "
-                        "is always reported)")
+                        "niqe_pris_params.npz, or one fitted to your own high-quality images) or .mat from the NIQE "
+                        "authors' release (PIQE needs no file and "
+                        "is always reported; echocare-data niqe-model fits one)")
+    parser.add_argument("--beam", type=int, default=None, help="report generation: beam width, 1 = greedy "
+                        "(default: the one the checkpoint was trained with)")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     from echocare_core.engine.evaluate import evaluate_checkpoint
@@ -36,7 +38,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.split_seed, rounds=args.bootstrap,
                                      quality=QualityWeights(args.fid_weights, args.brisque_weights,
-                                                            args.niqe_params))
+                                                            args.niqe_params), beam=args.beam)
     except (ValueError, FileNotFoundError) as exc:
         return input_error(prog, exc)
     main = result["main_metric"]

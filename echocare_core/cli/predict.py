@@ -11,8 +11,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = command_parser(prog, "Predict with a fine-tuned checkpoint: predictions.csv (class probabilities, "
                                   "landmark coordinates, boxes or values) and mask / overlay PNGs to look at.")
     parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder (e.g. runs/x/best)")
-    parser.add_argument("--input", required=True, help="an image file or a folder of images (report generation: "
-                        "the images of each folder are one study, the first two by name its views)")
+    parser.add_argument("--input", required=True, help="an image file or a folder of images (report generation "
+                        "with two views per report: a folder of study folders, each with its one or two images)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--min-score", type=float, default=0.3, help="detection: leave out boxes scoring lower")
     parser.add_argument("--beam", type=int, default=None, help="report generation: beam width, 1 = greedy "

@@ -7,6 +7,7 @@ Images are resized to the model's square input; targets follow them into its pix
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from echocare_core.data.text import ReportTokenizer
 
 __all__ = ["TaskDataset", "collate_task", "from_model_points", "split_rows", "to_model_points"]
 
+log = logging.getLogger(__name__)
+
 
 def split_rows(folder: str | Path, split: str, seed: int = 0) -> list[dict[str, str]]:
     """The manifest rows of one split (patient-grouped with a fixed seed where `split` is empty)."""
@@ -38,8 +41,8 @@ class TaskDataset(Dataset):
     value, the paired target image `[C, S, S]` in [0, 1] (enhancement), or the report's token ids
     `[max_tokens]`. Training samples get a horizontal flip with probability 0.5 (target with them; not
     for landmarks, whose order can depend on the side, nor reports, which say "left" and "right"), drawn
-    from (seed, epoch, i), so a resumed run sees the same samples. A report dataset whose manifest has an
-    `image2` column has two views per report (a row without one repeats its `image`).
+    from (seed, epoch, i), so a resumed run sees the same samples. Reports read `views` images: `image`, and
+    with 2 also `image2` (a row without one repeats its `image`).
 
     Raises:
         ValueError: a report dataset without `tokenizer`.
@@ -47,16 +50,27 @@ class TaskDataset(Dataset):
 
     def __init__(self, folder: str | Path, spec: DatasetSpec, rows: list[dict[str, str]], img_size: int,
                  channels: int, train: bool, seed: int = 0, frames: int = 16,
-                 tokenizer: ReportTokenizer | None = None) -> None:
+                 tokenizer: ReportTokenizer | None = None, views: int = 1) -> None:
         if spec.task == "report" and tokenizer is None:
             raise ValueError("a report dataset needs the model's tokenizer")
         self.folder, self.spec, self.rows = Path(folder), spec, rows
         self.img_size, self.channels, self.train, self.seed = img_size, channels, train, seed
-        self.frames, self.tokenizer = frames, tokenizer
-        self.views = 2 if spec.task == "report" and rows and "image2" in rows[0] else 1
+        self.frames, self.tokenizer, self.views = frames, tokenizer, views if spec.task == "report" else 1
+        if tokenizer is not None:
+            self._check_reports()
         # mask values (e.g. 0 and 255) -> class indices 0..K-1, in the order of the declared values
         self.lut = np.zeros(256, dtype=np.int64)
         self.lut[sorted(spec.labels)] = np.arange(len(spec.labels))
+
+    def _check_reports(self) -> None:
+        """Log (counts only: the site's log) what of the reports the model will not read."""
+        lengths = [self.tokenizer.length(r["report"]) for r in self.rows]
+        cut = sum(n > self.tokenizer.max_tokens for n in lengths)
+        if cut:
+            log.warning("%d of %d reports are longer than max_tokens=%d and are cut (the longest needs %d)", cut,
+                        len(lengths), self.tokenizer.max_tokens, max(lengths))
+        if self.views == 1 and any(r.get("image2") for r in self.rows):
+            log.info("the manifest names image2 but the model reads one image per report (report.views: 1)")
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -44,7 +44,12 @@ class ReportTokenizer:
     def __init__(self, tokenizer: Tokenizer | str | None = None, max_tokens: int = 256) -> None:
         if tokenizer is None:
             tokenizer = byte_level_tokenizer()
-        self.tok = Tokenizer.from_str(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        # a copy: padding and truncation are ours (a file's own would put padding before <eos>), and special tokens
+        # written in a report ("<eos>") are text, not control ids
+        self.tok = Tokenizer.from_str(tokenizer if isinstance(tokenizer, str) else tokenizer.to_str())
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        self.tok.encode_special_tokens = True
         if max_tokens < 3:
             raise ValueError(f"max_tokens={max_tokens}: a report needs >= 3 ids (start, text, end)")
         self.max_tokens = max_tokens
@@ -83,6 +88,10 @@ class ReportTokenizer:
 
     def to_str(self) -> str:
         return self.tok.to_str()
+
+    def length(self, text: str) -> int:
+        """Ids the report needs with `<bos>` and `<eos>` (more than max_tokens: it is cut)."""
+        return len(self.tok.encode(text, add_special_tokens=False).ids) + 2
 
     def encode(self, text: str) -> torch.Tensor:
         """`[max_tokens]` int64: `<bos>`, the text's ids (cut to fit), `<eos>`, padding."""

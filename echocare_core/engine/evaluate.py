@@ -107,10 +107,11 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str =
     head = meta["head"]
     tokenizer = ReportTokenizer(head["tokenizer"], head["report"]["max_tokens"]) if spec.task == "report" else None
     ds = TaskDataset(folder, spec, rows, meta["input"]["size"], meta["input"]["channels"], train=False,
-                     frames=meta["input"].get("frames", 16), tokenizer=tokenizer)
+                     frames=meta["input"].get("frames", 16), tokenizer=tokenizer,
+                     views=head.get("report", {}).get("views", 1))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=[(0, i) for i in range(len(ds))],
                                          collate_fn=collate_task)
-    out = predict_all(model, loader, torch.device("cpu"), beam or head.get("beam", 1))
+    out = predict_all(model, loader, torch.device("cpu"), head.get("beam", 1) if beam is None else beam)
     if out is None:
         raise ValueError(f"{folder}: no readable sample in the '{split}' split")
     pred, true, used = out

@@ -49,6 +49,7 @@ __all__ = ["DatasetInvalidError", "FinetuneResult", "check_dataset", "evaluate_m
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, int, dict[str, float]], None]
+_NO_DP = {"regression": "clip regression", "report": "report generation"}
 
 
 class DatasetInvalidError(ValueError):
@@ -216,8 +217,8 @@ def evaluate_model(model: EchoCareTaskModel, loader: DataLoader, device: torch.d
                    threshold: float | None = None, beam: int = 1) -> dict[str, float]:
     """Main and secondary metrics of `model` over `loader` (a `TaskDataset`'s)."""
     out = predict_all(model, loader, device, beam)
-    return task_metrics(model.task, out[0], out[1], k, threshold, loader.dataset.spec.findings) \
-        if out is not None else {}
+    findings = loader.dataset.spec.findings if model.task == "report" else ()
+    return task_metrics(model.task, out[0], out[1], k, threshold, findings) if out is not None else {}
 
 
 def task_loader(ds: TaskDataset, keys: list[tuple[int, int]], batch: int, workers: int) -> DataLoader:
@@ -256,7 +257,12 @@ def _resume(cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, head: dict
     if not (last / "meta.json").is_file():
         return {}
     meta = read_meta(last)
-    if ((meta["finetune"]["mode"], meta["task"], meta["head"]) != (cfg.model.mode, model.task, head)
+    decoding = ("beam", "findings")  # report settings that do not change the weights
+
+    def weights(h: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in h.items() if k not in decoding}
+
+    if ((meta["finetune"]["mode"], meta["task"], weights(meta["head"])) != (cfg.model.mode, model.task, weights(head))
             or not same_architecture(meta["encoder"], to_dict(model.encoder.cfg))):
         raise ValueError(f"{last} belongs to another task, mode, head or encoder; choose a new output folder")
     state = load_train_state(last)
@@ -357,8 +363,9 @@ def _private(cfg: FinetuneConfig, spec: DatasetSpec, model: EchoCareTaskModel, o
     from echocare_core.privacy.ledger import LedgerError, PrivacyLedger
     from echocare_core.privacy.passes import PrivatePasses  # Opacus: imported only for DP runs
 
-    if spec.task == "regression":
-        raise ValueError("privacy.epsilon > 0: differential privacy for clip regression is not supported yet")
+    if spec.task in ("regression", "report"):
+        raise ValueError(f"privacy.epsilon > 0: differential privacy for {_NO_DP[spec.task]} is not supported yet "
+                         f"(the encoder sees a sample's images as a batch of their own)")
     p, steps = cfg.privacy, math.ceil(len(train_set) / cfg.optim.batch_size)
     try:
         ledger = PrivacyLedger(p.ledger, p.epsilon_budget, p.delta)
@@ -395,7 +402,8 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
              100 * trainable / total)
     o, size, k = cfg.optim, model.encoder.cfg.img_size, num_classes(spec, tok)
     sets = {s: TaskDataset(folder, spec, r, size, model.encoder.cfg.in_chans, train=s == "train", seed=cfg.seed,
-                           frames=cfg.model.frames, tokenizer=tok) for s, r in rows.items()}
+                           frames=cfg.model.frames, tokenizer=tok, views=cfg.model.report.views)
+            for s, r in rows.items()}
     steps = math.ceil(len(sets["train"]) / o.batch_size)
     optimizer = build_optimizer(model, o.lr, o.weight_decay, (0.9, 0.999))
     scheduler = warmup_cosine(optimizer, o.warmup_epochs * steps, o.epochs * steps, 0.01)

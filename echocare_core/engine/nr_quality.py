@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,11 +203,25 @@ def niqe(images: torch.Tensor, params: NiqeParams) -> np.ndarray:
     return scores
 
 
-def _pristine_images(images: str | Path | torch.Tensor) -> list[np.ndarray]:
-    """Grey 0..255 images `[H, W]` from a `[N, C, H, W]` tensor in [0, 1] or from the image files of a folder."""
+def _read_grey(files: list[Path]) -> Iterator[np.ndarray]:
+    """The files as grey 0..255 float images `[H, W]`, one at a time; unreadable ones are skipped and counted."""
+    from echocare_core.data.io import ImageReadError, read_image
+
+    skipped = 0
+    for path in files:
+        try:
+            yield read_image(path, channels=1)[0].astype(np.float64)
+        except ImageReadError:
+            skipped += 1
+    if skipped:
+        log.warning("NIQE pristine images: %d of %d files could not be read and were left out", skipped, len(files))
+
+
+def _pristine_images(images: str | Path | torch.Tensor) -> Iterable[np.ndarray]:
+    """Grey 0..255 images `[H, W]` from a `[N, C, H, W]` tensor in [0, 1] or from the image files of a folder
+    (read one at a time)."""
     if isinstance(images, torch.Tensor):
         return list(_gray255(images))
-    from echocare_core.data.io import read_image
 
     folder = Path(images)
     if not folder.is_dir():
@@ -214,7 +230,7 @@ def _pristine_images(images: str | Path | torch.Tensor) -> list[np.ndarray]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"NIQE pristine images: no image file ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    return [read_image(p, channels=1)[0].astype(np.float64) for p in files]
+    return _read_grey(files)
 
 
 def fit_niqe_params(images: str | Path | torch.Tensor, block_size: int = NIQE_BLOCK,
@@ -255,8 +271,12 @@ def fit_niqe_params(images: str | Path | torch.Tensor, block_size: int = NIQE_BL
 def save_niqe_params(path: str | Path, params: NiqeParams) -> None:
     """Write a model as an .npz in BasicSR's layout (`mu_pris_param` [1, 36], `cov_pris_param` [36, 36],
     `gaussian_window` [7, 7]) plus `block_size`."""
-    np.savez(path, mu_pris_param=params.mu[None, :], cov_pris_param=params.cov, gaussian_window=_WINDOW,
-             block_size=np.array(params.block_size))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:  # a file object: numpy adds no suffix
+        np.savez(f, mu_pris_param=params.mu[None, :], cov_pris_param=params.cov, gaussian_window=_WINDOW,
+                 block_size=np.array(params.block_size))
+    os.replace(tmp, path)
 
 
 # (mean key, covariance key) of the files NIQE's model comes in

@@ -5,8 +5,8 @@ and overlay PNG names and the foreground fraction; landmarks `<name>_x, <name>_y
 detection the boxes as JSON `[[x1, y1, x2, y2, class, score], ...]`; regression the value;
 enhancement the enhanced image and a side-by-side PNG (input | enhanced): the model enhances at its own
 input size (e.g. 224 px) and the result is resized to the input's, so fine detail above that size is not
-restored; report generation one row per study (the images of one folder, the first two by name, are the
-study's views) with the report, also written to `<study>_report.txt`. All coordinates are pixels of the
+restored; report generation one row per study (an image; for a two-view model the one or two images of a
+folder) with the report, also written to `<study>_report.txt`. All coordinates are pixels of the
 input image.
 """
 
@@ -28,7 +28,6 @@ from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.data.finetune import from_model_points
 from echocare_core.data.io import ImageReadError, is_image_file, read_clip, read_image
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.models.report import MAX_VIEWS
 from echocare_core.models.task import EchoCareTaskModel
 
 __all__ = ["list_inputs", "predict_files"]
@@ -146,29 +145,47 @@ def _predict_one(model: EchoCareTaskModel, meta: dict, img: np.ndarray, stem: st
     return [json.dumps([b[:6] for b in boxes]), str(len(boxes)), f"{stem}_overlay.png"]
 
 
+def _studies(files: list[Path], views: int) -> list[tuple[str, list[Path]]]:
+    """(name, images) of each study: every image alone for a one-view model; the images of one folder for a
+    two-view model (a folder of one image: it is repeated).
+
+    Raises:
+        ValueError: a folder with more images than the model reads per report.
+    """
+    if views == 1:
+        return [(f.stem, [f]) for f in files]
+    folders: dict[Path, list[Path]] = {}
+    for file in files:
+        folders.setdefault(file.parent, []).append(file)
+    for folder, members in folders.items():
+        if len(members) > views:
+            raise ValueError(f"{folder} holds {len(members)} images: the model reads {views} per report, from one "
+                             f"study folder each (put each study's images in a folder of its own)")
+    return [(folder.name, sorted(members) * (views // len(members))) for folder, members in folders.items()]
+
+
 def _reports(model: EchoCareTaskModel, meta: dict, files: list[Path], out: Path, beam: int | None
              ) -> tuple[list[list[str]], int]:
-    """One CSV row per study (the files of one folder; the first MAX_VIEWS by name are its views) and the number
-    of studies with an unreadable image; writes each report to a text file."""
+    """One CSV row per study (`_studies`) and the number of studies with an unreadable image; writes each report
+    to a text file."""
     head = meta["head"]
     tok = ReportTokenizer(head["tokenizer"], head["report"]["max_tokens"])
-    studies: dict[Path, list[Path]] = {}
-    for file in files:
-        studies.setdefault(file.parent, []).append(file)
+    width = head.get("beam", 1) if beam is None else beam
+    if width < 1:
+        raise ValueError(f"beam={width}: must be >= 1 (1: greedy)")
     rows, unreadable = [], 0
-    for i, (folder, members) in enumerate(studies.items()):
-        views = sorted(members)[:MAX_VIEWS]
-        names = ";".join(f.name for f in views)
+    for i, (study, views) in enumerate(_studies(files, head["report"].get("views", 1))):
+        names = ";".join(str(f) for f in views)
         try:
             x = torch.cat([_model_input(read_image(f, meta["input"]["channels"])[None], meta) for f in views])
         except ImageReadError:
             unreadable += 1
-            rows.append([str(folder), names, "unreadable", ""])
+            rows.append([study, names, "unreadable", ""])
             continue
-        text = tok.decode(model.generate(x[None], tok.bos, tok.eos, beam or head.get("beam", 1))[0])
-        name = f"{i:05d}_{folder.name}_report.txt"
+        text = tok.decode(model.generate(x[None], tok.bos, tok.eos, width)[0])
+        name = f"{i:05d}_{study}_report.txt"
         (out / name).write_text(text + "\n", encoding="utf-8")
-        rows.append([str(folder), names, name, text])
+        rows.append([study, names, name, text])
     return rows, unreadable
 
 

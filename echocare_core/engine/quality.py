@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from echocare_core.engine.nr_quality import load_niqe_params, niqe, piqe
@@ -118,6 +119,6 @@ def quality_metrics(pred: torch.Tensor, target: torch.Tensor, weights: QualityWe
         out["brisque"] = _loaded("brisque", weights.brisque, lambda: _brisque(pred, weights.brisque))
     if weights.niqe:
         params = _loaded("niqe", weights.niqe, lambda: load_niqe_params(weights.niqe))
-        out["niqe"] = float(niqe(pred, params).mean())
+        out["niqe"] = float(np.nanmean(niqe(pred, params)))  # a flat image has no score
     out["piqe"] = float(piqe(pred).mean())
     return out

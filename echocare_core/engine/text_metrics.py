@@ -1,19 +1,20 @@
 """Metrics of generated reports against the reference reports, from maintained implementations.
 
-- BLEU-1 to BLEU-4: sacrebleu's corpus BLEU (lowercased, no smoothing, as the COCO caption toolkit that
-  report-generation papers quote; its `zh` tokenizer, one token per CJK character, when the references
-  hold CJK text, else its `13a` tokenizer).
-- ROUGE-L: Google's `rouge-score` (F-measure, mean over reports), with the word tokenizer below instead of
-  its own, which drops every non-Latin character.
+- BLEU-1 to BLEU-4: sacrebleu's corpus BLEU on the words below (no smoothing, as the COCO caption toolkit
+  that report-generation papers quote, whose tokenizer also drops punctuation; sacrebleu's own `zh`
+  tokenizer splits Chinese but not Japanese or Korean).
+- ROUGE-L: Google's `rouge-score` (F-measure, mean over reports), with the words below instead of its own
+  tokenizer, which drops every non-Latin character.
 - METEOR: NLTK's `meteor_score` (mean over reports): exact, Porter-stem and WordNet-synonym matches. NLTK's
   WordNet corpus is data that is downloaded (`python -m nltk.downloader wordnet`); without it on the machine
   the synonym stage is skipped (logged once), so scores can be slightly lower than with it. The METEOR 1.5
   jar used by the COCO caption toolkit needs Java and English paraphrase tables, and is not used.
 - Findings: where the dataset declares `findings` (phrases that a report states only when present, e.g.
-  "posterior shadowing"), each is read from both texts by case-insensitive phrase match: accuracy over all
-  (report, finding) pairs, and micro precision, recall and F1 of the findings the generated reports state.
+  "posterior shadowing": a negated mention, "no posterior shadowing", would count as stated), each is read
+  from both texts as a run of whole words: accuracy over all (report, finding) pairs, and micro precision,
+  recall and F1 of the findings the generated reports state.
 
-Words for ROUGE-L and METEOR are runs of letters and digits, and each CJK character on its own.
+Words are lowercased runs of letters and digits, and each CJK character on its own.
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ def bleu(preds: list[str], refs: list[str], order: int = 4) -> float:
     """Corpus BLEU-`order` in [0, 1] (sacrebleu; one reference per report)."""
     from sacrebleu.metrics import BLEU
 
-    tokenize = "zh" if any(re.search(f"[{_CJK}]", r) for r in refs) else "13a"
-    return BLEU(max_ngram_order=order, lowercase=True, tokenize=tokenize, smooth_method="none").corpus_score(preds, [refs]).score / 100
+    def text(t: str) -> str:
+        return " ".join(words(t))
+
+    metric = BLEU(max_ngram_order=order, tokenize="none", smooth_method="none")
+    return metric.corpus_score([text(p) for p in preds], [[text(r) for r in refs]]).score / 100
 
 
 class _NoSynonyms:
@@ -90,8 +94,13 @@ def finding_metrics(preds: list[str], refs: list[str], findings: tuple[str, ...]
 
     Precision (recall) is NaN when no generated (reference) report states a finding.
     """
+    phrases = [words(f) for f in findings]
+
+    def says(text: list[str], phrase: list[str]) -> bool:
+        return any(text[i:i + len(phrase)] == phrase for i in range(len(text) - len(phrase) + 1))
+
     def stated(texts: list[str]) -> np.ndarray:  # [N, F]
-        return np.array([[f.lower() in t.lower() for f in findings] for t in texts], dtype=bool).reshape(-1, len(findings))
+        return np.array([[says(words(t), f) for f in phrases] for t in texts], dtype=bool).reshape(-1, len(phrases))
 
     p, t = stated(preds), stated(refs)
     tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())

@@ -26,12 +26,14 @@ class ReportHeadConfig:
     depth: int = 3  # decoder blocks
     heads: int = 8
     max_tokens: int = 256  # ids per report, with start and end (bytes, for the byte-level tokenizer)
+    views: int = 1  # images per report: 1 (`image`), or 2 (`image`, `image2`; a study without image2 repeats image)
 
     def __post_init__(self) -> None:
-        if self.width < 1 or self.depth < 1 or self.heads < 1 or self.width % self.heads or self.max_tokens < 3:
-            raise ValueError(f"report head: need width divisible by heads, depth >= 1 and max_tokens >= 3; got "
-                             f"width={self.width}, heads={self.heads}, depth={self.depth}, "
-                             f"max_tokens={self.max_tokens}")
+        if (self.width < 1 or self.depth < 1 or self.heads < 1 or self.width % self.heads or self.max_tokens < 3
+                or not 1 <= self.views <= MAX_VIEWS):
+            raise ValueError(f"report head: need width divisible by heads, depth >= 1, max_tokens >= 3 and views 1 "
+                             f"or {MAX_VIEWS}; got width={self.width}, heads={self.heads}, depth={self.depth}, "
+                             f"max_tokens={self.max_tokens}, views={self.views}")
 
 
 class _Attention(nn.Module):

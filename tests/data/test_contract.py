@@ -85,6 +85,18 @@ def test_regression_numbers_and_enhancement_pairs(tmp_path):
     assert _found(verify_dataset(enh)) == [(3, "target_image", "the image's size 64x48")]
 
 
+def test_reports_need_text_a_second_image_that_decodes_and_distinct_findings(tmp_path):
+    rep = _dataset(tmp_path / "r", "report", ["image", "report", "image2"],
+                   [["img0.png", "a cyst", "img1.png"], ["img1.png", "", "img2.png"], ["img2.png", "a nodule", "no.png"],
+                   ["img3.png", "seen", ""]], findings=["cyst", "calcification"])
+    assert load_spec(rep).findings == ("cyst", "calcification")
+    assert [(r, c) for r, c, _ in _found(verify_dataset(rep))] == [(3, "report"), (4, "image2")]
+    for bad in (["cyst", "Cyst"], "cyst", ["cyst", ""]):
+        (rep / "dataset.yaml").write_text(yaml.safe_dump({"name": "t", "task": "report", "findings": bad}))
+        with pytest.raises(ValueError, match="key 'findings'.*distinct phrases"):
+            load_spec(rep)
+
+
 def test_structure_errors(tmp_path):
     no_col = _dataset(tmp_path / "a", "segmentation", ["image"], [["img0.png"]], labels={0: "bg"})
     (row, column, allowed), = _found(verify_dataset(no_col))

@@ -385,3 +385,24 @@ def test_cli_synth_new_tasks_then_verify(tmp_path: Path, task: str) -> None:
     assert main(argv) == 0
     for site in ("site_00", "site_01"):
         assert main(["verify", str(tmp_path / site)]) == 0
+
+
+def test_report_dataset_describes_each_lesion(tmp_path: Path) -> None:
+    from echocare_core.data.synthetic_dataset import REPORT_FINDINGS, lesion_report
+
+    folder = write_dataset(tmp_path, "report", sites=1, per_site=12, size=64, seed=3)[0]
+    assert verify_dataset(folder).ok
+    meta = yaml.safe_load((folder / "dataset.yaml").read_text(encoding="utf-8"))
+    assert meta["findings"] == list(REPORT_FINDINGS)
+    rows = _read_manifest(folder)
+    assert list(rows[0]) == ["image", "patient", "split", "report", "image2"]
+    for row in rows:
+        with Image.open(folder / row["image"]) as a, Image.open(folder / row["image2"]) as b:
+            assert a.size == b.size == (64, 64) and np.asarray(a).tobytes() != np.asarray(b).tobytes()
+        assert row["report"].startswith(("A ", "An ")) and "Impression: " in row["report"]
+    assert lesion_report("cyst", np.array([2, 40, 18, 60]), 64) == (
+        "A 10 mm anechoic nodule in the left deep field, with a smooth margin and posterior acoustic enhancement. "
+        "Impression: likely benign.")
+    assert lesion_report("irregular", np.array([40, 5, 53, 25]), 64) == (
+        "An 8 mm hypoechoic nodule in the right superficial field, with an irregular margin and posterior acoustic "
+        "shadowing. Impression: suspicious for malignancy.")

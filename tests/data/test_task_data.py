@@ -51,3 +51,26 @@ def test_landmarks_are_never_flipped(tmp_path):
     expected = to_model_points(torch.tensor([[10.0, 20.0], [50.0, 40.0]]), 48, 64, 32)
     for epoch in range(6):
         torch.testing.assert_close(ds[(epoch, 0)]["target"], expected)
+
+
+def test_report_samples_read_the_models_views_never_flip_and_count_cut_reports(tmp_path, caplog):
+    from echocare_core.data.synthetic_dataset import write_dataset
+    from echocare_core.data.text import ReportTokenizer
+
+    folder = write_dataset(tmp_path, "report", sites=1, per_site=6, size=48, seed=3)[0]
+    spec, (_, rows) = load_spec(folder), read_manifest(folder)
+    rows[1]["image2"] = ""  # a study with one image: it is read twice
+    tok = ReportTokenizer(max_tokens=24)
+    with caplog.at_level("WARNING"):
+        two = TaskDataset(folder, spec, rows, 32, 1, train=True, tokenizer=tok, views=2)
+    assert "6 of 6 reports are longer than max_tokens=24" in caplog.text and rows[0]["report"] not in caplog.text
+    one = TaskDataset(folder, spec, rows, 32, 1, train=True, tokenizer=tok)
+    unflipped = TaskDataset(folder, spec, rows, 32, 1, train=False, tokenizer=tok, views=2)[(0, 0)]["image"]
+    for epoch in range(6):  # training never flips a report's images: it would swap "left" and "right"
+        a, b = two[(epoch, 0)], one[(epoch, 0)]
+        assert a["image"].shape == (2, 1, 32, 32) and b["image"].shape == (1, 1, 32, 32)
+        assert torch.equal(a["image"], unflipped) and torch.equal(b["image"][0], unflipped[0])
+        assert not torch.equal(a["image"][0], a["image"][1])
+        assert torch.equal(a["target"], tok.encode(rows[0]["report"]))
+    same = two[(0, 1)]["image"]
+    assert torch.equal(same[0], same[1])

@@ -21,7 +21,7 @@ from echocare_core.engine.finetune_config import FinetuneConfig
 pytestmark = pytest.mark.slow
 
 MAIN = {"landmarks": "mre", "detection": "map50", "regression": "mae", "enhancement": "ssim", "report": "bleu4"}
-REPORT = {"width": 32, "depth": 1, "heads": 4, "max_tokens": 160}
+REPORT = {"width": 32, "depth": 1, "heads": 4, "max_tokens": 160, "views": 2}
 
 
 @pytest.fixture(scope="module", params=["landmarks", "detection", "regression", "enhancement", "report"])
@@ -137,7 +137,12 @@ def _predict_reports(root, rows, folder, tmp_path):
                          "--out", str(tmp_path / "out"), "--beam", "1"]) == 0
     out = {r["study"].rsplit("/", 1)[-1]: r for r in csv.DictReader((tmp_path / "out" / "predictions.csv").open())}
     assert set(out) == {"two_views", "one_view", "broken"} and out["broken"]["report_file"] == "unreadable"
-    assert len(out["two_views"]["images"].split(";")) == 2 and len(out["one_view"]["images"].split(";")) == 1
+    assert len(out["two_views"]["images"].split(";")) == 2
+    assert len(out["one_view"]["images"].split(";")) == 2  # a two-view model reads a single image twice
     for name in ("two_views", "one_view"):
         text = (tmp_path / "out" / out[name]["report_file"]).read_text(encoding="utf-8")
         assert text.strip() == out[name]["report"]
+    shutil.copy(folder / rows[2]["image"], tmp_path / "in" / "two_views")  # three images in one study folder
+    assert predict_main(["--checkpoint", str(root / "run" / "best"), "--input", str(tmp_path / "in"),
+                         "--out", str(tmp_path / "out2")]) == 2
+    assert not (tmp_path / "out2" / "predictions.csv").exists()

@@ -160,6 +160,15 @@ def test_fit_reads_a_folder_of_images_as_the_same_tensor(tmp_path):
     save_niqe_params(tmp_path / "small.npz", from_folder)  # a smaller block size travels with the file
     assert load_niqe_params(tmp_path / "small.npz").block_size == 32
     assert np.isfinite(niqe(_batch(_scans(range(5, 7), size=128)), from_folder)).all()
+    from echocare_core.cli.data import main as data_main
+
+    out = tmp_path / "model" / "site.npz"
+    out.parent.mkdir()
+    (tmp_path / "broken.png").write_bytes(b"not a png")  # left out, counted in the log
+    assert data_main(["niqe-model", str(tmp_path), "--out", str(out), "--block-size", "32"]) == 0
+    assert np.allclose(load_niqe_params(out).cov, from_folder.cov) and sorted(p.name for p in out.parent.iterdir()) == \
+        ["site.npz"]  # written whole, no temporary left
+    assert data_main(["niqe-model", str(tmp_path / "absent"), "--out", str(out)]) == 2
 
 
 def test_an_absent_niqe_model_is_named_with_its_key(tmp_path, capsys):

@@ -28,11 +28,13 @@ def test_known_unigram_and_bigram_overlap():
     assert "finding_f1" not in m
 
 
-def test_chinese_is_scored_per_character():
+@pytest.mark.parametrize("pred, ref", [("甲状腺右叶低回声结", "甲状腺左叶低回声结"), ("あいうえおかきくけさ"[:9], "あいうえおかきくこ"),
+                                       ("갑상선우엽저에코결", "갑상선좌엽저에코결")])
+def test_chinese_japanese_and_korean_are_scored_per_character(pred, ref):
     assert words("甲状腺 nodule, 5mm") == ["甲", "状", "腺", "nodule", "5mm"]
-    # 7 of the 8 characters agree (one differs): BLEU-1 counts characters, not the whole sentence as one word
-    assert bleu(["甲状腺右叶低回声结"], ["甲状腺左叶低回声结"], 1) == pytest.approx(8 / 9)
-    assert report_metrics(["甲状腺右叶低回声结"], ["甲状腺左叶低回声结"])["rouge_l"] == pytest.approx(8 / 9)
+    # 8 of the 9 characters agree (one differs): BLEU-1 counts characters, not the whole sentence as one word
+    assert bleu([pred], [ref], 1) == pytest.approx(8 / 9)
+    assert report_metrics([pred], [ref])["rouge_l"] == pytest.approx(8 / 9)
 
 
 def test_findings_are_counted_per_report_and_finding():
@@ -43,6 +45,10 @@ def test_findings_are_counted_per_report_and_finding():
     assert m["finding_precision"] == pytest.approx(2 / 3) and m["finding_recall"] == pytest.approx(2 / 3)
     assert m["finding_f1"] == pytest.approx(2 / 3) and m["finding_accuracy"] == pytest.approx(7 / 9)
     assert math.isnan(finding_metrics(["none"], ["none"], FINDINGS)["finding_precision"])
+    # whole words only: "microcalcification" is not "calcification"
+    m = finding_metrics(["microcalcification"], ["calcification, Posterior Acoustic Enhancement"],
+                        ("calcification", "posterior acoustic enhancement"))
+    assert m["finding_recall"] == 0 and m["finding_accuracy"] == 0
 
 
 def test_mismatched_lists_are_refused():

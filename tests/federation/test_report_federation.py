@@ -1,5 +1,6 @@
-"""Report generation in a federation, without Flower: two sites share the adapters and the decoder, the
-coordinator's checkpoint writes reports with the byte-level tokenizer; a report site in a multi-task job."""
+"""Report generation in a federation: two sites share the adapters and the decoder, in process and over the real
+Flower runtime; the coordinator's checkpoint writes reports with the byte-level tokenizer; a report site in a
+multi-task job."""
 
 import dataclasses
 import json
@@ -7,12 +8,16 @@ import json
 import pytest
 from conftest import TINY_ENCODER
 
+from echocare_core.checkpoint import read_meta
+from echocare_core.cli.predict import main as predict_main
 from echocare_core.data.contract import load_spec
+from echocare_core.data.text import ReportTokenizer
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.federation.job import Job, SiteLimits, TaskSpec, check_job, job_hash
 from echocare_core.federation.rounds import aggregate, initial_state, save_round
 from echocare_core.federation.site import site_round
+from echocare_core.federation.testbed import run_on_this_machine
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 
@@ -31,6 +36,21 @@ def test_report_jobs_keep_other_jobs_hashes_and_round_trip():
     assert "report" not in json.loads(Job().to_json())  # a single-task job of another task keeps its hash
     assert Job.from_json(JOB.to_json()) == JOB and json.loads(JOB.to_json())["report"]["max_tokens"] == 48
     assert job_hash(JOB) != job_hash(dataclasses.replace(JOB, report=ReportHeadConfig(width=64, heads=4)))
+
+
+def test_differential_privacy_is_refused_for_reports_with_the_reason(sites, tmp_path):
+    from echocare_core.config import load_config
+    from echocare_core.engine.finetune import run_finetune
+    from echocare_core.engine.finetune_config import FinetuneConfig
+    from echocare_core.privacy.settings import DPSettings
+
+    (reason,) = check_job(dataclasses.replace(JOB, privacy=DPSettings(epsilon=8.0)), load_spec(sites[0]), SiteLimits())
+    assert reason == "differential privacy for report generation is not supported yet (views share the batch)"
+    cfg = {"output": str(tmp_path / "run"), "device": "cpu", "data": {"folder": str(sites[0]), "num_workers": 0},
+           "model": {"encoder": dict(TINY_ENCODER), "report": {"width": 32, "heads": 4, "depth": 1}},
+           "privacy": {"epsilon": 8.0, "ledger": str(tmp_path / "ledger")}}
+    with pytest.raises(ValueError, match="differential privacy for report generation is not supported yet"):
+        run_finetune(load_config(FinetuneConfig, None, [], base=cfg))
 
 
 def test_two_report_sites_train_a_federated_model_whose_checkpoint_writes_reports(sites, tmp_path):
@@ -56,3 +76,18 @@ def test_a_report_site_joins_a_multi_task_federation(sites, tmp_path):
     a, b = (site_round(job, state, f, 1, local_file=tmp_path / f"{i}.safetensors") for i, f in enumerate((seg, sites[0])))
     assert set(a.shared) == set(b.shared) and b.metrics["task_index"] == 1.0
     assert not any(n.startswith("head.") for n in b.shared) and "global_bleu4" in b.metrics
+
+
+def test_two_report_sites_over_the_real_runtime(sites, tmp_path):
+    fed = {"output": str(tmp_path / "run"), "server": {"insecure": True},
+           "rounds": {"rounds": 1, "min_sites": 2, "wait_for_sites": 300, "deadline": 600},
+           "job": json.loads(JOB.to_json())}
+    assert run_on_this_machine(tmp_path, {"a": sites[0], "b": sites[1]}, fed, show_server=False) == 0
+    (rnd,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {s["site"]: s["metric"] for s in rnd["sites"]} == {"a": "bleu4", "b": "bleu4"}
+    assert all(0 <= s["local_bleu4"] <= 1 and "local_finding_f1" in s for s in rnd["sites"])
+    checkpoint = tmp_path / "run" / "checkpoints" / "round_0001"
+    assert read_meta(checkpoint)["head"]["tokenizer"] == ReportTokenizer().to_str()
+    assert "bleu4" in (tmp_path / "run" / "report.md").read_text()
+    assert predict_main(["--checkpoint", str(checkpoint), "--input", str(sites[0] / "images"),
+                         "--out", str(tmp_path / "reports"), "--beam", "1"]) == 0

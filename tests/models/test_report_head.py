@@ -21,6 +21,17 @@ def test_byte_level_tokens_round_trip_any_language(text):
     assert ReportTokenizer(tok.to_str(), 80).decode(ids) == text  # as a checkpoint keeps it
 
 
+def test_special_tokens_in_a_report_are_text_and_a_files_own_padding_is_not_used(tmp_path):
+    tok = ReportTokenizer(max_tokens=24)
+    ids = tok.encode("a <eos> b").tolist()
+    assert ids.count(tok.eos) == 1 and tok.decode(ids) == "a <eos> b"
+    words = Tokenizer(models.WordLevel({"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3, "a": 4}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.enable_padding(length=16)
+    words.enable_truncation(2)
+    assert ReportTokenizer(words, 8).encode("a a a").tolist() == [1, 4, 4, 4, 2, 0, 0, 0]
+
+
 def test_long_reports_are_cut_and_still_end():
     tok = ReportTokenizer(max_tokens=8)
     ids = tok.encode("a long report of many words")
