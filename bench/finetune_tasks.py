@@ -34,7 +34,8 @@ from echocare_core.engine.metrics import MAIN_METRIC, enhancement_metrics
 from echocare_core.engine.text_metrics import bleu
 
 PER_SITE = {"landmarks": 240, "detection": 240, "regression": 240, "enhancement": 240, "report": 400}
-LR = {"landmarks": 1e-3, "detection": 1e-3, "regression": 1e-4, "enhancement": 1e-3, "report": 2e-3}  # regression: mean at 1e-3
+# regression collapses to the mean at 1e-3
+LR = {"landmarks": 1e-3, "detection": 1e-3, "regression": 1e-4, "enhancement": 1e-3, "report": 2e-3}
 REPORT = {"width": 128, "depth": 2, "heads": 4, "max_tokens": 160, "views": 2}  # synthetic reports: 100-150 bytes
 SIZE = 128
 

@@ -257,12 +257,11 @@ def _resume(cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, head: dict
     if not (last / "meta.json").is_file():
         return {}
     meta = read_meta(last)
-    decoding = ("beam", "findings")  # report settings that do not change the weights
+    def weights(h: dict[str, Any]) -> dict[str, Any]:  # without the report settings that leave the weights alone
+        return {k: v for k, v in h.items() if k not in ("beam", "findings")}
 
-    def weights(h: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in h.items() if k not in decoding}
-
-    if ((meta["finetune"]["mode"], meta["task"], weights(meta["head"])) != (cfg.model.mode, model.task, weights(head))
+    if ((meta["finetune"]["mode"], meta["task"], weights(meta["head"])) != (cfg.model.mode, model.task,
+                                                                           weights(head))
             or not same_architecture(meta["encoder"], to_dict(model.encoder.cfg))):
         raise ValueError(f"{last} belongs to another task, mode, head or encoder; choose a new output folder")
     state = load_train_state(last)

@@ -122,7 +122,7 @@ def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="sites"):
         write_dataset(Path("unused"), "segmentation", 0, 3)
     with pytest.raises(ValueError, match="task"):
-        write_dataset(Path("unused"), "report", 1, 3)
+        write_dataset(Path("unused"), "captioning", 1, 3)
 
 
 def test_manifest_anatomy_stops_at_every_level() -> None:
@@ -189,7 +189,7 @@ def test_cli_synth_writes_sites(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main([*argv, "--overwrite"]) == 0
 
 
-@pytest.mark.parametrize("bad", [["--sites", "0"], ["--task", "report"], ["--per-site", "x"],
+@pytest.mark.parametrize("bad", [["--sites", "0"], ["--task", "captioning"], ["--per-site", "x"],
                                  ["--size", "8"]])
 def test_cli_bad_arguments_exit_2(tmp_path: Path, bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["synth", "--out", str(tmp_path), "--sites", "1", "--per-site", "1", "--task", "pretrain"]
