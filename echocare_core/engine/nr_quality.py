@@ -307,7 +307,7 @@ def load_niqe_params(path: str | Path) -> NiqeParams:
             from scipy.io import loadmat
 
             found, keys = loadmat(path), _MAT_KEYS
-    except (ValueError, OSError, EOFError, NotImplementedError) as exc:  # not an npz / a MATLAB v5 file
+    except (ValueError, OSError, EOFError, NotImplementedError) as exc:  # not an npz; scipy: not MATLAB v5 (v7.3)
         raise ValueError(f"NIQE params: {path} does not load as {suffix} ({type(exc).__name__}: "
                          f"{str(exc)[:200]})") from exc
     if not set(keys) <= set(found):
