@@ -34,12 +34,13 @@ from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.metrics import (LOWER_IS_BETTER, MAIN_METRIC, classification_metrics, detection_metrics,
                                           enhancement_metrics, landmark_metrics, multilabel_metrics,
                                           regression_metrics, segmentation_metrics)
-from echocare_core.engine.text_metrics import report_metrics
+from echocare_core.engine.text_metrics import report_metrics, stated
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.pretrain import NonFiniteLossError
 from echocare_core.engine.report import read_metrics
 from echocare_core.models.detection import detection_loss
 from echocare_core.models.landmarks import heatmap_loss
+from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
 from echocare_core.privacy.settings import BudgetExceeded
@@ -122,20 +123,32 @@ def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec, stats: tuple[float,
     return model
 
 
-def report_loss(pad: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Next-token cross-entropy: the mean over each report's tokens (its padding left out), then over reports."""
-    def loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # [B, L - 1, vocab], [B, L]
+def report_loss(tokenizer: ReportTokenizer, head: ReportHeadConfig | None = None
+                ) -> Callable[[tuple[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor]:
+    """Per report, the next-token cross-entropy (mean over its tokens, padding left out) plus, where the head
+    classifies findings, `findings_weight` times the findings' binary cross-entropy, labelled by whether the
+    report's text (as far as its ids reach) states each; then the mean over reports."""
+    findings, weight = (head.findings, head.findings_weight) if head and head.classifies else ((), 0.0)
+
+    def loss(out: tuple[torch.Tensor, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:  # [B, L - 1, vocab], [B, F]
+        logits, finding_logits = out
         target = ids[:, 1:]
-        keep = (target != pad).float()
+        keep = (target != tokenizer.pad).float()
         ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, L - 1]
-        return ((ce * keep).sum(1) / keep.sum(1).clamp(min=1)).mean()
+        per_report = (ce * keep).sum(1) / keep.sum(1).clamp(min=1)
+        if findings:
+            labels = stated([tokenizer.decode(r) for r in ids], findings)
+            bce = F.binary_cross_entropy_with_logits(finding_logits, torch.as_tensor(labels, dtype=torch.float32,
+                                                     device=ids.device), reduction="none")
+            per_report = per_report + weight * bce.mean(1)
+        return per_report.mean()
     return loss
 
 
-def task_loss(spec: DatasetSpec, stats: tuple[float, float], pad: int = 0
-              ) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-    """The task's training loss, computed per sample and averaged (so DP can clip per sample); `pad` is the
-    report tokenizer's padding id."""
+def task_loss(spec: DatasetSpec, stats: tuple[float, float], tokenizer: ReportTokenizer | None = None,
+              head: ReportHeadConfig | None = None) -> Callable[[Any, Any], torch.Tensor]:
+    """The task's training loss, computed per sample and averaged (so DP can clip per sample); report generation
+    needs its tokenizer and head config."""
     if spec.task == "classification":
         return F.binary_cross_entropy_with_logits if spec.multi_label else F.cross_entropy
     if spec.task == "segmentation":
@@ -146,7 +159,9 @@ def task_loss(spec: DatasetSpec, stats: tuple[float, float], pad: int = 0
     if spec.task == "detection":
         return detection_loss
     if spec.task == "report":
-        return report_loss(pad)
+        if tokenizer is None:
+            raise ValueError("report generation's loss needs the tokenizer")
+        return report_loss(tokenizer, head)
     if spec.task == "enhancement":  # L1 + (1 - SSIM) on the enhanced image in [0, 1]
         ssim = SSIMLoss(spatial_dims=2, data_range=1.0)
         return lambda logits, target: F.l1_loss(logits.sigmoid(), target) + ssim(logits.sigmoid(), target)
@@ -334,8 +349,9 @@ def train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.o
             continue
         target = _to(batch["target"], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(batch["image"].to(device), *([target] if teacher else []))
-        loss = loss_fn(logits.float(), target) if dp is None else dp.loss(loss_fn, logits.float(), target)
+            out = model(batch["image"].to(device), *([target] if teacher else []))
+        out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()  # report: tokens, findings
+        loss = loss_fn(out, target) if dp is None else dp.loss(loss_fn, out, target)
         value = loss.item()
         if not math.isfinite(value):
             raise NonFiniteLossError(f"non-finite loss after {len(losses)} batches of this epoch; lower optim.lr "
@@ -390,6 +406,8 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     device = dist.device
     folder, out = Path(cfg.data.folder), Path(cfg.output)
     spec = check_dataset(folder)
+    if spec.task == "report" and not cfg.model.report.findings:  # its classifier learns the declared findings
+        cfg = replace(cfg, model=replace(cfg.model, report=replace(cfg.model.report, findings=spec.findings)))
     rows = {s: split_rows(folder, s, cfg.data.split_seed) for s in ("train", "val", "test")}
     if not rows["train"] or not rows["val"]:
         raise ValueError(f"{folder}: need train and val samples (found {len(rows['train'])} and {len(rows['val'])})")
@@ -413,7 +431,7 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     save_config(cfg, out / "config.yaml")
     history = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= start]
     write_json_lines(out / "metrics.jsonl", history)
-    loss_fn = task_loss(spec, stats, tok.pad if tok else 0)
+    loss_fn = task_loss(spec, stats, tok, cfg.model.report)
     bf16 = o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
     val_keys = [(0, i) for i in range(len(sets["val"]))]
     status, epoch = "finished", start

@@ -6,8 +6,8 @@ detection the boxes as JSON `[[x1, y1, x2, y2, class, score], ...]`; regression 
 enhancement the enhanced image and a side-by-side PNG (input | enhanced): the model enhances at its own
 input size (e.g. 224 px) and the result is resized to the input's, so fine detail above that size is not
 restored; report generation one row per study (an image; for a two-view model the one or two images of a
-folder) with the report, also written to `<study>_report.txt`. All coordinates are pixels of the
-input image.
+folder) with the report, also written to `<study>_report.txt`, and the probability of each finding its
+classifier scores (`p_<finding>`). All coordinates are pixels of the input image.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _header(meta: dict) -> list[str]:
     if task == "enhancement":
         return ["file", "enhanced", "side_by_side"]
     if task == "report":
-        return ["study", "images", "report_file", "report"]
+        return ["study", "images", "report_file", "report", *[f"p_{f}" for f in _classified(head)]]
     return ["file", head.get("target_name", "target")]
 
 
@@ -164,6 +164,12 @@ def _studies(files: list[Path], views: int) -> list[tuple[str, list[Path]]]:
     return [(folder.name, sorted(members) * (views // len(members))) for folder, members in folders.items()]
 
 
+def _classified(head: dict) -> list[str]:
+    """The findings a report model's classifier scores from the images (none without one)."""
+    report = head["report"]
+    return report.get("findings", []) if report.get("findings_weight", 1.0) > 0 else []
+
+
 def _reports(model: EchoCareTaskModel, meta: dict, files: list[Path], out: Path, beam: int | None
              ) -> tuple[list[list[str]], int]:
     """One CSV row per study (`_studies`) and the number of studies with an unreadable image; writes each report
@@ -180,12 +186,14 @@ def _reports(model: EchoCareTaskModel, meta: dict, files: list[Path], out: Path,
             x = torch.cat([_model_input(read_image(f, meta["input"]["channels"])[None], meta) for f in views])
         except ImageReadError:
             unreadable += 1
-            rows.append([study, names, "unreadable", ""])
+            rows.append([study, names, "unreadable", "", *[""] * len(_classified(head))])
             continue
         text = tok.decode(model.generate(x[None], tok.bos, tok.eos, width)[0])
         name = f"{i:05d}_{study}_report.txt"
         (out / name).write_text(text + "\n", encoding="utf-8")
-        rows.append([study, names, name, text])
+        with torch.no_grad():  # [F]; F is 0 without a classifier
+            probs = model.head.finding_logits(model._views(x[None])).sigmoid()[0]
+        rows.append([study, names, name, text, *[f"{float(p):.4f}" for p in probs]])
     return rows, unreadable
 
 

@@ -25,7 +25,7 @@ from functools import cache
 
 import numpy as np
 
-__all__ = ["bleu", "finding_metrics", "report_metrics", "words"]
+__all__ = ["bleu", "finding_metrics", "report_metrics", "stated", "words"]
 
 log = logging.getLogger(__name__)
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
@@ -89,20 +89,22 @@ def _rouge_l(preds: list[str], refs: list[str]) -> float:
     return float(np.mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]))
 
 
-def finding_metrics(preds: list[str], refs: list[str], findings: tuple[str, ...]) -> dict[str, float]:
-    """Accuracy over (report, finding) pairs and micro precision, recall, F1 of the stated findings.
-
-    Precision (recall) is NaN when no generated (reference) report states a finding.
-    """
+def stated(texts: list[str], findings: tuple[str, ...]) -> np.ndarray:
+    """`[N, F]` booleans: whether each text states each finding (its words, in order, as whole words)."""
     phrases = [words(f) for f in findings]
 
     def says(text: list[str], phrase: list[str]) -> bool:
         return any(text[i:i + len(phrase)] == phrase for i in range(len(text) - len(phrase) + 1))
 
-    def stated(texts: list[str]) -> np.ndarray:  # [N, F]
-        return np.array([[says(words(t), f) for f in phrases] for t in texts], dtype=bool).reshape(-1, len(phrases))
+    return np.array([[says(words(t), f) for f in phrases] for t in texts], dtype=bool).reshape(-1, len(phrases))
 
-    p, t = stated(preds), stated(refs)
+
+def finding_metrics(preds: list[str], refs: list[str], findings: tuple[str, ...]) -> dict[str, float]:
+    """Accuracy over (report, finding) pairs and micro precision, recall, F1 of the stated findings.
+
+    Precision (recall) is NaN when no generated (reference) report states a finding.
+    """
+    p, t = stated(preds, findings), stated(refs, findings)
     tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
     precision = tp / (tp + fp) if tp + fp else float("nan")
     recall = tp / (tp + fn) if tp + fn else float("nan")

@@ -188,7 +188,7 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
     before = evaluate_model(model, val, dev, job.num_outputs)
     optimizer = build_optimizer(model, job.lr, job.weight_decay, (0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    base_loss = task_loss(spec, (0.0, 1.0), tok.pad if tok else 0)
+    base_loss = task_loss(spec, (0.0, 1.0), tok, job.report)
     anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

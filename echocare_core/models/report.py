@@ -5,6 +5,11 @@ The encoder's last-stage tokens of every view, projected to the decoder's width 
 decoder attends to (R2Gen-style encoder-decoder, the paper's report generator). Pre-norm blocks of causal
 self-attention, cross-attention and an MLP, built from `nn.Linear`, `nn.LayerNorm` and `nn.Embedding`
 only, so per-sample gradients (DP) need no rewrite. Decoding: greedy or beam search.
+
+With `findings`, a linear classifier on the views' pooled features also learns which of those phrases the
+report states (multi-label, an auxiliary loss as in Jing et al. 2018's tag prediction). Measured on the
+synthetic reports: without it, the encoder's features collapse to one point while the decoder learns the
+template, and the model writes one report for every study (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class ReportHeadConfig:
     heads: int = 8
     max_tokens: int = 256  # ids per report, with start and end (bytes, for the byte-level tokenizer)
     views: int = 1  # images per report: 1 (`image`), or 2 (`image`, `image2`; a study without image2 repeats image)
+    findings: tuple[str, ...] = ()  # phrases a classifier on the images learns to detect (auxiliary loss)
+    findings_weight: float = 1.0  # that loss's weight next to the report's; 0: no classifier
 
     def __post_init__(self) -> None:
         if (self.width < 1 or self.depth < 1 or self.heads < 1 or self.width % self.heads or self.max_tokens < 3
@@ -34,6 +41,15 @@ class ReportHeadConfig:
             raise ValueError(f"report head: need width divisible by heads, depth >= 1, max_tokens >= 3 and views 1 "
                              f"or {MAX_VIEWS}; got width={self.width}, heads={self.heads}, depth={self.depth}, "
                              f"max_tokens={self.max_tokens}, views={self.views}")
+        if not self.findings_weight >= 0 or len(set(self.findings)) < len(self.findings) or \
+                not all(isinstance(f, str) and f.strip() for f in self.findings):
+            raise ValueError(f"report head: findings must be distinct non-empty phrases and findings_weight >= 0; "
+                             f"got findings={list(self.findings)}, findings_weight={self.findings_weight}")
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the head has the findings classifier."""
+        return bool(self.findings) and self.findings_weight > 0
 
 
 class _Attention(nn.Module):
@@ -85,7 +101,8 @@ class _Block(nn.Module):
 
 
 class ReportHead(nn.Module):
-    """`forward(stage_tokens [B, V, N, C_enc], ids [B, L]) -> [B, L, vocab]` next-token logits.
+    """`forward(stage_tokens [B, V, N, C_enc], ids [B, L])` -> (`[B, L, vocab]` next-token logits, `[B, F]` logits
+    of the config's F findings; F is 0 without the classifier).
 
     Args:
         in_features: channels of the encoder's normed last stage.
@@ -104,6 +121,7 @@ class ReportHead(nn.Module):
         self.blocks = nn.ModuleList(_Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
         self.logits = nn.Linear(cfg.width, vocab_size)
+        self.findings = nn.Linear(in_features, len(cfg.findings)) if cfg.classifies else None
         nn.init.trunc_normal_(self.memory_pos.weight, std=0.02)
 
     def memory(self, stage_tokens: torch.Tensor) -> torch.Tensor:
@@ -122,8 +140,14 @@ class ReportHead(nn.Module):
             x = block(x, memory)
         return self.logits(self.norm(x))
 
-    def forward(self, stage_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.memory(stage_tokens), ids)
+    def finding_logits(self, stage_tokens: torch.Tensor) -> torch.Tensor:
+        """`[B, V, N, C_enc] -> [B, F]`, from the mean of all views' tokens."""
+        if self.findings is None:
+            return stage_tokens.new_zeros(len(stage_tokens), 0)
+        return self.findings(stage_tokens.mean((1, 2)))
+
+    def forward(self, stage_tokens: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decode(self.memory(stage_tokens), ids), self.finding_logits(stage_tokens)
 
     @torch.no_grad()
     def generate(self, stage_tokens: torch.Tensor, bos: int, eos: int, beam: int = 1) -> list[list[int]]:

@@ -87,7 +87,7 @@ class EchoCareTaskModel(nn.Module):
             with torch.no_grad():
                 self.head.out.conv.conv.bias[:num_classes] = math.log(HEAT_PRIOR / (1 - HEAT_PRIOR))
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, ids: torch.Tensor | None = None) -> Any:
         """`images` `[B, C, H, W]`; clips `[B, T, C, H, W]` for regression; the views of each report
         `[B, V, C, H, W]` with its token ids `[B, L]` for report (teacher forcing).
 
@@ -95,7 +95,7 @@ class EchoCareTaskModel(nn.Module):
             classification `[B, K]` logits; segmentation `[B, K, H, W]` logits; landmarks `[B, K, H, W]`
             heatmap logits; detection `[B, K + 2, H, W]` centre logits and log box sizes; regression `[B]`;
             enhancement `[B, C, H, W]` logits of the enhanced image's intensities in [0, 1]; report `[B, L - 1, vocab]`
-            logits of ids[:, 1:].
+            logits of ids[:, 1:] and `[B, F]` logits of the head's findings (F may be 0).
         """
         if self.task == "classification":
             return self.head(self.encoder(images))

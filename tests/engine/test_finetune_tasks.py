@@ -13,7 +13,7 @@ from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.cli.evaluate import evaluate_main
 from echocare_core.cli.predict import main as predict_main
 from echocare_core.config import load_config
-from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.data.synthetic_dataset import REPORT_FINDINGS, write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
@@ -58,6 +58,9 @@ def test_finetune_keeps_the_best_epoch_by_the_tasks_main_metric(trained):
         assert {"bleu1", "bleu4", "meteor", "rouge_l", "finding_accuracy", "finding_f1"} <= set(result.test)
         assert 0 <= result.test["bleu1"] <= 1 and 0 <= result.test["finding_accuracy"] <= 1
         assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+        model, meta = build_from_checkpoint(root / "run" / "best")  # its classifier learnt the declared findings
+        assert meta["head"]["report"]["findings"] == list(REPORT_FINDINGS) == meta["head"]["findings"]
+        assert model.head.findings.out_features == len(REPORT_FINDINGS)
 
 
 def test_evaluate_gives_the_main_metric_with_an_interval(trained, tmp_path, capsys):
@@ -142,6 +145,8 @@ def _predict_reports(root, rows, folder, tmp_path):
     for name in ("two_views", "one_view"):
         text = (tmp_path / "out" / out[name]["report_file"]).read_text(encoding="utf-8")
         assert text.strip() == out[name]["report"]
+        assert all(0 < float(out[name][f"p_{f}"]) < 1 for f in REPORT_FINDINGS)  # the findings classifier's
+    assert out["broken"][f"p_{REPORT_FINDINGS[0]}"] == ""
     shutil.copy(folder / rows[2]["image"], tmp_path / "in" / "two_views")  # three images in one study folder
     assert predict_main(["--checkpoint", str(root / "run" / "best"), "--input", str(tmp_path / "in"),
                          "--out", str(tmp_path / "out2")]) == 2

@@ -24,7 +24,8 @@ from echocare_core.models.swin import EncoderConfig
 pytestmark = pytest.mark.slow
 
 JOB = Job(task="report", encoder=EncoderConfig(**TINY_ENCODER), mode="lora", lora_rank=2, batch_size=4, lr=3e-3,
-          report=ReportHeadConfig(width=32, depth=1, heads=4, max_tokens=48))
+          report=ReportHeadConfig(width=32, depth=1, heads=4, max_tokens=48,
+                                  findings=("anechoic", "irregular margin")))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_two_report_sites_train_a_federated_model_whose_checkpoint_writes_report
     state = initial_state(JOB, None)
     results = [site_round(JOB, state, folder, 1) for folder in sites]
     shared = set(results[0].shared)
-    assert shared == set(results[1].shared) and any(n.startswith("head.") for n in shared)
+    assert shared == set(results[1].shared) and "head.findings.weight" in shared  # the job's findings classifier
     assert any(".lora_" in n for n in shared) and not any(n.endswith("attn.qkv.weight") for n in shared)
     for r in results:
         assert r.metrics["train_loss"] > 0 and 0 <= r.metrics["local_bleu1"] <= 1

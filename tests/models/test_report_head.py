@@ -1,5 +1,7 @@
 """Report generation: tokenizer round trips, the decoder's shapes and gradients, greedy and beam decoding."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -59,29 +61,51 @@ def test_a_tokenizer_file_needs_padding_start_and_end_tokens(tmp_path):
 
 @pytest.mark.parametrize("views", [1, 2])
 def test_report_head_shapes_finite_backward_and_per_sample_loss(tiny_encoder_cfg, views):
-    model = EchoCareTaskModel(tiny_encoder_cfg, "report", 259, report=HEAD)
+    head = replace(HEAD, findings=("cyst", "solid nodule"))
+    model = EchoCareTaskModel(tiny_encoder_cfg, "report", 259, report=head)
     tok = ReportTokenizer(max_tokens=HEAD.max_tokens)
     ids = torch.stack([tok.encode("cyst, left"), tok.encode("solid nodule, right deep")])
     x = torch.randn(2, views, 1, 64, 64)
-    out = model(x, ids)
-    assert out.shape == (2, HEAD.max_tokens - 1, 259)
-    loss = report_loss(tok.pad)(out, ids)
+    logits, findings = model(x, ids)
+    assert logits.shape == (2, HEAD.max_tokens - 1, 259) and findings.shape == (2, 2)
+    loss = report_loss(tok, head)((logits, findings), ids)
     assert torch.isfinite(loss)
     loss.backward()
     unused = {"head.view_embed.weight"} if views == 1 else set()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in model.named_parameters() if n not in unused)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for n, p in model.named_parameters() if n not in unused)
     model.eval()
-    out = model(x, ids).detach()
-    singles = [report_loss(tok.pad)(out[i:i + 1], ids[i:i + 1]) for i in range(2)]
-    torch.testing.assert_close(report_loss(tok.pad)(out, ids), torch.stack(singles).mean())
+    out = tuple(o.detach() for o in model(x, ids))
+    singles = [report_loss(tok, head)((out[0][i:i + 1], out[1][i:i + 1]), ids[i:i + 1]) for i in range(2)]
+    torch.testing.assert_close(report_loss(tok, head)(out, ids), torch.stack(singles).mean())
 
 
-def test_the_loss_ignores_padding(tiny_encoder_cfg):
+def test_the_findings_loss_is_labelled_by_what_each_report_states():
+    tok, head = ReportTokenizer(max_tokens=40), replace(HEAD, max_tokens=40, findings=("cyst", "irregular margin"),
+                                                        findings_weight=0.5)
+    ids = torch.stack([tok.encode("a cyst, smooth margin"), tok.encode("cystic? no: an irregular margin")])
+    logits, findings = torch.zeros(2, 39, 259), torch.tensor([[20.0, -20.0], [-20.0, 20.0]])  # right on both
+    text_only = report_loss(tok)((logits, torch.zeros(2, 0)), ids)
+    torch.testing.assert_close(report_loss(tok, head)((logits, findings), ids), text_only, atol=1e-6, rtol=0)
+    wrong = report_loss(tok, head)((logits, -findings), ids) - text_only  # 0.5 * BCE of logit -20 for label 1
+    torch.testing.assert_close(wrong, torch.tensor(0.5 * 20.0), atol=1e-3, rtol=0)
+    assert not ReportHeadConfig(findings=("cyst",), findings_weight=0).classifies
+
+
+@pytest.mark.parametrize("bad", [{"findings": ("cyst", "cyst")}, {"findings": ("",)}, {"findings_weight": -1.0},
+                                 {"findings_weight": float("nan")}])
+def test_bad_findings_settings_are_refused(bad):
+    with pytest.raises(ValueError, match="findings"):
+        ReportHeadConfig(**bad)
+
+
+def test_the_loss_ignores_padding():
     logits = torch.randn(1, 5, 259)
     ids = torch.tensor([[1, 40, 41, 2, 0, 0]])
     other = logits.clone()
     other[0, 3:] = torch.randn(2, 259)  # logits after <eos> (their targets are padding)
-    torch.testing.assert_close(report_loss(0)(logits, ids), report_loss(0)(other, ids))
+    loss, none = report_loss(ReportTokenizer()), torch.zeros(1, 0)
+    torch.testing.assert_close(loss((logits, none), ids), loss((other, none), ids))
 
 
 def test_greedy_and_beam_decoding(tiny_encoder_cfg):
