@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from echocare_core.federation.job import Job, task_jobs
 from echocare_core.federation.strategies import StrategyConfig
 
 __all__ = ["FederationConfig", "RoundSettings", "ServerSettings"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,10 @@ class FederationConfig:
             raise ValueError(f"strategy.name={self.strategy.name} with job.proximal_mu={self.job.proximal_mu}: "
                              f"fedprox needs proximal_mu > 0, the other strategies need 0")
         tasks = [j.task for j in task_jobs(self.job)]
+        if "report" in tasks and not self.job.report.classifies:
+            log.warning("job.report has no findings: the report model gets no findings classifier, and without one "
+                        "it learnt to write one report for every study in our benchmark (docs/benchmarks.md); list "
+                        "the findings the sites' reports state under job.report.findings")
         if self.job.privacy.on and (self.job.proximal_mu > 0 or "regression" in tasks):
             raise ValueError(f"job.privacy.epsilon={self.job.privacy.epsilon} with task(s) {', '.join(tasks)} and "
                              f"proximal_mu {self.job.proximal_mu}: differential privacy does not support FedProx or "

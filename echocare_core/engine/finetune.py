@@ -273,7 +273,12 @@ def _resume(cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, head: dict
         return {}
     meta = read_meta(last)
     def weights(h: dict[str, Any]) -> dict[str, Any]:  # without the report settings that leave the weights alone
-        return {k: v for k, v in h.items() if k not in ("beam", "findings")}
+        kept = {k: v for k, v in h.items() if k not in ("beam", "findings")}
+        if "report" in kept:  # the findings' loss weight; their phrases only matter where there is a classifier
+            report = {k: v for k, v in kept["report"].items() if k != "findings_weight"}
+            kept["report"] = {**report, "findings": report.get("findings", [])
+                              if h["report"].get("findings_weight", 1.0) > 0 else []}
+        return kept
 
     if ((meta["finetune"]["mode"], meta["task"], weights(meta["head"])) != (cfg.model.mode, model.task,
                                                                            weights(head))
@@ -406,7 +411,8 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     device = dist.device
     folder, out = Path(cfg.data.folder), Path(cfg.output)
     spec = check_dataset(folder)
-    if spec.task == "report" and not cfg.model.report.findings:  # its classifier learns the declared findings
+    if spec.task == "report" and not cfg.model.report.findings and cfg.model.report.findings_weight > 0:
+        # the findings classifier learns the dataset's declared findings
         cfg = replace(cfg, model=replace(cfg.model, report=replace(cfg.model.report, findings=spec.findings)))
     rows = {s: split_rows(folder, s, cfg.data.split_seed) for s in ("train", "val", "test")}
     if not rows["train"] or not rows["val"]:

@@ -192,7 +192,7 @@ def _reports(model: EchoCareTaskModel, meta: dict, files: list[Path], out: Path,
         name = f"{i:05d}_{study}_report.txt"
         (out / name).write_text(text + "\n", encoding="utf-8")
         with torch.no_grad():  # [F]; F is 0 without a classifier
-            probs = model.head.finding_logits(model._views(x[None])).sigmoid()[0]
+            probs = model.finding_probabilities(x[None])[0]
         rows.append([study, names, name, text, *[f"{float(p):.4f}" for p in probs]])
     return rows, unreadable
 

@@ -110,6 +110,10 @@ class Job:
             del data["tasks"]
         if "report" not in (self.task, *(t.task for t in self.tasks)):  # nor before report generation
             del data["report"]
+        else:  # nor before the findings classifier, while it is not used
+            for key, default in (("findings", []), ("findings_weight", 1.0)):
+                if data["report"][key] == default:
+                    del data["report"][key]
         return json.dumps(data, sort_keys=True)
 
     @classmethod

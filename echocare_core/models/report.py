@@ -14,6 +14,8 @@ template, and the model writes one report for every study (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +43,11 @@ class ReportHeadConfig:
             raise ValueError(f"report head: need width divisible by heads, depth >= 1, max_tokens >= 3 and views 1 "
                              f"or {MAX_VIEWS}; got width={self.width}, heads={self.heads}, depth={self.depth}, "
                              f"max_tokens={self.max_tokens}, views={self.views}")
-        if not self.findings_weight >= 0 or len(set(self.findings)) < len(self.findings) or \
-                not all(isinstance(f, str) and f.strip() for f in self.findings):
-            raise ValueError(f"report head: findings must be distinct non-empty phrases and findings_weight >= 0; "
-                             f"got findings={list(self.findings)}, findings_weight={self.findings_weight}")
+        if not 0 <= self.findings_weight < math.inf or len({str(f).lower() for f in self.findings}) < len(
+                self.findings) or not all(isinstance(f, str) and re.search(r"[^\W_]", f) for f in self.findings):
+            raise ValueError(f"report head: findings must be distinct phrases of words (case does not count) and "
+                             f"findings_weight a finite number >= 0; got findings={list(self.findings)}, "
+                             f"findings_weight={self.findings_weight}")
 
     @property
     def classifies(self) -> bool:

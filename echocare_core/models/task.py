@@ -118,6 +118,10 @@ class EchoCareTaskModel(nn.Module):
         """Report ids of each sample's views `[B, V, C, H, W]` (greedy for `beam` 1, else beam search)."""
         return self.head.generate(self._views(images), bos, eos, beam)
 
+    def finding_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """`[B, F]` probabilities of the report head's findings in each sample's views `[B, V, C, H, W]`."""
+        return self.head.finding_logits(self._views(images)).sigmoid()
+
     def decode(self, out: torch.Tensor) -> Any:
         """Predictions from `forward`'s output: class probabilities `[B, K]`, label maps `[B, H, W]`,
         landmark (x, y) `[B, K, 2]` in input pixels, a list of `Detections`, values `[B]`, or enhanced

@@ -151,3 +151,19 @@ def _predict_reports(root, rows, folder, tmp_path):
     assert predict_main(["--checkpoint", str(root / "run" / "best"), "--input", str(tmp_path / "in"),
                          "--out", str(tmp_path / "out2")]) == 2
     assert not (tmp_path / "out2" / "predictions.csv").exists()
+
+
+def test_a_report_run_resumes_when_only_the_findings_loss_weight_changes(tmp_path):
+    folder = write_dataset(tmp_path / "data", "report", sites=1, per_site=12, size=64, seed=5)[0]
+
+    def run(epochs, **report):
+        base = {"output": str(tmp_path / "run"), "device": "cpu", "data": {"folder": str(folder), "num_workers": 0},
+                "model": {"encoder": dict(TINY_ENCODER), "mode": "lora", "report": {**REPORT, **report}, "beam": 1},
+                "optim": {"lr": 1e-3, "batch_size": 4, "epochs": epochs, "warmup_epochs": 0}}
+        return run_finetune(load_config(FinetuneConfig, None, [], base=base))
+
+    first = run(1)
+    resumed = run(2, findings_weight=0.5)
+    assert len(resumed.history) == 2 and resumed.history[0] == first.history[0]
+    with pytest.raises(ValueError, match="another task, mode, head"):  # another classifier: other weights
+        run(3, findings=["anechoic"])

@@ -23,9 +23,9 @@ from echocare_core.models.swin import EncoderConfig
 
 pytestmark = pytest.mark.slow
 
+FINDINGS = ("anechoic", "irregular margin")
 JOB = Job(task="report", encoder=EncoderConfig(**TINY_ENCODER), mode="lora", lora_rank=2, batch_size=4, lr=3e-3,
-          report=ReportHeadConfig(width=32, depth=1, heads=4, max_tokens=48,
-                                  findings=("anechoic", "irregular margin")))
+          report=ReportHeadConfig(width=32, depth=1, heads=4, max_tokens=48, findings=FINDINGS))
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,19 @@ def test_report_jobs_keep_other_jobs_hashes_and_round_trip():
     assert "report" not in json.loads(Job().to_json())  # a single-task job of another task keeps its hash
     assert Job.from_json(JOB.to_json()) == JOB and json.loads(JOB.to_json())["report"]["max_tokens"] == 48
     assert job_hash(JOB) != job_hash(dataclasses.replace(JOB, report=ReportHeadConfig(width=64, heads=4)))
+    plain = dataclasses.replace(JOB, report=ReportHeadConfig(width=32, depth=1, heads=4, max_tokens=48))
+    # a report job without the findings classifier keeps the JSON (and the hash) it had before it
+    assert json.loads(plain.to_json())["report"] == {"width": 32, "depth": 1, "heads": 4, "max_tokens": 48, "views": 1}
+    assert Job.from_json(plain.to_json()) == plain and json.loads(JOB.to_json())["report"]["findings"] == list(FINDINGS)
+
+
+def test_the_coordinator_is_warned_of_a_report_job_without_findings(caplog):
+    from server.config import FederationConfig, ServerSettings
+
+    FederationConfig(server=ServerSettings(insecure=True), job=JOB)
+    assert "findings" not in caplog.text
+    FederationConfig(server=ServerSettings(insecure=True), job=dataclasses.replace(JOB, report=ReportHeadConfig()))
+    assert "job.report has no findings" in caplog.text
 
 
 def test_differential_privacy_is_refused_for_reports_with_the_reason(sites, tmp_path):

@@ -92,8 +92,9 @@ def test_the_findings_loss_is_labelled_by_what_each_report_states():
     assert not ReportHeadConfig(findings=("cyst",), findings_weight=0).classifies
 
 
-@pytest.mark.parametrize("bad", [{"findings": ("cyst", "cyst")}, {"findings": ("",)}, {"findings_weight": -1.0},
-                                 {"findings_weight": float("nan")}])
+@pytest.mark.parametrize("bad", [{"findings": ("cyst", "cyst")}, {"findings": ("Cyst", "cyst")}, {"findings": ("",)},
+                                 {"findings": ("?",)}, {"findings_weight": -1.0}, {"findings_weight": float("nan")},
+                                 {"findings_weight": float("inf")}])
 def test_bad_findings_settings_are_refused(bad):
     with pytest.raises(ValueError, match="findings"):
         ReportHeadConfig(**bad)
