@@ -75,9 +75,9 @@ class FederationConfig:
                              f"fedprox needs proximal_mu > 0, the other strategies need 0")
         tasks = [j.task for j in task_jobs(self.job)]
         if "report" in tasks and not self.job.report.classifies:
-            log.warning("job.report has no findings: the report model gets no findings classifier, and without one "
-                        "it learnt to write one report for every study in our benchmark (docs/benchmarks.md); list "
-                        "the findings the sites' reports state under job.report.findings")
+            log.warning("job.report has no findings (or findings_weight 0): the report model gets no findings "
+                        "classifier, and without one it learnt to write one report for every study in our benchmark "
+                        "(docs/benchmarks.md); list the findings the sites' reports state under job.report.findings")
         if self.job.privacy.on and (self.job.proximal_mu > 0 or "regression" in tasks):
             raise ValueError(f"job.privacy.epsilon={self.job.privacy.epsilon} with task(s) {', '.join(tasks)} and "
                              f"proximal_mu {self.job.proximal_mu}: differential privacy does not support FedProx or "
