@@ -275,9 +275,8 @@ def _resume(cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, head: dict
     def weights(h: dict[str, Any]) -> dict[str, Any]:  # without the report settings that leave the weights alone
         kept = {k: v for k, v in h.items() if k not in ("beam", "findings")}
         if "report" in kept:  # the findings' loss weight; their phrases only matter where there is a classifier
-            report = {k: v for k, v in kept["report"].items() if k != "findings_weight"}
-            kept["report"] = {**report, "findings": report.get("findings", [])
-                              if h["report"].get("findings_weight", 1.0) > 0 else []}
+            r = from_dict(ReportHeadConfig, kept["report"], "head.report")
+            kept["report"] = replace(r, findings_weight=1.0, findings=r.findings if r.classifies else ())
         return kept
 
     if ((meta["finetune"]["mode"], meta["task"], weights(meta["head"])) != (cfg.model.mode, model.task,

@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from echocare_core.checkpoint import build_from_checkpoint
+from echocare_core.config import from_dict
 from echocare_core.data.finetune import from_model_points
 from echocare_core.data.io import ImageReadError, is_image_file, read_clip, read_image
 from echocare_core.data.text import ReportTokenizer
+from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.task import EchoCareTaskModel
 
 __all__ = ["list_inputs", "predict_files"]
@@ -166,8 +168,8 @@ def _studies(files: list[Path], views: int) -> list[tuple[str, list[Path]]]:
 
 def _classified(head: dict) -> list[str]:
     """The findings a report model's classifier scores from the images (none without one)."""
-    report = head["report"]
-    return report.get("findings", []) if report.get("findings_weight", 1.0) > 0 else []
+    report = from_dict(ReportHeadConfig, head["report"], "head.report")
+    return list(report.findings) if report.classifies else []
 
 
 def _reports(model: EchoCareTaskModel, meta: dict, files: list[Path], out: Path, beam: int | None
