@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -28,7 +29,6 @@ from typing import Any, Iterator, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_patch_embed, resize_rel_pos_bias_table
 from torch import nn
 
 from echocare_core import __version__
@@ -41,13 +41,15 @@ from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "read_meta", "load_weights", "load_train_state",
            "latest_checkpoint", "checkpoints_newest_first", "prune_checkpoints", "same_architecture", "build_from_checkpoint", "unwrap", "filter_state_dict",
-           "load_encoder_weights", "LoadReport"]
+           "load_encoder_weights", "LoadReport", "WeightsMismatch", "release_state_dict",
+           "export_release"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MODEL_FILE, META_FILE = "model.safetensors", "meta.json"
 STATE_FILE, STATE_JSON = "train_state.safetensors", "train_state.json"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_module.")
+ENCODER_PREFIXES = ("swinViT.", "encoder.")  # MONAI SwinUNETR; the toolkit's models and SimMIM
 _NUMBERED = re.compile(r"^(step|round)_(\d+)$")  # pretraining steps, federated rounds
 
 
@@ -254,115 +256,185 @@ def same_architecture(a: dict[str, Any], b: dict[str, Any]) -> bool:
             == {k: v for k, v in b.items() if k not in RUNTIME_ONLY})
 
 
+class WeightsMismatch(ValueError):
+    """Weights that fit the encoder only in part, loaded without the user asking for partial loading."""
+
+
 @dataclass
 class LoadReport:
-    """What a foreign-weights load did."""
+    """What an encoder-weights load found: tensors that fit, that the encoder lacks or has of another shape."""
 
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    adapted: list[str] = field(default_factory=list)
+    total: int = 0  # the encoder's tensors
+    matched: int = 0
+    missing: list[str] = field(default_factory=list)  # encoder tensors the file does not have
+    unexpected: list[str] = field(default_factory=list)  # encoder-part tensors the encoder does not have
+    reshaped: list[str] = field(default_factory=list)  # "key: file shape, encoder shape"
+    adapted: list[str] = field(default_factory=list)  # exact adaptations (3 colour channels summed to 1)
+    other: list[str] = field(default_factory=list)  # tensors of other parts (heads, decoders), not loaded
+    mask_token: torch.Tensor | None = None  # MIM's learned mask embedding, when the file has one
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.reshaped)
 
     def summary(self) -> str:
-        return (f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.adapted)} adapted"
-                + (f"; missing e.g. {self.missing[:3]}" if self.missing else "")
-                + (f"; unexpected e.g. {self.unexpected[:3]}" if self.unexpected else ""))
+        parts = [f"{self.matched} of the encoder's {self.total} tensors loaded"]
+        for items, what in ((self.missing, "missing"), (self.unexpected, "unexpected"),
+                            (self.reshaped, "of another shape")):
+            if items:
+                parts.append(f"{len(items)} {what} (first: {', '.join(items[:3])})")
+        if self.adapted:
+            parts.append(f"adapted {', '.join(self.adapted)}")
+        if self.other:
+            parts.append(f"{len(self.other)} tensors of other parts not loaded")
+        return "; ".join(parts)
 
 
-def _read_foreign(source: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(source)
+def _read_foreign(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"weights not found: {path}")
     if path.is_dir() or path.suffix == ".safetensors":
         return load_weights(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError and friends for unsafe or broken files
-        raise ValueError(f"{path}: cannot be read as plain tensors ({type(exc).__name__}); only tensor "
-                         f"checkpoints are loaded, never pickled code") from None
+    except pickle.UnpicklingError:  # what weights_only=True raises for anything beyond tensors and containers
+        raise ValueError(f"{path} holds pickled code or objects, not only tensors; EchoCare FL never runs code "
+                         f"from a weights file: ask for a plain state dict (torch.save(model.state_dict())) or "
+                         f"safetensors") from None
+    except (RuntimeError, EOFError, OSError) as exc:  # zip central directory missing, file ends early
+        raise ValueError(f"{path} is cut short or damaged ({str(exc).splitlines()[0][:120]}): copy it again and "
+                         f"compare its SHA-256 with the published one") from None
     for key in ("model", "state_dict", "module"):  # training scripts nest the weights
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
+        raise ValueError(f"{path}: expected a mapping of parameter names to tensors, found {type(obj).__name__}")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _encoder_part(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The encoder's tensors under their own names, and the names of everything else.
+
+    Wrapper prefixes go first (DDP `module.`, `torch.compile` `_orig_mod.`, Opacus `_module.`, in any order);
+    then the encoder is what sits under MONAI SwinUNETR's `swinViT.` or the toolkit's and SimMIM's `encoder.`,
+    or the whole file (the EchoCare release, MONAI's `SwinTransformer`).
+    """
+    items = dict(state)
+    while prefix := next((p for p in WRAPPER_PREFIXES if items and all(k.startswith(p) for k in items)), None):
+        items = {k[len(prefix):]: v for k, v in items.items()}
+    for prefix in ENCODER_PREFIXES:
+        if any(k.startswith(prefix) for k in items):
+            return ({k[len(prefix):]: v for k, v in items.items() if k.startswith(prefix)},
+                    [k for k in items if not k.startswith(prefix)])
+    return items, []
 
 
 def filter_state_dict(state: Mapping[str, torch.Tensor], encoder: SwinEncoder
                       ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """Map a foreign state dict onto `encoder`'s names and shapes (pure: the encoder is not changed).
+    """Map a state dict onto `encoder`'s names and shapes (pure: the encoder is not changed).
 
-    Handles timm and original Swin layouts, SimMIM/MAE `encoder.` prefixes, DDP `module.`,
-    `torch.compile` `_orig_mod.`, Opacus `_module.`; adapts 3-channel stems to 1 channel (and back),
-    resamples the patch embedding to another patch size and resizes relative-position tables.
+    Reads the EchoCare release (MONAI `SwinTransformer(spatial_dims=2, use_v2=True)`, with its `mask_token`),
+    MONAI SwinUNETR checkpoints (`swinViT.`), and the toolkit's own checkpoints (`encoder.`), under any wrapper
+    prefix. The only adaptation is exact: 3-channel patch weights summed for a 1-channel encoder (a gray image is
+    R = G = B), spread evenly the other way.
     """
-    report = LoadReport()
-    items = dict(state)
-    stripped = True
-    while stripped:  # wrappers nest in any order (compile around DDP, DDP around compile, ...)
-        stripped = False
-        for prefix in (*WRAPPER_PREFIXES, "encoder."):
-            if any(k.startswith(prefix) for k in items):
-                report.unexpected += [k for k in items if not k.startswith(prefix)]
-                items = {k[len(prefix):]: v for k, v in items.items() if k.startswith(prefix)}
-                stripped = True
-    original_layout = "layers.0.downsample.reduction.weight" in items  # downsample at stage end
+    items, other = _encoder_part(state)
+    report = LoadReport(other=[k for k in other if k.rsplit(".", 1)[-1] != "mask_token"])
+    token = next((v for k, v in [*state.items(), *items.items()] if k.rsplit(".", 1)[-1] == "mask_token"), None)
+    if token is not None and token.numel() == encoder.embed_dim:
+        report.mask_token = token.reshape(-1)
     target = encoder.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, value in items.items():
-        if key.endswith(("relative_position_index", "attn_mask")):
-            continue  # computed buffers
-        if original_layout:
-            key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
-        key = key.replace("attn.relative_position_bias_table", "attn.rel_pos.relative_position_bias_table")
+        if key == "mask_token":
+            continue
         if key not in target:
             report.unexpected.append(key)
             continue
         want = target[key].shape
+        if key == "patch_embed.proj.weight" and value.ndim == 4 and value.shape[1] != want[1] \
+                and value.shape[2:] == want[2:] and {value.shape[1], want[1]} == {1, 3}:
+            value = value.sum(1, keepdim=True) if want[1] == 1 else value.repeat(1, 3, 1, 1) / 3
+            report.adapted.append(f"{key} ({items[key].shape[1]} -> {want[1]} channels)")
         if value.shape != want:
-            adapted = _adapt(key, value, want, encoder)
-            if adapted is None:
-                report.unexpected.append(f"{key} (shape {tuple(value.shape)}, encoder wants {tuple(want)})")
-                continue
-            value = adapted
-            report.adapted.append(key)
+            report.reshaped.append(f"{key}: file {tuple(value.shape)}, encoder {tuple(want)}")
+            continue
         out[key] = value.to(target[key].dtype)
-    report.missing = [k for k in target if k not in out]
+    report.total, report.matched = len(target), len(out)
+    report.missing = [k for k in target if k not in items]
     return out, report
 
 
-def _adapt(key: str, value: torch.Tensor, want: torch.Size, encoder: SwinEncoder) -> torch.Tensor | None:
-    """Adapt one tensor to the shape `want`, or None when no rule applies."""
-    if key == "patch_embed.proj.weight" and value.ndim == 4:
-        if value.shape[1] != want[1]:
-            # 3 -> 1: sum over colours (a gray image is R=G=B); 1 -> 3: spread evenly
-            value = value.sum(1, keepdim=True) if want[1] == 1 else value.repeat(1, want[1], 1, 1) / want[1]
-        if value.shape[-2:] != want[-2:]:
-            value = resample_patch_embed(value, list(want[-2:]), interpolation="bicubic", antialias=True)
-        return value if value.shape == want else None
-    if key.endswith("relative_position_bias_table") and value.ndim == 2 and value.shape[1] == want[1]:
-        module = encoder.get_submodule(key.rsplit(".", 1)[0])
-        return resize_rel_pos_bias_table(value, new_window_size=(module.window, module.window),
-                                         new_bias_shape=tuple(want))
-    return None
-
-
-def load_encoder_weights(encoder: SwinEncoder, source: str | os.PathLike | Mapping[str, torch.Tensor]
-                         ) -> LoadReport:
-    """Load foreign or EchoCare weights into an encoder through `filter_state_dict`.
+def load_encoder_weights(encoder: SwinEncoder, source: str | os.PathLike | Mapping[str, torch.Tensor],
+                         partial: bool = False) -> LoadReport:
+    """Load encoder weights through `filter_state_dict`; all of them, unless `partial` is asked for.
 
     Args:
         encoder: the target encoder.
-        source: a checkpoint folder, `.safetensors`, `.pth/.pt/.bin` file, or a state dict.
+        source: the EchoCare release `.pth`, a MONAI SwinUNETR checkpoint, a toolkit checkpoint folder or
+            `.safetensors`, or a state dict.
+        partial: load what fits and leave the rest as it is (the user asked for it explicitly).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file cannot be read as tensors, or nothing in it matches the encoder.
+        ValueError: the file holds code, is damaged, or holds no tensor of this encoder.
+        WeightsMismatch: an encoder tensor is missing, unexpected or of another shape, and `partial` is off.
     """
-    state = dict(source) if isinstance(source, Mapping) else _read_foreign(source)
+    name = "the state dict" if isinstance(source, Mapping) else str(source)
+    state = dict(source) if isinstance(source, Mapping) else _read_foreign(Path(source))
     filtered, report = filter_state_dict(state, encoder)
+    cfg = encoder.cfg
     if not filtered:
-        raise ValueError(f"no tensor of {source if not isinstance(source, Mapping) else 'the state dict'} "
-                         f"matches the encoder ({report.summary()})")
+        raise ValueError(f"{name} holds no weights of an EchoCare (MONAI SwinTransformer v2) encoder: none of its "
+                         f"{len(state)} tensors fits variant '{cfg.variant}' (e.g. {sorted(state)[:3]})")
+    if not report.complete and not partial:
+        raise WeightsMismatch(
+            f"{name} does not fit the encoder (variant '{cfg.variant}', {cfg.in_chans} channels, patch "
+            f"{cfg.patch_size}, window {cfg.window_size}): {report.summary()}. Pick the encoder settings the "
+            f"weights were made with, or set init_partial: true to load only the tensors that fit")
     encoder.load_state_dict(filtered, strict=False)
-    log.info("loaded encoder weights: %s", report.summary())
+    (log.warning if not report.complete else log.info)("encoder weights from %s: %s", name, report.summary())
     return report
+
+
+def release_state_dict(state: Mapping[str, torch.Tensor], lora_scale: float = 0.0) -> dict[str, torch.Tensor]:
+    """The encoder of a toolkit state dict in the EchoCare release layout: the keys of MONAI's
+    `SwinTransformer(spatial_dims=2, use_v2=True)` plus `mask_token` `[1, 1, embed_dim]` (the pretraining model's,
+    zeros for a fine-tuned one), LoRA adapters merged into the weights they adapt (`W + lora_scale * B A`).
+    """
+    encoder, _ = _encoder_part(state)
+    out = {k: v.detach().cpu().clone() for k, v in encoder.items() if ".lora_" not in k and k != "mask_token"}
+    for key in [k for k in encoder if k.endswith(".lora_A.weight")]:
+        base = key[:-len(".lora_A.weight")]
+        delta = encoder[f"{base}.lora_B.weight"].double() @ encoder[key].double()
+        out[f"{base}.weight"] = (out[f"{base}.weight"].double() + lora_scale * delta).to(out[f"{base}.weight"].dtype)
+    token = state.get("mask_token")
+    embed = out["patch_embed.proj.weight"].shape[0]
+    out["mask_token"] = (token.detach().cpu().clone() if token is not None else torch.zeros(embed)).reshape(1, 1, -1)
+    return out
+
+
+def export_release(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a checkpoint's encoder as a `.pth` state dict in the release layout (`release_state_dict`),
+    atomically. `torch.load` it and pop `mask_token` to load it into MONAI's class with `strict=True`.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        ValueError: the checkpoint is not the toolkit's, or its encoder does not come out whole.
+    """
+    meta, out = read_meta(checkpoint), Path(out)
+    ft = meta.get("finetune", {})
+    scale = ft["lora_alpha"] / ft["lora_rank"] if ft.get("mode") == "lora" else 0.0
+    state = release_state_dict(load_weights(checkpoint), scale)
+    encoder = SwinEncoder(from_dict(EncoderConfig, meta["encoder"], "encoder"))
+    try:  # the layout check: exactly the encoder's tensors
+        encoder.load_state_dict({k: v for k, v in state.items() if k != "mask_token"}, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{checkpoint}: its encoder does not come out in the release layout "
+                         f"({str(exc).splitlines()[0]})") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    _fsync(tmp)
+    os.replace(tmp, out)
+    return out

@@ -22,6 +22,7 @@ from echocare_core.cli.common import StopFlag, config_parser, console, fail, set
 from echocare_core.config import ConfigError, load_config, save_config, to_dict
 from echocare_core.federation.processes import (FlowerError, free_port, run_flwr, start, stop, toml_value,
                                                 wait_healthy)
+from echocare_core.federation.rounds import initial_state
 from echocare_server.config import FederationConfig
 
 PROG = "echocare-server"
@@ -265,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(FederationConfig, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
         return fail(PROG, str(exc))
+    if cfg.init:  # a file that does not fit stops here, before any site is asked
+        try:
+            initial_state(cfg.job, cfg.init, cfg.init_partial)
+        except (ValueError, FileNotFoundError) as exc:
+            return fail(PROG, f"init: {exc}")
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "federation.yaml")

@@ -63,7 +63,8 @@ class RoundSettings:
 @dataclass(frozen=True)
 class FederationConfig:
     output: str = "runs/federation"  # checkpoints/round_N, metrics.jsonl, progress.jsonl, report.md, Flower's state
-    init: str | None = None  # pretrained encoder for round 0: an echocare-pretrain checkpoint or Swin weights
+    init: str | None = None  # encoder for round 0: the EchoCare release .pth or a toolkit checkpoint; null = random
+    init_partial: bool = False  # load only the tensors of `init` that fit (otherwise a mismatch stops the server)
     server: ServerSettings = field(default_factory=ServerSettings)
     rounds: RoundSettings = field(default_factory=RoundSettings)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

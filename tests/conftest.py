@@ -12,7 +12,7 @@ from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.pretrain_config import PretrainConfig
 from echocare_core.models.swin import EncoderConfig
 
-TINY_ENCODER = dict(variant="test", img_size=64, patch_size=4, window_size=4, drop_path=0.1)
+TINY_ENCODER = dict(variant="test", in_chans=1, img_size=64, patch_size=2, window_size=4, drop_path=0.1)
 
 
 @pytest.fixture(autouse=True)

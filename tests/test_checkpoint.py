@@ -1,23 +1,18 @@
-import pickle
-import re
+import dataclasses
 
 import pytest
-import timm
 import torch
+from models.test_swin import monai_twin
 from safetensors.torch import save_file
 
-from echocare_core.checkpoint import (build_from_checkpoint, latest_checkpoint, load_encoder_weights,
-                                      load_train_state, prune_checkpoints, read_meta, save_checkpoint, unwrap)
+from echocare_core.checkpoint import (WeightsMismatch, build_from_checkpoint, latest_checkpoint,
+                                      load_encoder_weights, load_train_state, prune_checkpoints, read_meta,
+                                      save_checkpoint, unwrap)
 from echocare_core.config import to_dict
 from echocare_core.data.ontology import load_ontology
 from echocare_core.models.pretrain import EchoCarePretrainModel
 from echocare_core.models.swin import EncoderConfig, SwinEncoder
-
-
-def _timm_swin(in_chans=3, window=4, num_classes=5):
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, in_chans=in_chans, img_size=64,
-                             window_size=window, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
-                             num_classes=num_classes).eval()
+from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 
 
 def _pretrain_model(cfg):
@@ -27,7 +22,7 @@ def _pretrain_model(cfg):
 def test_round_trip_rebuilds_the_model_from_the_checkpoint_alone(tmp_path, tiny_encoder_cfg):
     model = _pretrain_model(tiny_encoder_cfg)
     opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 1, 64, 64), torch.ones(2, 16, 16), torch.tensor([-1, 3]))[0].backward()
+    model(torch.randn(2, 1, 64, 64), torch.ones(2, 32, 32), torch.tensor([-1, 3]))[0].backward()
     opt.step()
     meta = {"model_kind": "pretrain", "encoder": to_dict(tiny_encoder_cfg),
             "ontology": load_ontology().to_tree(), "step": 7}
@@ -59,46 +54,74 @@ def test_latest_and_prune(tmp_path, tiny_encoder_cfg):
     assert latest_checkpoint(tmp_path / "nothing") is None
 
 
-@pytest.mark.parametrize("wrappers", ["module._orig_mod.", "_orig_mod.module.", "_module.module."])
-def test_timm_rgb_checkpoint_loads_into_grayscale_encoder(tmp_path, wrappers):
-    ref = _timm_swin(in_chans=3)
-    file = tmp_path / "swin_timm.pth"
-    torch.save({"state_dict": {f"{wrappers}{k}": v for k, v in ref.state_dict().items()}}, file)
-    enc = SwinEncoder(EncoderConfig(variant="test", img_size=64, window_size=4, drop_path=0.0)).eval()
+RELEASE_LIKE = dict(variant="test", img_size=64, window_size=4, in_chans=3, drop_path=0.0)
+
+
+def _release_file(tmp_path, cfg: EncoderConfig, name="echocare.pth", **kwargs):
+    """A file laid out as the authors ship the release: MONAI's state dict plus `mask_token`, torch.save'd."""
+    torch.manual_seed(1)
+    ref = monai_twin(dataclasses.replace(cfg, **kwargs)).eval()
+    state = {**ref.state_dict(), "mask_token": torch.randn(1, 1, ref.embed_dim)}
+    torch.save(state, tmp_path / name)
+    return tmp_path / name, ref, state
+
+
+def test_the_release_layout_loads_exactly_with_its_mask_token(tmp_path):
+    cfg = EncoderConfig(**RELEASE_LIKE)
+    file, ref, state = _release_file(tmp_path, cfg)
+    enc = SwinEncoder(cfg).eval()
     report = load_encoder_weights(enc, file)
-    assert report.missing == []
-    assert report.adapted == ["patch_embed.proj.weight"]
-    assert set(report.unexpected) == {"head.fc.weight", "head.fc.bias"}
-    gray = torch.rand(2, 1, 64, 64)
-    with torch.no_grad():  # a gray image is R = G = B, so summing the stem's colours is exact
-        torch.testing.assert_close(enc.forward_features(gray), ref.forward_features(gray.expand(-1, 3, -1, -1)),
-                                   atol=1e-5, rtol=1e-5)
-
-
-def test_original_swin_layout_and_simmim_prefix(tmp_path):
-    ref = _timm_swin(in_chans=1, num_classes=0)
-    original = {}
-    for k, v in ref.state_dict().items():  # official Swin: downsample at the end of the previous stage
-        k = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
-        original[f"encoder.{k}"] = v
-    original["encoder.mask_token"] = torch.zeros(1, 1, 16)
-    original["decoder.0.weight"] = torch.zeros(16, 128, 1, 1)
-    save_file({k: v.contiguous() for k, v in original.items()}, str(tmp_path / "simmim.safetensors"))
-    enc = SwinEncoder(EncoderConfig(variant="test", img_size=64, window_size=4, drop_path=0.0)).eval()
-    report = load_encoder_weights(enc, tmp_path / "simmim.safetensors")
-    assert report.missing == [] and "decoder.0.weight" in report.unexpected and "mask_token" in report.unexpected
-    x = torch.rand(1, 1, 64, 64)
+    assert report.complete and report.matched == report.total == len(state) - 1 and report.other == []
+    assert torch.equal(report.mask_token, state["mask_token"].reshape(-1))
+    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(enc.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=1e-5)
+        for a, b in zip(enc.forward_intermediates(x, intermediates_only=True), ref(x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_other_window_and_patch_sizes_are_resized(tmp_path):
-    ref = _timm_swin(in_chans=1, window=4)
-    enc = SwinEncoder(EncoderConfig(variant="test", img_size=64, window_size=8, patch_size=2))
-    report = load_encoder_weights(enc, ref.state_dict())
-    assert report.missing == []
-    assert "patch_embed.proj.weight" in report.adapted
-    assert "layers.0.blocks.0.attn.rel_pos.relative_position_bias_table" in report.adapted
+@pytest.mark.parametrize("prefix", ["swinViT.", "module.swinViT.", "_orig_mod.module.encoder."])
+def test_swinunetr_and_wrapped_checkpoints_load(tmp_path, prefix):
+    cfg = EncoderConfig(**RELEASE_LIKE)
+    _, ref, state = _release_file(tmp_path, cfg)
+    decoder = {"encoder1.layer.conv1.conv.weight": torch.zeros(2, 3, 3, 3), "out.conv.conv.weight": torch.zeros(1)}
+    nested = {"state_dict": {**{prefix + k: v for k, v in ref.state_dict().items()},
+                             **{prefix.replace("swinViT.", "").replace("encoder.", "") + k: v
+                                for k, v in decoder.items()}}}
+    torch.save(nested, tmp_path / "swinunetr.pt")
+    enc = SwinEncoder(cfg)
+    report = load_encoder_weights(enc, tmp_path / "swinunetr.pt")
+    assert report.complete and sorted(report.other) == sorted(decoder) and report.mask_token is None
+    assert torch.equal(enc.layers4c[0].layer.conv2.conv.weight, state["layers4c.0.layer.conv2.conv.weight"])
+
+
+def test_a_file_that_fits_only_in_part_stops_unless_partial_loading_is_asked_for(tmp_path):
+    cfg = EncoderConfig(**RELEASE_LIKE)
+    file, _, _ = _release_file(tmp_path, cfg, window_size=8)  # other bias tables
+    enc = SwinEncoder(cfg)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    with pytest.raises(WeightsMismatch, match=r"echocare.pth does not fit the encoder .*window 4.*: 70 of the "
+                                              r"encoder's 78 tensors loaded; 8 of another shape \(first: "
+                                              r"layers1.0.blocks.0.attn.relative_position_bias_table: file \(225, 1\), "
+                                              r"encoder \(49, 1\).*set init_partial: true") as exc:
+        load_encoder_weights(enc, file)
+    assert isinstance(exc.value, ValueError)
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in before.items())  # nothing loaded
+    report = load_encoder_weights(enc, file, partial=True)
+    assert report.matched == 70 and len(report.reshaped) == 8 and not report.complete
+    deeper = SwinEncoder(dataclasses.replace(cfg, depths=(1, 1, 2, 1)))
+    with pytest.raises(WeightsMismatch, match=r"14 missing \(first: layers3.0.blocks.1.norm1.weight"):
+        load_encoder_weights(deeper, file)
+
+
+def test_three_channel_weights_serve_a_grayscale_encoder_exactly(tmp_path):
+    file, ref, _ = _release_file(tmp_path, EncoderConfig(**RELEASE_LIKE))
+    gray = SwinEncoder(EncoderConfig(**{**RELEASE_LIKE, "in_chans": 1})).eval()
+    report = load_encoder_weights(gray, file)
+    assert report.complete and report.adapted == ["patch_embed.proj.weight (3 -> 1 channels)"]
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gray.forward_intermediates(x, intermediates_only=True)[-1],
+                                   ref(x.expand(-1, 3, -1, -1))[-1], atol=1e-5, rtol=1e-5)
 
 
 def test_own_pretrain_checkpoint_feeds_an_encoder(tmp_path, tiny_encoder_cfg):
@@ -110,23 +133,50 @@ def test_own_pretrain_checkpoint_feeds_an_encoder(tmp_path, tiny_encoder_cfg):
     assert torch.equal(enc.patch_embed.proj.weight, model.encoder.patch_embed.proj.weight)
 
 
-def test_pickled_objects_are_refused(tmp_path):
-    file = tmp_path / "evil.pth"
-    with file.open("wb") as f:
-        pickle.dump({"weights": torch.zeros(1), "code": print}, f)
-    with pytest.raises(ValueError, match="only tensor checkpoints are loaded"):
-        load_encoder_weights(SwinEncoder(EncoderConfig(variant="test", img_size=64, window_size=4)), file)
-
-
-def test_foreign_file_without_metadata_is_named(tmp_path):
+def test_code_a_damaged_file_and_another_model_each_get_their_own_message(tmp_path):
+    enc = SwinEncoder(EncoderConfig(**RELEASE_LIKE))
+    evil = tmp_path / "evil.pth"
+    torch.save({"weights": torch.zeros(1), "code": print}, evil)
+    with pytest.raises(ValueError, match="evil.pth holds pickled code or objects, not only tensors"):
+        load_encoder_weights(enc, evil)
+    file, _, _ = _release_file(tmp_path, EncoderConfig(**RELEASE_LIKE))
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="cut.pth is cut short or damaged .*compare its SHA-256"):
+        load_encoder_weights(enc, cut)
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}, tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match=r"resnet.pth holds no weights of an EchoCare .* none of its 2 tensors"):
+        load_encoder_weights(enc, tmp_path / "resnet.pth")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(ValueError, match="no EchoCare metadata"):
         read_meta(tmp_path / "w.safetensors")
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         read_meta(tmp_path / "absent")
-    with pytest.raises(ValueError, match="matches the encoder"):
-        load_encoder_weights(SwinEncoder(EncoderConfig(variant="test", img_size=64, window_size=4)),
-                             tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_export_writes_the_release_layout_that_monai_loads_strictly(tmp_path, mode):
+    cfg = EncoderConfig(**RELEASE_LIKE)
+    model = EchoCareTaskModel(cfg, "segmentation", 2, feature_size=4)
+    apply_finetune_mode(model, mode, lora_rank=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # LoRA's B starts at zero: make the adapters count
+    save_checkpoint(tmp_path / "best", model, {"model_kind": "task", "task": "segmentation", "encoder": to_dict(cfg),
+                                                "head": {"num_classes": 2, "feature_size": 4, "multi_label": False},
+                                                "finetune": {"mode": mode, "lora_rank": 2, "lora_alpha": 16.0}})
+    from echocare_core.cli.export import main as export_main
+
+    assert export_main([str(tmp_path / "best"), "--out", str(tmp_path / "out" / "encoder.pth")]) == 0
+    state = torch.load(tmp_path / "out" / "encoder.pth", weights_only=True)
+    assert state.pop("mask_token").shape == (1, 1, 16)
+    ref = monai_twin(cfg).eval()
+    ref.load_state_dict(state, strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model.eval().encoder.forward_intermediates(x, intermediates_only=True), ref(x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert export_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.pth")]) == 2
 
 
 def test_unwrap_removes_wrappers(tiny_encoder_cfg):

@@ -19,7 +19,6 @@ from torch.utils.data import Dataset
 
 from echocare_core.data.contract import DatasetSpec, patient_splits, read_manifest
 from echocare_core.data.io import ImageReadError, read_clip, read_image
-from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
 from echocare_core.data.text import ReportTokenizer
 
 __all__ = ["TaskDataset", "collate_task", "from_model_points", "split_rows", "to_model_points"]
@@ -49,12 +48,12 @@ class TaskDataset(Dataset):
     """
 
     def __init__(self, folder: str | Path, spec: DatasetSpec, rows: list[dict[str, str]], img_size: int,
-                 channels: int, train: bool, seed: int = 0, frames: int = 16,
+                 channels: int, train: bool, scale: tuple[float, float], seed: int = 0, frames: int = 16,
                  tokenizer: ReportTokenizer | None = None, views: int = 1) -> None:
         if spec.task == "report" and tokenizer is None:
             raise ValueError("a report dataset needs the model's tokenizer")
         self.folder, self.spec, self.rows = Path(folder), spec, rows
-        self.img_size, self.channels, self.train, self.seed = img_size, channels, train, seed
+        self.img_size, self.channels, self.train, self.seed, self.scale = img_size, channels, train, seed, scale
         self.frames, self.tokenizer, self.views = frames, tokenizer, views if spec.task == "report" else 1
         if tokenizer is not None:
             self._check_reports()
@@ -132,7 +131,7 @@ class TaskDataset(Dataset):
                                       target[:, 3], target[:, 4]], dim=1)
             elif self.spec.task in ("segmentation", "enhancement"):
                 target = target.flip(-1)
-        x = (x - INPUT_MEAN) / INPUT_STD
+        x = (x - self.scale[0]) / self.scale[1]
         return {"image": x if self.spec.task in ("regression", "report") else x[0], "target": target, "row": i,
                 "size": torch.tensor([height, width])}
 

@@ -26,10 +26,9 @@ from echocare_core.data.io import (ImageReadError, count_frames, is_image_file, 
 from echocare_core.data.ontology import Ontology
 
 __all__ = ["PathTable", "ImageIndex", "build_index", "MaskGenerator", "AugmentConfig", "PretrainDataset",
-           "collate_skipping", "ShardedSampler", "INPUT_MEAN", "INPUT_STD"]
+           "collate_skipping", "ShardedSampler"]
 
 log = logging.getLogger(__name__)
-INPUT_MEAN, INPUT_STD = 0.5, 0.5  # uint8 / 255 -> [-1, 1]; stored in checkpoints as the input spec
 
 
 class PathTable:
@@ -246,7 +245,8 @@ def _crop_box(rng: np.random.Generator, h: int, w: int, aug: AugmentConfig) -> t
     return (h - side) // 2, (w - side) // 2, side, side
 
 
-def augment(img: np.ndarray, size: int, rng: np.random.Generator, aug: AugmentConfig | None) -> torch.Tensor:
+def augment(img: np.ndarray, size: int, rng: np.random.Generator, aug: AugmentConfig | None,
+            scale: tuple[float, float]) -> torch.Tensor:
     """uint8 `[C, H, W]` -> normalised float32 `[C, size, size]`."""
     x = torch.from_numpy(img).float().div_(255.0)
     if aug is not None:
@@ -261,16 +261,16 @@ def augment(img: np.ndarray, size: int, rng: np.random.Generator, aug: AugmentCo
         gain = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
         shift = rng.uniform(-aug.brightness, aug.brightness)
         x = ((x - x.mean()) * gain + x.mean() + shift).clamp_(0.0, 1.0)
-    return (x - INPUT_MEAN) / INPUT_STD
+    return (x - scale[0]) / scale[1]
 
 
 class PretrainDataset(Dataset):
     """Images for MIM + hierarchy pretraining. Unreadable or near-empty images come back as skips."""
 
     def __init__(self, index: ImageIndex, img_size: int, channels: int, masks: MaskGenerator,
-                 augment_cfg: AugmentConfig | None, frame_step: int = 10, min_nonzero: int = 1000,
-                 seed: int = 0) -> None:
-        self.index, self.img_size, self.channels = index, img_size, channels
+                 augment_cfg: AugmentConfig | None, scale: tuple[float, float], frame_step: int = 10,
+                 min_nonzero: int = 1000, seed: int = 0) -> None:
+        self.index, self.img_size, self.channels, self.scale = index, img_size, channels, scale
         self.masks, self.augment_cfg = masks, augment_cfg
         self.frame_step, self.min_nonzero, self.seed = frame_step, min_nonzero, seed
 
@@ -293,7 +293,7 @@ class PretrainDataset(Dataset):
         if nonzero_pixels(img) < self.min_nonzero:
             return {"skip": "near-empty", "path": path, "reason": f"fewer than {self.min_nonzero} non-zero pixels",
                     "epoch": epoch}
-        return {"image": augment(img, self.img_size, rng, self.augment_cfg),
+        return {"image": augment(img, self.img_size, rng, self.augment_cfg, self.scale),
                 "token_mask": torch.from_numpy(self.masks(rng)),
                 "anatomy": int(self.index.anatomy[file])}
 

@@ -106,7 +106,8 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str =
         raise ValueError(f"{folder}: the '{split}' split is empty (splits: train, val, test)")
     head = meta["head"]
     tokenizer = ReportTokenizer(head["tokenizer"], head["report"]["max_tokens"]) if spec.task == "report" else None
-    ds = TaskDataset(folder, spec, rows, meta["input"]["size"], meta["input"]["channels"], train=False,
+    ds = TaskDataset(folder, spec, rows, meta["input"]["size"], meta["input"]["channels"], False,
+                     (meta["input"]["mean"], meta["input"]["std"]),
                      frames=meta["input"].get("frames", 16), tokenizer=tokenizer,
                      views=head.get("report", {}).get("views", 1))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=[(0, i) for i in range(len(ds))],

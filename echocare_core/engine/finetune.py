@@ -27,7 +27,6 @@ from echocare_core.checkpoint import (load_encoder_weights, load_train_state, lo
 from echocare_core.config import from_dict, save_config, to_dict
 from echocare_core.data.contract import DatasetSpec, load_spec, read_manifest, verify_dataset
 from echocare_core.data.finetune import TaskDataset, collate_task, from_model_points, split_rows
-from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.distributed import init_distributed
 from echocare_core.engine.finetune_config import FinetuneConfig
@@ -117,8 +116,7 @@ def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec, stats: tuple[float,
     model = EchoCareTaskModel(enc, spec.task, num_classes(spec, tokenizer), cfg.model.feature_size, spec.multi_label,
                               stats, cfg.model.report)
     if cfg.model.init:
-        report = load_encoder_weights(model.encoder, cfg.model.init)
-        (log.warning if report.missing else log.info)("encoder weights from %s: %s", cfg.model.init, report.summary())
+        load_encoder_weights(model.encoder, cfg.model.init, cfg.model.init_partial)
     apply_finetune_mode(model, cfg.model.mode, cfg.model.lora_rank, cfg.model.lora_alpha)
     return model
 
@@ -260,8 +258,7 @@ def _meta(cfg: FinetuneConfig, spec: DatasetSpec, model: EchoCareTaskModel, epoc
                      "landmark_names": list(spec.landmark_names), "target_name": spec.target_name,
                      "target_stats": list(model.target_stats)},
             "finetune": {"mode": cfg.model.mode, "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha},
-            "input": {"channels": enc.in_chans, "size": enc.img_size, "mean": INPUT_MEAN, "std": INPUT_STD,
-                      "frames": cfg.model.frames},
+            "input": {**enc.input_spec, "frames": cfg.model.frames},
             "dataset": spec.name, "config": to_dict(cfg)}
 
 
@@ -422,8 +419,8 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     trainable, total = count_trainable(model)
     log.info("%s, mode %s: %d of %d parameters train (%.2f%%)", spec.task, cfg.model.mode, trainable, total,
              100 * trainable / total)
-    o, size, k = cfg.optim, model.encoder.cfg.img_size, num_classes(spec, tok)
-    sets = {s: TaskDataset(folder, spec, r, size, model.encoder.cfg.in_chans, train=s == "train", seed=cfg.seed,
+    o, enc, k = cfg.optim, model.encoder.cfg, num_classes(spec, tok)
+    sets = {s: TaskDataset(folder, spec, r, enc.img_size, enc.in_chans, s == "train", enc.scale, seed=cfg.seed,
                            frames=cfg.model.frames, tokenizer=tok, views=cfg.model.report.views)
             for s, r in rows.items()}
     steps = math.ceil(len(sets["train"]) / o.batch_size)

@@ -27,8 +27,9 @@ class FinetuneData:
 
 @dataclass(frozen=True)
 class FinetuneModel:
-    init: str | None = None  # pretrained weights: an echocare-pretrain checkpoint, or timm/SimMIM weights; null = random
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # used when `init` is not an EchoCare checkpoint
+    init: str | None = None  # encoder weights: the EchoCare release .pth, a toolkit or SwinUNETR checkpoint; null = random
+    init_partial: bool = False  # load only the tensors of `init` that fit (otherwise a mismatch stops the run)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # used when `init` is not a toolkit checkpoint
     mode: Literal["full", "frozen", "lora"] = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0

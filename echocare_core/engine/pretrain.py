@@ -26,7 +26,7 @@ from echocare_core.checkpoint import (checkpoints_newest_first, load_encoder_wei
                                       prune_checkpoints, read_meta, same_architecture, save_checkpoint)
 from echocare_core.config import save_config, to_dict
 from echocare_core.data.ontology import load_ontology
-from echocare_core.data.pretrain import (INPUT_MEAN, INPUT_STD, MaskGenerator, PretrainDataset, ShardedSampler,
+from echocare_core.data.pretrain import (MaskGenerator, PretrainDataset, ShardedSampler,
                                          build_index, collate_skipping, write_skip_log)
 from echocare_core.engine.distributed import DistInfo, all_reduce_sum, init_distributed, rank_fingerprints, shutdown
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
@@ -79,7 +79,7 @@ class _Run:
         index = build_index(cfg.data.sources, self.ontology, cfg.data.frame_step)
         masks = MaskGenerator(cfg.model.img_size, cfg.mim.mask_patch_size, cfg.model.patch_size, cfg.mim.mask_ratio)
         self.dataset = PretrainDataset(index, cfg.model.img_size, cfg.model.in_chans, masks, cfg.data.augment,
-                                       cfg.data.frame_step, cfg.data.min_nonzero, cfg.seed)
+                                       cfg.model.scale, cfg.data.frame_step, cfg.data.min_nonzero, cfg.seed)
         self.sampler = ShardedSampler(len(index), dist.rank, dist.world, cfg.seed)
         o = cfg.optim
         if o.batch_size % (o.micro_batch * dist.world):
@@ -128,9 +128,10 @@ class _Run:
             log.info("resumed from %s at step %d", ckpt, self.step)
             return self.step
         if self.cfg.init_weights:
-            report = load_encoder_weights(self.model.encoder, self.cfg.init_weights)
-            (log.warning if report.missing else log.info)("initial encoder weights from %s: %s",
-                                                          self.cfg.init_weights, report.summary())
+            report = load_encoder_weights(self.model.encoder, self.cfg.init_weights, self.cfg.init_partial)
+            if report.mask_token is not None:  # the release's MIM mask embedding: continued pretraining keeps it
+                with torch.no_grad():
+                    self.model.mask_token.copy_(report.mask_token)
         return 0
 
     def _check_resumable(self, ckpt: Path, meta: dict[str, Any], state: dict[str, Any]) -> None:
@@ -207,8 +208,7 @@ class _Run:
                 "ontology": self.ontology.to_tree(), "step": self.step,
                 "epoch": self.step * self.cfg.optim.micro_batch * self.accum / self.sampler.per_rank,
                 "metrics": metrics,
-                "input": {"channels": self.cfg.model.in_chans, "size": self.cfg.model.img_size,
-                          "mean": INPUT_MEAN, "std": INPUT_STD},
+                "input": self.cfg.model.input_spec,
                 "rank_fingerprints": fingerprints, "config": to_dict(self.cfg)}
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "step": self.step, "skipped": self.skipped, "world": self.dist.world,

@@ -91,7 +91,8 @@ class PretrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     hie_weight: float = 1.0  # lambda in L_MIM + lambda * L_HIE
     log_every: int = 10  # optimizer steps between metric lines
-    init_weights: str | None = None  # encoder weights to start from (EchoCare, timm or SimMIM checkpoint)
+    init_weights: str | None = None  # encoder to start from: the EchoCare release .pth or a toolkit checkpoint
+    init_partial: bool = False  # load only the tensors of `init_weights` that fit (otherwise a mismatch stops)
     compile: bool = False  # torch.compile the model: ~1.9x faster on an H100 after a few minutes of compiling
     data: DataConfig = field(default_factory=DataConfig)
     model: EncoderConfig = field(default_factory=EncoderConfig)

@@ -7,9 +7,8 @@ whose task or labels do not match its dataset or that asks for more than the sit
 the server aggregates them with sample weights (`weighted_mean`).
 
 A multi-task job (`task: multitask`, two or more `tasks`) lets sites with different label types train one
-encoder: each site runs the task its dataset declares (`task_for`), its head and the encoder's final norm
-(which feeds only the pooled heads) stay at the site (`MULTITASK_LOCAL`), and the server holds and
-aggregates only the encoder with its adapters.
+encoder: each site runs the task its dataset declares (`task_for`), its head stays at the site
+(`MULTITASK_LOCAL`), and the server holds and aggregates only the encoder with its adapters.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from echocare_core.privacy.settings import DPSettings, SitePrivacy
 __all__ = ["MULTITASK_LOCAL", "Job", "SiteLimits", "TaskSpec", "check_job", "job_hash", "local_patterns",
            "shared_names", "task_for", "task_jobs", "weighted_mean"]
 
-MULTITASK_LOCAL = ("head.*", "encoder.norm.*")  # what each site of a multi-task job keeps: its task's own layers
+MULTITASK_LOCAL = ("head.*",)  # what each site of a multi-task job keeps: its task's own layers
 
 
 @dataclass(frozen=True)
@@ -141,8 +140,8 @@ class SiteLimits:
 
 
 def task_jobs(job: Job) -> list[Job]:
-    """The single-task jobs the sites run: `job` itself, or one per task of a multi-task job (its head and the
-    encoder's final norm site-local)."""
+    """The single-task jobs the sites run: `job` itself, or one per task of a multi-task job (its head
+    site-local)."""
     if not job.tasks:
         return [job]
     return [replace(job, task=t.task, classes=t.classes, labels=t.labels, landmarks=t.landmarks,

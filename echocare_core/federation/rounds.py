@@ -16,7 +16,6 @@ import torch
 from echocare_core.checkpoint import (latest_checkpoint, load_encoder_weights, load_train_state, load_weights,
                                       prune_checkpoints, read_meta, save_checkpoint)
 from echocare_core.config import from_dict, to_dict
-from echocare_core.data.pretrain import INPUT_MEAN, INPUT_STD
 from echocare_core.data.contract import load_spec
 from echocare_core.engine.metrics import LOWER_IS_BETTER, MAIN_METRIC
 from echocare_core.federation.job import Job, job_hash, local_patterns, task_for, task_jobs
@@ -31,13 +30,13 @@ ServerState = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
 
 
-def initial_state(job: Job, init: str | None) -> dict[str, torch.Tensor]:
-    """The round-0 global model: random with the job's seed, the encoder from `init` when given."""
+def initial_state(job: Job, init: str | None, partial: bool = False) -> dict[str, torch.Tensor]:
+    """The round-0 global model: random with the job's seed, the encoder from `init` when given (all of it,
+    unless `partial`)."""
     torch.manual_seed(job.seed)
     model = build_job_model(job)
     if init:
-        report = load_encoder_weights(model.encoder, init)
-        (log.warning if report.missing else log.info)("encoder weights from %s: %s", init, report.summary())
+        load_encoder_weights(model.encoder, init, partial)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -85,8 +84,7 @@ def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any
                      **({"report": to_dict(job.report), "tokenizer": job.tokenizer.to_str(), "beam": 1}
                         if job.task == "report" else {})},
             "finetune": {"mode": job.mode, "lora_rank": job.lora_rank, "lora_alpha": job.lora_alpha},
-            "input": {"channels": job.encoder.in_chans, "size": job.encoder.img_size, "mean": INPUT_MEAN,
-                      "std": INPUT_STD, "frames": job.frames}}
+            "input": {**job.encoder.input_spec, "frames": job.frames}}
 
 
 def save_round(out: Path, job: Job, state: dict[str, torch.Tensor], server_round: int, metrics: dict[str, Any],

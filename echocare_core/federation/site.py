@@ -179,10 +179,9 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
     elif task:
         log.info("round %d: no kept layers of this job at the site: its %s head starts anew", server_round, job.task)
     model.to(device)
-    size, channels = job.encoder.img_size, job.encoder.in_chans
-    tok = job.tokenizer
-    sets = {s: TaskDataset(folder, spec, r, size, channels, train=s == "train", seed=job.seed, frames=job.frames,
-                           tokenizer=tok, views=job.report.views) for s, r in rows.items()}
+    enc, tok = job.encoder, job.tokenizer
+    sets = {s: TaskDataset(folder, spec, r, enc.img_size, enc.in_chans, s == "train", enc.scale, seed=job.seed,
+                           frames=job.frames, tokenizer=tok, views=job.report.views) for s, r in rows.items()}
     val = task_loader(sets["val"], [(0, i) for i in range(len(sets["val"]))], job.batch_size, num_workers)
     dev = torch.device(device)
     before = evaluate_model(model, val, dev, job.num_outputs)

@@ -56,7 +56,8 @@ class ClipRegressionHead(nn.Module):
 
 
 class DenseHead(nn.Module):
-    """UNETR/SwinUNETR-style decoder: skip connections from the image and from every encoder stage.
+    """SwinUNETR-style decoder: skip connections from the image and from each of the encoder's five outputs
+    (the patch embedding at H/p, then the stages at H/2p ... H/16p).
 
     `forward(image, stage_maps) -> [B, out_channels, H, W]` at input resolution: mask logits
     (segmentation), landmark heatmaps or centre heatmaps and box sizes (detection).

@@ -1,11 +1,22 @@
-"""Swin Transformer encoder whose batch dimension stays the batch dimension.
+"""The EchoCare encoder: MONAI's 2-D `SwinTransformer(use_v2=True)`, rebuilt with a true batch dimension.
 
-Stock timm and MONAI Swin fold the attention windows into the batch dimension and gather the
-relative-position table inside a module that also holds a buffer. Both break per-sample gradients
-(Opacus would clip per window, not per image). Here windows live in their own dimension
-(`[B, nW, N, C]`), every Linear sees `[B, tokens, C]`, and the bias table sits alone in
-`RelPosBias`, which adds it to per-sample logits. Parameter names follow timm's Swin except the
-table (`attn.rel_pos.relative_position_bias_table`); `echocare_core.checkpoint` maps timm names.
+EchoCare's released encoder is a MONAI `SwinTransformer(spatial_dims=2, use_v2=True)`. This module is an own
+implementation of that network, not a wrapper: its state dict has exactly MONAI's keys and shapes (the release
+loads with `strict=True`) and its five outputs equal MONAI's on the same weights, but
+
+- window attention keeps windows in their own dimension (`[B, nW, N, C]`) and every Linear sees `[B, tokens, C]`,
+  so Opacus computes one gradient per image (MONAI folds windows into the batch, which would clip per window);
+- the relative-position bias is added to per-sample logits in one call of `WindowAttention.forward`, the only
+  computation on the bias table, so a per-sample gradient rule can be registered for it
+  (`echocare_core.privacy.dp`);
+- attention can run fused (`scaled_dot_product_attention`) while training, where MONAI fuses only without
+  gradients; DP training switches it off.
+
+Layout (MONAI's): `patch_embed` (no norm), then per stage i = 1..4 a residual conv block `layers{i}c.0` and a
+Swin stage `layers{i}.0` whose blocks are followed by a patch merge (the fourth included). Outputs are the patch
+embedding and the four merged stages, each layer-normed without weights: for 3x256x256 and the release numbers,
+128@128, 256@64, 512@32, 1024@16 and 2048@8. Like MONAI, a stage whose map is not larger than the window attends
+over the whole map with no shift and reads the first `n x n` entries of the full window's position index.
 """
 
 from __future__ import annotations
@@ -15,36 +26,42 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import UnetrBasicBlock
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SWIN_VARIANTS", "EncoderConfig", "SwinEncoder", "RelPosBias", "WindowAttention"]
+__all__ = ["SWIN_VARIANTS", "STAGES", "EncoderConfig", "SwinEncoder", "WindowAttention"]
+
+STAGES = 4  # MONAI's SwinTransformer has exactly four (layers1..layers4)
 
 SWIN_VARIANTS: dict[str, dict] = {
-    "test": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+    "echocare": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),  # the released encoder
+    "small": dict(embed_dim=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24)),
     "mini": dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
-    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    "test": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
 }
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Encoder architecture and input spec; stored in every checkpoint.
+    """Encoder architecture and input contract; stored in every checkpoint.
 
-    `embed_dim`, `depths` and `num_heads` override the named variant when given.
+    The defaults are the released EchoCare encoder: 3 channels (grayscale is replicated), 256 px, patch 2,
+    window 8. `embed_dim`, `depths` and `num_heads` override the named variant when given. Pixels are scaled
+    to `(x / 255 - input_mean) / input_std`; the authors do not document the scaling the release was trained
+    with, so it is a recorded value (default [-1, 1]) that every checkpoint carries.
     """
 
-    variant: str = "tiny"
-    in_chans: int = 1
+    variant: str = "echocare"
+    in_chans: int = 3
     img_size: int = 256
-    patch_size: int = 4
+    patch_size: int = 2
     window_size: int = 8
     mlp_ratio: float = 4.0
     drop_path: float = 0.1
+    input_mean: float = 0.5
+    input_std: float = 0.5
     grad_checkpointing: bool = False
     fused_attn: bool = True
     embed_dim: int | None = None
@@ -66,98 +83,102 @@ class EncoderConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")
         if self.in_chans not in (1, 3):
-            raise ValueError(f"in_chans={self.in_chans}: use 1 (grayscale, default) or 3")
-        if len(arch["depths"]) != len(arch["num_heads"]):
-            raise ValueError(f"depths {arch['depths']} and num_heads {arch['num_heads']} need the same length")
+            raise ValueError(f"in_chans={self.in_chans}: use 3 (the release; grayscale is replicated) or 1")
+        if len(arch["depths"]) != STAGES or len(arch["num_heads"]) != STAGES:
+            raise ValueError(f"depths {arch['depths']} and num_heads {arch['num_heads']} need {STAGES} entries each "
+                             f"(the EchoCare encoder has {STAGES} stages)")
         for i, heads in enumerate(arch["num_heads"]):
             if (arch["embed_dim"] * 2 ** i) % heads:
-                raise ValueError(f"stage {i} width {arch['embed_dim'] * 2 ** i} is not divisible by {heads} heads")
+                raise ValueError(f"stage {i + 1} width {arch['embed_dim'] * 2 ** i} is not divisible by {heads} heads")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"drop_path={self.drop_path}: must be in [0, 1)")
+        if not self.input_std > 0:
+            raise ValueError(f"input_std={self.input_std}: must be > 0")
         if self.img_size % self.stride:
-            raise ValueError(f"img_size={self.img_size} must be a multiple of patch_size * 2**(stages-1) = "
+            raise ValueError(f"img_size={self.img_size} must be a multiple of patch_size * 2**{STAGES} = "
                              f"{self.stride}; e.g. {max(1, round(self.img_size / self.stride)) * self.stride}")
-        for i, res in enumerate(self.stage_resolutions):
+        for i, res in enumerate(self.block_resolutions):
             if res % min(self.window_size, res):
-                raise ValueError(f"window_size={self.window_size} does not divide the stage-{i} feature map "
+                raise ValueError(f"window_size={self.window_size} does not divide the stage-{i + 1} feature map "
                                  f"({res}x{res}); pick a window that divides {res}")
 
     @property
+    def input_spec(self) -> dict:
+        """What an input image must be, as checkpoints record it: channels, side, intensity mean and std."""
+        return {"channels": self.in_chans, "size": self.img_size, "mean": self.input_mean, "std": self.input_std}
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """`(input_mean, input_std)`: pixels in [0, 1] become `(x - mean) / std`."""
+        return self.input_mean, self.input_std
+
+    @property
     def stride(self) -> int:
-        """Pixels per token of the last stage."""
-        return self.patch_size * 2 ** (len(self.arch["depths"]) - 1)
+        """Pixels per token of the last output."""
+        return self.patch_size * 2 ** STAGES
+
+    @property
+    def block_resolutions(self) -> list[int]:
+        """Side of the map each stage's attention blocks see (before its patch merge)."""
+        return [self.img_size // self.patch_size // 2 ** i for i in range(STAGES)]
 
     @property
     def stage_resolutions(self) -> list[int]:
-        return [self.img_size // self.patch_size // 2 ** i for i in range(len(self.arch["depths"]))]
+        """Side of each of the five outputs: the patch embedding, then each stage after its merge."""
+        return [self.img_size // self.patch_size // 2 ** i for i in range(STAGES + 1)]
 
     @property
     def stage_channels(self) -> list[int]:
-        return [self.arch["embed_dim"] * 2 ** i for i in range(len(self.arch["depths"]))]
+        """Channels of each of the five outputs."""
+        return [self.arch["embed_dim"] * 2 ** i for i in range(STAGES + 1)]
 
 
-def relative_position_index(wh: int, ww: int) -> torch.Tensor:
-    """Index into the `(2wh-1)(2ww-1)` bias table for every token pair of a window: `[N, N]`."""
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # [N, N, 2]
-    rel[:, :, 0] += wh - 1
-    rel[:, :, 1] += ww - 1
-    return rel[:, :, 0] * (2 * ww - 1) + rel[:, :, 1]
-
-
-class RelPosBias(nn.Module):
-    """Adds the relative-position bias to attention logits `[B, nW, heads, N, N]`.
-
-    It holds only the table: the window's index is a plain attribute, neither a buffer (Opacus refuses
-    trainable layers with buffers) nor an input (Opacus would read its first dimension as a batch), so a
-    per-sample gradient rule can be registered for it (`echocare_core.privacy.dp`).
-    """
-
-    def __init__(self, window: int, num_heads: int) -> None:
-        super().__init__()
-        self.window = window
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.index = relative_position_index(window, window)  # [N, N]
-
-    def bias(self) -> torch.Tensor:
-        table = self.relative_position_bias_table
-        if self.index.device != table.device:
-            self.index = self.index.to(table.device)
-        n = self.index.shape[0]
-        return table[self.index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)  # [h, N, N]
-
-    def forward(self, attn: torch.Tensor) -> torch.Tensor:
-        return attn + self.bias()
+def relative_position_index(window: int) -> torch.Tensor:
+    """Index into the `(2w-1)^2` bias table for every token pair of a window: `[w*w, w*w]` (MONAI's)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # [N, N, 2]
+    return rel[:, :, 0] * (2 * window - 1) + rel[:, :, 1]
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention inside windows, on `[B, nW, N, C]`."""
+    """Multi-head self-attention inside windows, on `[B, nW, N, C]` (`attend`).
+
+    `forward(logits)` adds the relative-position bias to the logits `[B, nW, heads, N, N]`: DP training hooks
+    that call for the table's per-sample gradient. The index is a constant buffer kept under MONAI's name.
+    """
 
     def __init__(self, dim: int, num_heads: int, window: int, fused_attn: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
         self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
-        self.rel_pos = RelPosBias(window, num_heads)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(window))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def bias(self, n: int) -> torch.Tensor:
+        """`[heads, n, n]` bias for windows of `n` tokens."""
+        index = self.relative_position_index[:n, :n].reshape(-1)
+        return self.relative_position_bias_table[index].reshape(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.bias(logits.shape[-1])
+
+    def attend(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of `x` `[B, nW, N, C]`; `mask` `[nW, N, N]` keeps shifted windows apart."""
         B, nW, N, C = x.shape
         qkv = self.qkv(x.reshape(B, nW * N, C)).reshape(B, nW, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each [B, nW, heads, N, hd]
         if self.fused_attn:
-            # Fused kernels want 4-D input; folding windows here is safe: this path is never used for DP.
-            bias = self.rel_pos.bias()  # [h, N, N]
-            bias = bias.expand(nW, -1, -1, -1) if mask is None else bias + mask.unsqueeze(1)
+            # Fused kernels want 4-D input; folding windows here is safe: DP training switches this path off.
+            bias = self.bias(N).expand(nW, -1, -1, -1) if mask is None else self.bias(N) + mask.unsqueeze(1)
             bias = bias.to(q.dtype).expand(B, -1, -1, -1, -1).reshape(B * nW, self.num_heads, N, N)
             out = F.scaled_dot_product_attention(*(t.reshape(B * nW, self.num_heads, N, -1) for t in (q, k, v)),
                                                  attn_mask=bias)
             out = out.reshape(B, nW, self.num_heads, N, -1)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # [B, nW, h, N, N]
-            attn = self.rel_pos(attn)
+            attn = self(q * q.shape[-1] ** -0.5 @ k.transpose(-2, -1))  # [B, nW, h, N, N]
             if mask is not None:
                 attn = attn + mask.unsqueeze(1)
             out = attn.softmax(dim=-1) @ v
@@ -166,14 +187,16 @@ class WindowAttention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """MONAI's `MLPBlock` names (`linear1`, `linear2`), exact GELU."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.linear1 = nn.Linear(dim, hidden)
+        self.fn = nn.GELU()
+        self.linear2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.linear2(self.fn(self.linear1(x)))
 
 
 def window_partition(x: torch.Tensor, w: int) -> torch.Tensor:
@@ -205,85 +228,99 @@ class SwinBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, res: int, window: int, shift: bool, mlp_ratio: float,
                  drop_path: float, fused_attn: bool) -> None:
         super().__init__()
-        self.window = min(window, res)
-        self.shift = self.window // 2 if shift and res > window else 0
+        self.window = min(window, res)  # MONAI: a map not larger than the window is one window, unshifted
+        self.shift = window // 2 if shift and res > window else 0
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, self.window, fused_attn)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.attn = WindowAttention(dim, num_heads, window, fused_attn)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         mask = shifted_window_mask(res, self.window, self.shift) if self.shift else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
         B, H, W, C = x.shape
-        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x + self.drop_path(self._attn(self.norm1(x)))
         x = x.reshape(B, H * W, C)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x.reshape(B, H, W, C)
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         _, H, W, _ = x.shape
         if self.shift:
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        x = window_reverse(self.attn(window_partition(x, self.window), self.attn_mask), self.window, H, W)
+        x = window_reverse(self.attn.attend(window_partition(x, self.window), self.attn_mask), self.window, H, W)
         if self.shift:
             x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
         return x
 
 
 class PatchMerging(nn.Module):
-    """2x2 neighbouring tokens -> one, `[B, H, W, C] -> [B, H/2, W/2, 2C]` (timm's channel order)."""
+    """2x2 neighbouring tokens -> one, `[B, H, W, C] -> [B, H/2, W/2, 2C]` (MONAI's channel order)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
+        # (row, column) offsets (0,0), (1,0), (0,1), (1,1), as MONAI's concatenation
         x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H * W // 4, 4 * C)
         return self.reduction(self.norm(x)).reshape(B, H // 2, W // 2, 2 * C)
+
+
+class SwinStage(nn.Module):
+    """MONAI's `BasicLayer`: attention blocks, then a patch merge."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, res: int, cfg: EncoderConfig,
+                 drop_path: list[float]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, num_heads, res, cfg.window_size, shift=i % 2 == 1, mlp_ratio=cfg.mlp_ratio,
+                      drop_path=drop_path[i], fused_attn=cfg.fused_attn)
+            for i in range(depth))
+        self.downsample = PatchMerging(dim)
+        self.grad_checkpointing = cfg.grad_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C] -> [B, H/2, W/2, 2C]
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.downsample(x)
 
 
 class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, dim: int, patch: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
-        self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, H/p, W/p, D]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, D, H/p, W/p]
         # contiguous: Opacus' conv per-sample rule assumes NCHW-contiguous input
-        return self.norm(self.proj(x.contiguous()).permute(0, 2, 3, 1))
+        return self.proj(x.contiguous())
 
 
-class SwinStage(nn.Module):
-    def __init__(self, dim: int, depth: int, num_heads: int, res: int, cfg: EncoderConfig,
-                 drop_path: list[float], downsample: bool) -> None:
-        super().__init__()
-        self.downsample = PatchMerging(dim // 2) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[
-            SwinBlock(dim, num_heads, res, cfg.window_size, shift=i % 2 == 1, mlp_ratio=cfg.mlp_ratio,
-                      drop_path=drop_path[i], fused_attn=cfg.fused_attn)
-            for i in range(depth)])
-        self.grad_checkpointing = cfg.grad_checkpointing
+def _conv_block(dim: int) -> nn.Module:
+    """MONAI's v2 residual conv block (`layers{i}c.0`): two 3x3 convs, instance norm, LeakyReLU."""
+    block = UnetrBasicBlock(2, dim, dim, kernel_size=3, stride=1, norm_name="instance", res_block=True)
+    for m in block.modules():  # in-place activations break Opacus' backward hooks
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    return block
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+
+def _channel_norm(x: torch.Tensor) -> torch.Tensor:
+    """MONAI's `proj_out(normalize=True)`: layer norm over channels without weights, `[B, C, H, W]`."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), [x.shape[1]]).permute(0, 3, 1, 2)
 
 
 class SwinEncoder(nn.Module):
-    """Swin Transformer encoder with timm's encoder API.
+    """The EchoCare Swin encoder with timm's encoder API.
 
-    `forward(x)` gives the pooled global feature `[B, num_features]`; `forward_features` the normed
-    last-stage map `[B, H, W, C]`; `forward_intermediates` the multi-scale maps for dense heads.
+    `forward(x)` gives the pooled global feature `[B, num_features]`; `forward_features` the normed last map
+    `[B, h, w, C]`; `forward_intermediates` the five normed maps for dense heads (MONAI's outputs).
     """
 
     def __init__(self, cfg: EncoderConfig) -> None:
@@ -293,53 +330,63 @@ class SwinEncoder(nn.Module):
         self.embed_dim = cfg.arch["embed_dim"]
         self.num_features = cfg.stage_channels[-1]
         self.patch_embed = PatchEmbed(cfg.in_chans, self.embed_dim, cfg.patch_size)
-        rates = torch.linspace(0, cfg.drop_path, sum(depths)).tolist()
-        self.layers = nn.Sequential(*[
-            SwinStage(cfg.stage_channels[i], depths[i], heads[i], cfg.stage_resolutions[i], cfg,
-                      rates[sum(depths[:i]):sum(depths[:i + 1])], downsample=i > 0)
-            for i in range(len(depths))])
-        self.norm = nn.LayerNorm(self.num_features)
+        n = sum(depths)
+        rates = [cfg.drop_path * i / max(1, n - 1) for i in range(n)]  # stochastic depth grows with depth
+        for i in range(STAGES):  # MONAI's order: all Swin stages, then all conv blocks
+            self.add_module(f"layers{i + 1}", nn.ModuleList([SwinStage(
+                cfg.stage_channels[i], depths[i], heads[i], cfg.block_resolutions[i], cfg,
+                rates[sum(depths[:i]):sum(depths[:i + 1])])]))
+        for i in range(STAGES):
+            self.add_module(f"layers{i + 1}c", nn.ModuleList([_conv_block(cfg.stage_channels[i])]))
         self.apply(_init_weights)
+
+    def stage(self, i: int) -> tuple[nn.Module, nn.Module]:
+        """The conv block and the Swin stage of stage `i` (0-based)."""
+        return getattr(self, f"layers{i + 1}c")[0], getattr(self, f"layers{i + 1}")[0]
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               intermediates_only: bool = False, token_mask: torch.Tensor | None = None,
                               mask_token: torch.Tensor | None = None
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the encoder and keep stage outputs for dense heads (timm's API).
+        """Run the encoder and keep its outputs for dense heads (timm's API).
 
         Args:
             x: images `[B, in_chans, H, W]`.
-            indices: stages to return: a list of stage numbers, the last n stages for an int, all for None.
-            intermediates_only: return only the stage maps (stops after the last one asked for).
+            indices: outputs to return (0 = the patch embedding, 1..4 = the stages): a list, the last n for
+                an int, all five for None.
+            intermediates_only: return only those maps (stops after the last one asked for).
             token_mask: `[B, H/p, W/p]`, 1 where a patch is replaced by `mask_token` (masked image modelling).
-            mask_token: `[D]` or broadcastable to `[B, H/p, W/p, D]`.
+            mask_token: `[D]`, the embedding a masked patch gets.
 
         Returns:
-            The stage maps `[B, C_i, H_i, W_i]`, preceded by the normed last-stage map `[B, h, w, C]`
-            unless `intermediates_only`.
+            The maps `[B, C_i, H_i, W_i]`, preceded by the last map `[B, h, w, C]` unless `intermediates_only`.
 
         Raises:
-            ValueError: a stage index out of range.
+            ValueError: an output index out of range.
         """
-        n = len(self.layers)
+        n = STAGES + 1
         wanted = list(range(n)) if indices is None else (
             list(range(n - indices, n)) if isinstance(indices, int) else list(indices))
         if not wanted or any(not 0 <= i < n for i in wanted):
-            raise ValueError(f"indices={indices}: stages are 0..{n - 1}")
-        t = self.patch_embed(x)  # [B, Hp, Wp, D]
+            raise ValueError(f"indices={indices}: outputs are 0..{n - 1}")
+        t = self.patch_embed(x)  # [B, D, Hp, Wp]
         if token_mask is not None:
-            w = token_mask.unsqueeze(-1).to(t.dtype)
-            t = t * (1.0 - w) + mask_token.to(t.dtype) * w
-        feats = []
-        for i, stage in enumerate(self.layers[:max(wanted) + 1] if intermediates_only else self.layers):
-            t = stage(t)
-            if i in wanted:
-                feats.append(t.permute(0, 3, 1, 2))
-        return feats if intermediates_only else (self.norm(t), feats)
+            w = token_mask.unsqueeze(1).to(t.dtype)
+            t = t * (1.0 - w) + mask_token.to(t.dtype).reshape(1, -1, 1, 1) * w
+        outs = [_channel_norm(t)] if 0 in wanted else []
+        for i in range(max(wanted) if intermediates_only else STAGES):
+            conv, stage = self.stage(i)
+            t = stage(conv(t).permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+            if i + 1 in wanted:
+                outs.append(_channel_norm(t))
+        if intermediates_only:
+            return outs
+        return (outs[-1] if STAGES in wanted else _channel_norm(t)).permute(0, 2, 3, 1), outs
 
     def forward_features(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
                          mask_token: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_intermediates(x, [len(self.layers) - 1], token_mask=token_mask, mask_token=mask_token)[0]
+        """The normed last map `[B, h, w, num_features]`."""
+        return self.forward_intermediates(x, [STAGES], True, token_mask, mask_token)[0].permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).mean(dim=(1, 2))  # [B, num_features]

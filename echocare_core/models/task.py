@@ -155,8 +155,6 @@ def apply_finetune_mode(model: EchoCareTaskModel, mode: str, lora_rank: int = 8,
             attn.proj = LoRALinear(attn.proj, lora_rank, lora_alpha)
     for name, p in model.encoder.named_parameters():
         p.requires_grad = mode == "full" or ".lora_" in name
-    if model.task not in ("classification", "regression", "report"):  # dense heads read the stage maps, not the norm
-        model.encoder.norm.requires_grad_(False)  # (DP needs a gradient for every trainable parameter)
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
