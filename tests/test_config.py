@@ -61,12 +61,12 @@ def test_pretrain_config_checks_values():
     base = {"data": {"sources": ["x"]}}
     with pytest.raises(ConfigError, match="batch_size=100 must be a multiple of micro_batch=32"):
         load_config(PretrainConfig, None, ["optim.batch_size=100"], base=base)
-    with pytest.raises(ConfigError, match="unknown encoder variant 'bse'.*Did you mean 'base'"):
-        load_config(PretrainConfig, None, ["model.variant=bse"], base=base)
+    with pytest.raises(ConfigError, match="unknown encoder variant 'echocre'.*Did you mean 'echocare'"):
+        load_config(PretrainConfig, None, ["model.variant=echocre"], base=base)
     with pytest.raises(ConfigError, match="data.sources is empty"):
         load_config(PretrainConfig, None, [])
-    cfg = load_config(PretrainConfig, None, ["model.variant=base"], base=base)
-    assert to_dict(cfg)["model"]["variant"] == "base" and "arch" not in to_dict(cfg)["model"]
+    cfg = load_config(PretrainConfig, None, ["model.variant=small"], base=base)
+    assert to_dict(cfg)["model"]["variant"] == "small" and "arch" not in to_dict(cfg)["model"]
 
 
 def test_shipped_example_configs_validate():

@@ -28,7 +28,7 @@ from echocare_core.engine.metrics import MAIN_METRIC
 from echocare_core.federation.testbed import run_on_this_machine
 
 PROG = "echocare-demo"
-ENCODER = {"variant": "test", "img_size": 64, "patch_size": 4, "window_size": 4}
+ENCODER = {"variant": "test", "img_size": 64, "window_size": 4}  # the smallest of the EchoCare family
 SHARES = (1.0, 0.6, 0.25)  # of the largest site's images: one small hospital
 
 

@@ -26,7 +26,7 @@ from echocare_core.config import from_dict, to_dict
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.models.report import ReportHeadConfig
-from echocare_core.models.swin import EncoderConfig
+from echocare_core.models.swin import EncoderConfig, trainable_state_names
 from echocare_core.privacy.settings import DPSettings, SitePrivacy
 
 __all__ = ["MULTITASK_LOCAL", "Job", "SiteLimits", "TaskSpec", "check_job", "job_hash", "local_patterns",
@@ -225,9 +225,10 @@ def _privacy_reasons(job: Job, site: SitePrivacy) -> list[str]:
 
 
 def shared_names(model: nn.Module, job: Job) -> list[str]:
-    """Names of the parameters that leave the site: those that train, minus the job's site-local patterns."""
-    return [n for n, p in model.named_parameters()
-            if p.requires_grad and not any(fnmatch.fnmatchcase(n, pat) for pat in local_patterns(job))]
+    """State-dict names of the parameters that leave the site: those that train, minus the job's site-local
+    patterns."""
+    return [n for n in trainable_state_names(model)
+            if not any(fnmatch.fnmatchcase(n, pat) for pat in local_patterns(job))]
 
 
 def weighted_mean(updates: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:

@@ -6,9 +6,10 @@ loads with `strict=True`) and its five outputs equal MONAI's on the same weights
 
 - window attention keeps windows in their own dimension (`[B, nW, N, C]`) and every Linear sees `[B, tokens, C]`,
   so Opacus computes one gradient per image (MONAI folds windows into the batch, which would clip per window);
-- the relative-position bias is added to per-sample logits in one call of `WindowAttention.forward`, the only
-  computation on the bias table, so a per-sample gradient rule can be registered for it
-  (`echocare_core.privacy.dp`);
+- the relative-position bias table lives alone in a leaf module (`RelPosBias`) that adds it to per-sample
+  logits, so a per-sample gradient rule can be registered for it (`echocare_core.privacy.dp`); Opacus needs
+  a module that owns parameters to have no trainable children. State-dict hooks keep MONAI's key for it
+  (`attn.relative_position_bias_table`; its parameter name is `attn.rel_pos.relative_position_bias_table`);
 - attention can run fused (`scaled_dot_product_attention`) while training, where MONAI fuses only without
   gradients; DP training switches it off.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,8 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SWIN_VARIANTS", "STAGES", "EncoderConfig", "SwinEncoder", "WindowAttention"]
+__all__ = ["SWIN_VARIANTS", "STAGES", "EncoderConfig", "RelPosBias", "SwinEncoder", "WindowAttention",
+           "trainable_state_names"]
 
 STAGES = 4  # MONAI's SwinTransformer has exactly four (layers1..layers4)
 
@@ -140,11 +143,34 @@ def relative_position_index(window: int) -> torch.Tensor:
     return rel[:, :, 0] * (2 * window - 1) + rel[:, :, 1]
 
 
-class WindowAttention(nn.Module):
-    """Multi-head self-attention inside windows, on `[B, nW, N, C]` (`attend`).
+class RelPosBias(nn.Module):
+    """Adds the relative-position bias to attention logits `[B, nW, heads, n, n]`.
 
-    `forward(logits)` adds the relative-position bias to the logits `[B, nW, heads, N, N]`: DP training hooks
-    that call for the table's per-sample gradient. The index is a constant buffer kept under MONAI's name.
+    It holds only the table (no buffer, no child), as Opacus needs of a layer with its own per-sample rule;
+    `index` (`[n, n]`) is handed over by `WindowAttention` before each call, never passed as an input (Opacus
+    would read its first dimension as a batch size).
+    """
+
+    def __init__(self, window: int, num_heads: int) -> None:
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.index: torch.Tensor | None = None
+
+    def bias(self, index: torch.Tensor) -> torch.Tensor:
+        """`[heads, n, n]` for the position index `[n, n]`."""
+        n = index.shape[0]
+        return self.relative_position_bias_table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.bias(self.index)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, on `[B, nW, N, C]` (`attend`); MONAI's state-dict keys.
+
+    The position index is a constant buffer under MONAI's name; the bias table's key is MONAI's
+    `relative_position_bias_table` in state dicts, `rel_pos.relative_position_bias_table` as a parameter.
     """
 
     def __init__(self, dim: int, num_heads: int, window: int, fused_attn: bool = True) -> None:
@@ -153,17 +179,14 @@ class WindowAttention(nn.Module):
         self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.rel_pos = RelPosBias(window, num_heads)
         self.register_buffer("relative_position_index", relative_position_index(window))
+        self.register_state_dict_post_hook(_monai_keys)
+        self.register_load_state_dict_pre_hook(_own_keys)
 
-    def bias(self, n: int) -> torch.Tensor:
-        """`[heads, n, n]` bias for windows of `n` tokens."""
-        index = self.relative_position_index[:n, :n].reshape(-1)
-        return self.relative_position_bias_table[index].reshape(n, n, -1).permute(2, 0, 1)
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits + self.bias(logits.shape[-1])
+    def index(self, n: int) -> torch.Tensor:
+        """The first `n x n` entries of the full window's index (MONAI's, also for smaller windows)."""
+        return self.relative_position_index[:n, :n]
 
     def attend(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of `x` `[B, nW, N, C]`; `mask` `[nW, N, N]` keeps shifted windows apart."""
@@ -172,18 +195,42 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each [B, nW, heads, N, hd]
         if self.fused_attn:
             # Fused kernels want 4-D input; folding windows here is safe: DP training switches this path off.
-            bias = self.bias(N).expand(nW, -1, -1, -1) if mask is None else self.bias(N) + mask.unsqueeze(1)
+            bias = self.rel_pos.bias(self.index(N))
+            bias = bias.expand(nW, -1, -1, -1) if mask is None else bias + mask.unsqueeze(1)
             bias = bias.to(q.dtype).expand(B, -1, -1, -1, -1).reshape(B * nW, self.num_heads, N, N)
             out = F.scaled_dot_product_attention(*(t.reshape(B * nW, self.num_heads, N, -1) for t in (q, k, v)),
                                                  attn_mask=bias)
             out = out.reshape(B, nW, self.num_heads, N, -1)
         else:
-            attn = self(q * q.shape[-1] ** -0.5 @ k.transpose(-2, -1))  # [B, nW, h, N, N]
+            self.rel_pos.index = self.index(N)
+            attn = self.rel_pos(q * q.shape[-1] ** -0.5 @ k.transpose(-2, -1))  # [B, nW, h, N, N]
             if mask is not None:
                 attn = attn + mask.unsqueeze(1)
             out = attn.softmax(dim=-1) @ v
         out = out.permute(0, 1, 3, 2, 4).reshape(B, nW * N, C)
         return self.proj(out).reshape(B, nW, N, C)
+
+
+_TABLE = "relative_position_bias_table"
+
+
+def _monai_keys(module: nn.Module, state: dict, prefix: str, _meta: Any) -> None:
+    """State-dict post hook: the table under MONAI's key, the attention's keys in MONAI's order."""
+    keys = [k for k in state if k.startswith(prefix)]
+    values = {k: state.pop(k) for k in keys}
+    state[prefix + _TABLE] = values.pop(f"{prefix}rel_pos.{_TABLE}")
+    state.update(values)
+
+
+def _own_keys(module: nn.Module, state: dict, prefix: str, *_: Any) -> None:
+    """Load-state-dict pre hook: MONAI's key for the table back to the parameter's."""
+    if prefix + _TABLE in state:
+        state[f"{prefix}rel_pos.{_TABLE}"] = state.pop(prefix + _TABLE)
+
+
+def trainable_state_names(model: nn.Module) -> list[str]:
+    """State-dict keys of the parameters that train (they differ from parameter names for the bias tables)."""
+    return [k for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter) and v.requires_grad]
 
 
 class Mlp(nn.Module):

@@ -1,7 +1,7 @@
 """DP-SGD with Opacus on the EchoCare models: per-sample gradients, clipping, noise, Poisson batches, accounting.
 
 The encoder keeps the true batch dimension through window attention and adds the relative-position
-bias to per-sample logits in one call (`WindowAttention.forward`), so Opacus' hooks see one sample per image;
+bias to per-sample logits in a module of its own (`RelPosBias`), so Opacus' hooks see one sample per image;
 this module gives that bias its per-sample gradient rule and makes Opacus' Conv2d rule safe for non-contiguous
 input (its `unfold2d` assumes NCHW-contiguous memory and is silently wrong otherwise). Before every step,
 `DPTraining.check` refuses a per-sample gradient whose first dimension is not the batch size.
@@ -26,7 +26,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
-from echocare_core.models.swin import WindowAttention
+from echocare_core.models.swin import RelPosBias, WindowAttention
 from echocare_core.privacy.settings import DPSettings
 
 __all__ = ["DPTraining", "PrivacyError", "epsilon", "noise_multiplier", "poisson_batches",
@@ -44,15 +44,13 @@ class PrivacyError(RuntimeError):
     """DP training cannot keep its guarantee (e.g. a per-sample gradient that is not per sample)."""
 
 
-@register_grad_sampler(WindowAttention)
-def _rel_pos_grad_sample(layer: WindowAttention, activations: list[torch.Tensor], backprops: torch.Tensor
+@register_grad_sampler(RelPosBias)
+def _rel_pos_grad_sample(layer: RelPosBias, activations: list[torch.Tensor], backprops: torch.Tensor
                          ) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradient of the bias table (the layer's only own parameter; `qkv` and `proj` have their own
-    hooks): each sample's logit gradients `[B, nW, heads, N, N]`, summed over its windows, scattered into the
-    rows its relative positions index."""
+    """Per-sample gradient of the bias table: each sample's logit gradients `[B, nW, heads, N, N]`, summed over
+    its windows, scattered into the rows its relative positions index."""
     table = layer.relative_position_bias_table  # [T, heads]
-    n = backprops.shape[-1]
-    index = layer.relative_position_index[:n, :n].reshape(-1)  # [N*N]
+    index = layer.index.reshape(-1)  # [N*N]
     g = backprops.sum(1)  # [B, heads, N, N]
     g = g.permute(0, 2, 3, 1).reshape(g.shape[0], -1, g.shape[1]).to(table.dtype)  # [B, N*N, heads]
     out = torch.zeros(g.shape[0], *table.shape, dtype=table.dtype, device=table.device)
@@ -108,22 +106,6 @@ def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Gen
         yield torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten().tolist()
 
 
-def _refuse_shared_buffers(model: nn.Module) -> None:
-    """Opacus' own check, less its one false alarm: a trainable layer with buffers (e.g. BatchNorm's running
-    statistics, which mix samples) is refused, except window attention, whose only buffer is the constant
-    position index that the bias rule reads (Opacus' strict check is off for that reason).
-
-    Raises:
-        PrivacyError: such a layer trains.
-    """
-    for name, m in model.named_modules():
-        if isinstance(m, WindowAttention) and not [b for b in m.buffers() if b is not m.relative_position_index]:
-            continue
-        if any(p.requires_grad for p in m.parameters(recurse=False)) and any(True for _ in m.buffers()):
-            raise PrivacyError(f"layer {name or 'model'} ({type(m).__name__}) trains and holds buffers, which "
-                               f"differential privacy cannot keep per sample (use GroupNorm or LayerNorm)")
-
-
 class DPTraining:
     """A model and optimizer made private for one round: per-sample gradients, clipping to `max_grad_norm`,
     Gaussian noise, averaging by the expected batch size.
@@ -142,8 +124,7 @@ class DPTraining:
                  expected_batch_size: int) -> None:
         for m in model.modules():
             if isinstance(m, WindowAttention):
-                m.fused_attn = False  # fused kernels fold windows into the batch and bypass the hooked bias call
-        _refuse_shared_buffers(model)
+                m.fused_attn = False  # fused kernels fold windows into the batch and bypass RelPosBias
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ghost = settings.mode == "ghost"
         kwargs = dict(noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm,
@@ -151,10 +132,10 @@ class DPTraining:
                       generator=secret_generator(self.params[0].device))
         if self.ghost:
             self.module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
-                                                               max_grad_norm=settings.max_grad_norm, strict=False)
+                                                               max_grad_norm=settings.max_grad_norm)
             self.optimizer = DPOptimizerFastGradientClipping(optimizer, **kwargs)
         else:
-            self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+            self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
             self.optimizer = DPOptimizer(optimizer, **kwargs)
 
     def loss(self, loss_fn: Callable, out: torch.Tensor, target: Any) -> Any:

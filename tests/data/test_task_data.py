@@ -32,11 +32,11 @@ def test_points_map_to_the_model_grid_and_back():
 def test_boxes_scale_and_flip_with_the_image(tmp_path):
     spec, rows = _folder(tmp_path, "detection", "boxes", [[[8, 6, 24, 30, "b"]], [[0, 0, 64, 48, "a"], [4, 4, 8, 8, "b"]]],
                          classes=["a", "b"])
-    plain = TaskDataset(tmp_path, spec, rows, img_size=32, channels=1, train=False)
+    plain = TaskDataset(tmp_path, spec, rows, img_size=32, channels=1, train=False, scale=(0.5, 0.5))
     item = plain[(0, 0)]
     assert item["image"].shape == (1, 32, 32) and item["size"].tolist() == [48, 64]
     torch.testing.assert_close(item["target"], torch.tensor([[4.0, 4.0, 12.0, 20.0, 1.0]]))
-    flipping = TaskDataset(tmp_path, spec, rows, img_size=32, channels=1, train=True)
+    flipping = TaskDataset(tmp_path, spec, rows, img_size=32, channels=1, train=True, scale=(0.5, 0.5))
     flipped = [flipping[(e, 0)] for e in range(8)]
     mirrored = [f for f in flipped if not torch.equal(f["target"], item["target"])]
     assert mirrored, "a flip has probability 0.5 per epoch"
@@ -47,7 +47,7 @@ def test_boxes_scale_and_flip_with_the_image(tmp_path):
 
 def test_landmarks_are_never_flipped(tmp_path):
     spec, rows = _folder(tmp_path, "landmarks", "landmarks", [[[10, 20], [50, 40]]])
-    ds = TaskDataset(tmp_path, spec, rows, img_size=32, channels=1, train=True)
+    ds = TaskDataset(tmp_path, spec, rows, img_size=32, channels=1, train=True, scale=(0.5, 0.5))
     expected = to_model_points(torch.tensor([[10.0, 20.0], [50.0, 40.0]]), 48, 64, 32)
     for epoch in range(6):
         torch.testing.assert_close(ds[(epoch, 0)]["target"], expected)
@@ -62,10 +62,10 @@ def test_report_samples_read_the_models_views_never_flip_and_count_cut_reports(t
     rows[1]["image2"] = ""  # a study with one image: it is read twice
     tok = ReportTokenizer(max_tokens=24)
     with caplog.at_level("WARNING"):
-        two = TaskDataset(folder, spec, rows, 32, 1, train=True, tokenizer=tok, views=2)
+        two = TaskDataset(folder, spec, rows, 32, 1, True, (0.5, 0.5), tokenizer=tok, views=2)
     assert "6 of 6 reports are longer than max_tokens=24" in caplog.text and rows[0]["report"] not in caplog.text
-    one = TaskDataset(folder, spec, rows, 32, 1, train=True, tokenizer=tok)
-    unflipped = TaskDataset(folder, spec, rows, 32, 1, train=False, tokenizer=tok, views=2)[(0, 0)]["image"]
+    one = TaskDataset(folder, spec, rows, 32, 1, True, (0.5, 0.5), tokenizer=tok)
+    unflipped = TaskDataset(folder, spec, rows, 32, 1, False, (0.5, 0.5), tokenizer=tok, views=2)[(0, 0)]["image"]
     for epoch in range(6):  # training never flips a report's images: it would swap "left" and "right"
         a, b = two[(epoch, 0)], one[(epoch, 0)]
         assert a["image"].shape == (2, 1, 32, 32) and b["image"].shape == (1, 1, 32, 32)

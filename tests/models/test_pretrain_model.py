@@ -74,7 +74,7 @@ def test_mim_loss_counts_masked_pixels_only():
 def test_pretrain_model_forward_backward(ontology, tiny_encoder_cfg):
     model = EchoCarePretrainModel(tiny_encoder_cfg, ontology)
     x = torch.randn(3, 1, 64, 64)
-    token_mask = (torch.rand(3, 16, 16) > 0.5).float()
+    token_mask = (torch.rand(3, 32, 32) > 0.5).float()  # one entry per 2-pixel patch
     anatomy = torch.tensor([ontology.lookup("Neck/Thyroid"), -1, -1])
     loss, parts, pred = model(x, token_mask, anatomy, hie_weight=0.5)
     assert pred.shape == x.shape and parts["labelled"].item() == 1

@@ -5,7 +5,7 @@ import torch
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
-from echocare_core.models.swin import EncoderConfig, SwinEncoder, WindowAttention
+from echocare_core.models.swin import EncoderConfig, RelPosBias, SwinEncoder
 
 
 def monai_twin(cfg: EncoderConfig) -> nn.Module:
@@ -77,10 +77,10 @@ def test_batch_dimension_stays_the_batch_dimension():
     enc = SwinEncoder(EncoderConfig(variant="test", img_size=64, window_size=4, in_chans=1, fused_attn=False))
     seen = []
     for m in enc.modules():
-        if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d, WindowAttention)):
+        if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d, RelPosBias)):
             m.register_forward_hook(lambda mod, inp, out: seen.append((type(mod).__name__, inp[0].shape[0])))
     enc(torch.randn(5, 1, 64, 64))
-    assert {name for name, _ in seen} == {"Linear", "LayerNorm", "Conv2d", "WindowAttention"}
+    assert {name for name, _ in seen} == {"Linear", "LayerNorm", "Conv2d", "RelPosBias"}
     assert all(b == 5 for _, b in seen), seen
 
 

@@ -6,15 +6,15 @@ import torch
 from echocare_core.models.task import EchoCareTaskModel, LoRALinear, apply_finetune_mode, count_trainable
 
 
-@pytest.mark.parametrize("patch", [4, 2])
-def test_segmentation_head_gives_full_resolution_logits(tiny_encoder_cfg, patch):
-    cfg = dataclasses.replace(tiny_encoder_cfg, patch_size=patch)
+@pytest.mark.parametrize("patch,size", [(2, 64), (4, 128)])
+def test_segmentation_head_gives_full_resolution_logits(tiny_encoder_cfg, patch, size):
+    cfg = dataclasses.replace(tiny_encoder_cfg, patch_size=patch, img_size=size)
     model = EchoCareTaskModel(cfg, "segmentation", num_classes=3, feature_size=8)
-    x = torch.randn(2, 1, 64, 64)
+    x = torch.randn(2, 1, size, size)
     out = model(x)
-    assert out.shape == (2, 3, 64, 64)
+    assert out.shape == (2, 3, size, size)
     out.square().mean().backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if not n.startswith("encoder.norm.")}  # unused here
+    grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert not any(getattr(m, "inplace", False) for m in model.modules())
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -50,7 +50,7 @@ def test_finetune_modes_train_what_they_say(tiny_encoder_cfg, mode):
         model.train()
         model(x).sum().backward()
         assert all(m.weight.grad is None and m.lora_B.weight.grad is not None for m in loras)
-        assert "encoder.layers.0.blocks.0.attn.qkv.weight" in model.state_dict()
+        assert "encoder.layers1.0.blocks.0.attn.qkv.weight" in model.state_dict()
     with pytest.raises(ValueError, match="choose one of full, frozen, lora"):
         apply_finetune_mode(model, "partial")
 
