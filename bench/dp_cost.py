@@ -91,7 +91,7 @@ def utility(args: argparse.Namespace, tmp: Path) -> list[dict]:
     held_out = write_dataset(tmp / "test", "segmentation", len(SHARES), 40, size=64, seed=1000)
     spec = load_spec(sites[0])
     job = Job(task="segmentation", labels=tuple(sorted(spec.labels)), mode="full", feature_size=8, lr=1e-3,
-              batch_size=16, encoder=EncoderConfig(variant="test", img_size=64, patch_size=4, window_size=4))
+              batch_size=16, encoder=EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4))
     out = []
     for eps in [0.0, *args.epsilons]:
         run = replace(job, privacy=DPSettings(epsilon=eps, max_grad_norm=args.clip))

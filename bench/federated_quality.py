@@ -40,7 +40,7 @@ from echocare_core.federation.strategies import StrategyConfig
 from echocare_core.models.swin import EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-ENCODER = EncoderConfig(variant="test", img_size=64, patch_size=4, window_size=4)
+ENCODER = EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4)
 SHARES = (1.0, 0.6, 0.25)  # of --per-site: one large, one middle, one small hospital
 ARMS = ("fedavg", "fedprox", "local-only", "centralised")
 
@@ -59,7 +59,7 @@ def held_out_metric(job: Job, state: dict[str, torch.Tensor], folder: Path) -> f
     model = build_job_model(job)
     model.load_state_dict(state)
     spec, rows = load_spec(folder), read_manifest(folder)[1]
-    ds = TaskDataset(folder, spec, rows, ENCODER.img_size, ENCODER.in_chans, train=False)
+    ds = TaskDataset(folder, spec, rows, ENCODER.img_size, ENCODER.in_chans, False, ENCODER.scale)
     loader = task_loader(ds, [(0, i) for i in range(len(ds))], 16, 0)
     return evaluate_model(model, loader, torch.device("cpu"), job.num_outputs)[MAIN_METRIC[job.task]]
 

@@ -1,4 +1,4 @@
-"""Benchmark: what a federated round costs beyond the sites' own compute, for a tiny and a Swin-base-sized model
+"""Benchmark: what a federated round costs beyond the sites' own compute, for a tiny and the released EchoCare model
 (the latter fine-tuned in full, with LoRA adapters + head, or the head only).
 
 For each model, two synthetic sites federate for a few rounds on 127.0.0.1 over the real runtime
@@ -29,11 +29,11 @@ from echocare_core.engine.report import read_metrics
 from echocare_core.federation.testbed import run_on_this_machine
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {  # 'base' has the paper's Swin-B size (88M parameters); 64 px keeps its local compute short
-    "tiny": {"encoder": {"variant": "test", "img_size": 64, "patch_size": 4, "window_size": 4}, "mode": "lora"},
-    "base": {"encoder": {"variant": "base", "img_size": 64, "patch_size": 4, "window_size": 4}, "mode": "full"},
-    "base-lora": {"encoder": {"variant": "base", "img_size": 64, "patch_size": 4, "window_size": 4}, "mode": "lora"},
-    "base-head": {"encoder": {"variant": "base", "img_size": 64, "patch_size": 4, "window_size": 4}, "mode": "frozen"},
+MODELS = {  # 'echocare' is the released encoder (120 M parameters); 64 px keeps its local compute short
+    "tiny": {"encoder": {"variant": "test", "img_size": 64, "window_size": 4}, "mode": "lora"},
+    "echocare": {"encoder": {"variant": "echocare", "img_size": 64, "window_size": 4}, "mode": "full"},
+    "echocare-lora": {"encoder": {"variant": "echocare", "img_size": 64, "window_size": 4}, "mode": "lora"},
+    "echocare-head": {"encoder": {"variant": "echocare", "img_size": 64, "window_size": 4}, "mode": "frozen"},
 }
 KINDS = ("flower-superlink", "flwr-serverapp", "flower-supernode", "flwr-clientapp", "flower-superexec",
          "echocare_client.cli")  # the last: echocare-client with its site worker

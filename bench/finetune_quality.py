@@ -32,7 +32,7 @@ from echocare_core.engine.pretrain import run_pretraining
 from echocare_core.engine.pretrain_config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-ENCODER = {"variant": "mini", "img_size": 128, "patch_size": 4, "window_size": 8, "drop_path": 0.1}
+ENCODER = {"variant": "mini", "in_chans": 1, "img_size": 128, "window_size": 8, "drop_path": 0.1}
 
 
 def pretrain(tmp: Path, steps: int) -> Path:

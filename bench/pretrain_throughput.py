@@ -5,7 +5,7 @@ Three measurements, each printed as a table and written to one JSON file with th
 1. steps: images/s, ms per optimizer step and peak memory of `EchoCarePretrainModel` (AdamW from
    `build_optimizer`, drop_path 0.1, random images, 50% token mask, random anatomy labels), per
    variant and input size; forward + backward + grad clipping + step, as the engine does (bf16
-   autocast on CUDA, fp32 on CPU). An entry `base:p2:b16` means variant base, patch 2, batch 16.
+   autocast on CUDA, fp32 on CPU). An entry `echocare:p4:b16` means variant echocare, patch 4, batch 16.
 2. mfu (CUDA by default): FLOPs of one forward+backward counted with `FlopCounterMode`, with fused
    and explicit attention (to see whether fused SDPA is counted), over step time and the card's
    dense bf16 peak, for several batch sizes; optionally `torch.compile` and a kernel-time profile.
@@ -83,12 +83,12 @@ def parse_entry(entry: str, default_batch: int) -> tuple[str, int, int]:
         ValueError: the entry has another form or names an unknown variant.
     """
     name, *opts = entry.split(":")
-    patch, batch = 4, default_batch
+    patch, batch = 2, default_batch
     for opt in opts:
         if opt[:1] in ("p", "b") and opt[1:].isdigit():
             patch, batch = (int(opt[1:]), batch) if opt[0] == "p" else (patch, int(opt[1:]))
         else:
-            raise ValueError(f"bad entry '{entry}': use variant[:pN][:bN], e.g. base:p2:b16")
+            raise ValueError(f"bad entry '{entry}': use variant[:pN][:bN], e.g. echocare:b16")
     EncoderConfig(variant=name, img_size=256, patch_size=patch)  # unknown variant -> ValueError with a hint
     return name, patch, batch
 
@@ -440,9 +440,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
                    help="extra overrides for the demo loop, e.g. data.num_workers=0")
     p.add_argument("--loop-size", type=int, default=128, help="synthetic image size for the real loop")
     p.add_argument("--loop-per-site", type=int, default=160, help="synthetic images per site (2 sites) for the loop")
-    p.add_argument("--mfu-variant", default="base", help="variant for the MFU sweep")
+    p.add_argument("--mfu-variant", default="echocare", help="variant for the MFU sweep")
     p.add_argument("--mfu-size", type=int, default=256, help="input size for the MFU sweep")
-    p.add_argument("--mfu-patch", type=int, default=4, help="patch size for the MFU sweep")
+    p.add_argument("--mfu-patch", type=int, default=2, help="patch size for the MFU sweep")
     p.add_argument("--mfu-batches", nargs="*", type=int, help="batch sizes for MFU; default CUDA: 64 128 256, "
                    "CPU: none (skipped)")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the card, overrides detection")
@@ -452,7 +452,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, f"{p.prog}: error: --device cuda but torch {torch.__version__} sees no CUDA GPU\n")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    defaults = {"variants": ["tiny", "small", "base", "large", "base:p2:b32"] if cuda else ["test", "mini", "tiny"],
+    defaults = {"variants": ["small", "echocare", "echocare:b32"] if cuda else ["test", "mini", "small"],
                 "sizes": [256] if cuda else [128, 256], "batch": 128 if cuda else 8, "steps": 10 if cuda else 5,
                 "warmup": 3 if cuda else 2, "mfu_batches": [64, 128, 256] if cuda else []}
     for key, value in defaults.items():

@@ -30,7 +30,7 @@ def _mb(paths: list[Path]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variant", default="base")
+    p.add_argument("--variant", default="echocare")
     p.add_argument("--mode", default="full", choices=["full", "lora", "frozen"])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "server_disk.json")
@@ -43,7 +43,7 @@ def main() -> None:
         fed = {"output": str(run), "rounds": {"rounds": args.rounds, "min_sites": 2, "deadline": 3600},
                "job": {"task": "segmentation", "labels": [0, 1], "feature_size": 8, "batch_size": 8,
                        "mode": args.mode, "local_steps": 1,
-                       "encoder": {"variant": args.variant, "img_size": 64, "patch_size": 4, "window_size": 4}}}
+                       "encoder": {"variant": args.variant, "img_size": 64, "window_size": 4}}}
         with Testbed(tmp, {s.name: s for s in sites}, fed, show_server=False) as bed:
             bed.start_server()
             for site in sites:

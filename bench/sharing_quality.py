@@ -47,7 +47,7 @@ from echocare_core.federation.site import build_job_model, local_layers_file, si
 from echocare_core.models.swin import EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-ENCODER = EncoderConfig(variant="test", img_size=64, patch_size=4, window_size=4)
+ENCODER = EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4)
 MODES = {"whole": dict(mode="full"), "whole, norms local": dict(mode="full", local=("*norm*",)),
          "lora + head": dict(mode="lora"), "head only": dict(mode="frozen")}
 SHARES = (1.0, 0.6, 0.25)
@@ -80,7 +80,7 @@ def test_metric(job: Job, weights: dict, folder: Path) -> float:
     _, job = task_for(job, spec)
     model = build_job_model(job)
     model.load_state_dict(weights)
-    ds = TaskDataset(folder, spec, read_manifest(folder)[1], ENCODER.img_size, ENCODER.in_chans, train=False)
+    ds = TaskDataset(folder, spec, read_manifest(folder)[1], ENCODER.img_size, ENCODER.in_chans, False, ENCODER.scale)
     loader = task_loader(ds, [(0, i) for i in range(len(ds))], 16, 0)
     return evaluate_model(model, loader, torch.device("cpu"), job.num_outputs)[MAIN_METRIC[job.task]]
 

@@ -79,7 +79,9 @@ class FederationConfig:
             log.warning("job.report has no findings (or findings_weight 0): the report model gets no findings "
                         "classifier, and without one it learnt to write one report for every study in our benchmark "
                         "(docs/benchmarks.md); list the findings the sites' reports state under job.report.findings")
-        if self.job.privacy.on and (self.job.proximal_mu > 0 or "regression" in tasks):
-            raise ValueError(f"job.privacy.epsilon={self.job.privacy.epsilon} with task(s) {', '.join(tasks)} and "
-                             f"proximal_mu {self.job.proximal_mu}: differential privacy does not support FedProx or "
-                             f"clip regression yet")
+        if self.job.privacy.on and self.job.proximal_mu > 0:
+            raise ValueError(f"job.privacy.epsilon={self.job.privacy.epsilon} with proximal_mu "
+                             f"{self.job.proximal_mu}: differential privacy does not support FedProx yet")
+        if self.job.privacy.on and self.job.privacy.mode == "ghost" and {"regression", "report"} & set(tasks):
+            raise ValueError(f"job.privacy.mode ghost with task(s) {', '.join(tasks)}: ghost clipping keeps per-image "
+                             f"gradient norms, which do not add up to a clip's or a report's; use mode hooks")

@@ -74,6 +74,11 @@ class TaskDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def images_per_sample(self) -> int:
+        """Images the encoder reads per sample: a clip's frames, a report's views, else 1."""
+        return {"regression": self.frames, "report": self.views}.get(self.spec.task, 1)
+
     def _target(self, row: dict[str, str], height: int, width: int) -> torch.Tensor:
         task, s = self.spec.task, self.img_size
         if task == "classification" and self.spec.multi_label:  # "a;b" -> multi-hot [K]

@@ -49,7 +49,6 @@ __all__ = ["DatasetInvalidError", "FinetuneResult", "check_dataset", "evaluate_m
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, int, dict[str, float]], None]
-_NO_DP = {"regression": "clip regression", "report": "report generation"}
 
 
 class DatasetInvalidError(ValueError):
@@ -136,8 +135,8 @@ def report_loss(tokenizer: ReportTokenizer, head: ReportHeadConfig | None = None
         per_report = (ce * keep).sum(1) / keep.sum(1).clamp(min=1)
         if findings:
             labels = stated([tokenizer.decode(r) for r in ids], findings)
-            bce = F.binary_cross_entropy_with_logits(finding_logits, torch.as_tensor(labels, dtype=torch.float32,
-                                                     device=ids.device), reduction="none")
+            bce = F.binary_cross_entropy_with_logits(finding_logits, torch.as_tensor(
+                labels, dtype=finding_logits.dtype, device=ids.device), reduction="none")
             per_report = per_report + weight * bce.mean(1)
         return per_report.mean()
     return loss
@@ -374,14 +373,11 @@ def _private(cfg: FinetuneConfig, spec: DatasetSpec, model: EchoCareTaskModel, o
     """DP-SGD over all epochs, each paid for in the site's ledger (`privacy.ledger`) before it trains.
 
     Raises:
-        ValueError: a task DP does not support yet, or a ledger that cannot be trusted.
+        ValueError: a ledger that cannot be trusted, or ghost clipping for clips or reports.
     """
     from echocare_core.privacy.ledger import LedgerError, PrivacyLedger
     from echocare_core.privacy.passes import PrivatePasses  # Opacus: imported only for DP runs
 
-    if spec.task in ("regression", "report"):
-        raise ValueError(f"privacy.epsilon > 0: differential privacy for {_NO_DP[spec.task]} is not supported yet "
-                         f"(the encoder sees a sample's images as a batch of their own)")
     p, steps = cfg.privacy, math.ceil(len(train_set) / cfg.optim.batch_size)
     try:
         ledger = PrivacyLedger(p.ledger, p.epsilon_budget, p.delta)

@@ -216,9 +216,9 @@ def _privacy_reasons(job: Job, site: SitePrivacy) -> list[str]:
     reasons = []
     if dp.delta > site.delta:
         reasons.append(f"job privacy.delta {dp.delta:g} is above the site's delta {site.delta:g}")
-    if job.task in ("regression", "report"):
-        what, parts = ("clip regression", "frames") if job.task == "regression" else ("report generation", "views")
-        reasons.append(f"differential privacy for {what} is not supported yet ({parts} share the batch)")
+    if job.task in ("regression", "report") and dp.mode == "ghost":
+        parts = "a clip's frames" if job.task == "regression" else "a report's views"
+        reasons.append(f"job privacy.mode ghost cannot clip {parts} as one sample (use mode hooks)")
     if job.proximal_mu > 0:
         reasons.append("differential privacy with FedProx (proximal_mu > 0) is not supported yet")
     return reasons

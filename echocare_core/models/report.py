@@ -130,14 +130,15 @@ class ReportHead(nn.Module):
     def memory(self, stage_tokens: torch.Tensor) -> torch.Tensor:
         """`[B, V, N, C_enc] -> [B, V * N, width]`."""
         b, v, n, _ = stage_tokens.shape
-        views = self.view_embed(torch.arange(v, device=stage_tokens.device))  # [V, width]
-        pos = self.memory_pos(torch.arange(n, device=stage_tokens.device))  # [N, width]
-        x = self.memory_proj(stage_tokens) + pos + views[None, :, None]
+        # positions as a batch of their own ids: Opacus' Embedding rule reads the first dimension as the batch
+        views = self.view_embed(torch.arange(v, device=stage_tokens.device).expand(b, v))  # [B, V, width]
+        pos = self.memory_pos(torch.arange(n, device=stage_tokens.device).expand(b, n))  # [B, N, width]
+        x = self.memory_proj(stage_tokens) + pos[:, None] + views[:, :, None]
         return x.reshape(b, v * n, -1)
 
     def decode(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Logits `[B, L, vocab]` of the token after each of `ids` `[B, L]`, given `memory` `[B, M, width]`."""
-        pos = self.token_pos(torch.arange(ids.shape[1], device=ids.device))
+        pos = self.token_pos(torch.arange(ids.shape[1], device=ids.device).expand_as(ids))  # [B, L, width]
         x = self.token_embed(ids) + pos
         for block in self.blocks:
             x = block(x, memory)

@@ -115,13 +115,25 @@ class DPTraining:
     with a Linear norm rule that takes the explicit per-sample gradient where tokens^2 > d_in * d_out
     (early Swin stages), where Opacus' Gram-matrix rule would be several times slower.
 
+    A sample of several images (a clip's frames, a report's views) goes through the encoder as that many rows of
+    one batch: with `images_per_sample` > 1, the encoder's per-image gradients are folded into one per sample
+    before the check (Opacus scaled each by the number of rows, not of samples, hence their mean).
+
     Args:
         model: trains in place; explicit (non-fused) attention is switched on for it.
         optimizer: the round's optimizer over the model's trainable parameters.
+        images_per_sample: rows of the encoder's batch per sample (frames of a clip, views of a report).
+
+    Raises:
+        ValueError: ghost clipping with several images per sample (norms of images do not add up to a sample's).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings: DPSettings, sigma: float,
-                 expected_batch_size: int) -> None:
+                 expected_batch_size: int, images_per_sample: int = 1) -> None:
+        if settings.mode == "ghost" and images_per_sample > 1:
+            raise ValueError(f"privacy.mode ghost keeps per-image gradient norms, which do not add up to the norm of "
+                             f"a sample of {images_per_sample} images (a clip or a report's views): use mode hooks")
+        self.images_per_sample = images_per_sample
         for m in model.modules():
             if isinstance(m, WindowAttention):
                 m.fused_attn = False  # fused kernels fold windows into the batch and bypass RelPosBias
@@ -153,6 +165,8 @@ class DPTraining:
         """
         for p in self.params:
             g = getattr(p, "_norm_sample" if self.ghost else "grad_sample", None)
+            if self.images_per_sample > 1 and g is not None and g.shape[0] == batch_size * self.images_per_sample:
+                g = p.grad_sample = g.reshape(batch_size, self.images_per_sample, *g.shape[1:]).mean(1)
             if g is None or g.shape[0] != batch_size:
                 got = "none" if g is None else f"first dimension {g.shape[0]}"
                 raise PrivacyError(f"a per-sample gradient of shape {tuple(p.shape)} has {got}, not the batch size "

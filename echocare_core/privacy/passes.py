@@ -33,7 +33,7 @@ class PrivatePasses:
         self.sample_rate = min(1.0, batch_size / len(train_set))
         self.sigma = noise_multiplier(settings, self.sample_rate, total_steps)
         self.dataset = dataset_fingerprint(train_set.folder)
-        self.training = DPTraining(model, optimizer, settings, self.sigma, batch_size)
+        self.training = DPTraining(model, optimizer, settings, self.sigma, batch_size, train_set.images_per_sample)
 
     def next_pass(self, index: int, key: int, num_workers: int = 0) -> tuple[DataLoader, Spend]:
         """Record pass `index` (a round or an epoch) in the ledger, then give its Poisson batches.

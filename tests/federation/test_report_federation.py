@@ -52,19 +52,21 @@ def test_the_coordinator_is_warned_of_a_report_job_without_findings(caplog):
     assert "job.report has no findings" in caplog.text
 
 
-def test_differential_privacy_is_refused_for_reports_with_the_reason(sites, tmp_path):
+def test_reports_train_with_differential_privacy_per_report_and_ghost_clipping_is_refused(sites, tmp_path):
     from echocare_core.config import load_config
     from echocare_core.engine.finetune import run_finetune
     from echocare_core.engine.finetune_config import FinetuneConfig
     from echocare_core.privacy.settings import DPSettings
 
-    (reason,) = check_job(dataclasses.replace(JOB, privacy=DPSettings(epsilon=8.0)), load_spec(sites[0]), SiteLimits())
-    assert reason == "differential privacy for report generation is not supported yet (views share the batch)"
+    assert check_job(dataclasses.replace(JOB, privacy=DPSettings(epsilon=8.0)), load_spec(sites[0]), SiteLimits()) == []
+    (reason,) = check_job(dataclasses.replace(JOB, privacy=DPSettings(epsilon=8.0, mode="ghost")),
+                          load_spec(sites[0]), SiteLimits())
+    assert reason == "job privacy.mode ghost cannot clip a report's views as one sample (use mode hooks)"
     cfg = {"output": str(tmp_path / "run"), "device": "cpu", "data": {"folder": str(sites[0]), "num_workers": 0},
-           "model": {"encoder": dict(TINY_ENCODER), "report": {"width": 32, "heads": 4, "depth": 1}},
-           "privacy": {"epsilon": 8.0, "ledger": str(tmp_path / "ledger")}}
-    with pytest.raises(ValueError, match="differential privacy for report generation is not supported yet"):
-        run_finetune(load_config(FinetuneConfig, None, [], base=cfg))
+           "model": {"encoder": dict(TINY_ENCODER), "report": {"width": 32, "heads": 4, "depth": 1, "views": 2}},
+           "optim": {"epochs": 1, "batch_size": 4}, "privacy": {"epsilon": 8.0, "ledger": str(tmp_path / "ledger")}}
+    result = run_finetune(load_config(FinetuneConfig, None, [], base=cfg))  # every step checks per-report gradients
+    assert result.status == "finished" and 0 < result.history[-1]["epsilon"] <= 8.0
 
 
 def test_two_report_sites_train_a_federated_model_whose_checkpoint_writes_reports(sites, tmp_path):

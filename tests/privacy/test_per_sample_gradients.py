@@ -1,7 +1,9 @@
 """DP-SGD is only as good as its per-sample gradients: for the EchoCare encoder (MONAI's v2 layout, conv blocks
-included) with every DP-capable head and every fine-tuning mode, each trainable parameter's per-sample gradient
-(Opacus hooks plus our rules for the relative-position bias and for non-contiguous conv input) equals the
-gradient of that sample alone, in float64."""
+included) with every head and every fine-tuning mode, each trainable parameter's per-sample gradient (Opacus
+hooks plus our rules for the relative-position bias and for non-contiguous conv input, a clip's frames and a
+report's views folded into their sample) equals the gradient of that sample alone, in float64."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -10,13 +12,17 @@ from torch import nn
 
 from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.finetune import check_dataset, num_classes, task_loss
+from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 from echocare_core.privacy.dp import DPSettings, DPTraining, PrivacyError
 
 ENCODER = EncoderConfig(**{**TINY_ENCODER, "drop_path": 0.0})
-TASKS = ("classification", "segmentation", "landmarks", "detection", "enhancement")
+TASKS = ("classification", "segmentation", "landmarks", "detection", "enhancement", "regression", "report")
+FRAMES, TOKENIZER = 2, ReportTokenizer(max_tokens=12)
+REPORT = ReportHeadConfig(width=8, heads=2, depth=1, max_tokens=12, views=2)  # two views: the encoder sees 2B rows
 
 
 def _close(got, want, task, rtol, msg):
@@ -34,8 +40,9 @@ def batches(tmp_path_factory):
         folder = write_dataset(tmp / task, task, sites=1, per_site=6, size=64, seed=3)[0]
         spec = check_dataset(folder)
         rows = split_rows(folder, "train") + split_rows(folder, "val")
-        ds = TaskDataset(folder, spec, rows[:3], 64, 1, True, ENCODER.scale)
-        out[task] = (spec, collate_task([ds[(0, i)] for i in range(3)]))
+        ds = TaskDataset(folder, spec, rows[:3], 64, 1, True, ENCODER.scale, frames=FRAMES,
+                         tokenizer=TOKENIZER if task == "report" else None, views=REPORT.views)
+        out[task] = (spec, collate_task([ds[(0, i)] for i in range(3)]), ds.images_per_sample)
     return out
 
 
@@ -44,58 +51,73 @@ def _sample(target, i):
 
 
 def _case(batches, task, mode):
-    """A float64 model in `mode` for `task`, its non-contiguous images, targets and loss."""
-    spec, batch = batches[task]
+    """A float64 model in `mode` for `task`, its forward, non-contiguous images, targets, loss and images per
+    sample."""
+    spec, batch, per_sample = batches[task]
     torch.manual_seed(0)
-    model = EchoCareTaskModel(ENCODER, task, num_classes(spec), feature_size=4, multi_label=spec.multi_label)
+    report = dataclasses.replace(REPORT, findings=spec.findings)
+    model = EchoCareTaskModel(ENCODER, task, num_classes(spec, TOKENIZER), feature_size=4,
+                              multi_label=spec.multi_label, target_stats=(50.0, 10.0), report=report)
     apply_finetune_mode(model, mode, lora_rank=2)
     model.double()
     for p in model.parameters():  # LoRA's B starts at zero, which would hide errors in A's gradients
         if p.requires_grad:
             p.data.add_(torch.randn_like(p) * 0.02)
-    images = batch["image"].double().permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # non-contiguous input
+    images = batch["image"].double().transpose(-1, -2).contiguous().transpose(-1, -2)  # non-contiguous input
     target = [t.double() for t in batch["target"]] if isinstance(batch["target"], list) else batch["target"]
-    if task in ("landmarks", "enhancement"):
+    if task in ("landmarks", "enhancement", "regression"):
         target = target.double()
-    return model, images, target, task_loss(spec, (0.0, 1.0))
+    if task == "report":
+        def forward(m, x, t):
+            return tuple(o.double() for o in m(x, t))  # teacher forcing: the model reads the report
+    else:
+        def forward(m, x, t):
+            return m(x)
+    return model, forward, images, target, task_loss(spec, (50.0, 10.0), TOKENIZER, report), per_sample
 
 
-def _single_sample_gradients(model, images, target, loss_fn):
+def _single_sample_gradients(model, forward, images, target, loss_fn):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return named, [torch.autograd.grad(loss_fn(model(images[i:i + 1]), _sample(target, i)), [p for _, p in named])
+    return named, [torch.autograd.grad(loss_fn(forward(model, images[i:i + 1], _sample(target, i)),
+                                               _sample(target, i)), [p for _, p in named])
                    for i in range(len(images))]
 
 
 @pytest.mark.parametrize("mode", ["full", "frozen", "lora"])
 @pytest.mark.parametrize("task", TASKS)
 def test_per_sample_gradients_equal_single_sample_gradients(batches, task, mode):
-    model, images, target, loss_fn = _case(batches, task, mode)
+    model, forward, images, target, loss_fn, per_sample = _case(batches, task, mode)
     dp = DPTraining(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
-                    DPSettings(epsilon=1.0), sigma=0.0, expected_batch_size=3)
-    loss_fn(dp.module(images), target).backward()
+                    DPSettings(epsilon=1.0), sigma=0.0, expected_batch_size=3, images_per_sample=per_sample)
+    loss_fn(forward(dp.module, images, target), target).backward()
     dp.check(3)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    per_sample = {n: p.grad_sample.clone() for n, p in named}
+    got = {n: p.grad_sample.clone() for n, p in named}
     dp.module.disable_hooks()
-    named, reference = _single_sample_gradients(model, images, target, loss_fn)
+    named, reference = _single_sample_gradients(model, forward, images, target, loss_fn)
     for i, grads in enumerate(reference):
         for (name, _), g in zip(named, grads):
-            _close(per_sample[name][i], g, task, 1e-8, f"{name}, sample {i}")
+            _close(got[name][i], g, task, 1e-8, f"{name}, sample {i}")
 
 
 @pytest.mark.parametrize("grad_mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("mode", ["full", "lora"])
 @pytest.mark.parametrize("task", TASKS)
 def test_the_clipped_update_is_the_mean_of_clipped_single_sample_gradients(batches, task, mode, grad_mode):
-    model, images, target, loss_fn = _case(batches, task, mode)
-    named, reference = _single_sample_gradients(model, images, target, loss_fn)
+    model, forward, images, target, loss_fn, per_sample = _case(batches, task, mode)
+    named, reference = _single_sample_gradients(model, forward, images, target, loss_fn)
     norms = torch.stack([torch.cat([g.flatten() for g in grads]).norm() for grads in reference])
     clip = float(norms.median())  # some samples are clipped, some are not
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
     expected = [sum(f * grads[j] for f, grads in zip(factors, reference)) / 3 for j in range(len(named))]
-    dp = DPTraining(model, torch.optim.SGD([p for _, p in named], lr=0.1),
-                    DPSettings(epsilon=1.0, max_grad_norm=clip, mode=grad_mode), sigma=0.0, expected_batch_size=3)
-    dp.loss(loss_fn, dp.module(images), target).backward()
+    settings = DPSettings(epsilon=1.0, max_grad_norm=clip, mode=grad_mode)
+    optimizer = torch.optim.SGD([p for _, p in named], lr=0.1)
+    if grad_mode == "ghost" and per_sample > 1:  # per-image norms do not add up to a sample's
+        with pytest.raises(ValueError, match="use mode hooks"):
+            DPTraining(model, optimizer, settings, 0.0, 3, per_sample)
+        return
+    dp = DPTraining(model, optimizer, settings, sigma=0.0, expected_batch_size=3, images_per_sample=per_sample)
+    dp.loss(loss_fn, forward(dp.module, images, target), target).backward()
     dp.check(3)
     dp.optimizer.pre_step()  # clip, add (zero) noise, average
     for (name, p), e in zip(named, expected):
