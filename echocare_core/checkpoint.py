@@ -41,7 +41,7 @@ from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "read_meta", "load_weights", "load_train_state",
            "latest_checkpoint", "checkpoints_newest_first", "prune_checkpoints", "same_architecture", "build_from_checkpoint", "unwrap", "filter_state_dict",
-           "load_encoder_weights", "LoadReport", "WeightsMismatch", "release_state_dict",
+           "load_encoder_weights", "LoadReport", "WeightsMismatch", "merged_encoder",
            "export_release"]
 
 log = logging.getLogger(__name__)
@@ -293,8 +293,12 @@ class LoadReport:
 def _read_foreign(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"weights not found: {path}")
-    if path.is_dir() or path.suffix == ".safetensors":
-        return load_weights(path)
+    if path.is_dir() or path.suffix == ".safetensors":  # a toolkit checkpoint: its encoder, adapters merged
+        weights = load_weights(path)
+        try:
+            return merged_encoder(weights, _lora_scale(read_meta(path)))
+        except ValueError:  # safetensors without the toolkit's metadata
+            return weights
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # what weights_only=True raises for anything beyond tensors and containers
@@ -343,7 +347,8 @@ def filter_state_dict(state: Mapping[str, torch.Tensor], encoder: SwinEncoder
     token = next((v for k, v in [*state.items(), *items.items()] if k.rsplit(".", 1)[-1] == "mask_token"), None)
     if token is not None and token.numel() == encoder.embed_dim:
         report.mask_token = token.reshape(-1)
-    target = encoder.state_dict()
+    # LoRA adapters are the fine-tuning's own: they start anew and are never in a pretrained file
+    target = {k: v for k, v in encoder.state_dict().items() if ".lora_" not in k}
     out: dict[str, torch.Tensor] = {}
     for key, value in items.items():
         if key == "mask_token":
@@ -397,36 +402,39 @@ def load_encoder_weights(encoder: SwinEncoder, source: str | os.PathLike | Mappi
     return report
 
 
-def release_state_dict(state: Mapping[str, torch.Tensor], lora_scale: float = 0.0) -> dict[str, torch.Tensor]:
-    """The encoder of a toolkit state dict in the EchoCare release layout: the keys of MONAI's
-    `SwinTransformer(spatial_dims=2, use_v2=True)` plus `mask_token` `[1, 1, embed_dim]` (the pretraining model's,
-    zeros for a fine-tuned one), LoRA adapters merged into the weights they adapt (`W + lora_scale * B A`).
-    """
+def _lora_scale(meta: Mapping[str, Any]) -> float:
+    ft = meta.get("finetune", {})
+    return ft["lora_alpha"] / ft["lora_rank"] if ft.get("mode") == "lora" else 0.0
+
+
+def merged_encoder(state: Mapping[str, torch.Tensor], lora_scale: float = 0.0) -> dict[str, torch.Tensor]:
+    """The encoder of a toolkit state dict under MONAI's names, LoRA adapters merged into the weights they
+    adapt (`W + lora_scale * B A`, what the adapted layer computes), with `mask_token` when it has one."""
     encoder, _ = _encoder_part(state)
-    out = {k: v.detach().cpu().clone() for k, v in encoder.items() if ".lora_" not in k and k != "mask_token"}
+    out = {k: v.detach().cpu().clone() for k, v in encoder.items() if ".lora_" not in k}
     for key in [k for k in encoder if k.endswith(".lora_A.weight")]:
         base = key[:-len(".lora_A.weight")]
         delta = encoder[f"{base}.lora_B.weight"].double() @ encoder[key].double()
         out[f"{base}.weight"] = (out[f"{base}.weight"].double() + lora_scale * delta).to(out[f"{base}.weight"].dtype)
-    token = state.get("mask_token")
-    embed = out["patch_embed.proj.weight"].shape[0]
-    out["mask_token"] = (token.detach().cpu().clone() if token is not None else torch.zeros(embed)).reshape(1, 1, -1)
+    if "mask_token" in state:
+        out["mask_token"] = state["mask_token"].detach().cpu().clone()
     return out
 
 
 def export_release(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write a checkpoint's encoder as a `.pth` state dict in the release layout (`release_state_dict`),
-    atomically. `torch.load` it and pop `mask_token` to load it into MONAI's class with `strict=True`.
+    """Write a checkpoint's encoder as a `.pth` state dict in the EchoCare release layout, atomically: the keys
+    of MONAI's `SwinTransformer(spatial_dims=2, use_v2=True)`, LoRA merged (`merged_encoder`), plus `mask_token`
+    `[1, 1, embed_dim]` (the pretraining model's, zeros for a fine-tuned one). `torch.load` it and pop
+    `mask_token` to load it into MONAI's class with `strict=True`, as the authors load the release.
 
     Raises:
         FileNotFoundError: no checkpoint there.
         ValueError: the checkpoint is not the toolkit's, or its encoder does not come out whole.
     """
     meta, out = read_meta(checkpoint), Path(out)
-    ft = meta.get("finetune", {})
-    scale = ft["lora_alpha"] / ft["lora_rank"] if ft.get("mode") == "lora" else 0.0
-    state = release_state_dict(load_weights(checkpoint), scale)
+    state = merged_encoder(load_weights(checkpoint), _lora_scale(meta))
     encoder = SwinEncoder(from_dict(EncoderConfig, meta["encoder"], "encoder"))
+    state["mask_token"] = state.get("mask_token", torch.zeros(encoder.embed_dim)).reshape(1, 1, -1)
     try:  # the layout check: exactly the encoder's tensors
         encoder.load_state_dict({k: v for k, v in state.items() if k != "mask_token"}, strict=True)
     except RuntimeError as exc:

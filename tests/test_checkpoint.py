@@ -172,10 +172,14 @@ def test_export_writes_the_release_layout_that_monai_loads_strictly(tmp_path, mo
     assert state.pop("mask_token").shape == (1, 1, 16)
     ref = monai_twin(cfg).eval()
     ref.load_state_dict(state, strict=True)
+    fresh = SwinEncoder(cfg).eval()  # the checkpoint as a new run's init: the adapters merged the same way
+    assert load_encoder_weights(fresh, tmp_path / "best").complete
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        for a, b in zip(model.eval().encoder.forward_intermediates(x, intermediates_only=True), ref(x)):
+        ours = model.eval().encoder.forward_intermediates(x, intermediates_only=True)
+        for a, b, c in zip(ours, ref(x), fresh.forward_intermediates(x, intermediates_only=True)):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
     assert export_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.pth")]) == 2
 
 
