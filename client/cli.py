@@ -74,7 +74,8 @@ def node_values(cfg: SiteConfig, state: Path) -> dict[str, str | int]:
             "state-dir": str(state), "max-batch-size": cfg.limits.max_batch_size,
             "max-local-epochs": cfg.limits.max_local_epochs, "privacy-required": cfg.privacy.required,
             "privacy-budget": cfg.privacy.epsilon_budget, "privacy-delta": cfg.privacy.delta,
-            "approved-jobs": ",".join(cfg.approved_jobs), "server-versions": ",".join(cfg.server_versions)}
+            "approved-jobs": ",".join(cfg.approved_jobs), "server-versions": ",".join(cfg.server_versions),
+            "base-weights": str(Path(cfg.base_weights).resolve()) if cfg.base_weights else ""}
 
 
 def write_node_config(values: dict[str, str | int], state: Path) -> Path:

@@ -11,17 +11,19 @@ paths or sample data.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file, save_file
 
-from echocare_client.worker import ask_worker, failure_reason, not_approved, run_request
+from echocare_client.worker import ask_worker, failure_reason, handle, not_approved
 from echocare_core.federation.audit import AuditLog
 from echocare_core.federation.transport import FAILED, NEED_FROZEN, REFUSED, digest
 
@@ -48,7 +50,7 @@ def _run(node: dict, request: dict) -> dict:
             log.warning("no site worker at its socket; running the round in the ClientApp process")
         except OSError as exc:
             return {"failed": f"the site worker stopped ({type(exc).__name__})"}
-    return run_request(node, request)
+    return handle(node, request)
 
 
 @app.train()
@@ -78,7 +80,7 @@ def _train(msg: Message, node: dict, site: str) -> Message:
         return _error(msg, site, REFUSED, refusal)
     if not DIGEST.fullmatch(frozen_digest):
         return _error(msg, site, FAILED, "the frozen part of the model is not named by a digest")
-    frozen = _frozen(msg, state_dir, frozen_digest)
+    frozen = _frozen(msg, state_dir, frozen_digest) or _frozen_from_base(node, job, state_dir, frozen_digest)
     if frozen is None:
         return _error(msg, site, NEED_FROZEN, "it does not hold the frozen part of the model")
     inbox = state_dir / "inbox" / f"round_{rnd:04d}_{msg.metadata.message_id[:16]}.safetensors"  # one per ask
@@ -117,10 +119,25 @@ def _frozen(msg: Message, state_dir: Path, name: str) -> Path | None:
     arrays = {k: a.numpy() for k, a in msg.content["frozen"].items()}
     if digest(arrays) != name:
         raise ValueError("the frozen part of the model does not match its digest")
+    return _keep(state_dir, name, lambda tmp: save_file(arrays, str(tmp)))
+
+
+def _frozen_from_base(node: dict, job: str, state_dir: Path, name: str) -> Path | None:
+    """The frozen part built by the site from its own copy of the job's base weights (`base_frozen`), or None."""
+    if not node.get("base-weights") or not json.loads(job).get("base"):
+        return None
+    answer = _run(node, {"base_frozen": name, "job": job})
+    return _keep(state_dir, name, lambda tmp: os.replace(answer["frozen"], tmp)) if "frozen" in answer else None
+
+
+def _keep(state_dir: Path, name: str, fill: Callable[[Path], None]) -> Path:
+    """Put a frozen part in place under its digest (`fill` writes it to a temporary file); keep the `KEEP_FROZEN`
+    most recently used copies."""
+    path = state_dir / "frozen" / f"{name}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per ClientApp process
     try:
-        save_file(arrays, str(tmp))
+        fill(tmp)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

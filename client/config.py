@@ -24,6 +24,8 @@ class SiteConfig:
     state_dir: str = "echocare_site"  # Flower's state, site-local layers, a copy of everything sent, logs
     limits: SiteLimits = field(default_factory=SiteLimits)
     privacy: SitePrivacy = field(default_factory=SitePrivacy)
+    base_weights: str = ""  # this site's copy of the weights federation jobs start from (e.g. the EchoCare release
+    # .pth): a job whose base is this file's SHA-256 never sends the frozen part of its model here
     approved_jobs: tuple[str, ...] = ()  # job hashes the site runs (the server shows each job's); empty: any job
     # that fits the dataset, limits and privacy terms
     server_versions: tuple[str, ...] = ()  # coordinator toolkit versions accepted; empty: only this site's own
@@ -40,5 +42,8 @@ class SiteConfig:
         for key in ("root_certificates", "private_key"):
             if not self.insecure and not Path(getattr(self, key)).is_file():
                 raise ValueError(f"{key}: {getattr(self, key)} is not a file")
+        if self.base_weights and not Path(self.base_weights).exists():
+            raise ValueError(f"base_weights: {self.base_weights} does not exist (a weights file such as the EchoCare "
+                             f"release, or a checkpoint folder)")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts={self.max_restarts}: must be >= 0")

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["SiteWorker", "ask_worker", "failure_reason", "not_approved", "run_request", "site_terms"]
+__all__ = ["SiteWorker", "ask_worker", "base_frozen", "failure_reason", "handle", "not_approved", "run_request",
+           "site_terms"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,42 @@ def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # the second: torch's CPU allocator
         return "the site ran out of memory"
     return f"the round failed at the site ({type(exc).__name__}; see the site's log)"
+
+
+def handle(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    """A ClientApp request: a round (`run_request`), or the frozen part of a model from base weights."""
+    return base_frozen(node, request) if "base_frozen" in request else run_request(node, request)
+
+
+def base_frozen(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    """The frozen part of the job's model built from the site's own copy of the weights it starts from (site.yaml
+    `base_weights`): {"frozen": a file in the state folder's inbox} when the job names that file's SHA-256 as its
+    base and what comes out has the digest the coordinator named (`request["base_frozen"]`), else {} (the
+    coordinator then sends the frozen part)."""
+    from safetensors.numpy import save_file
+
+    from echocare_core.checkpoint import weights_digest
+    from echocare_core.federation.job import Job
+    from echocare_core.federation.site import frozen_part
+    from echocare_core.federation.transport import digest
+
+    file, name = str(node.get("base-weights", "")), str(request["base_frozen"])
+    try:
+        job = Job.from_json(str(request["job"]))
+        if not file or not job.base or weights_digest(file) != job.base:
+            return {}
+        arrays = {k: v.numpy() for k, v in frozen_part(job, file).items()}
+    except (ValueError, OSError) as exc:  # names files: the site's log only
+        log.warning("the frozen part could not be built from base_weights %s: %s", file, exc)
+        return {}
+    if digest(arrays) != name:
+        log.info("base_weights %s are the job's base, but the frozen part differs: the coordinator sends it", file)
+        return {}
+    log.info("the frozen part of the model comes from base_weights %s, not over the network", file)
+    out = Path(str(node["state-dir"])) / "inbox" / f"base_{name[:16]}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(arrays, str(out))
+    return {"frozen": str(out)}
 
 
 def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +231,7 @@ class SiteWorker(threading.Thread):
             with conn:
                 try:
                     request = json.loads(conn.makefile("rb").readline())
-                    answer = run_request(self.node, request)
+                    answer = handle(self.node, request)
                 except Exception as exc:  # noqa: BLE001 - a broken request or the audit log not writable
                     log.exception("site %s: the round failed", self.node.get("site-name"))
                     answer = {"failed": failure_reason(exc)}

@@ -15,6 +15,7 @@ for foreign `.pth` files.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "read_meta", "load_weights", "load_train_state",
            "latest_checkpoint", "checkpoints_newest_first", "prune_checkpoints", "same_architecture", "build_from_checkpoint", "unwrap", "filter_state_dict",
            "load_encoder_weights", "LoadReport", "WeightsMismatch", "merged_encoder",
-           "export_release"]
+           "export_release", "weights_digest"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -168,6 +169,24 @@ def _readable(file: Path) -> Iterator[None]:
         yield
     except (SafetensorError, json.JSONDecodeError) as exc:
         raise ValueError(f"{file} is not a readable checkpoint file ({exc})") from None
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a weights file, or of a checkpoint folder's `model.safetensors`: how a federation job
+    names the weights its encoder starts from.
+
+    Raises:
+        FileNotFoundError: nothing there.
+    """
+    path = Path(path)
+    file = path / MODEL_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"weights not found: {path}")
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -13,11 +13,13 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.live import Live
 from rich.table import Table
 
+from echocare_core.checkpoint import weights_digest
 from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
 from echocare_core.config import ConfigError, load_config, save_config, to_dict
 from echocare_core.federation.processes import (FlowerError, free_port, run_flwr, start, stop, toml_value,
@@ -269,8 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.init:  # a file that does not fit stops here, before any site is asked
         try:
             initial_state(cfg.job, cfg.init, cfg.init_partial)
+            base = weights_digest(cfg.init)
         except (ValueError, FileNotFoundError) as exc:
             return fail(PROG, f"init: {exc}")
+        if cfg.job.base and cfg.job.base != base:
+            return fail(PROG, f"job.base {cfg.job.base} is not the SHA-256 of init {cfg.init} ({base}); leave "
+                              f"job.base empty, the server sets it")
+        cfg = replace(cfg, job=replace(cfg.job, base=base))  # sites holding these weights need not download them
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "federation.yaml")

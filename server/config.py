@@ -79,6 +79,9 @@ class FederationConfig:
             log.warning("job.report has no findings (or findings_weight 0): the report model gets no findings "
                         "classifier, and without one it learnt to write one report for every study in our benchmark "
                         "(docs/benchmarks.md); list the findings the sites' reports state under job.report.findings")
+        if self.job.base and not self.init:
+            raise ValueError(f"job.base={self.job.base} names base weights but init is empty: set init to the "
+                             f"weights file (the server computes job.base from it)")
         if self.job.privacy.on and self.job.proximal_mu > 0:
             raise ValueError(f"job.privacy.epsilon={self.job.privacy.epsilon} with proximal_mu "
                              f"{self.job.proximal_mu}: differential privacy does not support FedProx yet")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -77,8 +78,13 @@ class Job:
     seed: int = 0
     tasks: tuple[TaskSpec, ...] = ()  # task "multitask": each site runs the one its dataset declares
     report: ReportHeadConfig = field(default_factory=ReportHeadConfig)  # report generation (byte-level tokens)
+    base: str = ""  # SHA-256 of the weights the encoder starts from (echocare-server sets it from `init`); a site
+    # holding a file with that digest (site.yaml base_weights) builds the frozen part from it, never downloads it
 
     def __post_init__(self) -> None:
+        if self.base and not re.fullmatch(r"[0-9a-f]{64}", self.base):
+            raise ValueError(f"base={self.base!r}: the SHA-256 of the base weights, 64 hex digits (echocare-server "
+                             f"sets it from init; leave it empty)")
         kinds = {replace(t, labels=tuple(sorted(t.labels))) for t in self.tasks}  # a task listed twice never runs
         if (self.task == "multitask") != bool(self.tasks) or len(self.tasks) == 1 or len(kinds) < len(self.tasks):
             raise ValueError(f"task '{self.task}' with {len(self.tasks)} tasks: a multi-task job needs task: "
@@ -107,6 +113,8 @@ class Job:
         data = to_dict(self)
         if not self.tasks:  # a single-task job keeps the JSON (and the hash) it had before multi-task jobs
             del data["tasks"]
+        if not self.base:  # nor, started from random weights, before jobs named their base weights
+            del data["base"]
         if "report" not in (self.task, *(t.task for t in self.tasks)):  # nor before report generation
             del data["report"]
         else:  # nor before the findings classifier, while it is not used

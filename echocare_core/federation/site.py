@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from echocare_core.checkpoint import load_encoder_weights
 from echocare_core.data.finetune import TaskDataset, split_rows
 from echocare_core.engine.finetune import check_dataset, evaluate_model, task_loader, task_loss, train_epoch
 from echocare_core.engine.optim import build_optimizer
@@ -27,7 +28,8 @@ from echocare_core.federation.job import (Job, SiteLimits, check_job, job_hash, 
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 from echocare_core.privacy.settings import SitePrivacy, steps_per_round
 
-__all__ = ["JobRefused", "RoundResult", "SharedEncoder", "build_job_model", "local_layers_file", "site_round"]
+__all__ = ["JobRefused", "RoundResult", "SharedEncoder", "build_job_model", "frozen_part", "local_layers_file",
+           "site_round"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,16 @@ def build_job_model(job: Job) -> EchoCareTaskModel | SharedEncoder:
     """The job's model with its fine-tuning mode applied (same parameter names at every site and the server);
     for a multi-task job, the shared encoder the server holds."""
     return SharedEncoder(job) if job.tasks else _task_model(job)
+
+
+def frozen_part(job: Job, weights: str | Path) -> dict[str, torch.Tensor]:
+    """What the coordinator's global model holds beyond the shared parameters, built at the site: the job's model
+    with its encoder from `weights` (all of them), less what the job shares. It is the coordinator's frozen part
+    when the job started from the same weights; the digest the coordinator names it by tells."""
+    model = build_job_model(job)
+    load_encoder_weights(model.encoder, weights)
+    shared = set(shared_names(model, job))
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in shared}
 
 
 def local_layers_file(state_dir: Path, job: str) -> Path:

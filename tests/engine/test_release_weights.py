@@ -17,7 +17,9 @@ from echocare_core.federation.job import Job, shared_names
 from echocare_core.federation.rounds import initial_state
 from echocare_core.federation.site import build_job_model, site_round
 from echocare_core.models.swin import EncoderConfig
+from echocare_core.config import ConfigError, load_config
 from echocare_server.cli import main as server_main
+from echocare_server.config import FederationConfig
 
 pytestmark = pytest.mark.slow
 # the release's numbers at 64 px: the weights do not depend on the input size, and a CPU runs it in seconds
@@ -72,7 +74,7 @@ def test_a_release_that_does_not_fit_the_encoder_stops_the_run_with_exit_code_2(
 
 
 def test_a_federation_job_starts_from_the_release_and_the_server_refuses_one_that_does_not_fit(tmp_path, release,
-                                                                                                site):
+                                                                                                site, capsys):
     path, state = release
     job = Job(task="classification", classes=("benign", "malignant"), encoder=EncoderConfig(**ENCODER),
               mode="lora", lora_rank=2, batch_size=4)
@@ -87,4 +89,10 @@ def test_a_federation_job_starts_from_the_release_and_the_server_refuses_one_tha
                    "encoder": {**ENCODER, "depths": list(other.encoder.depths)}}}
     (tmp_path / "federation.yaml").write_text(yaml.safe_dump(fed))
     assert server_main(["--config", str(tmp_path / "federation.yaml")]) == 2
+    fed["job"] = {**fed["job"], "encoder": ENCODER, "base": "0" * 64}  # fits, but the job names other weights
+    (tmp_path / "federation.yaml").write_text(yaml.safe_dump(fed))
+    assert server_main(["--config", str(tmp_path / "federation.yaml")]) == 2
+    assert f"is not the SHA-256 of init {path}" in capsys.readouterr().err.replace("\n", "")
     assert not (tmp_path / "fed").exists()  # nothing started, nothing written
+    with pytest.raises(ConfigError, match="names base weights but init is empty"):
+        load_config(FederationConfig, None, [], base={**fed, "init": None})

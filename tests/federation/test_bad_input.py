@@ -1,9 +1,11 @@
 """Bad input at a site: each gets a clear message naming the file or key and what is allowed, at the site;
 what the coordinator gets back names the problem's kind, never a path, a value or file contents."""
 
+import dataclasses
 import json
 
 import pytest
+import torch
 import yaml
 from conftest import TINY_ENCODER
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -153,3 +155,26 @@ def test_site_local_layers_are_kept_per_job(site, tmp_path, flower_task):
     other = Job(**{**job.__dict__, "lora_rank": 4})  # another job with a head of the same shape: its own copy
     assert not _round(node, initial_state(other, None), other).has_error()
     assert len(list((tmp_path / "state" / "site_x" / "local_layers").glob("*.safetensors"))) == 2
+
+
+def test_a_site_with_its_own_copy_of_the_base_weights_never_downloads_the_frozen_part(site, tmp_path, flower_task):
+    from models.test_swin import monai_twin
+
+    from echocare_core.checkpoint import weights_digest
+
+    _, node = site
+    torch.manual_seed(5)
+    base = tmp_path / "echocare_encoder.pth"
+    torch.save({**monai_twin(JOB.encoder).state_dict(), "mask_token": torch.zeros(1, 1, 16)}, base)
+    job = dataclasses.replace(JOB, base=weights_digest(base))
+    state = initial_state(job, str(base))
+    assert _round(node, state, job, send_frozen=False).error.code == 1003  # no base_weights at the site: NEED_FROZEN
+    other = tmp_path / "other.pth"
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in torch.load(base).items()}, other)
+    assert _round({**node, "base-weights": str(other)}, state, job, send_frozen=False).error.code == 1003
+    reply = _round({**node, "base-weights": str(base)}, state, job, send_frozen=False)
+    assert not reply.has_error()  # built from its own copy: the coordinator sent the shared part only
+    (kept,) = (tmp_path / "state" / "site_x" / "frozen").glob("*.safetensors")
+    names = set(shared_names(build_job_model(job), job))
+    assert kept.stem == digest({k: v.numpy() for k, v in state.items() if k not in names})
+    assert not list((tmp_path / "state" / "site_x" / "inbox").glob("*"))  # nothing left behind
