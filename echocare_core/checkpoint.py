@@ -40,9 +40,9 @@ from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig, SwinEncoder
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "read_meta", "load_weights", "load_train_state",
-           "latest_checkpoint", "checkpoints_newest_first", "prune_checkpoints", "same_architecture", "build_from_checkpoint", "unwrap", "filter_state_dict",
-           "load_encoder_weights", "LoadReport", "WeightsMismatch", "merged_encoder",
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "read_meta", "load_weights", "load_train_state", "latest_checkpoint",
+           "checkpoints_newest_first", "prune_checkpoints", "same_architecture", "build_from_checkpoint", "unwrap",
+           "filter_state_dict", "load_encoder_weights", "LoadReport", "WeightsMismatch", "merged_encoder",
            "export_release", "weights_digest"]
 
 log = logging.getLogger(__name__)

@@ -129,7 +129,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     out, job, settings = Path(cfg.output), cfg.job, cfg.rounds
     progress = Progress(out)
     resumed = resume(out, job)
-    state, done, history, server_state = resumed if resumed else (initial_state(job, cfg.init, cfg.init_partial), 0, [], {})
+    state, done, history, server_state = resumed or (initial_state(job, cfg.init, cfg.init_partial), 0, [], {})
     tasks = [j.task for j in task_jobs(job)]
     for site in (s for r in history for s in r["sites"]):  # rounds of an earlier version name no task
         site.setdefault("task", tasks[0])

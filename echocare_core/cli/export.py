@@ -1,4 +1,4 @@
-"""`echocare-export`: a checkpoint's encoder in the EchoCare release layout, back to MONAI and the EchoCare ecosystem."""
+"""`echocare-export`: a checkpoint's encoder in the EchoCare release layout, back to MONAI and EchoCare's users."""
 
 from __future__ import annotations
 

@@ -96,3 +96,27 @@ def test_a_federation_job_starts_from_the_release_and_the_server_refuses_one_tha
     assert not (tmp_path / "fed").exists()  # nothing started, nothing written
     with pytest.raises(ConfigError, match="names base weights but init is empty"):
         load_config(FederationConfig, None, [], base={**fed, "init": None})
+
+
+def test_pretraining_continues_from_the_release_and_exports_to_its_layout(tmp_path, pretrain_data):
+    """Continued pretraining starts from the release (its mask token included); its checkpoint goes back to the
+    release layout. A learning rate of 1e-12 keeps the weights where they started, to compare them."""
+    from conftest import TINY_ENCODER, tiny_pretrain_cfg
+
+    from echocare_core.checkpoint import latest_checkpoint
+    from echocare_core.engine.pretrain import run_pretraining
+
+    cfg = EncoderConfig(**TINY_ENCODER)
+    torch.manual_seed(3)
+    state = {**monai_twin(cfg).state_dict(), "mask_token": torch.randn(1, 1, 16)}
+    torch.save(state, tmp_path / "release.pth")
+    still = ["optim.steps=2", "optim.lr=1.0e-12", "optim.min_lr=1.0e-12", "optim.warmup_steps=0"]
+    run = tiny_pretrain_cfg(pretrain_data, tmp_path / "run", still, init_weights=str(tmp_path / "release.pth"))
+    assert run_pretraining(run).status == "finished"
+    export_release(latest_checkpoint(tmp_path / "run" / "checkpoints"), tmp_path / "back.pth")
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert back.keys() == state.keys()
+    for key, value in state.items():
+        torch.testing.assert_close(back[key], value, atol=1e-8, rtol=0, msg=key)
+    back.pop("mask_token")
+    monai_twin(cfg).load_state_dict(back, strict=True)
