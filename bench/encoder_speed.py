@@ -8,7 +8,7 @@ and model FLOP utilisation (FLOPs counted by `torch.utils.flop_counter` for one 
 dense bf16 peak given with `--peak-tflops`). Prints a table and writes JSON. A program, not a test; run it
 alone (anything beside it on 2 cores slows it by up to 25x).
 
-    python bench/encoder_speed.py                        # CPU: a few minutes on 2 cores
+    python bench/encoder_speed.py                        # CPU: a few minutes on 2 cores (needs einops: .[test])
     python bench/encoder_speed.py --batch 32 --steps 20 --peak-tflops 989   # H100 (SXM) bf16 dense peak
 """
 
