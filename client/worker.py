@@ -63,10 +63,10 @@ def base_frozen(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
     coordinator then sends the frozen part)."""
     from safetensors.numpy import save_file
 
-    from echocare_core.checkpoint import weights_digest
     from echocare_core.federation.job import Job
     from echocare_core.federation.site import frozen_part
     from echocare_core.federation.transport import digest
+    from echocare_core.weights import weights_digest
 
     file, name = str(node.get("base-weights", "")), str(request["base_frozen"])
     try:

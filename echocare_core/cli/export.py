@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from echocare_core.checkpoint import export_release
 from echocare_core.cli.common import command_parser, console, input_error, setup_logging
+from echocare_core.weights import export_release
 
 PROG = "echocare-export"
 

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, SSIMLoss
 from torch.utils.data import DataLoader
 
-from echocare_core.checkpoint import (load_encoder_weights, load_train_state, load_weights, read_meta,
-                                      same_architecture, save_checkpoint)
+from echocare_core.checkpoint import load_train_state, load_weights, read_meta, same_architecture, save_checkpoint
 from echocare_core.config import from_dict, save_config, to_dict
 from echocare_core.data.contract import DatasetSpec, load_spec, read_manifest, verify_dataset
 from echocare_core.data.finetune import TaskDataset, collate_task, from_model_points, split_rows
@@ -43,6 +42,7 @@ from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
 from echocare_core.privacy.settings import BudgetExceeded
+from echocare_core.weights import load_encoder_weights
 
 __all__ = ["DatasetInvalidError", "FinetuneResult", "check_dataset", "evaluate_model", "num_classes", "report_loss",
            "run_finetune", "task_loader", "task_loss", "tokenizer_for", "train_epoch", "write_json", "write_json_lines"]
@@ -368,7 +368,7 @@ def train_epoch(model: EchoCareTaskModel, loader: DataLoader, optimizer: torch.o
     return losses, skipped
 
 
-def _private(cfg: FinetuneConfig, spec: DatasetSpec, model: EchoCareTaskModel, optimizer: torch.optim.Optimizer,
+def _private(cfg: FinetuneConfig, model: EchoCareTaskModel, optimizer: torch.optim.Optimizer,
              train_set: TaskDataset) -> Any:
     """DP-SGD over all epochs, each paid for in the site's ledger (`privacy.ledger`) before it trains.
 
@@ -433,7 +433,7 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     bf16 = o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
     val_keys = [(0, i) for i in range(len(sets["val"]))]
     status, epoch = "finished", start
-    private = _private(cfg, spec, model, optimizer, sets["train"]) if cfg.privacy.epsilon > 0 else None
+    private = _private(cfg, model, optimizer, sets["train"]) if cfg.privacy.epsilon > 0 else None
     for epoch in range(start + 1, o.epochs + 1):
         torch.manual_seed(hash((cfg.seed, epoch)) & 0x7FFFFFFF)
         t0 = time.perf_counter()

@@ -22,8 +22,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from echocare_core.checkpoint import (checkpoints_newest_first, load_encoder_weights, load_train_state, load_weights,
-                                      prune_checkpoints, read_meta, same_architecture, save_checkpoint)
+from echocare_core.checkpoint import (checkpoints_newest_first, load_train_state, load_weights, prune_checkpoints,
+                                      read_meta, same_architecture, save_checkpoint)
 from echocare_core.config import save_config, to_dict
 from echocare_core.data.ontology import load_ontology
 from echocare_core.data.pretrain import (MaskGenerator, PretrainDataset, ShardedSampler,
@@ -33,6 +33,7 @@ from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.pretrain_config import PretrainConfig
 from echocare_core.engine.report import read_metrics, write_pretrain_report
 from echocare_core.models.pretrain import EchoCarePretrainModel
+from echocare_core.weights import load_encoder_weights
 
 __all__ = ["run_pretraining", "NonFiniteLossError", "PretrainResult"]
 

@@ -13,14 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from echocare_core.checkpoint import (latest_checkpoint, load_encoder_weights, load_train_state, load_weights,
-                                      prune_checkpoints, read_meta, save_checkpoint)
+from echocare_core.checkpoint import (latest_checkpoint, load_train_state, load_weights, prune_checkpoints,
+                                      read_meta, save_checkpoint)
 from echocare_core.config import from_dict, to_dict
 from echocare_core.data.contract import load_spec
 from echocare_core.engine.metrics import LOWER_IS_BETTER, MAIN_METRIC
 from echocare_core.federation.job import Job, job_hash, local_patterns, task_for, task_jobs
 from echocare_core.federation.site import build_job_model, local_layers_file
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
+from echocare_core.weights import load_encoder_weights
 
 __all__ = ["aggregate", "choose_sites", "initial_state", "outlier_reasons", "resume", "save_best", "save_round",
            "site_model"]

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from echocare_core.checkpoint import load_encoder_weights
 from echocare_core.data.finetune import TaskDataset, split_rows
 from echocare_core.engine.finetune import check_dataset, evaluate_model, task_loader, task_loss, train_epoch
 from echocare_core.engine.optim import build_optimizer
@@ -27,6 +26,7 @@ from echocare_core.federation.job import (Job, SiteLimits, check_job, job_hash, 
                                           task_for, task_jobs)
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 from echocare_core.privacy.settings import SitePrivacy, steps_per_round
+from echocare_core.weights import load_encoder_weights
 
 __all__ = ["JobRefused", "RoundResult", "SharedEncoder", "build_job_model", "frozen_part", "local_layers_file",
            "site_round"]

@@ -160,7 +160,7 @@ def test_site_local_layers_are_kept_per_job(site, tmp_path, flower_task):
 def test_a_site_with_its_own_copy_of_the_base_weights_never_downloads_the_frozen_part(site, tmp_path, flower_task):
     from models.test_swin import monai_twin
 
-    from echocare_core.checkpoint import weights_digest
+    from echocare_core.weights import weights_digest
 
     _, node = site
     torch.manual_seed(5)
