@@ -36,11 +36,11 @@ from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 
-__all__ = ["FORMAT_VERSION", "MODEL_FILE", "save_checkpoint", "read_meta", "load_weights", "load_train_state",
+__all__ = ["FORMAT_VERSION", "MODEL_FILE", "CheckpointFormatError", "save_checkpoint", "read_meta", "load_weights", "load_train_state",
            "latest_checkpoint", "checkpoints_newest_first", "prune_checkpoints", "same_architecture",
            "build_from_checkpoint", "unwrap", "fsync"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: EchoCare's released encoder layout (MONAI's SwinTransformer v2); 1: the former timm-style Swin
 MODEL_FILE, META_FILE = "model.safetensors", "meta.json"
 STATE_FILE, STATE_JSON = "train_state.safetensors", "train_state.json"
 _NUMBERED = re.compile(r"^(step|round)_(\d+)$")  # pretraining steps, federated rounds
@@ -136,12 +136,17 @@ def _model_file(path: str | os.PathLike) -> Path:
     return file
 
 
+class CheckpointFormatError(ValueError):
+    """A checkpoint of another format than this toolkit's: never skipped over as if it were damaged."""
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """Metadata of a checkpoint folder or of a bare `model.safetensors` (its header carries it).
 
     Raises:
         FileNotFoundError: nothing there.
-        ValueError: the file is not an EchoCare checkpoint or is from a newer format.
+        ValueError: the file is not an EchoCare checkpoint.
+        CheckpointFormatError: the checkpoint is of another format (newer, or the former encoder layout).
     """
     file = _model_file(path)
     with _readable(file), safe_open(str(file), framework="pt") as f:
@@ -150,9 +155,16 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{file} has no EchoCare metadata; load encoder weights with "
                          f"echocare_core.weights.load_encoder_weights()")
     meta = json.loads(text)
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{file} has checkpoint format {meta['format_version']}; this toolkit "
-                         f"({__version__}) reads up to {FORMAT_VERSION}: upgrade echocare")
+    version = meta.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointFormatError(f"{file} has checkpoint format {version}; this toolkit ({__version__}) reads up to "
+                                    f"{FORMAT_VERSION}: upgrade echocare")
+    if version < FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{file} was written by echocare {meta.get('toolkit_version', '?')} with the former Swin layout (checkpoint "
+            f"format {version}); this toolkit's encoder is EchoCare's released one (format {FORMAT_VERSION}) and cannot "
+            f"read it: train again from the EchoCare release (model.init) or a checkpoint of this version, in a new "
+            f"output folder")
     return meta
 
 

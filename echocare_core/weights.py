@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from echocare_core.checkpoint import MODEL_FILE, fsync, load_weights, read_meta
+from echocare_core.checkpoint import MODEL_FILE, CheckpointFormatError, fsync, load_weights, read_meta
 from echocare_core.config import from_dict
 from echocare_core.models.swin import EncoderConfig, SwinEncoder
 
@@ -90,9 +90,12 @@ def _read_foreign(path: Path) -> dict[str, torch.Tensor]:
     if path.is_dir() or path.suffix == ".safetensors":  # a toolkit checkpoint: its encoder, adapters merged
         weights = load_weights(path)
         try:
-            return merged_encoder(weights, _lora_scale(read_meta(path)))
+            meta = read_meta(path)
+        except CheckpointFormatError:
+            raise
         except ValueError:  # safetensors without the toolkit's metadata
             return weights
+        return merged_encoder(weights, _lora_scale(meta))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # what weights_only=True raises for anything beyond tensors and containers

@@ -1,4 +1,7 @@
+"""The toolkit's own checkpoints: written atomically, rebuilt from the folder alone, pruned, and refused by name when
+they are of another format."""
 
+import pytest
 import torch
 
 from echocare_core.checkpoint import (build_from_checkpoint, latest_checkpoint, load_train_state,
@@ -23,7 +26,7 @@ def test_round_trip_rebuilds_the_model_from_the_checkpoint_alone(tmp_path, tiny_
     folder = save_checkpoint(tmp_path / "step_000007", model, meta, {"optimizer": opt.state_dict(), "step": 7})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000007"]  # no temp folder left
     rebuilt, meta2 = build_from_checkpoint(folder)
-    assert meta2["step"] == 7 and meta2["format_version"] == 1 and "toolkit_version" in meta2
+    assert meta2["step"] == 7 and meta2["format_version"] == 2 and "toolkit_version" in meta2
     # the safetensors header alone describes the model too
     assert read_meta(folder / "model.safetensors")["encoder"] == meta["encoder"]
     for (k, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values()):
@@ -54,3 +57,18 @@ def test_unwrap_removes_wrappers(tiny_encoder_cfg):
     wrapped.module = torch.nn.Module()
     wrapped.module._orig_mod = enc
     assert unwrap(wrapped) is enc
+
+
+def test_a_checkpoint_of_the_former_encoder_layout_is_refused_by_name(tmp_path, tiny_encoder_cfg, pretrain_data):
+    from conftest import tiny_pretrain_cfg
+
+    from echocare_core.checkpoint import CheckpointFormatError
+    from echocare_core.engine.pretrain import run_pretraining
+
+    old = save_checkpoint(tmp_path / "run" / "checkpoints" / "step_000004", SwinEncoder(tiny_encoder_cfg),
+                          {"format_version": 1, "toolkit_version": "0.1.0", "model_kind": "pretrain"})
+    with pytest.raises(CheckpointFormatError, match=r"echocare 0.1.0 with the former Swin layout \(checkpoint format 1"):
+        read_meta(old)
+    with pytest.raises(CheckpointFormatError):  # a run folder of the old layout is not started over
+        run_pretraining(tiny_pretrain_cfg(pretrain_data, tmp_path / "run"))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_000004"]

@@ -22,8 +22,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from echocare_core.checkpoint import (checkpoints_newest_first, load_train_state, load_weights, prune_checkpoints,
-                                      read_meta, same_architecture, save_checkpoint)
+from echocare_core.checkpoint import (CheckpointFormatError, checkpoints_newest_first, load_train_state, load_weights,
+                                      prune_checkpoints, read_meta, same_architecture, save_checkpoint)
 from echocare_core.config import save_config, to_dict
 from echocare_core.data.ontology import load_ontology
 from echocare_core.data.pretrain import (MaskGenerator, PretrainDataset, ShardedSampler,
@@ -115,6 +115,8 @@ class _Run:
             try:
                 meta, state = read_meta(ckpt), load_train_state(ckpt)
                 weights = load_weights(ckpt, self.dist.device)
+            except CheckpointFormatError:  # another encoder layout: starting over would mix two runs in one folder
+                raise
             except (OSError, ValueError, KeyError) as exc:  # e.g. a file cut short by a power loss
                 log.warning("checkpoint %s is unreadable (%s); trying the one before", ckpt, type(exc).__name__)
                 continue
