@@ -1,4 +1,4 @@
-"""The dataset folder contract at a site (DESIGN.md section 3) and its verifier.
+"""The dataset folder contract at a site and its verifier.
 
 A dataset is a folder with `dataset.yaml` (name, task, classes or labels, channels) and
 `manifest.csv` (one row per sample, paths relative to the folder). `verify_dataset` checks all of

@@ -1,4 +1,4 @@
-"""Synthetic dataset folders (the site data contract of DESIGN.md section 3), one per simulated site.
+"""Synthetic dataset folders (the site data contract of `echocare_core.data.contract`), one per simulated site.
 
 Each site gets its own device profile, patients with 1-3 images (or echo clips) each, a
 patient-grouped train/val/test split and the task's label column; see `write_dataset`.
