@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, shared_names
 from echocare_core.federation.site import build_job_model
 from echocare_core.federation.transport import encode
@@ -37,8 +38,8 @@ def _nbytes(tensors: dict) -> int:
 
 
 def measure(variant: str, task: str, mode: str, rank: int) -> dict:
-    job = Job(task=task, mode=mode, lora_rank=rank, feature_size=16, **LABELS.get(task, {}),
-              encoder=EncoderConfig(variant=variant))
+    job = Job(task=task, feature_size=16, **LABELS.get(task, {}),
+              encoder=EncoderConfig(variant=variant), train=LocalTraining(mode=mode, lora_rank=rank))
     torch.manual_seed(0)
     model = build_job_model(job)
     state = {k: v.detach() for k, v in model.state_dict().items()}

@@ -79,6 +79,7 @@ def utility(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
     from echocare_core.data.contract import load_spec
     from echocare_core.data.synthetic_dataset import keep_patients, write_dataset
+    from echocare_core.engine.training import LocalTraining
     from echocare_core.federation.job import Job
     from echocare_core.federation.rounds import aggregate, initial_state
     from echocare_core.federation.site import site_round
@@ -90,11 +91,10 @@ def utility(args: argparse.Namespace, tmp: Path) -> list[dict]:
         keep_patients(site, share)
     held_out = write_dataset(tmp / "test", "segmentation", len(SHARES), 40, size=64, seed=1000)
     spec = load_spec(sites[0])
-    job = Job(task="segmentation", labels=tuple(sorted(spec.labels)), mode="full", feature_size=8, lr=1e-3,
-              batch_size=16, encoder=EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4))
+    job = Job(task="segmentation", labels=tuple(sorted(spec.labels)), feature_size=8, encoder=EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4), train=LocalTraining(mode="full", lr=1e-3, batch_size=16))
     out = []
     for eps in [0.0, *args.epsilons]:
-        run = replace(job, privacy=DPSettings(epsilon=eps, max_grad_norm=args.clip))
+        run = replace(job, train=replace(job.train, privacy=DPSettings(epsilon=eps, max_grad_norm=args.clip)))
         state, t0, spent = initial_state(run, None), time.perf_counter(), []
         for rnd in range(1, args.rounds + 1):
             results = [site_round(run, state, site, rnd, privacy=SitePrivacy(), ledger_dir=tmp / f"ledger_{eps}_{i}",

@@ -69,8 +69,8 @@ def run(name: str, tmp: Path, data: dict[str, Path], keys: Path, isolated: bool)
     out = tmp / name.replace(" ", "_")
     fed = {"output": str(out / "run"),
            "rounds": {"rounds": ROUNDS, "min_sites": 2, "expected_sites": 3, "wait_for_sites": 300, "deadline": 120},
-           "job": {"task": "segmentation", "labels": [0, 1], "feature_size": 8, "batch_size": 8, "mode": "lora",
-                   "lora_rank": 2, "encoder": {"variant": "test", "img_size": 64, "window_size": 4}}}
+           "job": {"task": "segmentation", "labels": [0, 1], "feature_size": 8,
+                   "train": {"batch_size": 8, "mode": "lora", "lora_rank": 2}, "encoder": {"variant": "test", "img_size": 64, "window_size": 4}}}
     t0 = time.perf_counter()
     with Testbed(out, data, fed, keys=keys, isolated=isolated, show_server=False) as bed:
         bed.start_server()

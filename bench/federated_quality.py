@@ -31,8 +31,9 @@ import torch
 from echocare_core.data.contract import load_spec, read_manifest
 from echocare_core.data.finetune import TaskDataset
 from echocare_core.data.synthetic_dataset import keep_patients, pool_sites, write_dataset
-from echocare_core.engine.finetune import evaluate_model, task_loader
+from echocare_core.engine.training import evaluate
 from echocare_core.engine.metrics import MAIN_METRIC
+from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job
 from echocare_core.federation.rounds import aggregate, initial_state
 from echocare_core.federation.site import build_job_model, site_round
@@ -49,7 +50,7 @@ def federate(job: Job, folders: list[Path], rounds: int, strategy: StrategyConfi
     """The global model after `rounds` rounds over `folders` (one folder: training alone)."""
     state, server_state = initial_state(job, None), {}
     for rnd in range(1, rounds + 1):
-        results = [site_round(job, state, folder, rnd) for folder in folders]
+        results = [site_round(job, state, folder, rnd, rounds=rounds) for folder in folders]
         state, server_state = aggregate(state, [(r.shared, r.samples) for r in results], strategy, server_state)
     return state
 
@@ -60,8 +61,7 @@ def held_out_metric(job: Job, state: dict[str, torch.Tensor], folder: Path) -> f
     model.load_state_dict(state)
     spec, rows = load_spec(folder), read_manifest(folder)[1]
     ds = TaskDataset(folder, spec, rows, ENCODER.img_size, ENCODER.in_chans, False, ENCODER.scale)
-    loader = task_loader(ds, [(0, i) for i in range(len(ds))], 16, 0)
-    return evaluate_model(model, loader, torch.device("cpu"), job.num_outputs)[MAIN_METRIC[job.task]]
+    return evaluate(model, ds, torch.device("cpu"), job.num_outputs, 16)[MAIN_METRIC[job.task]]
 
 
 def run(task: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict:
@@ -71,8 +71,8 @@ def run(task: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict:
     held_out = write_dataset(tmp / f"{task}_{seed}" / "test", task, len(SHARES), args.test_per_site, size=64,
                              seed=seed + 1000)
     spec = load_spec(sites[0])
-    job = Job(task=task, classes=spec.classes, labels=tuple(sorted(spec.labels)), encoder=ENCODER, mode="full",
-              feature_size=8, lr=args.lr, batch_size=8, seed=seed)
+    job = Job(task=task, classes=spec.classes, labels=tuple(sorted(spec.labels)), encoder=ENCODER,
+              feature_size=8, seed=seed, train=LocalTraining(mode="full", lr=args.lr, batch_size=8))
     t0 = time.perf_counter()
     pooled = pool_sites(sites, tmp / f"{task}_{seed}" / "pooled")
     models = {"fedavg": [federate(job, sites, args.rounds, StrategyConfig())] * len(sites),

@@ -30,10 +30,10 @@ from echocare_core.federation.testbed import run_on_this_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # 'echocare' is the released encoder (120 M parameters); 64 px keeps its local compute short
-    "tiny": {"encoder": {"variant": "test", "img_size": 64, "window_size": 4}, "mode": "lora"},
-    "echocare": {"encoder": {"variant": "echocare", "img_size": 64, "window_size": 4}, "mode": "full"},
-    "echocare-lora": {"encoder": {"variant": "echocare", "img_size": 64, "window_size": 4}, "mode": "lora"},
-    "echocare-head": {"encoder": {"variant": "echocare", "img_size": 64, "window_size": 4}, "mode": "frozen"},
+    "tiny": {"encoder": {"variant": "test", "img_size": 64, "window_size": 4}, "train": {"mode": "lora"}},
+    "echocare": {"encoder": {"variant": "echocare", "img_size": 64, "window_size": 4}, "train": {"mode": "full"}},
+    "echocare-lora": {"encoder": {"variant": "echocare", "img_size": 64, "window_size": 4}, "train": {"mode": "lora"}},
+    "echocare-head": {"encoder": {"variant": "echocare", "img_size": 64, "window_size": 4}, "train": {"mode": "frozen"}},
 }
 KINDS = ("flower-superlink", "flwr-serverapp", "flower-supernode", "flwr-clientapp", "flower-superexec",
          "echocare_client.cli")  # the last: echocare-client with its site worker
@@ -64,7 +64,8 @@ class PeakMemory(threading.Thread):
 
 def measure(name: str, rounds: int, tmp: Path) -> dict:
     sites = write_dataset(tmp / name / "data", "segmentation", sites=2, per_site=10, size=64, seed=1)
-    job = {"task": "segmentation", "labels": [0, 1], "feature_size": 8, "batch_size": 8, **MODELS[name]}
+    job = {"task": "segmentation", "labels": [0, 1], "feature_size": 8, **MODELS[name]}
+    job["train"] = {**job["train"], "batch_size": 8}
     fed = {"output": str(tmp / name / "run"), "rounds": {"rounds": rounds, "min_sites": 2, "deadline": 3600},
            "job": job}
     memory = PeakMemory()

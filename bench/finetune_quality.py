@@ -64,8 +64,8 @@ def subset(folder: Path, fraction: float, out: Path) -> Path:
 def finetune(folder: Path, out: Path, init: Path | None, mode: str, epochs: int, seed: int = 0, lr: float = 1e-3,
              **model) -> dict:
     base = {"output": str(out), "device": "cpu", "seed": seed, "data": {"folder": str(folder), "num_workers": 1},
-            "model": {"init": str(init) if init else None, "mode": mode, "encoder": ENCODER, **model},
-            "optim": {"lr": lr, "batch_size": 16, "epochs": epochs, "warmup_epochs": 1}}
+            "model": {"init": str(init) if init else None, "encoder": ENCODER, **model}, "epochs": epochs,
+            "train": {"mode": mode, "lr": lr, "batch_size": 16, "warmup_epochs": 1}}
     result = run_finetune(load_config(FinetuneConfig, None, [], base=base))
     task = yaml.safe_load((folder / "dataset.yaml").read_text())["task"]
     return {"task": task, "mode": mode, "init": "pretrained" if init else "random", "seed": seed,

@@ -41,8 +41,8 @@ def main() -> None:
         sites = write_dataset(tmp / "data", "segmentation", sites=2, per_site=8, size=64, seed=1)
         run = tmp / "run"
         fed = {"output": str(run), "rounds": {"rounds": args.rounds, "min_sites": 2, "deadline": 3600},
-               "job": {"task": "segmentation", "labels": [0, 1], "feature_size": 8, "batch_size": 8,
-                       "mode": args.mode, "local_steps": 1,
+               "job": {"task": "segmentation", "labels": [0, 1], "feature_size": 8, "local_steps": 1,
+                       "train": {"batch_size": 8, "mode": args.mode},
                        "encoder": {"variant": args.variant, "img_size": 64, "window_size": 4}}}
         with Testbed(tmp, {s.name: s for s in sites}, fed, show_server=False) as bed:
             bed.start_server()

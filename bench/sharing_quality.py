@@ -37,10 +37,10 @@ from echocare_core.config import load_config
 from echocare_core.data.contract import load_spec, read_manifest
 from echocare_core.data.finetune import TaskDataset
 from echocare_core.data.synthetic_dataset import keep_patients, write_dataset
-from echocare_core.engine.finetune import evaluate_model, task_loader
 from echocare_core.engine.metrics import MAIN_METRIC
 from echocare_core.engine.pretrain import run_pretraining
 from echocare_core.engine.pretrain_config import PretrainConfig
+from echocare_core.engine.training import LocalTraining, evaluate
 from echocare_core.federation.job import MULTITASK_LOCAL, Job, TaskSpec, job_hash, task_for
 from echocare_core.federation.rounds import aggregate, initial_state
 from echocare_core.federation.site import build_job_model, local_layers_file, site_round
@@ -69,7 +69,7 @@ def federate(job: Job, init: Path, folders: list[Path], rounds: int, state_dir: 
     state = initial_state(job, str(init))
     local = [local_layers_file(state_dir / f"site_{i}", job_hash(job)) for i in range(len(folders))]
     for rnd in range(1, rounds + 1):
-        results = [site_round(job, state, f, rnd, local_file=file) for f, file in zip(folders, local)]
+        results = [site_round(job, state, f, rnd, local_file=file, rounds=rounds) for f, file in zip(folders, local)]
         state, _ = aggregate(state, [(r.shared, r.samples) for r in results])
     return [{**state, **(load_file(str(file)) if file.is_file() else {})} for file in local]
 
@@ -81,8 +81,7 @@ def test_metric(job: Job, weights: dict, folder: Path) -> float:
     model = build_job_model(job)
     model.load_state_dict(weights)
     ds = TaskDataset(folder, spec, read_manifest(folder)[1], ENCODER.img_size, ENCODER.in_chans, False, ENCODER.scale)
-    loader = task_loader(ds, [(0, i) for i in range(len(ds))], 16, 0)
-    return evaluate_model(model, loader, torch.device("cpu"), job.num_outputs)[MAIN_METRIC[job.task]]
+    return evaluate(model, ds, torch.device("cpu"), job.num_outputs, 16)[MAIN_METRIC[job.task]]
 
 
 def sites(tmp: Path, task: str, shares: tuple[float, ...], args: argparse.Namespace, seed: int) -> tuple[list, list]:
@@ -95,8 +94,7 @@ def sites(tmp: Path, task: str, shares: tuple[float, ...], args: argparse.Namesp
 
 def modes(tmp: Path, init: Path, args: argparse.Namespace, seed: int) -> dict:
     train, test = sites(tmp, "segmentation", SHARES, args, seed)
-    base = Job(task="segmentation", labels=(0, 1), encoder=ENCODER, feature_size=8, lora_rank=args.lora_rank,
-               lr=args.lr, batch_size=8, seed=seed)
+    base = Job(task="segmentation", labels=(0, 1), encoder=ENCODER, feature_size=8, seed=seed, train=LocalTraining(lora_rank=args.lora_rank, lr=args.lr, batch_size=8))
     scores = {}
     for arm, change in MODES.items():
         job = replace(base, **change)
@@ -109,8 +107,8 @@ def modes(tmp: Path, init: Path, args: argparse.Namespace, seed: int) -> dict:
 def multitask(tmp: Path, init: Path, args: argparse.Namespace, seed: int) -> dict:
     seg, seg_test = sites(tmp, "segmentation", (1.0, 0.25), args, seed)
     cls, cls_test = sites(tmp, "classification", (1.0, 0.25), args, seed)
-    common = dict(encoder=ENCODER, feature_size=8, mode="lora", lora_rank=args.lora_rank, lr=args.lr, batch_size=8,
-                  seed=seed)
+    common = dict(encoder=ENCODER, feature_size=8, seed=seed,
+                  train=LocalTraining(mode="lora", lora_rank=args.lora_rank, lr=args.lr, batch_size=8))
     jobs = {"segmentation": Job(task="segmentation", labels=(0, 1), **common),
             "classification": Job(task="classification", classes=tuple(load_spec(cls[0]).classes), **common)}
     multi = Job(task="multitask", tasks=(TaskSpec("segmentation", labels=(0, 1)),

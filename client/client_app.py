@@ -10,7 +10,6 @@ paths or sample data.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 from echocare_client.worker import ask_worker, failure_reason, handle, not_approved
 from echocare_core.federation.audit import AuditLog
-from echocare_core.federation.transport import FAILED, NEED_FROZEN, REFUSED, digest
+from echocare_core.federation.transport import FAILED, NEED_FROZEN, REFUSED, digest, text_hash
 
 app = ClientApp()
 log = logging.getLogger(__name__)
@@ -73,7 +72,7 @@ def _train(msg: Message, node: dict, site: str) -> Message:
     rnd, job, frozen_digest = int(config["round"]), str(config["job"]), str(config.get("frozen", ""))
     request = {"round": rnd, "rounds": int(config.get("rounds", rnd)), "job": job,
                "toolkit": str(config.get("toolkit", "unknown"))}
-    job_hash = hashlib.sha256(job.encode()).hexdigest()
+    job_hash = text_hash(job)
     refusal = not_approved(node, request, job_hash)
     if refusal:  # before anything the coordinator sent is kept
         AuditLog(state_dir / "audit.jsonl")("refused", round=rnd, job_hash=job_hash, refused=refusal)

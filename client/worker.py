@@ -11,7 +11,6 @@ Without a worker (a SuperNode started by hand) the ClientApp runs the same `run_
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -99,8 +98,9 @@ def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
     """
     from echocare_core.engine.finetune import write_json
     from echocare_core.federation.audit import AuditLog
+    from echocare_core.federation.transport import text_hash
 
-    job = hashlib.sha256(str(request["job"]).encode()).hexdigest()  # = job_hash of the job the server sent
+    job = text_hash(str(request["job"]))  # = job_hash of the job the server sent
     state_dir, rnd = Path(str(node["state-dir"])), int(request["round"])
     done = state_dir / "sent" / f"round_{rnd:04d}.json"  # this round's answer, for a server that asks again
     key = {"job": job, "global": request.get("global", "")}
@@ -161,7 +161,7 @@ def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
 
     from echocare_core.federation.audit import manifest
 
-    from echocare_core.engine.finetune import DatasetInvalidError
+    from echocare_core.engine.training import DatasetInvalidError
     from echocare_core.federation.job import Job, job_hash
     from echocare_core.federation.site import JobRefused, local_layers_file, site_round
     from echocare_core.federation.transport import encode

@@ -146,7 +146,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=1e-4")
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-4")
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:

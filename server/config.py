@@ -82,9 +82,9 @@ class FederationConfig:
         if self.job.base and not self.init:
             raise ValueError(f"job.base={self.job.base} names base weights but init is empty: set init to the "
                              f"weights file (the server computes job.base from it)")
-        if self.job.privacy.on and self.job.proximal_mu > 0:
-            raise ValueError(f"job.privacy.epsilon={self.job.privacy.epsilon} with proximal_mu "
+        if self.job.train.privacy.on and self.job.proximal_mu > 0:
+            raise ValueError(f"job.train.privacy.epsilon={self.job.train.privacy.epsilon} with proximal_mu "
                              f"{self.job.proximal_mu}: differential privacy does not support FedProx yet")
-        if self.job.privacy.on and self.job.privacy.mode == "ghost" and {"regression", "report"} & set(tasks):
-            raise ValueError(f"job.privacy.mode ghost with task(s) {', '.join(tasks)}: ghost clipping keeps per-image "
+        if self.job.train.privacy.on and self.job.train.privacy.mode == "ghost" and {"regression", "report"} & set(tasks):
+            raise ValueError(f"job.train.privacy.mode ghost with task(s) {', '.join(tasks)}: ghost clipping keeps per-image "
                              f"gradient norms, which do not add up to a clip's or a report's; use mode hooks")

@@ -32,7 +32,7 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = command_parser(prog, description)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+                        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
     return parser
 
 

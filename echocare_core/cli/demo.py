@@ -46,10 +46,14 @@ def _pretrain_demo(out: Path, overrides: list[str]) -> int:
                               "--set", f"output={out / 'run'}", *sum((["--set", o] for o in overrides), [])])
 
 
+TRAIN = {"mode": "full", "lr": 1e-3, "batch_size": 8, "warmup_epochs": 0}  # one recipe for all three arms
+FEATURE_SIZE = 8
+
+
 def _job(folder: Path, args: argparse.Namespace) -> dict:
     spec = load_spec(folder)
     return {"task": spec.task, "classes": list(spec.classes), "labels": sorted(spec.labels), "encoder": ENCODER,
-            "mode": "full", "feature_size": 8, "local_epochs": args.local_epochs, "lr": 1e-3, "batch_size": 8}
+            "feature_size": FEATURE_SIZE, "local_epochs": args.local_epochs, "train": TRAIN}
 
 
 def _federate(out: Path, sites: list[Path], args: argparse.Namespace) -> Path:
@@ -63,12 +67,11 @@ def _federate(out: Path, sites: list[Path], args: argparse.Namespace) -> Path:
 
 
 def _train(folder: Path, out: Path, args: argparse.Namespace) -> Path:
-    """Local fine-tuning with the federation's budget (rounds x local epochs); returns the best checkpoint."""
-    job = _job(folder, args)
-    base = {"output": str(out), "device": "cpu", "data": {"folder": str(folder), "num_workers": 0},
-            "model": {"encoder": ENCODER, "mode": job["mode"], "feature_size": job["feature_size"]},
-            "optim": {"lr": job["lr"], "batch_size": job["batch_size"], "epochs": args.rounds * args.local_epochs,
-                      "warmup_epochs": 0}}
+    """Local fine-tuning with the federation's recipe and budget (rounds x local epochs, one schedule over
+    them); returns the best checkpoint."""
+    base = {"output": str(out), "device": "cpu", "epochs": args.rounds * args.local_epochs, "train": TRAIN,
+            "data": {"folder": str(folder), "num_workers": 0},
+            "model": {"encoder": ENCODER, "feature_size": FEATURE_SIZE}}
     run_finetune(load_config(FinetuneConfig, None, [], base=base))
     return out / "best"
 
@@ -84,7 +87,8 @@ def _federated_demo(args: argparse.Namespace) -> int:
     sites = [data / f"site_{i:02d}" for i in range(args.sites)]
     console.print(f"[bold]federated:[/] {args.rounds} rounds x {args.local_epochs} local epoch(s), {len(sites)} sites")
     models = {"federated": _federate(out, sites, args)}
-    console.print("[bold]centralised[/] (all data pooled) and [bold]local-only[/] (each site alone), same epochs")
+    console.print("[bold]centralised[/] (all data pooled) and [bold]local-only[/] (each site alone), same epochs "
+                  "and recipe")
     models["centralised"] = _train(pool_sites(sites, out / "pooled"), out / "centralised", args)
     local = {site: _train(site, out / "local" / site.name, args) for site in sites}
     main = MAIN_METRIC[args.task]

@@ -14,7 +14,7 @@ from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.engine.finetune import check_dataset, num_classes, predict_all, task_metrics
+from echocare_core.engine.training import check_dataset, num_classes, predict, task_metrics
 from echocare_core.engine.metrics import MAIN_METRIC, detection_ap, enhancement_metrics, match_detections
 from echocare_core.engine.text_metrics import bleu
 from echocare_core.engine.quality import QualityWeights, quality_metrics
@@ -112,7 +112,7 @@ def evaluate_checkpoint(checkpoint: str | Path, folder: str | Path, split: str =
                      views=head.get("report", {}).get("views", 1))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=[(0, i) for i in range(len(ds))],
                                          collate_fn=collate_task)
-    out = predict_all(model, loader, torch.device("cpu"), head.get("beam", 1) if beam is None else beam)
+    out = predict(model, loader, torch.device("cpu"), head.get("beam", 1) if beam is None else beam)
     if out is None:
         raise ValueError(f"{folder}: no readable sample in the '{split}' split")
     pred, true, used = out

@@ -24,10 +24,12 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                  min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from ~0 to the base LR, then cosine decay to `min_ratio` of it."""
+                  min_ratio: float, start: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from ~0 to the base LR, then cosine decay to `min_ratio` of it; the schedule begins at step
+    `start` (the steps that ran before, e.g. in earlier rounds of a federated job)."""
 
-    def factor(step: int) -> float:
+    def factor(local_step: int) -> float:
+        step = start + local_step
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))

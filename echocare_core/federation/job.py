@@ -14,7 +14,6 @@ encoder: each site runs the task its dataset declares (`task_for`), its head sta
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -26,13 +25,16 @@ from torch import nn
 from echocare_core.config import from_dict, to_dict
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.text import ReportTokenizer
+from echocare_core.engine.training import LocalTraining
+from echocare_core.federation.transport import text_hash
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig, trainable_state_names
-from echocare_core.privacy.settings import DPSettings, SitePrivacy
+from echocare_core.privacy.settings import SitePrivacy
 
-__all__ = ["MULTITASK_LOCAL", "Job", "SiteLimits", "TaskSpec", "check_job", "job_hash", "local_patterns",
+__all__ = ["JOB_SCHEMA", "MULTITASK_LOCAL", "Job", "SiteLimits", "TaskSpec", "check_job", "job_hash", "local_patterns",
            "shared_names", "task_for", "task_jobs", "weighted_mean"]
 
+JOB_SCHEMA = 2  # raise it when a default changes what a job means (its hash names only non-default values)
 MULTITASK_LOCAL = ("head.*",)  # what each site of a multi-task job keeps: its task's own layers
 
 
@@ -61,19 +63,14 @@ class Job:
     landmarks: int = 0  # landmarks: points per image
     multi_label: bool = False
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    mode: Literal["full", "frozen", "lora"] = "lora"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
     feature_size: int = 16
     frames: int = 16
+    train: LocalTraining = field(default_factory=LocalTraining)  # how every site trains (as echocare-finetune's
+    # `train`); the schedule and DP's epsilon cover the whole job, every round continuing where the last stopped
     local: tuple[str, ...] = ()  # parameter-name patterns that stay at each site (e.g. "*norm*", as FedBN)
     local_epochs: int = 1
     local_steps: int = 0  # > 0: exactly this many optimiser steps per round instead of local_epochs passes
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    batch_size: int = 16
     proximal_mu: float = 0.0  # FedProx: the site adds mu/2 * |w - w_global|^2 to its loss
-    privacy: DPSettings = field(default_factory=DPSettings)  # DP-SGD at every site, epsilon for the whole job
     transport: Literal["bf16", "fp16", "fp32"] = "bf16"  # what sites send: deltas in 16 bits, or fp32 weights
     seed: int = 0
     tasks: tuple[TaskSpec, ...] = ()  # task "multitask": each site runs the one its dataset declares
@@ -89,14 +86,14 @@ class Job:
         if (self.task == "multitask") != bool(self.tasks) or len(self.tasks) == 1 or len(kinds) < len(self.tasks):
             raise ValueError(f"task '{self.task}' with {len(self.tasks)} tasks: a multi-task job needs task: "
                              f"multitask and two or more different tasks; a single-task job lists none")
-        if self.tasks and self.mode == "frozen":
+        if self.tasks and self.train.mode == "frozen":
             raise ValueError("a multi-task job shares the encoder (mode full) or its adapters (mode lora); with "
                              "mode frozen every site's trained part is its own head and nothing would be shared")
-        if (self.local_epochs < 1 or self.local_steps < 0 or self.batch_size < 1 or self.lr <= 0
-                or self.proximal_mu < 0):
-            raise ValueError(f"job needs local_epochs >= 1, local_steps >= 0, batch_size >= 1, lr > 0 and "
-                             f"proximal_mu >= 0; got {self.local_epochs}, {self.local_steps}, {self.batch_size}, "
-                             f"{self.lr}, {self.proximal_mu}")
+        for key, ok, rule in (("local_epochs", self.local_epochs >= 1, ">= 1"),
+                              ("local_steps", self.local_steps >= 0, ">= 0 (0: local_epochs)"),
+                              ("proximal_mu", self.proximal_mu >= 0, ">= 0 (0: off)")):
+            if not ok:
+                raise ValueError(f"{key}={getattr(self, key)}: must be {rule}")
 
     @property
     def num_outputs(self) -> int:
@@ -110,28 +107,37 @@ class Job:
         return ReportTokenizer(max_tokens=self.report.max_tokens) if self.task == "report" else None
 
     def to_json(self) -> str:
-        data = to_dict(self)
-        if not self.tasks:  # a single-task job keeps the JSON (and the hash) it had before multi-task jobs
-            del data["tasks"]
-        if not self.base:  # nor, started from random weights, before jobs named their base weights
-            del data["base"]
-        if "report" not in (self.task, *(t.task for t in self.tasks)):  # nor before report generation
-            del data["report"]
-        else:  # nor before the findings classifier, while it is not used
-            for key, default in (("findings", []), ("findings_weight", 1.0)):
-                if data["report"][key] == default:
-                    del data["report"][key]
-        return json.dumps(data, sort_keys=True)
+        """The job's canonical JSON: the schema version and the values that differ from this schema's defaults
+        (so a job keeps its hash while new settings are added at their defaults)."""
+        return json.dumps({"schema": JOB_SCHEMA, **_changed(to_dict(self), to_dict(Job()))}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Job:
-        """Raises: ValueError (via ConfigError) when a key is unknown or a value is not allowed."""
-        return from_dict(cls, json.loads(text), "job")
+        """Raises: ValueError (via ConfigError) for another schema, an unknown key or a value not allowed."""
+        data = json.loads(text)
+        schema = data.pop("schema", None)
+        if schema != JOB_SCHEMA:
+            raise ValueError(f"job schema {schema}: this toolkit reads schema {JOB_SCHEMA} (coordinator and site "
+                             f"need toolkit versions with the same job schema)")
+        return from_dict(cls, data, "job")
+
+
+def _changed(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `values` that differ from `defaults`, recursing into sections."""
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            if inner := _changed(value, default):
+                out[key] = inner
+        elif value != default:
+            out[key] = value
+    return out
 
 
 def job_hash(job: Job) -> str:
     """SHA-256 of the job's canonical JSON: what a site can pin and what both sides log."""
-    return hashlib.sha256(job.to_json().encode()).hexdigest()
+    return text_hash(job.to_json())
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,7 @@ def _task_reasons(job: Job, spec: DatasetSpec) -> list[str]:
 
 def _passes(job: Job, train_samples: int) -> float:
     """Passes over the site's training split one round asks for (`local_steps` batches or `local_epochs`)."""
-    return job.local_steps * job.batch_size / max(train_samples, 1) if job.local_steps else float(job.local_epochs)
+    return job.local_steps * job.train.batch_size / max(train_samples, 1) if job.local_steps else float(job.local_epochs)
 
 
 def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits, train_samples: int | None = None,
@@ -204,29 +210,29 @@ def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits, train_samples: in
                     f"dataset ({own.describe()})"]
         job = match[1]
     reasons = _task_reasons(job, spec)
-    if job.batch_size > limits.max_batch_size:
-        reasons.append(f"job batch_size {job.batch_size} exceeds the site's max_batch_size {limits.max_batch_size}")
+    if job.train.batch_size > limits.max_batch_size:
+        reasons.append(f"job train.batch_size {job.train.batch_size} exceeds the site's max_batch_size {limits.max_batch_size}")
     if not job.local_steps and job.local_epochs > limits.max_local_epochs:
         reasons.append(f"job local_epochs {job.local_epochs} exceeds the site's max_local_epochs "
                        f"{limits.max_local_epochs}")
     elif job.local_steps and train_samples and _passes(job, train_samples) > limits.max_local_epochs:
-        reasons.append(f"job local_steps {job.local_steps} x batch_size {job.batch_size} is "
+        reasons.append(f"job local_steps {job.local_steps} x train.batch_size {job.train.batch_size} is "
                        f"{_passes(job, train_samples):.1f} passes over the site's training split, more than "
                        f"its max_local_epochs {limits.max_local_epochs}")
     return reasons + _privacy_reasons(job, privacy)
 
 
 def _privacy_reasons(job: Job, site: SitePrivacy) -> list[str]:
-    dp = job.privacy
+    dp = job.train.privacy
     if not dp.on:
-        return ["the site trains only with differential privacy and the job's privacy.epsilon is 0"] \
+        return ["the site trains only with differential privacy and the job's train.privacy.epsilon is 0"] \
             if site.required else []
     reasons = []
     if dp.delta > site.delta:
-        reasons.append(f"job privacy.delta {dp.delta:g} is above the site's delta {site.delta:g}")
+        reasons.append(f"job train.privacy.delta {dp.delta:g} is above the site's delta {site.delta:g}")
     if job.task in ("regression", "report") and dp.mode == "ghost":
         parts = "a clip's frames" if job.task == "regression" else "a report's views"
-        reasons.append(f"job privacy.mode ghost cannot clip {parts} as one sample (use mode hooks)")
+        reasons.append(f"job train.privacy.mode ghost cannot clip {parts} as one sample (use mode hooks)")
     if job.proximal_mu > 0:
         reasons.append("differential privacy with FedProx (proximal_mu > 0) is not supported yet")
     return reasons

@@ -75,7 +75,7 @@ def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any
         return {"model_kind": "shared_encoder", "task": job.task, "tasks": [to_dict(t) for t in job.tasks],
                 "encoder": to_dict(job.encoder), "epoch": server_round, "round": server_round, "metrics": metrics,
                 "job_hash": job_hash(job), "job": to_dict(job),
-                "finetune": {"mode": job.mode, "lora_rank": job.lora_rank, "lora_alpha": job.lora_alpha}}
+                "finetune": {"mode": job.train.mode, "lora_rank": job.train.lora_rank, "lora_alpha": job.train.lora_alpha}}
     return {"model_kind": "task", "task": job.task, "encoder": to_dict(job.encoder), "epoch": server_round,
             "round": server_round, "metrics": metrics, "job_hash": job_hash(job), "job": to_dict(job),
             "head": {"num_classes": job.num_outputs, "feature_size": job.feature_size, "multi_label": job.multi_label,
@@ -84,7 +84,7 @@ def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any
                      "target_stats": [0.0, 1.0],
                      **({"report": to_dict(job.report), "tokenizer": job.tokenizer.to_str(), "beam": 1}
                         if job.task == "report" else {})},
-            "finetune": {"mode": job.mode, "lora_rank": job.lora_rank, "lora_alpha": job.lora_alpha},
+            "finetune": {"mode": job.train.mode, "lora_rank": job.train.lora_rank, "lora_alpha": job.train.lora_alpha},
             "input": {**job.encoder.input_spec, "frames": job.frames}}
 
 

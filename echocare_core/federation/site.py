@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from echocare_core.data.finetune import TaskDataset, split_rows
-from echocare_core.engine.finetune import check_dataset, evaluate_model, task_loader, task_loss, train_epoch
-from echocare_core.engine.optim import build_optimizer
+from echocare_core.engine.training import (Recipe, check_dataset, evaluate, shuffled_keys, task_loader, task_loss,
+                                           train_epoch)
 from echocare_core.federation.job import (Job, SiteLimits, check_job, job_hash, local_patterns, shared_names,
                                           task_for, task_jobs)
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
@@ -57,7 +57,7 @@ class SharedEncoder(torch.nn.Module):
 def _task_model(job: Job) -> EchoCareTaskModel:
     model = EchoCareTaskModel(job.encoder, job.task, job.num_outputs, job.feature_size, job.multi_label,
                               report=job.report)
-    apply_finetune_mode(model, job.mode, job.lora_rank, job.lora_alpha)
+    apply_finetune_mode(model, job.train.mode, job.train.lora_rank, job.train.lora_alpha)
     return model
 
 
@@ -97,28 +97,27 @@ def _save_local(model: EchoCareTaskModel, job: Job, path: Path, server_round: in
 def _local_passes(job: Job, n: int, server_round: int) -> list[list[tuple[int, int]]]:
     """The (epoch, index) keys of each local pass: `local_epochs` shuffled epochs, or with `local_steps`
     one pass of exactly that many batches, cut from as many shuffled epochs as it takes."""
-    epochs = math.ceil(job.local_steps * job.batch_size / n) if job.local_steps else job.local_epochs
-    passes = [[(server_round * 1000 + e, int(i))
-               for i in np.random.default_rng([job.seed, server_round, e]).permutation(n)] for e in range(epochs)]
-    return [sum(passes, [])[:job.local_steps * job.batch_size]] if job.local_steps else passes
+    batch = job.train.batch_size
+    epochs = math.ceil(job.local_steps * batch / n) if job.local_steps else job.local_epochs
+    passes = [shuffled_keys(n, [job.seed, server_round, e], server_round * 1000 + e) for e in range(epochs)]
+    return [sum(passes, [])[:job.local_steps * batch]] if job.local_steps else passes
 
 
-def _train_private(job: Job, model: EchoCareTaskModel, optimizer: torch.optim.Optimizer, scheduler: Any,
-                   loss_fn: Any, train_set: TaskDataset, server_round: int, rounds: int, privacy: SitePrivacy,
-                   ledger_dir: Path | None, device: torch.device, num_workers: int, ledger_job: str
-                   ) -> tuple[list[float], dict]:
+def _train_private(job: Job, model: EchoCareTaskModel, recipe: Recipe, loss_fn: Any, train_set: TaskDataset,
+                   server_round: int, steps: int, rounds: int, privacy: SitePrivacy, ledger_dir: Path | None,
+                   device: torch.device, num_workers: int, ledger_job: str) -> tuple[list[float], int, dict]:
     """DP-SGD for one round, paid for in the site's ledger (under `ledger_job`, the federation's job hash)
-    before it trains; returns the batch losses and the privacy metrics (the epsilon the dataset has spent so
-    far)."""
+    before it trains; returns the batch losses, the unreadable samples and the privacy metrics (the epsilon the
+    dataset has spent so far)."""
     from echocare_core.privacy.ledger import BudgetExceeded, LedgerError, PrivacyLedger
     from echocare_core.privacy.passes import PrivatePasses
 
     if ledger_dir is None:
         raise JobRefused("the job asks for differential privacy and this site keeps no privacy ledger")
-    steps = steps_per_round(job.local_epochs, job.local_steps, job.batch_size, len(train_set))
+    t = job.train
     try:
         ledger = PrivacyLedger(ledger_dir, privacy.epsilon_budget, privacy.delta)
-        private = PrivatePasses(model, optimizer, job.privacy, train_set, job.batch_size, steps, steps * rounds,
+        private = PrivatePasses(model, recipe.optimizer, t.privacy, train_set, t.batch_size, steps, steps * rounds,
                                 ledger, ledger_job)
         loader, spend = private.next_pass(server_round, server_round * 1000, num_workers)
     except BudgetExceeded as exc:
@@ -127,11 +126,10 @@ def _train_private(job: Job, model: EchoCareTaskModel, optimizer: torch.optim.Op
         log.error("%s", exc)
         raise JobRefused("the site's privacy ledger cannot be trusted (see the site's log)") from exc
     dp = private.training
-    losses, _ = train_epoch(dp.module, loader, dp.optimizer, scheduler, loss_fn, device, False, 0.0, dp=dp,
-                            teacher=job.task == "report")
+    losses, unread = train_epoch(dp.module, loader, recipe, loss_fn, device, dp=dp)
     dp.module.remove_hooks()
-    return losses, {"epsilon": spend.epsilon, "delta": spend.delta, "noise_multiplier": private.sigma,
-                    "sample_rate": private.sample_rate}
+    return losses, unread, {"epsilon": spend.epsilon, "delta": spend.delta, "noise_multiplier": private.sigma,
+                            "sample_rate": private.sample_rate}
 
 
 def _mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
@@ -146,17 +144,18 @@ def _mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor])
 def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Path, server_round: int,
                limits: SiteLimits = SiteLimits(), device: str = "cpu", local_file: Path | None = None,
                num_workers: int = 0, privacy: SitePrivacy = SitePrivacy(), ledger_dir: Path | None = None,
-               rounds: int = 1) -> RoundResult:
-    """Evaluate the global model on the local validation split, train (`job.local_epochs` or `local_steps`),
-    evaluate again.
+               rounds: int = 1, split_seed: int = 0) -> RoundResult:
+    """Evaluate the global model on the local validation split, train (`job.local_epochs` or `local_steps`)
+    with the job's recipe (`job.train`, its schedule at round `server_round` of `rounds`), evaluate again.
 
     Args:
         global_state: the server's full model state (shared and frozen parameters).
-        server_round: the round number (seeds the local data order).
+        server_round: the round number (seeds the local data order; where the round is in the schedule).
         privacy: the site's privacy terms (DP required, delta, budget per dataset).
         ledger_dir: the site's privacy ledger (needed by jobs with differential privacy).
-        rounds: the rounds the job plans (DP noise is calibrated for all of them).
+        rounds: the rounds the job plans (the schedule and the DP noise cover all of them).
         local_file: where the site keeps its site-local parameters between rounds.
+        num_workers, split_seed: the site's data loading and its split (as in echocare-finetune's `data`).
 
     Raises:
         JobRefused: the job does not fit the site's dataset or limits.
@@ -164,10 +163,12 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
     """
     folder = Path(folder)
     spec = check_dataset(folder)
-    rows = {s: split_rows(folder, s, 0) for s in ("train", "val")}
+    rows = {s: split_rows(folder, s, split_seed) for s in ("train", "val")}
     reasons = check_job(job, spec, limits, len(rows["train"]), privacy)
     if reasons:
         raise JobRefused("; ".join(reasons))
+    if not 1 <= server_round <= rounds:
+        raise JobRefused(f"round {server_round} of a job of {rounds} rounds")
     federation_job = job_hash(job)  # what the site's ledger and the coordinator know the job by
     task = task_for(job, spec) if job.tasks else None  # (index, this site's single-task job)
     if task:
@@ -191,14 +192,13 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
     elif task:
         log.info("round %d: no kept layers of this job at the site: its %s head starts anew", server_round, job.task)
     model.to(device)
-    enc, tok = job.encoder, job.tokenizer
+    enc, tok, t, dev = job.encoder, job.tokenizer, job.train, torch.device(device)
     sets = {s: TaskDataset(folder, spec, r, enc.img_size, enc.in_chans, s == "train", enc.scale, seed=job.seed,
                            frames=job.frames, tokenizer=tok, views=job.report.views) for s, r in rows.items()}
-    val = task_loader(sets["val"], [(0, i) for i in range(len(sets["val"]))], job.batch_size, num_workers)
-    dev = torch.device(device)
-    before = evaluate_model(model, val, dev, job.num_outputs)
-    optimizer = build_optimizer(model, job.lr, job.weight_decay, (0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    before = evaluate(model, sets["val"], dev, job.num_outputs, t.batch_size, num_workers)
+    n = len(sets["train"])
+    steps = steps_per_round(job.local_epochs, job.local_steps, t.batch_size, n)
+    recipe = Recipe.build(model, t, n, steps * rounds, steps * (server_round - 1))  # the job's schedule, this round
     base_loss = task_loss(spec, (0.0, 1.0), tok, job.report)
     anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -209,21 +209,25 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
             loss = loss + job.proximal_mu / 2 * prox
         return loss
 
-    if job.privacy.on:
-        losses, spent = _train_private(job, model, optimizer, scheduler, loss_fn, sets["train"], server_round,
-                                       rounds, privacy, ledger_dir, dev, num_workers, federation_job)
+    if t.privacy.on:
+        losses, unread, spent = _train_private(job, model, recipe, loss_fn, sets["train"], server_round, steps,
+                                               rounds, privacy, ledger_dir, dev, num_workers, federation_job)
     else:
-        losses, spent = [], {}
-        for keys in _local_passes(job, len(sets["train"]), server_round):
-            batch_losses, _ = train_epoch(model, task_loader(sets["train"], keys, job.batch_size, num_workers),
-                                          optimizer, scheduler, loss_fn, dev, False, 1.0, teacher=tok is not None)
-            losses += batch_losses
-    after = evaluate_model(model, val, dev, job.num_outputs)
+        losses, unread, spent = [], 0, {}
+        for keys in _local_passes(job, n, server_round):
+            batch_losses, skipped = train_epoch(model, task_loader(sets["train"], keys, t.batch_size, num_workers),
+                                                recipe, loss_fn, dev)
+            losses, unread = losses + batch_losses, unread + skipped
+    if unread:
+        log.warning("round %d: %d training samples could not be read (echocare-data verify names them)",
+                    server_round, unread)
+    after = evaluate(model, sets["val"], dev, job.num_outputs, t.batch_size, num_workers)
     if local_file is not None and job.local:
         _save_local(model, job, local_file, server_round)
     state = model.state_dict()
     shared = {n: state[n].detach().cpu() for n in shared_names(model, job)}
     metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_steps": float(len(losses)),
+               "train_unreadable": float(unread), "lr": recipe.optimizer.param_groups[0]["lr"],
                "val_samples": float(len(rows["val"])), **({"task_index": float(task[0])} if task else {}), **spent,
                **{f"global_{k}": v for k, v in before.items()}, **{f"local_{k}": v for k, v in after.items()}}
     log.info("round %d: trained on %d samples, %d shared tensors", server_round, len(rows["train"]), len(shared))

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["FAILED", "NEED_FROZEN", "REFUSED", "WIRE_DTYPE", "decode", "digest", "encode"]
+__all__ = ["FAILED", "NEED_FROZEN", "REFUSED", "WIRE_DTYPE", "decode", "digest", "encode", "text_hash"]
 
 # error codes of a site's reply (Flower's own are 0-8)
 REFUSED = 1001  # the site refused the job (the reason names job keys and declared labels)
@@ -29,6 +29,12 @@ FAILED = 1002  # the site accepted the job but the round failed there (details i
 NEED_FROZEN = 1003  # the site does not hold the frozen part of the model: send it along
 
 WIRE_DTYPE = {"fp32": "float32", "bf16": "int16", "fp16": "float16"}  # the dtype each transport travels in
+
+
+def text_hash(job_json: str) -> str:
+    """A job's identity: the SHA-256 of its JSON as the coordinator sends it (`Job.to_json`, canonical), what a
+    site pins in `approved_jobs` and both sides log."""
+    return hashlib.sha256(job_json.encode()).hexdigest()
 
 
 def digest(arrays: Mapping[str, np.ndarray]) -> str:

@@ -12,7 +12,8 @@ from echocare_core.checkpoint import build_from_checkpoint, read_meta
 from echocare_core.cli.finetune import main as finetune_main
 from echocare_core.config import load_config
 from echocare_core.data.synthetic_dataset import write_dataset
-from echocare_core.engine.finetune import DatasetInvalidError, run_finetune
+from echocare_core.engine.finetune import run_finetune
+from echocare_core.engine.training import DatasetInvalidError
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.pretrain import run_pretraining
 
@@ -26,17 +27,18 @@ def sites(tmp_path_factory):
             for task in ("classification", "segmentation")}
 
 
-def _cfg(folder, out, *overrides, **model):
+def _cfg(folder, out, *overrides, train=None, **model):
+    train = train or {}
     base = {"output": str(out), "device": "cpu", "data": {"folder": str(folder), "num_workers": 0},
-            "model": {"encoder": dict(TINY_ENCODER), "feature_size": 8, **model},
-            "optim": {"lr": 1e-3, "batch_size": 8, "epochs": 2, "warmup_epochs": 0}}
+            "model": {"encoder": dict(TINY_ENCODER), "feature_size": 8, **model}, "epochs": 2,
+            "train": {"lr": 1e-3, "batch_size": 8, "warmup_epochs": 0, **train}}
     return load_config(FinetuneConfig, None, list(overrides), base=base)
 
 
 @pytest.mark.parametrize("task,mode", [("classification", "lora"), ("segmentation", "frozen"),
                                        ("segmentation", "full")])
 def test_finetune_then_rebuild_the_best_model(sites, tmp_path, task, mode):
-    result = run_finetune(_cfg(sites[task], tmp_path / "run", mode=mode))
+    result = run_finetune(_cfg(sites[task], tmp_path / "run", train={"mode": mode}))
     assert result.status == "finished" and [r["epoch"] for r in result.history] == [1, 2]
     main = "auc" if task == "classification" else "dice"
     assert 0.0 <= result.test[main] <= 1.0 and (tmp_path / "run" / "test_metrics.json").is_file()
@@ -49,12 +51,12 @@ def test_finetune_then_rebuild_the_best_model(sites, tmp_path, task, mode):
 def test_stop_and_resume_by_epoch_gives_the_uninterrupted_weights(sites, tmp_path):
     from echocare_core.checkpoint import load_weights
 
-    cfg = _cfg(sites["classification"], tmp_path / "run", "optim.epochs=3")
+    cfg = _cfg(sites["classification"], tmp_path / "run", "epochs=3")
     assert run_finetune(cfg, stop=lambda: True).status == "stopped"
     assert read_meta(tmp_path / "run" / "last")["epoch"] == 1
     result = run_finetune(cfg)
     assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.status == "finished"
-    run_finetune(_cfg(sites["classification"], tmp_path / "straight", "optim.epochs=3"))
+    run_finetune(_cfg(sites["classification"], tmp_path / "straight", "epochs=3"))
     resumed, straight = load_weights(tmp_path / "run" / "last"), load_weights(tmp_path / "straight" / "last")
     for name, value in straight.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
@@ -65,8 +67,8 @@ def test_starts_from_a_pretrained_encoder(sites, tmp_path, pretrain_data):
 
     run_pretraining(tiny_pretrain_cfg(pretrain_data, tmp_path / "pre", ["optim.steps=2"]))
     ckpt = tmp_path / "pre" / "checkpoints" / "step_000002"
-    result = run_finetune(_cfg(sites["classification"], tmp_path / "run", "optim.epochs=1", init=str(ckpt),
-                               mode="frozen"))
+    result = run_finetune(_cfg(sites["classification"], tmp_path / "run", "epochs=1", init=str(ckpt),
+                               train={"mode": "frozen"}))
     model, _ = build_from_checkpoint(tmp_path / "run" / "best")
     pretrained, _ = build_from_checkpoint(ckpt)
     assert torch.equal(model.encoder.patch_embed.proj.weight, pretrained.encoder.patch_embed.proj.weight)
@@ -89,14 +91,14 @@ def test_a_dataset_that_fails_the_check_is_refused(sites, tmp_path, capsys):
     (tmp_path / "site.yaml").write_text(f"data:\n  folder: {folder}\n")
     assert finetune_main(["--config", str(tmp_path / "site.yaml")]) == 2
     assert "echocare-data verify" in capsys.readouterr().err.replace("\n", "")
-    assert finetune_main(["--config", str(tmp_path / "site.yaml"), "--set", "model.mode=partial"]) == 2
+    assert finetune_main(["--config", str(tmp_path / "site.yaml"), "--set", "train.mode=partial"]) == 2
     assert "choose one of ['full', 'frozen', 'lora']" in capsys.readouterr().err.replace("\n", "")
 
 
 @pytest.fixture(scope="module")
 def seg_best(sites, tmp_path_factory):
     out = tmp_path_factory.mktemp("seg")
-    run_finetune(_cfg(sites["segmentation"], out, "optim.epochs=1", mode="lora"))
+    run_finetune(_cfg(sites["segmentation"], out, "epochs=1", train={"mode": "lora"}))
     return out / "best"
 
 
@@ -152,7 +154,7 @@ def test_multi_label_classification(sites, tmp_path):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    result = run_finetune(_cfg(folder, tmp_path / "run", "optim.epochs=1"))
+    result = run_finetune(_cfg(folder, tmp_path / "run", "epochs=1"))
     assert set(result.test) == {"auc", "exact_match", "macro_f1"}
     model, meta = build_from_checkpoint(tmp_path / "run" / "best")
     assert meta["head"]["multi_label"] and model.multi_label
@@ -174,7 +176,7 @@ def test_mask_values_like_255_map_to_classes_and_back(sites, tmp_path):
     spec = yaml.safe_load((folder / "dataset.yaml").read_text())
     spec["labels"] = {0: "background", 255: "lesion"}
     (folder / "dataset.yaml").write_text(yaml.safe_dump(spec))
-    run_finetune(_cfg(folder, tmp_path / "run", "optim.epochs=1"))
+    run_finetune(_cfg(folder, tmp_path / "run", "epochs=1"))
     model, meta = build_from_checkpoint(tmp_path / "run" / "best")
     assert meta["head"]["num_classes"] == 2
     csv_path, _ = predict_files(tmp_path / "run" / "best", sorted((folder / "images").iterdir())[:2], tmp_path / "p")

@@ -31,9 +31,9 @@ def trained(request, tmp_path_factory):
     folder = write_dataset(root / "data", task, sites=1, per_site=16 if task == "regression" else 30, size=64,
                            seed=3)[0]
     base = {"output": str(root / "run"), "device": "cpu", "data": {"folder": str(folder), "num_workers": 0},
-            "model": {"encoder": dict(TINY_ENCODER), "feature_size": 8, "frames": 4, "mode": "full", "report": REPORT,
+            "model": {"encoder": dict(TINY_ENCODER), "feature_size": 8, "frames": 4, "report": REPORT,
                       "beam": 2},
-            "optim": {"lr": 1e-3, "batch_size": 8, "epochs": 2, "warmup_epochs": 0}}
+            "epochs": 2, "train": {"mode": "full", "lr": 1e-3, "batch_size": 8, "warmup_epochs": 0}}
     result = run_finetune(load_config(FinetuneConfig, None, [], base=base))
     return task, folder, root, result
 
@@ -158,8 +158,8 @@ def test_a_report_run_resumes_when_only_the_findings_loss_weight_changes(tmp_pat
 
     def run(epochs, **report):
         base = {"output": str(tmp_path / "run"), "device": "cpu", "data": {"folder": str(folder), "num_workers": 0},
-                "model": {"encoder": dict(TINY_ENCODER), "mode": "lora", "report": {**REPORT, **report}, "beam": 1},
-                "optim": {"lr": 1e-3, "batch_size": 4, "epochs": epochs, "warmup_epochs": 0}}
+                "model": {"encoder": dict(TINY_ENCODER), "report": {**REPORT, **report}, "beam": 1}, "epochs": epochs,
+                "train": {"mode": "lora", "lr": 1e-3, "batch_size": 4, "warmup_epochs": 0}}
         return run_finetune(load_config(FinetuneConfig, None, [], base=base))
 
     first = run(1)

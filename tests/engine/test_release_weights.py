@@ -13,6 +13,7 @@ from models.test_swin import monai_twin
 from echocare_core.checkpoint import load_weights
 from echocare_core.cli.finetune import main as finetune_main
 from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, shared_names
 from echocare_core.federation.rounds import initial_state
 from echocare_core.federation.site import build_job_model, site_round
@@ -43,8 +44,8 @@ def site(tmp_path_factory):
 
 def _site_yaml(tmp_path, site, release, **model):
     cfg = {"output": str(tmp_path / "run"), "device": "cpu", "data": {"folder": str(site), "num_workers": 0},
-           "model": {"init": str(release), "mode": "frozen", "encoder": ENCODER, **model},
-           "optim": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0}}
+           "model": {"init": str(release), "encoder": ENCODER, **model}, "epochs": 1,
+           "train": {"mode": "frozen", "batch_size": 4, "warmup_epochs": 0}}
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(cfg))
     return tmp_path / "site.yaml"
 
@@ -77,8 +78,7 @@ def test_a_release_that_does_not_fit_the_encoder_stops_the_run_with_exit_code_2(
 def test_a_federation_job_starts_from_the_release_and_the_server_refuses_one_that_does_not_fit(tmp_path, release,
                                                                                                 site, capsys):
     path, state = release
-    job = Job(task="classification", classes=("benign", "malignant"), encoder=EncoderConfig(**ENCODER),
-              mode="lora", lora_rank=2, batch_size=4)
+    job = Job(task="classification", classes=("benign", "malignant"), encoder=EncoderConfig(**ENCODER), train=LocalTraining(mode="lora", lora_rank=2, batch_size=4))
     global_state = initial_state(job, str(path))
     assert all(torch.equal(global_state[f"encoder.{k}"], v) for k, v in state.items() if k != "mask_token")
     result = site_round(job, global_state, site, 1)
@@ -86,7 +86,7 @@ def test_a_federation_job_starts_from_the_release_and_the_server_refuses_one_tha
     assert all(".lora_" in k or k.startswith("head.") for k in result.shared)  # the release itself never leaves
     other = dataclasses.replace(job, encoder=EncoderConfig(**ENCODER, depths=(2, 2, 6, 2)))
     fed = {"server": {"insecure": True}, "output": str(tmp_path / "fed"), "init": str(path),
-           "job": {"task": "classification", "classes": ["benign", "malignant"], "mode": "lora",
+           "job": {"task": "classification", "classes": ["benign", "malignant"], "train": {"mode": "lora"},
                    "encoder": {**ENCODER, "depths": list(other.encoder.depths)}}}
     (tmp_path / "federation.yaml").write_text(yaml.safe_dump(fed))
     assert server_main(["--config", str(tmp_path / "federation.yaml")]) == 2

@@ -16,7 +16,8 @@ from echocare_server.config import FederationConfig
 from echocare_server.server_app import run_rounds
 
 pytestmark = pytest.mark.slow
-METRICS = {"num-examples", "compute_s", "clientapp_s", "train_loss", "train_steps", "val_samples"}
+METRICS = {"num-examples", "compute_s", "clientapp_s", "train_loss", "train_steps", "train_unreadable", "lr",
+           "val_samples"}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def run(tmp_path_factory):
         "output": str(tmp / "run"), "server": {"insecure": True},
         "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 2, "deadline": 600},
         "job": {"task": "segmentation", "labels": [0, 1], "encoder": dict(TINY_ENCODER), "feature_size": 8,
-                "mode": "lora", "lora_rank": 2, "batch_size": 8, "local_steps": 1}}, "federation")
+                "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8}, "local_steps": 1}}, "federation")
     grid = InProcessGrid(sites, tamper={202: lambda sent, _: {k: v.fill_(float("nan")) for k, v in sent.items()}})
     with pytest.MonkeyPatch.context() as mp:
         for key in ("_run_id", "_task_id", "_node_id"):  # what Flower sets in its ServerApp process

@@ -16,6 +16,7 @@ from echocare_client.client_app import train
 from echocare_core import __version__
 from echocare_core.data.contract import read_manifest
 from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, shared_names
 from echocare_core.federation.rounds import initial_state
 from echocare_core.federation.site import build_job_model
@@ -23,8 +24,7 @@ from echocare_core.federation.transport import digest
 from echocare_core.models.swin import EncoderConfig
 from in_process import node_config
 
-JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, mode="lora",
-          lora_rank=2, batch_size=8, local_steps=1)
+JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, local_steps=1, train=LocalTraining(mode="lora", lora_rank=2, batch_size=8))
 
 
 @pytest.fixture
@@ -134,8 +134,7 @@ def test_the_frozen_part_is_named_by_its_digest_and_kept_only_for_approved_jobs(
 def test_round_errors_reach_the_coordinator_without_paths_or_values(site, flower_task):
     folder, node = site
     state = initial_state(JOB, None)
-    other = initial_state(Job(task="segmentation", labels=(0, 1, 2), encoder=JOB.encoder, feature_size=8,
-                              mode="lora", lora_rank=2), None)
+    other = initial_state(Job(task="segmentation", labels=(0, 1, 2), encoder=JOB.encoder, feature_size=8, train=LocalTraining(mode="lora", lora_rank=2)), None)
     reply = _round(node, other)  # the weights of another model
     assert reply.error.reason.startswith("site site_x refused the job: the global weights do not fit the job's "
                                          "model (") and "of another shape" in reply.error.reason
@@ -150,9 +149,9 @@ def test_round_errors_reach_the_coordinator_without_paths_or_values(site, flower
 
 def test_site_local_layers_are_kept_per_job(site, tmp_path, flower_task):
     _, node = site
-    job = Job(**{**JOB.__dict__, "local": ("head.*",)})
+    job = dataclasses.replace(JOB, local=("head.*",))
     assert not _round(node, initial_state(job, None), job).has_error()
-    other = Job(**{**job.__dict__, "lora_rank": 4})  # another job with a head of the same shape: its own copy
+    other = dataclasses.replace(job, train=dataclasses.replace(job.train, lora_rank=4))  # another job with a head of the same shape: its own copy
     assert not _round(node, initial_state(other, None), other).has_error()
     assert len(list((tmp_path / "state" / "site_x" / "local_layers").glob("*.safetensors"))) == 2
 

@@ -23,12 +23,12 @@ def test_federation_config_checks(tmp_path):
     with pytest.raises(ConfigError, match="fedprox needs proximal_mu > 0"):
         load_config(FederationConfig, None, ["strategy.name=fedprox"], base={"server": {"insecure": True}})
     with pytest.raises(ConfigError, match="differential privacy does not support FedProx"):
-        load_config(FederationConfig, None, ["strategy.name=fedprox", "job.proximal_mu=0.1", "job.privacy.epsilon=3"],
+        load_config(FederationConfig, None, ["strategy.name=fedprox", "job.proximal_mu=0.1", "job.train.privacy.epsilon=3"],
                     base={"server": {"insecure": True}})
-    with pytest.raises(ConfigError, match="job.privacy: privacy needs epsilon >= 0"):
-        load_config(FederationConfig, None, ["job.privacy.epsilon=-1"], base={"server": {"insecure": True}})
-    with pytest.raises(ConfigError, match="job.mode"):
-        load_config(FederationConfig, None, ["job.mode=partial"], base={"server": {"insecure": True}})
+    with pytest.raises(ConfigError, match="job.train.privacy: privacy needs epsilon >= 0"):
+        load_config(FederationConfig, None, ["job.train.privacy.epsilon=-1"], base={"server": {"insecure": True}})
+    with pytest.raises(ConfigError, match="job.train.mode"):
+        load_config(FederationConfig, None, ["job.train.mode=partial"], base={"server": {"insecure": True}})
     (tmp_path / "federation.yaml").write_text(yaml.safe_dump({"server": {"insecure": True}, "rounds": {"rounds": 0}}))
     assert server_main(["--config", str(tmp_path / "federation.yaml")]) == 2
 

@@ -28,7 +28,7 @@ def _run(tmp, sites, rounds, allowed=("site_a", "site_b", "site_wrong_task")):
            "rounds": {"rounds": rounds, "min_sites": 2, "expected_sites": len(allowed), "wait_for_sites": 300,
                       "deadline": 600},
            "job": {"task": "segmentation", "labels": [0, 1], "encoder": dict(TINY_ENCODER), "feature_size": 8,
-                   "mode": "lora", "lora_rank": 2, "batch_size": 8, "privacy": {"epsilon": 8.0}}}
+                   "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8, "privacy": {"epsilon": 8.0}}}}
     return run_on_this_machine(tmp, sites, fed, keys=tmp / "keys", allowed=list(allowed))
 
 

@@ -11,11 +11,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from echocare_core.checkpoint import build_from_checkpoint, load_weights, read_meta
-from echocare_core.config import ConfigError
+from echocare_core.config import ConfigError, to_dict
 from echocare_core.data.contract import load_spec
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
-from echocare_core.federation.job import Job, SiteLimits, TaskSpec, check_job, job_hash, shared_names, task_for
+from echocare_core.engine.training import LocalTraining
+from echocare_core.privacy.settings import DPSettings
+from echocare_core.federation.job import JOB_SCHEMA, Job, SiteLimits, TaskSpec, check_job, job_hash, shared_names, task_for
 from echocare_core.federation.rounds import aggregate, initial_state, save_best, save_round, site_model
 from echocare_core.federation.site import JobRefused, build_job_model, local_layers_file, site_round
 from echocare_core.federation.testbed import run_on_this_machine
@@ -24,8 +26,7 @@ from echocare_core.privacy.ledger import PrivacyLedger
 
 TASKS = (TaskSpec("segmentation", labels=(0, 1)), TaskSpec("classification", classes=("benign", "malignant")),
          TaskSpec("regression"))
-JOB = Job(task="multitask", tasks=TASKS, encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, mode="lora",
-          lora_rank=2, batch_size=4, frames=2)
+JOB = Job(task="multitask", tasks=TASKS, encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, frames=2, train=LocalTraining(mode="lora", lora_rank=2, batch_size=4))
 HEADS = ("head.",)
 
 
@@ -41,13 +42,13 @@ def test_a_multi_task_job_needs_two_different_tasks_and_something_to_share():
                        (dict(tasks=(TASKS[0], TASKS[0])), "two or more different tasks"),
                        (dict(tasks=(*TASKS, TaskSpec("segmentation", labels=(1, 0)))), "two or more different tasks"),
                        (dict(task="segmentation"), "single-task job lists none"),
-                       (dict(mode="frozen"), "nothing would be shared")):
+                       (dict(train=LocalTraining(mode="frozen")), "nothing would be shared")):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(JOB, **bad)
     with pytest.raises(ConfigError, match=r"job.tasks\[1\].task: 'segmentaton' is not allowed"):
-        Job.from_json('{"task": "multitask", "tasks": [{"task": "regression"}, {"task": "segmentaton"}]}')
+        Job.from_json('{"schema": 2, "task": "multitask", "tasks": [{"task": "regression"}, {"task": "segmentaton"}]}')
     assert Job.from_json(JOB.to_json()) == JOB
-    assert "tasks" not in json.loads(Job().to_json())  # single-task jobs keep the hash they had before
+    assert json.loads(Job().to_json()) == {"schema": JOB_SCHEMA}  # values at their defaults leave the hash alone
 
 
 def test_each_site_runs_the_task_its_dataset_declares_and_others_are_refused_with_the_tasks_named(sites):
@@ -59,11 +60,11 @@ def test_each_site_runs_the_task_its_dataset_declares_and_others_are_refused_wit
                       "regression) matches the site's dataset (landmarks 4)")
     with pytest.raises(JobRefused, match="none of the job's tasks"):
         site_round(JOB, initial_state(JOB, None), sites[3], 1)
-    private = dataclasses.replace(JOB, privacy=dataclasses.replace(JOB.privacy, epsilon=4.0))
+    private = dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=4.0)))
     assert check_job(private, specs[2], SiteLimits()) == []  # clips train with DP, a clip's frames as one sample
-    ghost = dataclasses.replace(JOB, privacy=dataclasses.replace(JOB.privacy, epsilon=4.0, mode="ghost"))
+    ghost = dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=4.0, mode="ghost")))
     assert check_job(ghost, specs[2], SiteLimits()) == [
-        "job privacy.mode ghost cannot clip a clip's frames as one sample (use mode hooks)"]
+        "job train.privacy.mode ghost cannot clip a clip's frames as one sample (use mode hooks)"]
 
 
 def test_sites_send_only_the_shared_encoder_and_keep_their_heads_across_rounds(sites, tmp_path):
@@ -86,8 +87,8 @@ def test_sites_send_only_the_shared_encoder_and_keep_their_heads_across_rounds(s
     for name in names[0]:
         mean = sum(w * r.shared[name].double() for w, r in zip(weights / weights.sum(), results))
         torch.testing.assert_close(new[name].double(), mean)
-    still = dataclasses.replace(JOB, lr=1e-12)  # round 2 barely moves: it must start from the site's own head
-    site_round(still, new, sites[1], 2, local_file=local[1])
+    still = dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, lr=1e-12))  # round 2 barely moves: it
+    site_round(still, new, sites[1], 2, local_file=local[1], rounds=2)  # must start from the site's own head
     kept = load_file(str(local[1]))
     assert kept.keys() == heads[1].keys()
     for k in kept:
@@ -124,10 +125,10 @@ def test_a_site_makes_its_own_model_from_the_shared_encoder_and_its_head(sites, 
 
 @pytest.mark.slow
 def test_a_two_site_multi_task_federation_over_the_real_runtime_never_sends_a_head(sites, tmp_path):
-    job = dataclasses.replace(JOB, tasks=TASKS[:2], lora_rank=2)
+    job = dataclasses.replace(JOB, tasks=TASKS[:2], train=dataclasses.replace(JOB.train, lora_rank=2))
     fed = {"output": str(tmp_path / "run"), "server": {"insecure": True},
            "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 300, "deadline": 600},
-           "job": json.loads(job.to_json())}
+           "job": to_dict(job)}
     assert run_on_this_machine(tmp_path, {"seg": sites[0], "cls": sites[1]}, fed, show_server=False) == 0
     shared = set(shared_names(build_job_model(job), job))
     for site in ("seg", "cls"):  # what left each site: the encoder's adapters, in bf16 deltas
@@ -148,7 +149,7 @@ def test_a_two_site_multi_task_federation_over_the_real_runtime_never_sends_a_he
 
 
 def test_a_private_multi_task_round_is_paid_under_the_federations_job_hash(sites, tmp_path):
-    job = dataclasses.replace(JOB, tasks=TASKS[:2], privacy=dataclasses.replace(JOB.privacy, epsilon=8.0))
+    job = dataclasses.replace(JOB, tasks=TASKS[:2], train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=8.0)))
     result = site_round(job, initial_state(job, None), sites[1], 1, ledger_dir=tmp_path / "privacy", rounds=2)
     assert 0 < result.metrics["epsilon"] < 8.0 and not any(k.startswith(HEADS) for k in result.shared)
     (spends,) = PrivacyLedger(tmp_path / "privacy").datasets.values()

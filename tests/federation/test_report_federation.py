@@ -8,12 +8,14 @@ import json
 import pytest
 from conftest import TINY_ENCODER
 
+from echocare_core.config import to_dict
 from echocare_core.checkpoint import read_meta
 from echocare_core.cli.predict import main as predict_main
 from echocare_core.data.contract import load_spec
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
+from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, SiteLimits, TaskSpec, check_job, job_hash
 from echocare_core.federation.rounds import aggregate, initial_state, save_round
 from echocare_core.federation.site import site_round
@@ -24,8 +26,8 @@ from echocare_core.models.swin import EncoderConfig
 pytestmark = pytest.mark.slow
 
 FINDINGS = ("anechoic", "irregular margin")
-JOB = Job(task="report", encoder=EncoderConfig(**TINY_ENCODER), mode="lora", lora_rank=2, batch_size=4, lr=3e-3,
-          report=ReportHeadConfig(width=32, depth=1, heads=4, max_tokens=48, findings=FINDINGS))
+JOB = Job(task="report", encoder=EncoderConfig(**TINY_ENCODER),
+          report=ReportHeadConfig(width=32, depth=1, heads=4, max_tokens=48, findings=FINDINGS), train=LocalTraining(mode="lora", lora_rank=2, batch_size=4, lr=3e-3))
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,8 @@ def test_report_jobs_keep_other_jobs_hashes_and_round_trip():
     assert Job.from_json(JOB.to_json()) == JOB and json.loads(JOB.to_json())["report"]["max_tokens"] == 48
     assert job_hash(JOB) != job_hash(dataclasses.replace(JOB, report=ReportHeadConfig(width=64, heads=4)))
     plain = dataclasses.replace(JOB, report=ReportHeadConfig(width=32, depth=1, heads=4, max_tokens=48))
-    # a report job without the findings classifier keeps the JSON (and the hash) it had before it
-    assert json.loads(plain.to_json())["report"] == {"width": 32, "depth": 1, "heads": 4, "max_tokens": 48, "views": 1}
+    # a job's JSON (and hash) names only what differs from the defaults
+    assert json.loads(plain.to_json())["report"] == {"width": 32, "depth": 1, "heads": 4, "max_tokens": 48}
     assert Job.from_json(plain.to_json()) == plain and json.loads(JOB.to_json())["report"]["findings"] == list(FINDINGS)
 
 
@@ -58,13 +60,13 @@ def test_reports_train_with_differential_privacy_per_report_and_ghost_clipping_i
     from echocare_core.engine.finetune_config import FinetuneConfig
     from echocare_core.privacy.settings import DPSettings
 
-    assert check_job(dataclasses.replace(JOB, privacy=DPSettings(epsilon=8.0)), load_spec(sites[0]), SiteLimits()) == []
-    (reason,) = check_job(dataclasses.replace(JOB, privacy=DPSettings(epsilon=8.0, mode="ghost")),
+    assert check_job(dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=8.0))), load_spec(sites[0]), SiteLimits()) == []
+    (reason,) = check_job(dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=8.0, mode="ghost"))),
                           load_spec(sites[0]), SiteLimits())
-    assert reason == "job privacy.mode ghost cannot clip a report's views as one sample (use mode hooks)"
+    assert reason == "job train.privacy.mode ghost cannot clip a report's views as one sample (use mode hooks)"
     cfg = {"output": str(tmp_path / "run"), "device": "cpu", "data": {"folder": str(sites[0]), "num_workers": 0},
            "model": {"encoder": dict(TINY_ENCODER), "report": {"width": 32, "heads": 4, "depth": 1, "views": 2}},
-           "optim": {"epochs": 1, "batch_size": 4}, "privacy": {"epsilon": 8.0, "ledger": str(tmp_path / "ledger")}}
+           "epochs": 1, "train": {"batch_size": 4, "privacy": {"epsilon": 8.0}}, "ledger": {"folder": str(tmp_path / "ledger")}}
     result = run_finetune(load_config(FinetuneConfig, None, [], base=cfg))  # every step checks per-report gradients
     assert result.status == "finished" and 0 < result.history[-1]["epsilon"] <= 8.0
 
@@ -97,7 +99,7 @@ def test_a_report_site_joins_a_multi_task_federation(sites, tmp_path):
 def test_two_report_sites_over_the_real_runtime(sites, tmp_path):
     fed = {"output": str(tmp_path / "run"), "server": {"insecure": True},
            "rounds": {"rounds": 1, "min_sites": 2, "wait_for_sites": 300, "deadline": 600},
-           "job": json.loads(JOB.to_json())}
+           "job": to_dict(JOB)}
     assert run_on_this_machine(tmp_path, {"a": sites[0], "b": sites[1]}, fed, show_server=False) == 0
     (rnd,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {s["site"]: s["metric"] for s in rnd["sites"]} == {"a": "bleu4", "b": "bleu4"}

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from echocare_core.checkpoint import load_weights
 from echocare_core.config import from_dict
 from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job
 from echocare_core.federation.rounds import choose_sites, initial_state
 from echocare_core.federation.transport import decode
@@ -23,8 +24,7 @@ from echocare_server.server_app import run_rounds
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_task")]
 
 
-JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, mode="lora",
-          lora_rank=2, batch_size=8, local_steps=1)
+JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, local_steps=1, train=LocalTraining(mode="lora", lora_rank=2, batch_size=8))
 
 
 def _config(out, job=None, **rounds):
@@ -32,7 +32,7 @@ def _config(out, job=None, **rounds):
         "output": str(out), "server": {"insecure": True},
         "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 2, "deadline": 600, **rounds},
         "job": {"task": "segmentation", "labels": [0, 1], "encoder": dict(TINY_ENCODER), "feature_size": 8,
-                "mode": "lora", "lora_rank": 2, "batch_size": 8, "local_steps": 1, **(job or {})}}, "federation")
+                "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8}, "local_steps": 1, **(job or {})}}, "federation")
 
 
 def _events(out):
@@ -155,7 +155,7 @@ def test_a_site_whose_privacy_budget_runs_out_stops_and_the_run_goes_on(sites, t
     two[small]["privacy-budget"] = (epsilon([(sigma, q, 1)] * 2, 1e-5) + epsilon([(sigma, q, 1)] * 3, 1e-5)) / 2
     for node in two.values():
         node["state-dir"] += "_dp"
-    run_rounds(InProcessGrid(two), _config(tmp_path / "run", {"privacy": {"epsilon": 8.0}}, rounds=4, min_sites=1))
+    run_rounds(InProcessGrid(two), _config(tmp_path / "run", {"train": {"mode": "lora", "lora_rank": 2, "batch_size": 8, "privacy": {"epsilon": 8.0}}}, rounds=4, min_sites=1))
     events = _events(tmp_path / "run")
     ends = {e["round"]: [s["site"] for s in e["sites"]] for e in events if e["event"] == "round_end"}
     assert ends == {1: ["site_0", "site_1"], 2: ["site_0", "site_1"], 3: ["site_1"], 4: ["site_1"]}

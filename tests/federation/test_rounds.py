@@ -10,13 +10,15 @@ from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.data.contract import load_spec
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
+from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, SiteLimits, check_job, job_hash, weighted_mean
 from echocare_core.federation.rounds import aggregate, initial_state, resume, save_round
 from echocare_core.federation.site import JobRefused, site_round
 from echocare_core.models.swin import EncoderConfig
 
-JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, mode="lora",
-          lora_rank=2, local_epochs=1, batch_size=8, local=("head.out.*",))
+JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, local_epochs=1, local=("head.out.*",), train=LocalTraining(mode="lora", lora_rank=2, batch_size=8))
+
+SMALL_BATCH = dataclasses.replace(JOB.train, batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +43,13 @@ def test_weighted_mean_is_exact_and_checks_its_input():
 def test_job_round_trips_as_json_and_sites_check_it(sites):
     assert Job.from_json(JOB.to_json()) == JOB and len(job_hash(JOB)) == 64
     with pytest.raises(ValueError, match="Did you mean 'task'"):
-        Job.from_json('{"tak": "segmentation"}')
+        Job.from_json('{"schema": 2, "tak": "segmentation"}')
+    with pytest.raises(ValueError, match="job schema 1: this toolkit reads schema 2"):
+        Job.from_json('{"schema": 1, "task": "segmentation"}')
     seg, cls = load_spec(sites[0]), load_spec(sites[2])
     assert check_job(JOB, seg, SiteLimits()) == []
     assert check_job(JOB, cls, SiteLimits()) == ["job task 'segmentation' but the site's dataset is 'classification'"]
-    greedy = dataclasses.replace(JOB, batch_size=128, local_epochs=20, labels=(0, 255))
+    greedy = dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, batch_size=128), local_epochs=20, labels=(0, 255))
     reasons = check_job(greedy, seg, SiteLimits(max_batch_size=32, max_local_epochs=5))
     assert len(reasons) == 3 and "mask values [0, 255]" in reasons[0] and "max_batch_size 32" in reasons[1]
 
@@ -64,12 +68,12 @@ def test_a_round_shares_only_trainable_non_local_weights(sites, tmp_path):
 
 def test_local_steps_train_exactly_that_many_batches_within_the_site_limit(sites):
     state = initial_state(JOB, None)
-    train = site_round(dataclasses.replace(JOB, local=(), batch_size=2), state, sites[0], 1).metrics["train_steps"]
+    train = site_round(dataclasses.replace(JOB, local=(), train=SMALL_BATCH), state, sites[0], 1).metrics["train_steps"]
     for steps in (1, int(train) + 3):  # fewer, and more than one epoch's batches
-        result = site_round(dataclasses.replace(JOB, local=(), batch_size=2, local_steps=steps), state, sites[0], 1)
+        result = site_round(dataclasses.replace(JOB, local=(), train=SMALL_BATCH, local_steps=steps), state, sites[0], 1)
         assert result.metrics["train_steps"] == steps
-    too_many = dataclasses.replace(JOB, batch_size=2, local_steps=1000)
-    with pytest.raises(JobRefused, match="local_steps 1000 x batch_size 2 is .* passes over the site's training "
+    too_many = dataclasses.replace(JOB, train=SMALL_BATCH, local_steps=1000)
+    with pytest.raises(JobRefused, match="local_steps 1000 x train.batch_size 2 is .* passes over the site's training "
                                          "split, more than its max_local_epochs 10"):
         site_round(too_many, state, sites[0], 1)
 
@@ -101,4 +105,4 @@ def test_two_sites_aggregate_checkpoint_evaluate_and_resume(sites, tmp_path):
     state2, last, history, server_state = resume(tmp_path, job)
     assert last == 1 and history == [{"round": 1}] and server_state == {} and torch.equal(state2[name], new[name])
     with pytest.raises(ValueError, match="belongs to another job"):
-        resume(tmp_path, dataclasses.replace(job, lr=0.5))
+        resume(tmp_path, dataclasses.replace(job, train=dataclasses.replace(job.train, lr=0.5)))

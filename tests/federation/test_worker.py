@@ -13,12 +13,12 @@ from safetensors.torch import load_file, save_file
 from echocare_client.worker import SiteWorker, ask_worker, failure_reason, run_request
 from echocare_core import __version__
 from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, job_hash
 from echocare_core.federation.rounds import initial_state
 from echocare_core.models.swin import EncoderConfig
 
-JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, mode="lora",
-          lora_rank=2, batch_size=8, local_steps=1)
+JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, local_steps=1, train=LocalTraining(mode="lora", lora_rank=2, batch_size=8))
 
 
 @pytest.fixture(scope="module")

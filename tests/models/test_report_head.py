@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.engine.finetune import report_loss
+from echocare_core.engine.training import report_loss
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.task import EchoCareTaskModel
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from echocare_core.data.contract import DatasetSpec
-from echocare_core.engine.finetune import task_loss
+from echocare_core.engine.training import task_loss
 from echocare_core.models.detection import centre_targets, decode_detections, detection_loss
 from echocare_core.models.landmarks import decode_heatmaps, gaussian_heatmaps, heatmap_loss
 from echocare_core.models.task import EchoCareTaskModel

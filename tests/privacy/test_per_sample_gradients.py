@@ -13,7 +13,7 @@ from torch import nn
 from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.engine.finetune import check_dataset, num_classes, task_loss
+from echocare_core.engine.training import check_dataset, num_classes, task_loss
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
@@ -147,7 +147,7 @@ def test_a_gradient_that_is_not_per_sample_stops_training():
 
 
 def test_an_empty_poisson_batch_is_a_noise_only_step():
-    from echocare_core.engine.finetune import train_epoch
+    from echocare_core.engine.training import LocalTraining, Recipe, train_epoch
 
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
@@ -155,8 +155,8 @@ def test_an_empty_poisson_batch_is_a_noise_only_step():
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     dp = DPTraining(model, optimizer, DPSettings(epsilon=1.0), sigma=1.0, expected_batch_size=4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    losses, skipped = train_epoch(dp.module, [{"skipped": 0}], dp.optimizer, scheduler, None, torch.device("cpu"),
-                                  False, 0.0, dp=dp)
+    recipe = Recipe(LocalTraining(privacy=DPSettings(epsilon=1.0)), optimizer, scheduler)
+    losses, skipped = train_epoch(dp.module, [{"skipped": 0}], recipe, None, torch.device("cpu"), dp=dp)
     assert losses == [] and skipped == 0
     moved = [(p - b).abs().max().item() for p, b in zip(model.parameters(), before)]
     assert all(m > 0 for m in moved)  # noise of std sigma * C / expected batch, nothing from data
