@@ -14,6 +14,7 @@ from __future__ import annotations
 import ssl
 import time
 import urllib.request
+from dataclasses import replace
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
-from echocare_core.config import ConfigError, load_config
+from echocare_core.config import ConfigError, load_config, save_config
 from echocare_core.data.contract import verify_dataset
 from echocare_core.federation.processes import FlowerError, free_port, start, stop, toml_value
 from echocare_core.privacy.ledger import LedgerError, PrivacyLedger, dataset_fingerprint
@@ -32,14 +33,6 @@ PROG = "echocare-client"
 STABLE_S = 300  # a SuperNode that ran this long was connected: its exit starts a new count of restarts
 MAX_BEHIND_S, MAX_AHEAD_S = 240.0, 3.0  # Flower allows 305 s behind and 5 s ahead; margins for the Date
 # header's one-second resolution and drift
-
-
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def clock_offset(cfg: SiteConfig) -> float | None:
@@ -68,18 +61,21 @@ def check_clock(cfg: SiteConfig) -> str:
             f"clock. Synchronise the clock (NTP, e.g. timedatectl set-ntp true) and start again")
 
 
-def node_values(cfg: SiteConfig, state: Path) -> dict[str, str | int]:
-    """What the ClientApp and the site worker read from the node config."""
-    return {"site-name": cfg.name, "data-folder": str(Path(cfg.data).resolve()), "device": _device(cfg.device),
-            "state-dir": str(state), "max-batch-size": cfg.limits.max_batch_size,
-            "max-local-epochs": cfg.limits.max_local_epochs, "privacy-required": cfg.privacy.required,
-            "privacy-budget": cfg.privacy.epsilon_budget, "privacy-delta": cfg.privacy.delta,
-            "approved-jobs": ",".join(cfg.approved_jobs), "server-versions": ",".join(cfg.server_versions),
-            "base-weights": str(Path(cfg.base_weights).resolve()) if cfg.base_weights else ""}
+def resolved(cfg: SiteConfig) -> SiteConfig:
+    """The site's config with absolute paths: what the site worker and the ClientApp (another process, started
+    elsewhere) read."""
+    absolute = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("data", "state_dir", "root_certificates",
+                                                                   "private_key", "base_weights") if getattr(cfg, k)}
+    return replace(cfg, **absolute)
 
 
-def write_node_config(values: dict[str, str | int], state: Path) -> Path:
-    """The SuperNode's `--node-config` file: what the ClientApp reads from `context.node_config`."""
+def write_node_config(cfg: SiteConfig, worker_socket: str) -> Path:
+    """The SuperNode's `--node-config` file (what the ClientApp reads from `context.node_config`): the path of the
+    resolved site.yaml, written beside it in the state folder, and the site worker's socket."""
+    state = Path(cfg.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, state / "site.yaml")
+    values = {"site-config": str(state / "site.yaml"), "worker-socket": worker_socket}
     path = state / "node.toml"
     tmp = path.with_name(".node.toml.tmp")
     tmp.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()), encoding="utf-8")
@@ -154,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         PrivacyLedger(state / "privacy", cfg.privacy.epsilon_budget, cfg.privacy.delta)  # refuse a broken ledger
     except LedgerError as exc:
         return fail(PROG, str(exc), code=1)
-    values = node_values(cfg, state)
-    worker = SiteWorker(values)  # keeps the training stack loaded between rounds
+    site = resolved(cfg)
+    worker = SiteWorker(site)  # keeps the training stack loaded between rounds
     worker.start()
     try:
-        return _supervise(cfg, state, write_node_config({**values, "worker-socket": worker.socket_path}, state))
+        return _supervise(cfg, state, write_node_config(site, worker.socket_path))
     finally:
         worker.close()
 

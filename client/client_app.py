@@ -22,7 +22,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file, save_file
 
+from echocare_client.config import SiteConfig
 from echocare_client.worker import ask_worker, failure_reason, handle, not_approved
+from echocare_core.config import load_config
 from echocare_core.federation.audit import AuditLog
 from echocare_core.federation.transport import FAILED, NEED_FROZEN, REFUSED, digest, text_hash
 
@@ -40,7 +42,7 @@ def _error(msg: Message, site: str, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=f"site {site} {what}: {reason}"), reply_to=msg)
 
 
-def _run(node: dict, request: dict) -> dict:
+def _run(node: dict, site: SiteConfig, request: dict) -> dict:
     """The worker's answer, or the round run here when no worker listens."""
     if node.get("worker-socket"):
         try:
@@ -49,56 +51,57 @@ def _run(node: dict, request: dict) -> dict:
             log.warning("no site worker at its socket; running the round in the ClientApp process")
         except OSError as exc:
             return {"failed": f"the site worker stopped ({type(exc).__name__})"}
-    return handle(node, request)
+    return handle(site, request)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """The round's reply: the shared weights and metrics, or an error whose reason is ours (Flower would send
     the text of any exception that escaped)."""
-    node = dict(context.node_config)
-    site = str(node.get("site-name", "?"))
+    node, name = dict(context.node_config), "?"
     try:
+        site = load_config(SiteConfig, str(node["site-config"]), [])  # the resolved site.yaml echocare-client wrote
+        name = site.name
         return _train(msg, node, site)
     except Exception as exc:  # noqa: BLE001 - details in the site's log only
-        log.exception("site %s: the round failed in the ClientApp", site)
-        return _error(msg, site, FAILED, failure_reason(exc))
+        log.exception("site %s: the round failed in the ClientApp", name)
+        return _error(msg, name, FAILED, failure_reason(exc))
 
 
-def _train(msg: Message, node: dict, site: str) -> Message:
+def _train(msg: Message, node: dict, site: SiteConfig) -> Message:
     t0 = time.perf_counter()
-    state_dir = Path(str(node["state-dir"]))
+    state_dir = Path(site.state_dir)
     config = msg.content["config"]
     rnd, job, frozen_digest = int(config["round"]), str(config["job"]), str(config.get("frozen", ""))
     request = {"round": rnd, "rounds": int(config.get("rounds", rnd)), "job": job,
                "toolkit": str(config.get("toolkit", "unknown"))}
     job_hash = text_hash(job)
-    refusal = not_approved(node, request, job_hash)
+    refusal = not_approved(site, request, job_hash)
     if refusal:  # before anything the coordinator sent is kept
         AuditLog(state_dir / "audit.jsonl")("refused", round=rnd, job_hash=job_hash, refused=refusal)
-        return _error(msg, site, REFUSED, refusal)
+        return _error(msg, site.name, REFUSED, refusal)
     if not DIGEST.fullmatch(frozen_digest):
-        return _error(msg, site, FAILED, "the frozen part of the model is not named by a digest")
-    frozen = _frozen(msg, state_dir, frozen_digest) or _frozen_from_base(node, job, state_dir, frozen_digest)
+        return _error(msg, site.name, FAILED, "the frozen part of the model is not named by a digest")
+    frozen = _frozen(msg, state_dir, frozen_digest) or _frozen_from_base(node, site, job, frozen_digest)
     if frozen is None:
-        return _error(msg, site, NEED_FROZEN, "it does not hold the frozen part of the model")
+        return _error(msg, site.name, NEED_FROZEN, "it does not hold the frozen part of the model")
     inbox = state_dir / "inbox" / f"round_{rnd:04d}_{msg.metadata.message_id[:16]}.safetensors"  # one per ask
     inbox.parent.mkdir(parents=True, exist_ok=True)
     try:
         arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
         save_file(arrays, str(inbox))
-        answer = _run(node, {**request, "arrays": str(inbox), "frozen": str(frozen),
+        answer = _run(node, site, {**request, "arrays": str(inbox), "frozen": str(frozen),
                              "global": f"{digest(arrays)}:{frozen_digest}"})  # the whole global model
     finally:
         inbox.unlink(missing_ok=True)  # the global model, not the site's data: no reason to keep it
     if "failed" in answer and not frozen.is_file():  # evicted meanwhile by another job's round
-        return _error(msg, site, NEED_FROZEN, "it does not hold the frozen part of the model")
+        return _error(msg, site.name, NEED_FROZEN, "it does not hold the frozen part of the model")
     if "refused" in answer or "failed" in answer:
-        return _error(msg, site, REFUSED if "refused" in answer else FAILED, answer.get("refused") or answer["failed"])
+        return _error(msg, site.name, REFUSED if "refused" in answer else FAILED, answer.get("refused") or answer["failed"])
     shared = ArrayRecord({k: Array(v) for k, v in load_file(answer["shared"]).items()})
     metrics = MetricRecord({"num-examples": int(answer["samples"]), **answer["metrics"],
                             "clientapp_s": time.perf_counter() - t0})  # compute_s plus handing the weights over
-    return Message(RecordDict({"arrays": shared, "metrics": metrics, "site": ConfigRecord({"name": site})}),
+    return Message(RecordDict({"arrays": shared, "metrics": metrics, "site": ConfigRecord({"name": site.name})}),
                    reply_to=msg)
 
 
@@ -121,12 +124,12 @@ def _frozen(msg: Message, state_dir: Path, name: str) -> Path | None:
     return _keep(state_dir, name, lambda tmp: save_file(arrays, str(tmp)))
 
 
-def _frozen_from_base(node: dict, job: str, state_dir: Path, name: str) -> Path | None:
+def _frozen_from_base(node: dict, site: SiteConfig, job: str, name: str) -> Path | None:
     """The frozen part built by the site from its own copy of the job's base weights (`base_frozen`), or None."""
-    if not node.get("base-weights") or not json.loads(job).get("base"):
+    if not site.base_weights or not json.loads(job).get("base"):
         return None
-    answer = _run(node, {"base_frozen": name, "job": job})
-    return _keep(state_dir, name, lambda tmp: os.replace(answer["frozen"], tmp)) if "frozen" in answer else None
+    answer = _run(node, site, {"base_frozen": name, "job": job})
+    return _keep(Path(site.state_dir), name, lambda tmp: os.replace(answer["frozen"], tmp)) if "frozen" in answer else None
 
 
 def _keep(state_dir: Path, name: str, fill: Callable[[Path], None]) -> Path:

@@ -1,4 +1,8 @@
-"""`site.yaml` for `echocare-client`: where the server is, the site's dataset, device, limits and state folder."""
+"""`site.yaml` for `echocare-client`: where the server is, the site's dataset, device, limits and state folder.
+
+It imports nothing heavy: the ClientApp, a fresh process for every round, reads it too. `echocare-client` writes
+the resolved config (absolute paths) to `state_dir/site.yaml`, and the SuperNode's node config names that file,
+so the ClientApp and the site worker read the same typed settings."""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from echocare_core.federation.job import SiteLimits
+from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.privacy.settings import SitePrivacy
 
 __all__ = ["SiteConfig"]
@@ -21,6 +25,8 @@ class SiteConfig:
     private_key: str = ""  # this site's private key (echocare-keys: sites/NAME.key; its .pub goes to the coordinator)
     data: str = ""  # the dataset folder (dataset.yaml + manifest.csv); checked before connecting
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = 1  # DataLoader worker processes (as echocare-finetune's data.num_workers)
+    split_seed: int = 0  # patient-grouped split when the manifest has no split column (as data.split_seed)
     state_dir: str = "echocare_site"  # Flower's state, site-local layers, a copy of everything sent, logs
     limits: SiteLimits = field(default_factory=SiteLimits)
     privacy: SitePrivacy = field(default_factory=SitePrivacy)
@@ -45,5 +51,6 @@ class SiteConfig:
         if self.base_weights and not Path(self.base_weights).exists():
             raise ValueError(f"base_weights: {self.base_weights} does not exist (a weights file such as the EchoCare "
                              f"release, or a checkpoint folder)")
-        if self.max_restarts < 0:
-            raise ValueError(f"max_restarts={self.max_restarts}: must be >= 0")
+        for key in ("max_restarts", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)}: must be >= 0")

@@ -5,7 +5,8 @@ Flower starts a fresh ClientApp process for every message, and importing the tra
 8 s and 1 GB each time. So the ClientApp stays light (flwr and numpy): it writes the received weights to
 the site's state folder and asks the worker over a Unix socket in a private folder (mode 0700) whose path
 the node config carries; the worker trains and writes what may leave the site, which the ClientApp sends.
-Without a worker (a SuperNode started by hand) the ClientApp runs the same `run_request` itself.
+Without a worker (a SuperNode started by hand) the ClientApp runs the same `run_request` itself. Both read
+the site's settings as one `SiteConfig` (the resolved site.yaml that the node config names).
 """
 
 from __future__ import annotations
@@ -21,21 +22,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["SiteWorker", "ask_worker", "base_frozen", "failure_reason", "handle", "not_approved", "run_request",
-           "site_terms"]
+from echocare_client.config import SiteConfig
+
+__all__ = ["SiteWorker", "ask_worker", "base_frozen", "failure_reason", "handle", "not_approved", "run_request"]
 
 log = logging.getLogger(__name__)
-
-
-def site_terms(node: Mapping[str, Any]) -> tuple[Any, Any]:
-    """The site's `SiteLimits` and `SitePrivacy` from the node config (`echocare_client.cli.node_values`)."""
-    from echocare_core.federation.job import SiteLimits
-    from echocare_core.privacy.settings import SitePrivacy
-
-    return (SiteLimits(int(node["max-batch-size"]), int(node["max-local-epochs"])),
-            SitePrivacy(bool(node["privacy-required"]), float(node["privacy-budget"]), float(node["privacy-delta"])))
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -50,12 +43,12 @@ def failure_reason(exc: BaseException) -> str:
     return f"the round failed at the site ({type(exc).__name__}; see the site's log)"
 
 
-def handle(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+def handle(site: SiteConfig, request: dict[str, Any]) -> dict[str, Any]:
     """A ClientApp request: a round (`run_request`), or the frozen part of a model from base weights."""
-    return base_frozen(node, request) if "base_frozen" in request else run_request(node, request)
+    return base_frozen(site, request) if "base_frozen" in request else run_request(site, request)
 
 
-def base_frozen(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+def base_frozen(site: SiteConfig, request: dict[str, Any]) -> dict[str, Any]:
     """The frozen part of the job's model built from the site's own copy of the weights it starts from (site.yaml
     `base_weights`): {"frozen": a file in the state folder's inbox} when the job names that file's SHA-256 as its
     base and what comes out has the digest the coordinator named (`request["base_frozen"]`), else {} (the
@@ -67,7 +60,7 @@ def base_frozen(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
     from echocare_core.federation.transport import digest
     from echocare_core.weights import weights_digest
 
-    file, name = str(node.get("base-weights", "")), str(request["base_frozen"])
+    file, name = site.base_weights, str(request["base_frozen"])
     try:
         job = Job.from_json(str(request["job"]))
         if not file or not job.base or weights_digest(file) != job.base:
@@ -80,13 +73,13 @@ def base_frozen(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
         log.info("base_weights %s are the job's base, but the frozen part differs: the coordinator sends it", file)
         return {}
     log.info("the frozen part of the model comes from base_weights %s, not over the network", file)
-    out = Path(str(node["state-dir"])) / "inbox" / f"base_{name[:16]}.safetensors"
+    out = Path(site.state_dir) / "inbox" / f"base_{name[:16]}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(arrays, str(out))
     return {"frozen": str(out)}
 
 
-def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+def run_request(site: SiteConfig, request: dict[str, Any]) -> dict[str, Any]:
     """One round at this site (`_round`), recorded in the site's audit log (`state_dir/audit.jsonl`): the job
     hash, and what was sent (names, shapes, bytes, epsilon) or why nothing was. A round that raises is
     answered {"failed": `failure_reason`}, the details logged at the site. Asked again for a round it
@@ -101,21 +94,21 @@ def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
     from echocare_core.federation.transport import text_hash
 
     job = text_hash(str(request["job"]))  # = job_hash of the job the server sent
-    state_dir, rnd = Path(str(node["state-dir"])), int(request["round"])
+    state_dir, rnd = Path(site.state_dir), int(request["round"])
     done = state_dir / "sent" / f"round_{rnd:04d}.json"  # this round's answer, for a server that asks again
     key = {"job": job, "global": request.get("global", "")}
     event = "trained"
     try:
-        refusal = not_approved(node, request, job)
+        refusal = not_approved(site, request, job)
         earlier = json.loads(done.read_text(encoding="utf-8")) if done.is_file() and not refusal else {}
         if earlier.get("key") == key and Path(earlier["answer"]["shared"]).is_file():
             answer, event = earlier["answer"], "resent"  # same job, round and global model: trained already
         else:
-            answer = {"refused": refusal} if refusal else _round(node, request)
+            answer = {"refused": refusal} if refusal else _round(site, request)
             if "shared" in answer:
                 write_json(done, {"key": key, "answer": answer})
     except Exception as exc:  # noqa: BLE001 - the site's log gets the details, the server the kind
-        log.exception("site %s: the round failed", node.get("site-name"))
+        log.exception("site %s: the round failed", site.name)
         answer = {"failed": failure_reason(exc)}
     record = {"round": rnd, "job_hash": job}
     if "shared" in answer:
@@ -128,25 +121,23 @@ def run_request(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, A
     return answer
 
 
-def not_approved(node: Mapping[str, Any], request: dict[str, Any], job: str) -> str:
+def not_approved(site: SiteConfig, request: dict[str, Any], job: str) -> str:
     """Why the site's own approvals refuse this request ("" when they do not): the coordinator's toolkit version
     and, when the site pinned them, the job's hash."""
     from echocare_core import __version__
 
-    versions = [v for v in str(node.get("server-versions", "")).split(",") if v] or [__version__]
+    versions = list(site.server_versions) or [__version__]
     if request.get("toolkit") not in versions:
         return f"the coordinator runs echocare {request.get('toolkit')}; this site accepts {', '.join(versions)}"
-    approved = [h for h in str(node.get("approved-jobs", "")).split(",") if h]
-    if approved and job not in approved:
+    if site.approved_jobs and job not in site.approved_jobs:
         return f"job {job[:12]} is not among the site's approved_jobs"
     return ""
 
 
-def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+def _round(site: SiteConfig, request: dict[str, Any]) -> dict[str, Any]:
     """One round at this site.
 
     Args:
-        node: the SuperNode's node config (site-name, data-folder, state-dir, device, limits).
         request: {"round": N, "rounds": the rounds the job plans, "job": job JSON, "arrays": safetensors file
             of the global shared parameters, "frozen": safetensors file of the rest of the global model}.
 
@@ -166,22 +157,25 @@ def _round(node: Mapping[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     from echocare_core.federation.site import JobRefused, local_layers_file, site_round
     from echocare_core.federation.transport import encode
 
-    site, state_dir, rnd = str(node["site-name"]), Path(str(node["state-dir"])), int(request["round"])
-    limits, privacy = site_terms(node)
+    import torch
+
+    state_dir, rnd = Path(site.state_dir), int(request["round"])
+    device = "cuda" if site.device == "auto" and torch.cuda.is_available() else \
+        "cpu" if site.device == "auto" else site.device
     t0 = time.perf_counter()
     try:
         job = Job.from_json(str(request["job"]))
         global_state = {**(load_file(request["frozen"]) if request.get("frozen") else {}), **load_file(request["arrays"])}
-        result = site_round(job, global_state, Path(str(node["data-folder"])), rnd, limits,
-                            str(node["device"]), local_layers_file(state_dir, job_hash(job)),
-                            privacy=privacy, ledger_dir=state_dir / "privacy",
-                            rounds=int(request.get("rounds", rnd)))
+        result = site_round(job, global_state, Path(site.data), rnd, site.limits, device,
+                            local_layers_file(state_dir, job_hash(job)), num_workers=site.num_workers,
+                            privacy=site.privacy, ledger_dir=state_dir / "privacy",
+                            rounds=int(request.get("rounds", rnd)), split_seed=site.split_seed)
     except JobRefused as exc:
         return {"refused": str(exc)}
     except DatasetInvalidError:
         return {"refused": "the site's dataset fails its check (see echocare-data verify at the site)"}
     except ValueError as exc:  # a job this toolkit version cannot read or build; details stay in the site's log
-        log.warning("site %s cannot run the job: %s", site, exc)
+        log.warning("site %s cannot run the job: %s", site.name, exc)
         return {"refused": f"unreadable job ({type(exc).__name__})"}
     encoded = encode(result.shared, global_state, job.transport)  # deltas in 16 bits, or fp32 weights
     sent = state_dir / "sent" / f"round_{rnd:04d}.safetensors"  # the site's copy of everything that left it
@@ -211,9 +205,9 @@ def ask_worker(path: str, request: dict[str, Any]) -> dict[str, Any]:
 class SiteWorker(threading.Thread):
     """Answers the ClientApp's requests one at a time with `run_request`, on a socket only this user can reach."""
 
-    def __init__(self, node: Mapping[str, Any]) -> None:
+    def __init__(self, site: SiteConfig) -> None:
         super().__init__(daemon=True, name="echocare-site-worker")
-        self.node = dict(node)
+        self.site = site
         self.folder = Path(tempfile.mkdtemp(prefix="echocare-site-"))  # mode 0700; short enough for AF_UNIX
         self.socket_path = str(self.folder / "worker.sock")
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -231,9 +225,9 @@ class SiteWorker(threading.Thread):
             with conn:
                 try:
                     request = json.loads(conn.makefile("rb").readline())
-                    answer = handle(self.node, request)
+                    answer = handle(self.site, request)
                 except Exception as exc:  # noqa: BLE001 - a broken request or the audit log not writable
-                    log.exception("site %s: the round failed", self.node.get("site-name"))
+                    log.exception("site %s: the round failed", self.site.name)
                     answer = {"failed": failure_reason(exc)}
                 try:
                     conn.sendall(json.dumps(answer).encode() + b"\n")

@@ -3,14 +3,20 @@ Flower's network replaced by direct calls (the real runtime has its own test, te
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import uuid
+from pathlib import Path
 from typing import Callable
 
+import yaml
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from echocare_client.client_app import train
+from echocare_client.config import SiteConfig
+from echocare_core.config import load_config, to_dict
 from echocare_core.federation.transport import decode, encode
 
 
@@ -65,8 +71,26 @@ class InProcessGrid:
         return replies
 
 
-def node_config(name: str, folder, state) -> dict:
-    """The node config `echocare-client` would write for a site (no worker: the round runs in the ClientApp)."""
-    return {"site-name": name, "data-folder": str(folder), "state-dir": str(state / name), "device": "cpu",
-            "max-batch-size": 64, "max-local-epochs": 10, "privacy-required": False, "privacy-budget": 0.0,
-            "privacy-delta": 1e-5}
+def node_config(name: str, folder, state, **settings) -> dict:
+    """The node config `echocare-client` would write for a site, without a worker (the round runs in the
+    ClientApp): the path of its site.yaml, state in `state/name`."""
+    return site_node(SiteConfig(name=name, data=str(folder), insecure=True, device="cpu", num_workers=0,
+                                state_dir=str(Path(state) / name), **settings))
+
+
+def site_node(site: SiteConfig) -> dict:
+    """A node config naming `site`, written to a file of its own beside its dataset (its state folder may be a
+    full disk)."""
+    text = yaml.safe_dump(to_dict(site))
+    path = Path(site.data).parent / f"site_{site.name}_{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+    path.write_text(text, encoding="utf-8")
+    return {"site-config": str(path)}
+
+
+def site_of(node: dict) -> SiteConfig:
+    return load_config(SiteConfig, node["site-config"], [])
+
+
+def with_site(node: dict, **changes) -> dict:
+    """The node config of the same site with some settings changed (e.g. another state_dir)."""
+    return site_node(dataclasses.replace(site_of(node), **changes))

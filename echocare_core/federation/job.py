@@ -26,12 +26,13 @@ from echocare_core.config import from_dict, to_dict
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.training import LocalTraining
+from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.federation.transport import text_hash
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig, trainable_state_names
 from echocare_core.privacy.settings import SitePrivacy
 
-__all__ = ["JOB_SCHEMA", "MULTITASK_LOCAL", "Job", "SiteLimits", "TaskSpec", "check_job", "job_hash", "local_patterns",
+__all__ = ["JOB_SCHEMA", "MULTITASK_LOCAL", "Job", "TaskSpec", "check_job", "job_hash", "local_patterns",
            "shared_names", "task_for", "task_jobs", "weighted_mean"]
 
 JOB_SCHEMA = 2  # raise it when a default changes what a job means (its hash names only non-default values)
@@ -138,19 +139,6 @@ def _changed(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]
 def job_hash(job: Job) -> str:
     """SHA-256 of the job's canonical JSON: what a site can pin and what both sides log."""
     return text_hash(job.to_json())
-
-
-@dataclass(frozen=True)
-class SiteLimits:
-    """What a site accepts: the largest batch (its GPU memory) and the most local epochs per round."""
-
-    max_batch_size: int = 64
-    max_local_epochs: int = 10
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_local_epochs < 1:
-            raise ValueError(f"max_batch_size={self.max_batch_size} and max_local_epochs="
-                             f"{self.max_local_epochs}: both must be >= 1")
 
 
 def task_jobs(job: Job) -> list[Job]:

@@ -22,8 +22,9 @@ from safetensors.torch import load_file, save_file
 from echocare_core.data.finetune import TaskDataset, split_rows
 from echocare_core.engine.training import (Recipe, check_dataset, evaluate, shuffled_keys, task_loader, task_loss,
                                            train_epoch)
-from echocare_core.federation.job import (Job, SiteLimits, check_job, job_hash, local_patterns, shared_names,
+from echocare_core.federation.job import (Job, check_job, job_hash, local_patterns, shared_names,
                                           task_for, task_jobs)
+from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 from echocare_core.privacy.settings import SitePrivacy, steps_per_round
 from echocare_core.weights import load_encoder_weights

@@ -22,7 +22,7 @@ from echocare_core.federation.rounds import initial_state
 from echocare_core.federation.site import build_job_model
 from echocare_core.federation.transport import digest
 from echocare_core.models.swin import EncoderConfig
-from in_process import node_config
+from in_process import node_config, with_site
 
 JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, local_steps=1, train=LocalTraining(mode="lora", lora_rank=2, batch_size=8))
 
@@ -170,8 +170,8 @@ def test_a_site_with_its_own_copy_of_the_base_weights_never_downloads_the_frozen
     assert _round(node, state, job, send_frozen=False).error.code == 1003  # no base_weights at the site: NEED_FROZEN
     other = tmp_path / "other.pth"
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in torch.load(base).items()}, other)
-    assert _round({**node, "base-weights": str(other)}, state, job, send_frozen=False).error.code == 1003
-    reply = _round({**node, "base-weights": str(base)}, state, job, send_frozen=False)
+    assert _round(with_site(node, base_weights=str(other)), state, job, send_frozen=False).error.code == 1003
+    reply = _round(with_site(node, base_weights=str(base)), state, job, send_frozen=False)
     assert not reply.has_error()  # built from its own copy: the coordinator sent the shared part only
     (kept,) = (tmp_path / "state" / "site_x" / "frozen").glob("*.safetensors")
     names = set(shared_names(build_job_model(job), job))

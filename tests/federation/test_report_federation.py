@@ -16,7 +16,8 @@ from echocare_core.data.text import ReportTokenizer
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.training import LocalTraining
-from echocare_core.federation.job import Job, SiteLimits, TaskSpec, check_job, job_hash
+from echocare_core.federation.job import Job, TaskSpec, check_job, job_hash
+from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.federation.rounds import aggregate, initial_state, save_round
 from echocare_core.federation.site import site_round
 from echocare_core.federation.testbed import run_on_this_machine

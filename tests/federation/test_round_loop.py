@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_ENCODER
-from in_process import InProcessGrid, node_config
+from in_process import InProcessGrid, node_config, site_of, with_site
 from safetensors import safe_open
 
 from echocare_core.checkpoint import load_weights
@@ -66,7 +66,7 @@ def test_participation_asks_a_share_and_aggregates_exactly_their_replies(sites, 
             tmp_path / "run" / "checkpoints" / f"round_{rnd - 1:04d}")  # the global model the sites received
         sent = []
         for node in asked:
-            state = sites[node]["state-dir"]
+            state = site_of(sites[node]).state_dir
             with safe_open(f"{state}/sent/round_{rnd:04d}.safetensors", "pt") as f:
                 assert f.metadata()["transport"] == "bf16"  # the default: deltas in 16 bits
                 sent.append((decode({k: f.get_tensor(k) for k in f.keys()}, reference, "bf16"),
@@ -81,7 +81,7 @@ def test_participation_asks_a_share_and_aggregates_exactly_their_replies(sites, 
 
 
 def test_the_frozen_model_goes_once_and_again_to_a_site_that_lost_it(sites, tmp_path):
-    two = {n: dict(sites[n], **{"state-dir": sites[n]["state-dir"] + "_bytes"}) for n in list(sites)[:2]}
+    two = {n: with_site(sites[n], state_dir=site_of(sites[n]).state_dir + "_bytes") for n in list(sites)[:2]}
     full = initial_state(JOB, None)
     shared = {k: v for k, v in full.items() if ".lora_" in k or k.startswith("head.")}
     shared_bytes = sum(v.numel() * 4 for v in shared.values())
@@ -89,7 +89,7 @@ def test_the_frozen_model_goes_once_and_again_to_a_site_that_lost_it(sites, tmp_
     lost = list(two)[1]
 
     def forget(trained, _):  # after its round 1 the site loses its copy: in round 2 it asks and gets it again
-        for cached in Path(two[lost]["state-dir"], "frozen").glob("*"):
+        for cached in Path(site_of(two[lost]).state_dir, "frozen").glob("*"):
             cached.unlink()
         return trained
 
@@ -135,7 +135,7 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model_as_an_uninterrupted_ru
     assert [e["round"] for e in events if e["event"] == "round_start"] == [1, 2, 2, 3]
     assert [e["round"] for e in events if e["event"] == "round_end"] == [1, 2, 3]
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    fresh = {n: dict(c, **{"state-dir": c["state-dir"] + "_whole"}) for n, c in two.items()}  # trains, no replays
+    fresh = {n: with_site(c, state_dir=site_of(c).state_dir + "_whole") for n, c in two.items()}  # trains, no replays
     run_rounds(InProcessGrid(fresh), _config(tmp_path / "whole", rounds=3))
     resumed, whole = (load_weights(tmp_path / run / "checkpoints" / "round_0003") for run in ("killed", "whole"))
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
@@ -145,16 +145,15 @@ def test_a_site_whose_privacy_budget_runs_out_stops_and_the_run_goes_on(sites, t
     from echocare_core.checkpoint import read_meta
     from echocare_core.data.finetune import split_rows
     from echocare_core.privacy.dp import epsilon, noise_multiplier
-    from echocare_core.privacy.settings import DPSettings
+    from echocare_core.privacy.settings import DPSettings, SitePrivacy
 
-    two = {n: dict(sites[n]) for n in list(sites)[:2]}
+    two = {n: with_site(sites[n], state_dir=site_of(sites[n]).state_dir + "_dp") for n in list(sites)[:2]}
     small = list(two)[0]
-    n_train = len(split_rows(two[small]["data-folder"], "train"))
+    n_train = len(split_rows(site_of(two[small]).data, "train"))
     q, dp = min(1.0, 8 / n_train), DPSettings(epsilon=8.0)
     sigma = noise_multiplier(dp, q, 4)  # 4 rounds of one step
-    two[small]["privacy-budget"] = (epsilon([(sigma, q, 1)] * 2, 1e-5) + epsilon([(sigma, q, 1)] * 3, 1e-5)) / 2
-    for node in two.values():
-        node["state-dir"] += "_dp"
+    budget = (epsilon([(sigma, q, 1)] * 2, 1e-5) + epsilon([(sigma, q, 1)] * 3, 1e-5)) / 2
+    two[small] = with_site(two[small], privacy=SitePrivacy(epsilon_budget=budget))
     run_rounds(InProcessGrid(two), _config(tmp_path / "run", {"train": {"mode": "lora", "lora_rank": 2, "batch_size": 8, "privacy": {"epsilon": 8.0}}}, rounds=4, min_sites=1))
     events = _events(tmp_path / "run")
     ends = {e["round"]: [s["site"] for s in e["sites"]] for e in events if e["event"] == "round_end"}
@@ -181,9 +180,9 @@ def full_disk(tmp_path):
 
 
 def test_a_site_whose_disk_is_full_says_so_and_the_run_goes_on(sites, tmp_path, full_disk):
-    two = {n: dict(sites[n]) for n in list(sites)[:2]}
+    two = {n: sites[n] for n in list(sites)[:2]}
     full = list(two)[1]
-    two[full]["state-dir"] = str(full_disk / "site_1")
+    two[full] = with_site(two[full], state_dir=str(full_disk / "site_1"))
     run_rounds(InProcessGrid(two), _config(tmp_path / "run", rounds=1, min_sites=1))
     events = _events(tmp_path / "run")
     (refused,) = [e for e in events if e["event"] == "refused"]

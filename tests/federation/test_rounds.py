@@ -11,7 +11,8 @@ from echocare_core.data.contract import load_spec
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.training import LocalTraining
-from echocare_core.federation.job import Job, SiteLimits, check_job, job_hash, weighted_mean
+from echocare_core.federation.job import Job, check_job, job_hash, weighted_mean
+from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.federation.rounds import aggregate, initial_state, resume, save_round
 from echocare_core.federation.site import JobRefused, site_round
 from echocare_core.models.swin import EncoderConfig

@@ -1,15 +1,19 @@
 """The site worker: the ClientApp's rounds run in `echocare-client`'s long-lived process, with the same result
 as in the ClientApp's own process; refusals and failures come back with a reason and no data."""
 
+import dataclasses
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import TINY_ENCODER
 from safetensors.torch import load_file, save_file
 
+from echocare_client.config import SiteConfig
 from echocare_client.worker import SiteWorker, ask_worker, failure_reason, run_request
 from echocare_core import __version__
 from echocare_core.data.synthetic_dataset import write_dataset
@@ -25,9 +29,8 @@ JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCOD
 def site(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("worker")
     folder = write_dataset(tmp / "seg", "segmentation", sites=1, per_site=8, size=64, seed=4)[0]
-    node = {"site-name": "site_w", "data-folder": str(folder), "state-dir": str(tmp / "state"), "device": "cpu",
-            "max-batch-size": 64, "max-local-epochs": 10, "privacy-required": False, "privacy-budget": 0.0,
-            "privacy-delta": 1e-5}
+    node = SiteConfig(name="site_w", data=str(folder), state_dir=str(tmp / "state"), device="cpu", insecure=True,
+                      num_workers=0)
     arrays = tmp / "global.safetensors"
     save_file(initial_state(JOB, None), str(arrays))
     worker = SiteWorker(node)
@@ -67,11 +70,11 @@ def test_the_site_runs_only_jobs_it_approved_from_coordinators_it_accepts(site):
     request = {"round": 5, "job": JOB.to_json(), "arrays": arrays, "toolkit": "9.9.9"}
     assert run_request(node, request) == {
         "refused": f"the coordinator runs echocare 9.9.9; this site accepts {__version__}"}
-    assert "refused" not in run_request({**node, "server-versions": f"9.9.9,{__version__}"}, request)
-    pinned = {**node, "approved-jobs": "0" * 64}
+    assert "refused" not in run_request(dataclasses.replace(node, server_versions=("9.9.9", __version__)), request)
+    pinned = dataclasses.replace(node, approved_jobs=("0" * 64,))
     refused = run_request(pinned, {**request, "toolkit": __version__})
     assert refused == {"refused": f"job {job_hash(JOB)[:12]} is not among the site's approved_jobs"}
-    assert "refused" not in run_request({**pinned, "approved-jobs": f"{'0' * 64},{job_hash(JOB)}"},
+    assert "refused" not in run_request(dataclasses.replace(pinned, approved_jobs=("0" * 64, job_hash(JOB))),
                                         {**request, "toolkit": __version__})
 
 
@@ -92,5 +95,11 @@ def test_a_round_asked_again_is_answered_again_not_trained_twice(site):
     sent = os.stat(first["shared"]).st_mtime_ns
     assert run_request(node, request) == first and os.stat(first["shared"]).st_mtime_ns == sent
     assert "refused" not in run_request(node, {**request, "global": "g2"})  # another global model: trains
-    events = [json.loads(line) for line in open(f"{node['state-dir']}/audit.jsonl")]
+    events = [json.loads(line) for line in open(f"{node.state_dir}/audit.jsonl")]
     assert [e["event"] for e in events if e.get("round") == 7] == ["trained", "resent", "trained"]
+
+
+def test_the_clientapp_process_reads_the_site_config_without_the_training_stack():
+    code = "import sys, echocare_client.client_app; print(sorted({'torch', 'monai'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # Flower starts a process per round: it imports flwr, numpy and the site's config
