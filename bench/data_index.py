@@ -45,8 +45,13 @@ def measure(rows: int, lookups: int = 200_000) -> dict:
         index.paths[file], index.anatomy[file]
     lookup_us = (time.perf_counter() - t0) / min(lookups, rows) * 1e6
     arrays = (index.paths.data, index.paths.offsets, index.anatomy, index.file, index.pick)
-    return {"rows": rows, "load_s": load_s, "index_mb": sum(a.nbytes for a in arrays) / 2**20,
-            "lookup_us": lookup_us, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "rows": rows,
+        "load_s": load_s,
+        "index_mb": sum(a.nbytes for a in arrays) / 2**20,
+        "lookup_us": lookup_us,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def _cpu() -> str:
@@ -60,19 +65,21 @@ def _cpu() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 4_500_000])
     parser.add_argument("--out", type=Path, default=Path("bench/results/data_index.json"))
     args = parser.parse_args()
     results = [measure(n) for n in args.rows]
     print(f"{'rows':>10} {'load s':>8} {'index MiB':>10} {'lookup us':>10} {'max RSS MiB':>12}")
     for r in results:
-        print(f"{r['rows']:>10} {r['load_s']:>8.2f} {r['index_mb']:>10.1f} {r['lookup_us']:>10.2f} "
-              f"{r['peak_rss_mb']:>12.0f}")
+        print(
+            f"{r['rows']:>10} {r['load_s']:>8.2f} {r['index_mb']:>10.1f} {r['lookup_us']:>10.2f} "
+            f"{r['peak_rss_mb']:>12.0f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": _cpu(),
-                                    "numpy": np.__version__, "results": results}, indent=2))
+    args.out.write_text(json.dumps({"machine": _cpu(), "numpy": np.__version__, "results": results}, indent=2))
     print(f"wrote {args.out}")
 
 

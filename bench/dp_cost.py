@@ -34,16 +34,18 @@ DP_MODES = ("none", "hooks", "ghost")
 
 def step_cost(mode: str, dp_mode: str, steps: int) -> dict:
     """Median step time and added peak RSS of one configuration (run in its own process)."""
+    from monai.losses import DiceCELoss
+
+    from echocare_core.engine.optim import build_optimizer
     from echocare_core.models.swin import EncoderConfig
     from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
-    from echocare_core.engine.optim import build_optimizer
-    from monai.losses import DiceCELoss
     from echocare_core.privacy.dp import DPTraining
     from echocare_core.privacy.settings import DPSettings
 
     torch.manual_seed(0)
-    model = EchoCareTaskModel(EncoderConfig(variant="mini", img_size=128, window_size=8, drop_path=0.0),
-                              "segmentation", 2, feature_size=16)
+    model = EchoCareTaskModel(
+        EncoderConfig(variant="mini", img_size=128, window_size=8, drop_path=0.0), "segmentation", 2, feature_size=16
+    )
     apply_finetune_mode(model, mode, lora_rank=8)
     optimizer = build_optimizer(model, 1e-4, 0.05, (0.9, 0.999))
     for m in model.modules():  # the same attention path in both arms (DP needs the explicit one)
@@ -68,8 +70,13 @@ def step_cost(mode: str, dp_mode: str, steps: int) -> dict:
             times.append(time.perf_counter() - t0)
     added = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"mode": mode, "dp": dp_mode, "step_s": statistics.median(times), "added_peak_mb": added,
-            "trainable": trainable}
+    return {
+        "mode": mode,
+        "dp": dp_mode,
+        "step_s": statistics.median(times),
+        "added_peak_mb": added,
+        "trainable": trainable,
+    }
 
 
 def utility(args: argparse.Namespace, tmp: Path) -> list[dict]:
@@ -91,27 +98,52 @@ def utility(args: argparse.Namespace, tmp: Path) -> list[dict]:
         keep_patients(site, share)
     held_out = write_dataset(tmp / "test", "segmentation", len(SHARES), 40, size=64, seed=1000)
     spec = load_spec(sites[0])
-    job = Job(task="segmentation", labels=tuple(sorted(spec.labels)), feature_size=8, encoder=EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4), train=LocalTraining(mode="full", lr=1e-3, batch_size=16))
+    job = Job(
+        task="segmentation",
+        labels=tuple(sorted(spec.labels)),
+        feature_size=8,
+        encoder=EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4),
+        train=LocalTraining(mode="full", lr=1e-3, batch_size=16),
+    )
     out = []
     for eps in [0.0, *args.epsilons]:
         run = replace(job, train=replace(job.train, privacy=DPSettings(epsilon=eps, max_grad_norm=args.clip)))
         state, t0, spent = initial_state(run, None), time.perf_counter(), []
         for rnd in range(1, args.rounds + 1):
-            results = [site_round(run, state, site, rnd, privacy=SitePrivacy(), ledger_dir=tmp / f"ledger_{eps}_{i}",
-                                  rounds=args.rounds) for i, site in enumerate(sites)]
+            results = [
+                site_round(
+                    run,
+                    state,
+                    site,
+                    rnd,
+                    privacy=SitePrivacy(),
+                    ledger_dir=tmp / f"ledger_{eps}_{i}",
+                    rounds=args.rounds,
+                )
+                for i, site in enumerate(sites)
+            ]
             state, _ = aggregate(state, [(r.shared, r.samples) for r in results])
             spent = [r.metrics.get("epsilon", 0.0) for r in results]
         dice = [held_out_metric(run, state, test) for test in held_out]
-        out.append({"epsilon": eps, "dice": dice, "mean_dice": sum(dice) / len(dice), "spent": spent,
-                    "seconds": time.perf_counter() - t0})
-        print(f"epsilon {eps or 'no DP'}: mean Dice {out[-1]['mean_dice']:.3f} ({out[-1]['seconds']:.0f} s)",
-              flush=True)
+        out.append(
+            {
+                "epsilon": eps,
+                "dice": dice,
+                "mean_dice": sum(dice) / len(dice),
+                "spent": spent,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(
+            f"epsilon {eps or 'no DP'}: mean Dice {out[-1]['mean_dice']:.3f} ({out[-1]['seconds']:.0f} s)", flush=True
+        )
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=8, help="timed steps per configuration (after 2 warm-up steps)")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--per-site", type=int, default=200, help="images at the largest site")
@@ -128,25 +160,41 @@ def main() -> None:
     costs = []
     for mode in MODES:
         for dp_mode in DP_MODES:
-            done = subprocess.run([sys.executable, __file__, "--one", mode, dp_mode, "--steps", str(args.steps)],
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--one", mode, dp_mode, "--steps", str(args.steps)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             costs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"{'mode':<7} {'trainable':>10} " + " ".join(f"{f'{d} step s':>14}" for d in DP_MODES) + "  "
-          + " ".join(f"{f'{d} / none':>13}" for d in DP_MODES[1:]) + "  "
-          + " ".join(f"{f'{d} added MB':>15}" for d in DP_MODES))
+    print(
+        f"{'mode':<7} {'trainable':>10} "
+        + " ".join(f"{f'{d} step s':>14}" for d in DP_MODES)
+        + "  "
+        + " ".join(f"{f'{d} / none':>13}" for d in DP_MODES[1:])
+        + "  "
+        + " ".join(f"{f'{d} added MB':>15}" for d in DP_MODES)
+    )
     for mode in MODES:
         row = {c["dp"]: c for c in costs if c["mode"] == mode}
-        print(f"{mode:<7} {row['none']['trainable']:>10,} " + " ".join(f"{row[d]['step_s']:>14.3f}" for d in DP_MODES)
-              + "  " + " ".join(f"{row[d]['step_s'] / row['none']['step_s']:>13.2f}" for d in DP_MODES[1:]) + "  "
-              + " ".join(f"{row[d]['added_peak_mb']:>15.0f}" for d in DP_MODES))
+        print(
+            f"{mode:<7} {row['none']['trainable']:>10,} "
+            + " ".join(f"{row[d]['step_s']:>14.3f}" for d in DP_MODES)
+            + "  "
+            + " ".join(f"{row[d]['step_s'] / row['none']['step_s']:>13.2f}" for d in DP_MODES[1:])
+            + "  "
+            + " ".join(f"{row[d]['added_peak_mb']:>15.0f}" for d in DP_MODES)
+        )
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "step_cost": costs}
     if not args.skip_utility:
         with tempfile.TemporaryDirectory(prefix="echocare_dp_") as name:
             results["utility"] = utility(args, Path(name))
         print(f"{'epsilon':>8} {'mean Dice':>10}  per site  (epsilon spent per site)")
         for u in results["utility"]:
-            print(f"{u['epsilon'] or 'no DP':>8} {u['mean_dice']:>10.3f}  "
-                  f"{' / '.join(f'{d:.3f}' for d in u['dice'])}  ({' / '.join(f'{e:.2f}' for e in u['spent'])})")
+            print(
+                f"{u['epsilon'] or 'no DP':>8} {u['mean_dice']:>10.3f}  "
+                f"{' / '.join(f'{d:.3f}' for d in u['dice'])}  ({' / '.join(f'{e:.2f}' for e in u['spent'])})"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -32,9 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def monai_encoder(cfg: EncoderConfig) -> torch.nn.Module:
     a = cfg.arch
-    return SwinTransformer(in_chans=cfg.in_chans, embed_dim=a["embed_dim"], window_size=(cfg.window_size,) * 2,
-                           patch_size=(cfg.patch_size,) * 2, depths=a["depths"], num_heads=a["num_heads"],
-                           qkv_bias=True, spatial_dims=2, use_v2=True)
+    return SwinTransformer(
+        in_chans=cfg.in_chans,
+        embed_dim=a["embed_dim"],
+        window_size=(cfg.window_size,) * 2,
+        patch_size=(cfg.patch_size,) * 2,
+        depths=a["depths"],
+        num_heads=a["num_heads"],
+        qkv_bias=True,
+        spatial_dims=2,
+        use_v2=True,
+    )
 
 
 class Ours(torch.nn.Module):
@@ -54,11 +62,13 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None):
             loss = sum(o.float().square().mean() for o in model(x))
         loss.backward()
         model.zero_grad(set_to_none=True)
+
     return step
 
 
-def measure(name: str, model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None, steps: int,
-            warmup: int) -> dict:
+def measure(
+    name: str, model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None, steps: int, warmup: int
+) -> dict:
     step = step_fn(model, x, dtype)
     for _ in range(warmup):
         step()
@@ -72,8 +82,15 @@ def measure(name: str, model: torch.nn.Module, x: torch.Tensor, dtype: torch.dty
         times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
-    return {"model": name, "batch": x.shape[0], "median_s": median, "min_s": times[0], "max_s": times[-1],
-            "s_per_image": median / x.shape[0], "images_per_s": x.shape[0] / median}
+    return {
+        "model": name,
+        "batch": x.shape[0],
+        "median_s": median,
+        "min_s": times[0],
+        "max_s": times[-1],
+        "s_per_image": median / x.shape[0],
+        "images_per_s": x.shape[0] / median,
+    }
 
 
 def flops_per_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> float:
@@ -84,8 +101,9 @@ def flops_per_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype |
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per row (the median is reported)")
     p.add_argument("--warmup", type=int, default=2)
@@ -117,17 +135,33 @@ def main() -> None:
             row["tflops_per_s"] = flops / row["median_s"] / 1e12
             row["mfu"] = row["tflops_per_s"] / args.peak_tflops if args.peak_tflops else None
             rows.append(row)
-            print(f"{label:<44} batch {row['batch']:>3}  {row['s_per_image'] * 1e3:>9.1f} ms/image  "
-                  f"{row['images_per_s']:>8.2f} images/s  {row['tflops_per_s']:>7.3f} TFLOP/s"
-                  + (f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""))
+            print(
+                f"{label:<44} batch {row['batch']:>3}  {row['s_per_image'] * 1e3:>9.1f} ms/image  "
+                f"{row['images_per_s']:>8.2f} images/s  {row['tflops_per_s']:>7.3f} TFLOP/s"
+                + (f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else "")
+            )
         model.cpu()
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'CPU'}, " \
-              f"{torch.get_num_threads()} threads"
-    print(f"({machine}; {'bf16 autocast' if dtype else 'fp32'}; one step = forward + backward of a loss on all five "
-          f"outputs, {flops / args.batch / 1e9:.1f} GFLOP per image by torch's counter)")
+    machine = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"({machine}; {'bf16 autocast' if dtype else 'fp32'}; one step = forward + backward of a loss on all five "
+        f"outputs, {flops / args.batch / 1e9:.1f} GFLOP per image by torch's counter)"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine,
-                                    "gflop_per_image": flops / args.batch / 1e9, "rows": rows}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "machine": machine,
+                "gflop_per_image": flops / args.batch / 1e9,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

@@ -24,8 +24,8 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from echocare_core.cli.keys import make_keys
 from echocare_core.data.synthetic_dataset import write_dataset
@@ -53,6 +53,7 @@ def _cut(seconds: float) -> Callable[[Testbed], None]:
         bed.cut("site_c")
         time.sleep(seconds)
         bed.cut("site_c", down=False)
+
     return fault
 
 
@@ -67,10 +68,17 @@ FAULTS: dict[str, tuple[Callable[[Testbed], None], bool]] = {  # name: (fault, n
 def run(name: str, tmp: Path, data: dict[str, Path], keys: Path, isolated: bool) -> dict:
     fault, _ = FAULTS[name]
     out = tmp / name.replace(" ", "_")
-    fed = {"output": str(out / "run"),
-           "rounds": {"rounds": ROUNDS, "min_sites": 2, "expected_sites": 3, "wait_for_sites": 300, "deadline": 120},
-           "job": {"task": "segmentation", "labels": [0, 1], "feature_size": 8,
-                   "train": {"batch_size": 8, "mode": "lora", "lora_rank": 2}, "encoder": {"variant": "test", "img_size": 64, "window_size": 4}}}
+    fed = {
+        "output": str(out / "run"),
+        "rounds": {"rounds": ROUNDS, "min_sites": 2, "expected_sites": 3, "wait_for_sites": 300, "deadline": 120},
+        "job": {
+            "task": "segmentation",
+            "labels": [0, 1],
+            "feature_size": 8,
+            "train": {"batch_size": 8, "mode": "lora", "lora_rank": 2},
+            "encoder": {"variant": "test", "img_size": 64, "window_size": 4},
+        },
+    }
     t0 = time.perf_counter()
     with Testbed(out, data, fed, keys=keys, isolated=isolated, show_server=False) as bed:
         bed.start_server()
@@ -82,14 +90,21 @@ def run(name: str, tmp: Path, data: dict[str, Path], keys: Path, isolated: bool)
         code = bed.wait_server(timeout=1800)
         events, lost = bed.events(), bed.lost(ROUNDS) if code == 0 else ["the run failed"]
     rounds = {e["round"]: sorted(s["site"] for s in e["sites"]) for e in events if e["event"] == "round_end"}
-    return {"fault": name, "exit_code": code, "rounds": rounds, "run_s": round(time.perf_counter() - t0, 1),
-            "round_s": {e["round"]: e["seconds"] for e in events if e["event"] == "round_end"},
-            "refused": [e["reason"] for e in events if e["event"] == "refused"], "lost": lost}
+    return {
+        "fault": name,
+        "exit_code": code,
+        "rounds": rounds,
+        "run_s": round(time.perf_counter() - t0, 1),
+        "round_s": {e["round"]: e["seconds"] for e in events if e["event"] == "round_end"},
+        "refused": [e["reason"] for e in events if e["event"] == "refused"],
+        "lost": lost,
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--faults", nargs="+", default=list(FAULTS), choices=list(FAULTS))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults.json")
     args = p.parse_args()
@@ -107,12 +122,16 @@ def main() -> None:
             results.append(run(fault, tmp, data, tmp / "keys", isolated))
             print(json.dumps(results[-1]), flush=True)
     short = {s: s[-1] for s in SITES}
-    print(f"\n{'fault':<15} {'sites in rounds 1 / 2 / 3 / 4':<32} {'completed':>9} {'round 2 s':>9} {'run s':>6}  "
-          f"data lost")
+    print(
+        f"\n{'fault':<15} {'sites in rounds 1 / 2 / 3 / 4':<32} {'completed':>9} {'round 2 s':>9} {'run s':>6}  "
+        f"data lost"
+    )
     for r in results:
         who = " / ".join("".join(short[s] for s in r["rounds"].get(i, [])) or "-" for i in range(1, ROUNDS + 1))
-        print(f"{r['fault']:<15} {who:<32} {len(r['rounds']):>5} of {ROUNDS} {r['round_s'].get(2, float('nan')):>9.1f} "
-              f"{r['run_s']:>6.0f}  {'; '.join(r['lost']) or 'none'}")
+        print(
+            f"{r['fault']:<15} {who:<32} {len(r['rounds']):>5} of {ROUNDS} {r['round_s'].get(2, float('nan')):>9.1f} "
+            f"{r['run_s']:>6.0f}  {'; '.join(r['lost']) or 'none'}"
+        )
     print(f"(network: {'one namespace per party' if isolated else '127.0.0.1'}; sites a, b, c)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"isolated": isolated, "results": results}, indent=2))

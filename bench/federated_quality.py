@@ -31,9 +31,8 @@ import torch
 from echocare_core.data.contract import load_spec, read_manifest
 from echocare_core.data.finetune import TaskDataset
 from echocare_core.data.synthetic_dataset import keep_patients, pool_sites, write_dataset
-from echocare_core.engine.training import evaluate
 from echocare_core.engine.metrics import MAIN_METRIC
-from echocare_core.engine.training import LocalTraining
+from echocare_core.engine.training import LocalTraining, evaluate
 from echocare_core.federation.job import Job
 from echocare_core.federation.rounds import aggregate, initial_state
 from echocare_core.federation.site import build_job_model, site_round
@@ -68,31 +67,52 @@ def run(task: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict:
     sites = write_dataset(tmp / f"{task}_{seed}" / "sites", task, len(SHARES), args.per_site, size=64, seed=seed)
     for site, share in zip(sites, SHARES):
         keep_patients(site, share)
-    held_out = write_dataset(tmp / f"{task}_{seed}" / "test", task, len(SHARES), args.test_per_site, size=64,
-                             seed=seed + 1000)
+    held_out = write_dataset(
+        tmp / f"{task}_{seed}" / "test", task, len(SHARES), args.test_per_site, size=64, seed=seed + 1000
+    )
     spec = load_spec(sites[0])
-    job = Job(task=task, classes=spec.classes, labels=tuple(sorted(spec.labels)), encoder=ENCODER,
-              feature_size=8, seed=seed, train=LocalTraining(mode="full", lr=args.lr, batch_size=8))
+    job = Job(
+        task=task,
+        classes=spec.classes,
+        labels=tuple(sorted(spec.labels)),
+        encoder=ENCODER,
+        feature_size=8,
+        seed=seed,
+        train=LocalTraining(mode="full", lr=args.lr, batch_size=8),
+    )
     t0 = time.perf_counter()
     pooled = pool_sites(sites, tmp / f"{task}_{seed}" / "pooled")
-    models = {"fedavg": [federate(job, sites, args.rounds, StrategyConfig())] * len(sites),
-              "fedprox": [federate(replace(job, proximal_mu=args.mu), sites, args.rounds,
-                                   StrategyConfig("fedprox"))] * len(sites),
-              "local-only": [federate(job, [site], args.rounds, StrategyConfig()) for site in sites],
-              "centralised": [federate(job, [pooled], args.rounds, StrategyConfig())] * len(sites)}
+    models = {
+        "fedavg": [federate(job, sites, args.rounds, StrategyConfig())] * len(sites),
+        "fedprox": [federate(replace(job, proximal_mu=args.mu), sites, args.rounds, StrategyConfig("fedprox"))]
+        * len(sites),
+        "local-only": [federate(job, [site], args.rounds, StrategyConfig()) for site in sites],
+        "centralised": [federate(job, [pooled], args.rounds, StrategyConfig())] * len(sites),
+    }
     train = [sum(r.get("split") == "train" for r in read_manifest(site)[1]) for site in sites]
-    scores = {arm: [held_out_metric(job, state, test) for state, test in zip(states, held_out)]
-              for arm, states in models.items()}
-    return {"task": task, "seed": seed, "train_images": train, "test_images": args.test_per_site,
-            "metric": MAIN_METRIC[task], "scores": scores, "seconds": time.perf_counter() - t0}
+    scores = {
+        arm: [held_out_metric(job, state, test) for state, test in zip(states, held_out)]
+        for arm, states in models.items()
+    }
+    return {
+        "task": task,
+        "seed": seed,
+        "train_images": train,
+        "test_images": args.test_per_site,
+        "metric": MAIN_METRIC[task],
+        "scores": scores,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def summary(results: list[dict]) -> None:
     for task in dict.fromkeys(r["task"] for r in results):
         runs = [r for r in results if r["task"] == task]
         metric, train = runs[0]["metric"], runs[0]["train_images"]
-        print(f"\n{task}: test {metric} per site (mean ± sd over {len(runs)} seed(s); "
-              f"{runs[0]['test_images']} held-out images per site)")
+        print(
+            f"\n{task}: test {metric} per site (mean ± sd over {len(runs)} seed(s); "
+            f"{runs[0]['test_images']} held-out images per site)"
+        )
         print(f"{'site (train images)':<22}" + "".join(f"{arm:>16}" for arm in ARMS))
         for i, n in enumerate(train):
             cells = []
@@ -102,15 +122,19 @@ def summary(results: list[dict]) -> None:
             print(f"{f'site_{i:02d} ({n})':<22}" + "".join(f"{c:>16}" for c in cells))
         means = {arm: np.mean([np.mean(r["scores"][arm]) for r in runs]) for arm in ARMS}
         print(f"{'mean over sites':<22}" + "".join(f"{means[arm]:>16.3f}" for arm in ARMS))
-        print(f"fedavg / centralised: {means['fedavg'] / means['centralised']:.3f}; "
-              f"fedprox / centralised: {means['fedprox'] / means['centralised']:.3f}")
+        print(
+            f"fedavg / centralised: {means['fedavg'] / means['centralised']:.3f}; "
+            f"fedprox / centralised: {means['fedprox'] / means['centralised']:.3f}"
+        )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=["segmentation", "classification"],
-                   choices=["segmentation", "classification"])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--tasks", nargs="+", default=["segmentation", "classification"], choices=["segmentation", "classification"]
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=15, help="rounds of one local epoch (= epochs of every arm)")
     p.add_argument("--per-site", type=int, default=120, help="images at the largest site")

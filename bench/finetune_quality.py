@@ -37,9 +37,17 @@ ENCODER = {"variant": "mini", "in_chans": 1, "img_size": 128, "window_size": 8, 
 
 def pretrain(tmp: Path, steps: int) -> Path:
     sources = write_dataset(tmp / "unlabelled", "pretrain", sites=3, per_site=200, size=128, seed=11)
-    cfg = load_config(PretrainConfig, ROOT / "hospital_configs" / "pretrain_demo.yaml",
-                      [f"data.sources=[{','.join(map(str, sources))}]", f"output={tmp / 'pretrain'}",
-                       f"optim.steps={steps}", f"checkpoint.every_steps={steps}", "device=cpu"])
+    cfg = load_config(
+        PretrainConfig,
+        ROOT / "hospital_configs" / "pretrain_demo.yaml",
+        [
+            f"data.sources=[{','.join(map(str, sources))}]",
+            f"output={tmp / 'pretrain'}",
+            f"optim.steps={steps}",
+            f"checkpoint.every_steps={steps}",
+            "device=cpu",
+        ],
+    )
     run_pretraining(cfg)
     return tmp / "pretrain" / "checkpoints" / f"step_{steps:06d}"
 
@@ -48,7 +56,7 @@ def subset(folder: Path, fraction: float, out: Path) -> Path:
     """A copy of the dataset's description whose train split keeps `fraction` of the patients."""
     rows = list(csv.DictReader((folder / "manifest.csv").open()))
     train_patients = sorted({r["patient"] for r in rows if r["split"] == "train"})
-    keep = set(train_patients[:max(1, round(fraction * len(train_patients)))])
+    keep = set(train_patients[: max(1, round(fraction * len(train_patients)))])
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataset.yaml").write_text((folder / "dataset.yaml").read_text())
     with (out / "manifest.csv").open("w", newline="") as f:
@@ -56,21 +64,40 @@ def subset(folder: Path, fraction: float, out: Path) -> Path:
         writer.writeheader()
         for r in rows:
             if r["split"] != "train" or r["patient"] in keep:
-                writer.writerow({**r, "image": str(folder / r["image"]),
-                                 **({"mask": str(folder / r["mask"])} if "mask" in r else {})})
+                writer.writerow(
+                    {
+                        **r,
+                        "image": str(folder / r["image"]),
+                        **({"mask": str(folder / r["mask"])} if "mask" in r else {}),
+                    }
+                )
     return out
 
 
-def finetune(folder: Path, out: Path, init: Path | None, mode: str, epochs: int, seed: int = 0, lr: float = 1e-3,
-             **model) -> dict:
-    base = {"output": str(out), "device": "cpu", "seed": seed, "data": {"folder": str(folder), "num_workers": 1},
-            "model": {"init": str(init) if init else None, "encoder": ENCODER, **model}, "epochs": epochs,
-            "train": {"mode": mode, "lr": lr, "batch_size": 16, "warmup_epochs": 1}}
+def finetune(
+    folder: Path, out: Path, init: Path | None, mode: str, epochs: int, seed: int = 0, lr: float = 1e-3, **model
+) -> dict:
+    base = {
+        "output": str(out),
+        "device": "cpu",
+        "seed": seed,
+        "data": {"folder": str(folder), "num_workers": 1},
+        "model": {"init": str(init) if init else None, "encoder": ENCODER, **model},
+        "epochs": epochs,
+        "train": {"mode": mode, "lr": lr, "batch_size": 16, "warmup_epochs": 1},
+    }
     result = run_finetune(load_config(FinetuneConfig, None, [], base=base))
     task = yaml.safe_load((folder / "dataset.yaml").read_text())["task"]
-    return {"task": task, "mode": mode, "init": "pretrained" if init else "random", "seed": seed,
-            "test": result.test.get(MAIN_METRIC[task], float("nan")), "trainable": result.trainable,
-            "metrics": result.test, "seconds": sum(r["seconds"] for r in result.history)}
+    return {
+        "task": task,
+        "mode": mode,
+        "init": "pretrained" if init else "random",
+        "seed": seed,
+        "test": result.test.get(MAIN_METRIC[task], float("nan")),
+        "trainable": result.trainable,
+        "metrics": result.test,
+        "seconds": sum(r["seconds"] for r in result.history),
+    }
 
 
 def plot(curve: list[dict], path: Path) -> None:
@@ -83,8 +110,14 @@ def plot(curve: list[dict], path: Path) -> None:
     fractions = sorted({r["fraction"] for r in curve})
     for init in ("random", "pretrained"):
         stats = [_mean_sd([r["test"] for r in curve if r["init"] == init and r["fraction"] == f]) for f in fractions]
-        ax.errorbar([100 * f for f in fractions], [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
-                    capsize=3, label=f"{init} init")
+        ax.errorbar(
+            [100 * f for f in fractions],
+            [m for m, _ in stats],
+            yerr=[s for _, s in stats],
+            marker="o",
+            capsize=3,
+            label=f"{init} init",
+        )
     ax.set_xlabel("training patients used (%)")
     ax.set_ylabel("test Dice")
     ax.grid(alpha=0.3)
@@ -103,8 +136,9 @@ def _cell(values: list[float]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--modes", nargs="+", default=["full", "frozen", "lora"])
@@ -118,29 +152,54 @@ def main() -> None:
         ckpt = pretrain(tmp, args.pretrain_steps)
         modes, curve = [], []
         for seed in args.seeds:
-            data = {t: write_dataset(tmp / f"{t}_{seed}", t, sites=1, per_site=240, size=128, seed=21 + seed)[0]
-                    for t in ("segmentation", "classification")}
-            modes += [finetune(data[t], tmp / f"{t}_{m}_{i}_{seed}", ckpt if i == "pretrained" else None, m,
-                               args.epochs, seed) for t in data for m in args.modes for i in ("random", "pretrained")]
-            curve += [{**finetune(subset(data["segmentation"], f, tmp / f"sub{f}_{seed}"), tmp / f"curve_{f}_{i}_{seed}",
-                                  ckpt if i == "pretrained" else None, "lora",
-                                  max(args.epochs, round(args.epochs / f)) if args.equal_steps else args.epochs, seed),
-                         "fraction": f}
-                      for f in args.fractions for i in ("random", "pretrained")]
+            data = {
+                t: write_dataset(tmp / f"{t}_{seed}", t, sites=1, per_site=240, size=128, seed=21 + seed)[0]
+                for t in ("segmentation", "classification")
+            }
+            modes += [
+                finetune(
+                    data[t], tmp / f"{t}_{m}_{i}_{seed}", ckpt if i == "pretrained" else None, m, args.epochs, seed
+                )
+                for t in data
+                for m in args.modes
+                for i in ("random", "pretrained")
+            ]
+            curve += [
+                {
+                    **finetune(
+                        subset(data["segmentation"], f, tmp / f"sub{f}_{seed}"),
+                        tmp / f"curve_{f}_{i}_{seed}",
+                        ckpt if i == "pretrained" else None,
+                        "lora",
+                        max(args.epochs, round(args.epochs / f)) if args.equal_steps else args.epochs,
+                        seed,
+                    ),
+                    "fraction": f,
+                }
+                for f in args.fractions
+                for i in ("random", "pretrained")
+            ]
     print(f"test metric, mean ± sd over seeds {args.seeds}")
     print(f"{'task':<15} {'mode':<7} {'init':<11} {'trainable':>10} {'test':>15}")
     for key in dict.fromkeys((r["task"], r["mode"], r["init"]) for r in modes):
         rs = [r for r in modes if (r["task"], r["mode"], r["init"]) == key]
         print(f"{key[0]:<15} {key[1]:<7} {key[2]:<11} {rs[0]['trainable']:>10,} {_cell([r['test'] for r in rs]):>15}")
-    print("\nsegmentation, lora: test Dice by share of training patients"
-          + (" (same number of steps)" if args.equal_steps else ""))
+    print(
+        "\nsegmentation, lora: test Dice by share of training patients"
+        + (" (same number of steps)" if args.equal_steps else "")
+    )
     print(f"{'fraction':>8} {'random':>15} {'pretrained':>15}")
     for f in args.fractions:
-        cells = [_cell([r["test"] for r in curve if r["init"] == i and r["fraction"] == f]) for i in ("random", "pretrained")]
+        cells = [
+            _cell([r["test"] for r in curve if r["init"] == i and r["fraction"] == f]) for i in ("random", "pretrained")
+        ]
         print(f"{f:>8.2f} {cells[0]:>15} {cells[1]:>15}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "modes": modes,
-                                    "label_efficiency": curve}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "modes": modes, "label_efficiency": curve}, indent=2
+        )
+    )
     plot(curve, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

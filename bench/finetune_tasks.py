@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-
 from finetune_quality import ROOT, finetune, pretrain
 
 from echocare_core.data.io import read_image
@@ -64,9 +63,16 @@ def trivial_baseline(folder: Path, task: str) -> float:
         mean = np.mean([float(r["target"]) for r in train])
         return float(np.mean([abs(float(r["target"]) - mean) for r in test]))
     if task == "enhancement":  # the input as its own enhancement, at the model's size
+
         def load(name: str) -> torch.Tensor:
-            return F.interpolate(torch.from_numpy(read_image(folder / name)).float()[None] / 255, size=(SIZE, SIZE),
-                                 mode="bilinear", antialias=True, align_corners=False)
+            return F.interpolate(
+                torch.from_numpy(read_image(folder / name)).float()[None] / 255,
+                size=(SIZE, SIZE),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+
         pairs = [(load(r["image"]), load(r["target_image"])) for r in test]
         return enhancement_metrics(torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs]))["ssim"]
     mean = np.mean([json.loads(r["landmarks"]) for r in train], axis=0)  # [K, 2]
@@ -74,14 +80,19 @@ def trivial_baseline(folder: Path, task: str) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--tasks", nargs="+", default=list(PER_SITE), choices=list(PER_SITE))
     p.add_argument("--frames", type=int, default=8, help="frames per clip the regression model sees")
-    p.add_argument("--findings-weight", type=float, default=1.0,
-                   help="report: weight of the findings classifier's loss (0: without the classifier)")
+    p.add_argument(
+        "--findings-weight",
+        type=float,
+        default=1.0,
+        help="report: weight of the findings classifier's loss (0: without the classifier)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "finetune_tasks.json")
     args = p.parse_args()
     results = []
@@ -92,23 +103,29 @@ def main() -> None:
             folder = write_dataset(tmp / task, task, sites=1, per_site=PER_SITE[task], size=SIZE, seed=21)[0]
             baseline = trivial_baseline(folder, task)
             for init, mode in ((None, "full"), (ckpt, "lora")):
-                extra = ({"report": {**REPORT, "findings_weight": args.findings_weight}, "beam": 1}
-                         if task == "report" else {"frames": args.frames})
+                extra = (
+                    {"report": {**REPORT, "findings_weight": args.findings_weight}, "beam": 1}
+                    if task == "report"
+                    else {"frames": args.frames}
+                )
                 r = finetune(folder, tmp / f"{task}_{mode}", init, mode, args.epochs, lr=LR[task], **extra)
                 results.append({**r, "baseline": baseline, "metric": MAIN_METRIC[task]})
                 if task == "report":
                     results[-1]["baseline_finding_f1"] = common_report_f1(folder)
     print(f"{'task':<11} {'mode':<5} {'init':<11} {'metric':<6} {'test':>7} {'baseline':>9} {'train s':>8}")
     for r in results:
-        print(f"{r['task']:<11} {r['mode']:<5} {r['init']:<11} {r['metric']:<6} {r['test']:>7.3f} "
-              f"{r['baseline']:>9.3f} {r['seconds']:>8.0f}")
+        print(
+            f"{r['task']:<11} {r['mode']:<5} {r['init']:<11} {r['metric']:<6} {r['test']:>7.3f} "
+            f"{r['baseline']:>9.3f} {r['seconds']:>8.0f}"
+        )
     for r in results:
         if r["task"] == "report":
-            print(f"report {r['mode']}/{r['init']}: finding F1 {r['metrics']['finding_f1']:.3f}, accuracy "
-                  f"{r['metrics']['finding_accuracy']:.3f} (commonest report: F1 {r['baseline_finding_f1']:.3f})")
+            print(
+                f"report {r['mode']}/{r['init']}: finding F1 {r['metrics']['finding_f1']:.3f}, accuracy "
+                f"{r['metrics']['finding_accuracy']:.3f} (commonest report: F1 {r['baseline_finding_f1']:.3f})"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
-                                   indent=2))
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
     print(f"wrote {args.out}")
 
 

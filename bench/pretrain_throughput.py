@@ -29,8 +29,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -42,8 +43,14 @@ from echocare_core.models.swin import EncoderConfig, RelPosBias
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "hospital_configs" / "pretrain_demo.yaml"
 # Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's datasheets; first match wins.
-PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0)]
+PEAK_BF16_TFLOPS = [
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+]
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -56,13 +63,23 @@ def machine_info(device: torch.device) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "loadavg_at_start": os.getloadavg()}
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "loadavg_at_start": os.getloadavg(),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
-                    cuda=torch.version.cuda, sm_count=props.multi_processor_count)
+        info.update(
+            gpu=torch.cuda.get_device_name(device),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            sm_count=props.multi_processor_count,
+        )
     return info
 
 
@@ -93,8 +110,9 @@ def parse_entry(entry: str, default_batch: int) -> tuple[str, int, int]:
     return name, patch, batch
 
 
-def build(variant: str, size: int, patch: int, device: torch.device, fused: bool = True,
-          freeze_bias: bool = False) -> tuple[EchoCarePretrainModel, torch.optim.Optimizer]:
+def build(
+    variant: str, size: int, patch: int, device: torch.device, fused: bool = True, freeze_bias: bool = False
+) -> tuple[EchoCarePretrainModel, torch.optim.Optimizer]:
     """Model and AdamW; `freeze_bias` (a diagnostic) stops gradients into the rel-pos tables."""
     cfg = EncoderConfig(variant=variant, img_size=size, patch_size=patch, drop_path=0.1, fused_attn=fused)
     model = EchoCarePretrainModel(cfg, load_ontology()).to(device).train()
@@ -114,8 +132,13 @@ def make_batch(model: EchoCarePretrainModel, batch: int, device: torch.device) -
     return images, token_mask, anatomy
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
-               bf16: bool, params: list[torch.Tensor]) -> None:
+def train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, ...],
+    bf16: bool,
+    params: list[torch.Tensor],
+) -> None:
     """One optimizer step as the engine takes it (autocast forward, backward, clip, step)."""
     with torch.autocast(batch[0].device.type, dtype=torch.bfloat16, enabled=bf16):
         loss, _, _ = model(*batch, 1.0)
@@ -130,8 +153,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
-               steps: int, warmup: int, bf16: bool) -> dict[str, float]:
+def time_steps(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, ...],
+    steps: int,
+    warmup: int,
+    bf16: bool,
+) -> dict[str, float]:
     """Warm up, then time `steps` optimizer steps; synchronised around the timed region."""
     device, params = batch[0].device, [p for p in model.parameters() if p.requires_grad]
     t0 = time.perf_counter()
@@ -149,13 +178,29 @@ def time_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[
     return row
 
 
-def measure(variant: str, size: int, patch: int, batch: int, args: argparse.Namespace, device: torch.device,
-            fused: bool = True, compile_model: bool = False, freeze_bias: bool = False, profile: bool = False
-            ) -> dict[str, Any]:
+def measure(
+    variant: str,
+    size: int,
+    patch: int,
+    batch: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    fused: bool = True,
+    compile_model: bool = False,
+    freeze_bias: bool = False,
+    profile: bool = False,
+) -> dict[str, Any]:
     """Build, time and free one configuration; an out-of-memory error becomes a row, not a crash."""
-    row: dict[str, Any] = {"variant": variant, "size": size, "patch": patch, "batch": batch, "fused_attn": fused,
-                           "compiled": compile_model, "bias_frozen": freeze_bias,
-                           "precision": "bf16" if device.type == "cuda" else "fp32"}
+    row: dict[str, Any] = {
+        "variant": variant,
+        "size": size,
+        "patch": patch,
+        "batch": batch,
+        "fused_attn": fused,
+        "compiled": compile_model,
+        "bias_frozen": freeze_bias,
+        "precision": "bf16" if device.type == "cuda" else "fp32",
+    }
     gc.collect()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
@@ -177,15 +222,16 @@ def measure(variant: str, size: int, patch: int, batch: int, args: argparse.Name
         model = opt = run = data = None  # noqa: F841 - free before the next configuration
         gc.collect()
     if device.type == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.empty_cache()
     else:  # ru_maxrss is KiB on Linux and only grows: 0 means it fit in memory already touched
-        row["peak_rss_growth_gib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2 ** 20
+        row["peak_rss_growth_gib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20
     return row
 
 
-def count_flops(variant: str, size: int, patch: int, batch: int, device: torch.device, fused: bool
-                ) -> tuple[float, dict[str, float]]:
+def count_flops(
+    variant: str, size: int, patch: int, batch: int, device: torch.device, fused: bool
+) -> tuple[float, dict[str, float]]:
     """FLOPs of one forward+backward (what `FlopCounterMode` counts) and the per-op breakdown."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -199,11 +245,17 @@ def count_flops(variant: str, size: int, patch: int, batch: int, device: torch.d
     return float(counter.get_total_flops()), per_op
 
 
-KERNEL_CLASSES = {"matmul": ("gemm", "nvjet", "xmma", "cutlass_80", "sm90_", "cublas"),
-                  "attention": ("fmha", "attention", "flash"), "layernorm": ("layer_norm",),
-                  "optimizer": ("multi_tensor", "adam", "foreach"), "compiled (triton)": ("triton_",),
-                  "roll": ("roll",), "copy/cast": ("copy",), "reduce": ("reduce",),
-                  "other elementwise": ("elementwise",)}
+KERNEL_CLASSES = {
+    "matmul": ("gemm", "nvjet", "xmma", "cutlass_80", "sm90_", "cublas"),
+    "attention": ("fmha", "attention", "flash"),
+    "layernorm": ("layer_norm",),
+    "optimizer": ("multi_tensor", "adam", "foreach"),
+    "compiled (triton)": ("triton_",),
+    "roll": ("roll",),
+    "copy/cast": ("copy",),
+    "reduce": ("reduce",),
+    "other elementwise": ("elementwise",),
+}
 
 
 def _attribute(evt: Any) -> str:
@@ -226,16 +278,21 @@ def _attribute(evt: Any) -> str:
 
 def _is_op(e: Any) -> bool:
     """A host-side op (not a Python frame or a user annotation such as `Optimizer.step#AdamW.step`)."""
-    return (e.device_type == torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)
-            and "#" not in e.key and ".py(" not in e.key)
+    return (
+        e.device_type == torch.autograd.DeviceType.CPU
+        and not getattr(e, "is_user_annotation", False)
+        and "#" not in e.key
+        and ".py(" not in e.key
+    )
 
 
 def _self_us(e: Any) -> float:
     return float(e.self_device_time_total if hasattr(e, "self_device_time_total") else e.self_cuda_time_total)
 
 
-def profile_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
-                  steps: int = 3, top: int = 10) -> dict[str, Any]:
+def profile_steps(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...], steps: int = 3, top: int = 10
+) -> dict[str, Any]:
     """GPU time of `steps` steps: by kernel class, kernel, aten op, and model function or autograd node."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -249,8 +306,11 @@ def profile_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tup
     host = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and "#" in e.name}
     kernels: dict[str, float] = {}
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False) \
-                and e.name not in host:
+        if (
+            e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)
+            and e.name not in host
+        ):
             kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us()
     total = sum(kernels.values()) or 1.0
     classes: dict[str, float] = {}
@@ -267,13 +327,18 @@ def profile_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tup
     def ranked(d: dict[str, float], n: int) -> dict[str, float]:
         return dict(sorted(d.items(), key=lambda kv: -kv[1])[:n])
 
-    return {"gpu_ms_per_step": total / steps / 1e3, "class_share": ranked(classes, 99),
-            "top_kernels": {k[:100]: v / total for k, v in ranked(kernels, top).items()},
-            "top_ops": ranked(ops, top), "top_sources": ranked(sources, top)}
+    return {
+        "gpu_ms_per_step": total / steps / 1e3,
+        "class_share": ranked(classes, 99),
+        "top_kernels": {k[:100]: v / total for k, v in ranked(kernels, top).items()},
+        "top_ops": ranked(ops, top),
+        "top_sources": ranked(sources, top),
+    }
 
 
-def mfu_sweep(args: argparse.Namespace, device: torch.device, peak: float | None, out: dict[str, Any],
-              save: Callable[[], None]) -> None:
+def mfu_sweep(
+    args: argparse.Namespace, device: torch.device, peak: float | None, out: dict[str, Any], save: Callable[[], None]
+) -> None:
     """Step time over batch sizes for one configuration and MFU against the card's bf16 peak, into `out`.
 
     At the fastest batch it also times explicit attention, fused attention with the rel-pos tables
@@ -286,11 +351,18 @@ def mfu_sweep(args: argparse.Namespace, device: torch.device, peak: float | None
     # model FLOPs: the explicit count (the fused count adds the recomputation inside the SDPA backward);
     # every counted op is linear in the batch, so one count serves all batch sizes
     per_image = flops_explicit / b0
-    out.update(variant=v, size=size, patch=patch, flops_counted_at_batch=b0,
-               gflops_per_image_fused_count=flops_fused / b0 / 1e9,
-               gflops_per_image_explicit_count=flops_explicit / b0 / 1e9,
-               sdpa_ops_counted=sorted(k for k in ops_fused if "attention" in k),
-               flops_by_op_fused=ops_fused, flops_by_op_explicit=ops_explicit, rows=[])
+    out.update(
+        variant=v,
+        size=size,
+        patch=patch,
+        flops_counted_at_batch=b0,
+        gflops_per_image_fused_count=flops_fused / b0 / 1e9,
+        gflops_per_image_explicit_count=flops_explicit / b0 / 1e9,
+        sdpa_ops_counted=sorted(k for k in ops_fused if "attention" in k),
+        flops_by_op_fused=ops_fused,
+        flops_by_op_explicit=ops_explicit,
+        rows=[],
+    )
 
     def add(b: int, **kw: bool) -> None:
         row = measure(v, size, patch, b, args, device, **kw)
@@ -323,20 +395,31 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="echocare_bench_") as tmp:
         sites = write_dataset(Path(tmp) / "data", "pretrain", 2, args.loop_per_site, size=args.loop_size, seed=0)
-        overrides = [f"data.sources=[{', '.join(str(s) for s in sites)}]", f"output={Path(tmp) / 'run'}",
-                     "device=cpu", *args.loop_set]
+        overrides = [
+            f"data.sources=[{', '.join(str(s) for s in sites)}]",
+            f"output={Path(tmp) / 'run'}",
+            "device=cpu",
+            *args.loop_set,
+        ]
         cfg = load_config(PretrainConfig, DEMO_CONFIG, overrides)
         t0 = time.perf_counter()
         result = run_pretraining(cfg)
         wall = time.perf_counter() - t0
         lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines() if x]
-    windows = [{"step": m["step"], "images_per_s": m["images_per_s"], "outside_share": m["outside_share"]}
-               for m in lines]
+    windows = [
+        {"step": m["step"], "images_per_s": m["images_per_s"], "outside_share": m["outside_share"]} for m in lines
+    ]
     kept = windows[1:] if len(windows) > 1 else windows  # the first window holds start-up
-    return {"config": str(DEMO_CONFIG.relative_to(ROOT)), "overrides": overrides[2:], "status": result.status,
-            "steps": result.step, "wall_s": wall, "windows": windows,
-            "median_outside_share": statistics.median(w["outside_share"] for w in kept),
-            "median_images_per_s": statistics.median(w["images_per_s"] for w in kept)}
+    return {
+        "config": str(DEMO_CONFIG.relative_to(ROOT)),
+        "overrides": overrides[2:],
+        "status": result.status,
+        "steps": result.step,
+        "wall_s": wall,
+        "windows": windows,
+        "median_outside_share": statistics.median(w["outside_share"] for w in kept),
+        "median_images_per_s": statistics.median(w["images_per_s"] for w in kept),
+    }
 
 
 def fmt(v: Any, spec: str = ".1f") -> str:
@@ -364,11 +447,20 @@ def step_rows(rows: list[dict[str, Any]], cuda: bool, mfu: bool = False) -> list
     out = []
     for r in rows:
         mem = r.get("peak_mem_gib") if cuda else r.get("peak_rss_growth_gib")
-        cells = [r["variant"], str(r["size"]), str(r["patch"]), str(r["batch"]), r["precision"],
-                 ("fused" if r["fused_attn"] else "explicit") + (", bias frozen" if r.get("bias_frozen") else ""),
-                 "yes" if r["compiled"] else "no",
-                 fmt(r.get("params_m")), fmt(r.get("images_per_s")), fmt(r.get("ms_per_step")), fmt(mem, ".2f"),
-                 r["status"]]
+        cells = [
+            r["variant"],
+            str(r["size"]),
+            str(r["patch"]),
+            str(r["batch"]),
+            r["precision"],
+            ("fused" if r["fused_attn"] else "explicit") + (", bias frozen" if r.get("bias_frozen") else ""),
+            "yes" if r["compiled"] else "no",
+            fmt(r.get("params_m")),
+            fmt(r.get("images_per_s")),
+            fmt(r.get("ms_per_step")),
+            fmt(mem, ".2f"),
+            r["status"],
+        ]
         if not cuda:
             cells[-1:-1] = [fmt(r.get("cpu_share"), ".2f")]
         if mfu:
@@ -380,71 +472,116 @@ def step_rows(rows: list[dict[str, Any]], cuda: bool, mfu: bool = False) -> list
 def print_profile(row: dict[str, Any]) -> None:
     p = row["profile"]
     what = f"{row['variant']} batch {row['batch']} {'compiled' if row['compiled'] else 'eager'}"
-    print(f"\nProfile of 3 steps, {what}: GPU kernel time {p['gpu_ms_per_step']:.1f} ms/step "
-          f"(step time {row['ms_per_step']:.1f} ms)")
-    for key, title, col in (("class_share", "kernel class", "class"), ("top_kernels", "top kernels", "kernel"),
-                            ("top_ops", "top aten ops (self GPU time)", "kernel"),
-                            ("top_sources", "GPU time by model function / autograd node", "kernel")):
+    print(
+        f"\nProfile of 3 steps, {what}: GPU kernel time {p['gpu_ms_per_step']:.1f} ms/step "
+        f"(step time {row['ms_per_step']:.1f} ms)"
+    )
+    for key, title, col in (
+        ("class_share", "kernel class", "class"),
+        ("top_kernels", "top kernels", "kernel"),
+        ("top_ops", "top aten ops (self GPU time)", "kernel"),
+        ("top_sources", "GPU time by model function / autograd node", "kernel"),
+    ):
         print_table(f"{what}: {title}", [col, "share %"], [[k, f"{v * 100:.1f}"] for k, v in p[key].items()])
 
 
 def report(results: dict[str, Any], cuda: bool) -> None:
     m = results["machine"]
-    print(f"machine: {m.get('gpu', m['cpu'])}; cpu {m['cpu']} x{m['cpu_count']}; torch {m['torch']}; "
-          f"threads {m['torch_threads']}; load average (1/5/15 min) at start {m['loadavg_at_start']}, "
-          f"at end {m['loadavg_at_end']}")
-    head = ["variant", "size", "patch", "batch", "prec", "attn", "compiled", "params M", "img/s", "ms/step",
-            "peak GiB" if cuda else "RSS growth GiB", "status"]
+    print(
+        f"machine: {m.get('gpu', m['cpu'])}; cpu {m['cpu']} x{m['cpu_count']}; torch {m['torch']}; "
+        f"threads {m['torch_threads']}; load average (1/5/15 min) at start {m['loadavg_at_start']}, "
+        f"at end {m['loadavg_at_end']}"
+    )
+    head = [
+        "variant",
+        "size",
+        "patch",
+        "batch",
+        "prec",
+        "attn",
+        "compiled",
+        "params M",
+        "img/s",
+        "ms/step",
+        "peak GiB" if cuda else "RSS growth GiB",
+        "status",
+    ]
     if not cuda:
         head[-1:-1] = ["CPU share"]
     if results.get("steps"):
         print_table("Optimizer-step throughput", head, step_rows(results["steps"], cuda))
     if results.get("mfu"):
         f = results["mfu"]
-        print(f"MFU: {f['variant']} {f['size']}x{f['size']} patch {f['patch']}: "
-              f"{f['gflops_per_image_explicit_count']:.2f} GFLOP/image fwd+bwd counted with explicit attention, "
-              f"{f['gflops_per_image_fused_count']:.2f} with fused SDPA (SDPA ops counted: "
-              f"{', '.join(f['sdpa_ops_counted']) or 'none'}); peak used: {f['peak_source']}")
-        print_table("Model FLOP utilisation", head[:-1] + ["TFLOP/s", "MFU %", "status"],
-                    step_rows(f["rows"], cuda, mfu=True))
+        print(
+            f"MFU: {f['variant']} {f['size']}x{f['size']} patch {f['patch']}: "
+            f"{f['gflops_per_image_explicit_count']:.2f} GFLOP/image fwd+bwd counted with explicit attention, "
+            f"{f['gflops_per_image_fused_count']:.2f} with fused SDPA (SDPA ops counted: "
+            f"{', '.join(f['sdpa_ops_counted']) or 'none'}); peak used: {f['peak_source']}"
+        )
+        print_table(
+            "Model FLOP utilisation", head[:-1] + ["TFLOP/s", "MFU %", "status"], step_rows(f["rows"], cuda, mfu=True)
+        )
         for r in f["rows"]:
             if "profile" in r:
                 print_profile(r)
     if results.get("loop"):
         lp = results["loop"]
-        print(f"Real loop: {lp['config']} with {', '.join(lp['overrides'])}: {lp['steps']} steps in "
-              f"{lp['wall_s']:.0f} s")
-        print_table("run_pretraining metrics.jsonl", ["step", "img/s", "outside share %"],
-                    [[str(w["step"]), f"{w['images_per_s']:.1f}", f"{w['outside_share'] * 100:.1f}"]
-                     for w in lp["windows"]])
-        print(f"median over windows after the first: outside_share {lp['median_outside_share'] * 100:.1f}%, "
-              f"{lp['median_images_per_s']:.1f} img/s")
+        print(
+            f"Real loop: {lp['config']} with {', '.join(lp['overrides'])}: {lp['steps']} steps in {lp['wall_s']:.0f} s"
+        )
+        print_table(
+            "run_pretraining metrics.jsonl",
+            ["step", "img/s", "outside share %"],
+            [[str(w["step"]), f"{w['images_per_s']:.1f}", f"{w['outside_share'] * 100:.1f}"] for w in lp["windows"]],
+        )
+        print(
+            f"median over windows after the first: outside_share {lp['median_outside_share'] * 100:.1f}%, "
+            f"{lp['median_images_per_s']:.1f} img/s"
+        )
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variants", nargs="+", help="entries variant[:pN][:bN]; default CPU: test mini tiny, "
-                   "CUDA: tiny small base large base:p2:b32")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        help="entries variant[:pN][:bN]; default CPU: test mini tiny, CUDA: tiny small base large base:p2:b32",
+    )
     p.add_argument("--sizes", nargs="+", type=int, help="input sizes; default CPU: 128 256, CUDA: 256")
-    p.add_argument("--batch", type=int, help="images per step; default CPU: 8, CUDA: 128 (at 64 "
-                   "eager Swin steps are bound by the host's kernel launches)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="images per step; default CPU: 8, CUDA: 128 (at 64 "
+        "eager Swin steps are bound by the host's kernel launches)",
+    )
     p.add_argument("--steps", type=int, help="timed optimizer steps; default CPU: 5, CUDA: 10")
     p.add_argument("--warmup", type=int, help="untimed steps first; default CPU: 2, CUDA: 3")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if available")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pretrain_throughput.json",
-                   help="JSON file for the results and the machine description")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results" / "pretrain_throughput.json",
+        help="JSON file for the results and the machine description",
+    )
     p.add_argument("--skip-steps", action="store_true", help="skip the per-variant step table")
     p.add_argument("--skip-loop", action="store_true", help="skip the real-loop measurement")
-    p.add_argument("--loop-set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra overrides for the demo loop, e.g. data.num_workers=0")
+    p.add_argument(
+        "--loop-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra overrides for the demo loop, e.g. data.num_workers=0",
+    )
     p.add_argument("--loop-size", type=int, default=128, help="synthetic image size for the real loop")
     p.add_argument("--loop-per-site", type=int, default=160, help="synthetic images per site (2 sites) for the loop")
     p.add_argument("--mfu-variant", default="echocare", help="variant for the MFU sweep")
     p.add_argument("--mfu-size", type=int, default=256, help="input size for the MFU sweep")
     p.add_argument("--mfu-patch", type=int, default=2, help="patch size for the MFU sweep")
-    p.add_argument("--mfu-batches", nargs="*", type=int, help="batch sizes for MFU; default CUDA: 64 128 256, "
-                   "CPU: none (skipped)")
+    p.add_argument(
+        "--mfu-batches", nargs="*", type=int, help="batch sizes for MFU; default CUDA: 64 128 256, CPU: none (skipped)"
+    )
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the card, overrides detection")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model) at the best MFU batch")
     p.add_argument("--profile", action="store_true", help="profile GPU kernel time at the best MFU batch")
@@ -452,9 +589,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, f"{p.prog}: error: --device cuda but torch {torch.__version__} sees no CUDA GPU\n")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    defaults = {"variants": ["small", "echocare", "echocare:b32"] if cuda else ["test", "mini", "small"],
-                "sizes": [256] if cuda else [128, 256], "batch": 128 if cuda else 8, "steps": 10 if cuda else 5,
-                "warmup": 3 if cuda else 2, "mfu_batches": [64, 128, 256] if cuda else []}
+    defaults = {
+        "variants": ["small", "echocare", "echocare:b32"] if cuda else ["test", "mini", "small"],
+        "sizes": [256] if cuda else [128, 256],
+        "batch": 128 if cuda else 8,
+        "steps": 10 if cuda else 5,
+        "warmup": 3 if cuda else 2,
+        "mfu_batches": [64, 128, 256] if cuda else [],
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -469,8 +611,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
 def main(argv: list[str] | None = None) -> int:
     args, device = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    results: dict[str, Any] = {"machine": machine_info(device), "args": {k: str(v) if isinstance(v, Path) else v
-                                                                         for k, v in vars(args).items()}}
+    results: dict[str, Any] = {
+        "machine": machine_info(device),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after every section, so a crash or timeout keeps what was measured

@@ -28,8 +28,9 @@ def _mb(paths: list[Path]) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--variant", default="echocare")
     p.add_argument("--mode", default="full", choices=["full", "lora", "frozen"])
     p.add_argument("--rounds", type=int, default=4)
@@ -40,10 +41,18 @@ def main() -> None:
         tmp = Path(name)
         sites = write_dataset(tmp / "data", "segmentation", sites=2, per_site=8, size=64, seed=1)
         run = tmp / "run"
-        fed = {"output": str(run), "rounds": {"rounds": args.rounds, "min_sites": 2, "deadline": 3600},
-               "job": {"task": "segmentation", "labels": [0, 1], "feature_size": 8, "local_steps": 1,
-                       "train": {"batch_size": 8, "mode": args.mode},
-                       "encoder": {"variant": args.variant, "img_size": 64, "window_size": 4}}}
+        fed = {
+            "output": str(run),
+            "rounds": {"rounds": args.rounds, "min_sites": 2, "deadline": 3600},
+            "job": {
+                "task": "segmentation",
+                "labels": [0, 1],
+                "feature_size": 8,
+                "local_steps": 1,
+                "train": {"batch_size": 8, "mode": args.mode},
+                "encoder": {"variant": args.variant, "img_size": 64, "window_size": 4},
+            },
+        }
         with Testbed(tmp, {s.name: s for s in sites}, fed, show_server=False) as bed:
             bed.start_server()
             for site in sites:
@@ -52,15 +61,23 @@ def main() -> None:
                 end = bed.wait_for("round_end", timeout=3600, round=rnd)
                 time.sleep(2)  # let the SuperLink settle what the round left
                 db = [run / f"superlink.db{suffix}" for suffix in ("", "-wal", "-shm")]
-                rows.append({"round": rnd, "db_mb": _mb(db), "checkpoints_mb": _mb(list(run.glob("checkpoints/**/*"))),
-                             "mb_to_site": end["sites"][0]["bytes_sent"] / 1e6,
-                             "mb_from_site": end["sites"][0]["bytes_received"] / 1e6})
+                rows.append(
+                    {
+                        "round": rnd,
+                        "db_mb": _mb(db),
+                        "checkpoints_mb": _mb(list(run.glob("checkpoints/**/*"))),
+                        "mb_to_site": end["sites"][0]["bytes_sent"] / 1e6,
+                        "mb_from_site": end["sites"][0]["bytes_received"] / 1e6,
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
             code = bed.wait_server(timeout=3600)
     print(f"\n{'round':>5} {'MB to site':>10} {'MB from site':>12} {'superlink.db MB':>16} {'checkpoints MB':>15}")
     for r in rows:
-        print(f"{r['round']:>5} {r['mb_to_site']:>10.1f} {r['mb_from_site']:>12.1f} {r['db_mb']:>16.1f} "
-              f"{r['checkpoints_mb']:>15.1f}")
+        print(
+            f"{r['round']:>5} {r['mb_to_site']:>10.1f} {r['mb_from_site']:>12.1f} {r['db_mb']:>16.1f} "
+            f"{r['checkpoints_mb']:>15.1f}"
+        )
     print(f"({args.variant} encoder, {args.mode} mode, two sites; server exit code {code})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))

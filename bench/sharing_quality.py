@@ -48,18 +48,33 @@ from echocare_core.models.swin import EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4)
-MODES = {"whole": dict(mode="full"), "whole, norms local": dict(mode="full", local=("*norm*",)),
-         "lora + head": dict(mode="lora"), "head only": dict(mode="frozen")}
+MODES = {
+    "whole": dict(mode="full"),
+    "whole, norms local": dict(mode="full", local=("*norm*",)),
+    "lora + head": dict(mode="lora"),
+    "head only": dict(mode="frozen"),
+}
 SHARES = (1.0, 0.6, 0.25)
 
 
 def pretrain(tmp: Path, steps: int) -> Path:
     """A test-size encoder pretrained (MIM + anatomy) on 600 unlabelled synthetic images of three scanners."""
     sources = write_dataset(tmp / "unlabelled", "pretrain", sites=3, per_site=200, size=64, seed=11)
-    cfg = load_config(PretrainConfig, ROOT / "hospital_configs" / "pretrain_demo.yaml",
-                      [f"data.sources=[{','.join(map(str, sources))}]", f"output={tmp / 'pretrain'}",
-                       "model.variant=test", "model.img_size=64", "model.window_size=4", "mim.mask_patch_size=16",
-                       f"optim.steps={steps}", f"checkpoint.every_steps={steps}", "device=cpu"])
+    cfg = load_config(
+        PretrainConfig,
+        ROOT / "hospital_configs" / "pretrain_demo.yaml",
+        [
+            f"data.sources=[{','.join(map(str, sources))}]",
+            f"output={tmp / 'pretrain'}",
+            "model.variant=test",
+            "model.img_size=64",
+            "model.window_size=4",
+            "mim.mask_patch_size=16",
+            f"optim.steps={steps}",
+            f"checkpoint.every_steps={steps}",
+            "device=cpu",
+        ],
+    )
     run_pretraining(cfg)
     return tmp / "pretrain" / "checkpoints" / f"step_{steps:06d}"
 
@@ -94,41 +109,74 @@ def sites(tmp: Path, task: str, shares: tuple[float, ...], args: argparse.Namesp
 
 def modes(tmp: Path, init: Path, args: argparse.Namespace, seed: int) -> dict:
     train, test = sites(tmp, "segmentation", SHARES, args, seed)
-    base = Job(task="segmentation", labels=(0, 1), encoder=ENCODER, feature_size=8, seed=seed, train=LocalTraining(lora_rank=args.lora_rank, lr=args.lr, batch_size=8))
+    base = Job(
+        task="segmentation",
+        labels=(0, 1),
+        encoder=ENCODER,
+        feature_size=8,
+        seed=seed,
+        train=LocalTraining(lora_rank=args.lora_rank, lr=args.lr, batch_size=8),
+    )
     scores = {}
     for arm, change in MODES.items():
         job = replace(base, **change)
         final = federate(job, init, train, args.rounds, tmp / "state" / arm)
         scores[arm] = [test_metric(job, w, folder) for w, folder in zip(final, test)]
-    return {"part": "modes", "seed": seed, "sites": [f"segmentation ({_n(f)} train)" for f in train],
-            "scores": scores}
+    return {"part": "modes", "seed": seed, "sites": [f"segmentation ({_n(f)} train)" for f in train], "scores": scores}
 
 
 def multitask(tmp: Path, init: Path, args: argparse.Namespace, seed: int) -> dict:
     seg, seg_test = sites(tmp, "segmentation", (1.0, 0.25), args, seed)
     cls, cls_test = sites(tmp, "classification", (1.0, 0.25), args, seed)
-    common = dict(encoder=ENCODER, feature_size=8, seed=seed,
-                  train=LocalTraining(mode="lora", lora_rank=args.lora_rank, lr=args.lr, batch_size=8))
-    jobs = {"segmentation": Job(task="segmentation", labels=(0, 1), **common),
-            "classification": Job(task="classification", classes=tuple(load_spec(cls[0]).classes), **common)}
-    multi = Job(task="multitask", tasks=(TaskSpec("segmentation", labels=(0, 1)),
-                                         TaskSpec("classification", classes=jobs["classification"].classes)), **common)
+    common = dict(
+        encoder=ENCODER,
+        feature_size=8,
+        seed=seed,
+        train=LocalTraining(mode="lora", lora_rank=args.lora_rank, lr=args.lr, batch_size=8),
+    )
+    jobs = {
+        "segmentation": Job(task="segmentation", labels=(0, 1), **common),
+        "classification": Job(task="classification", classes=tuple(load_spec(cls[0]).classes), **common),
+    }
+    multi = Job(
+        task="multitask",
+        tasks=(
+            TaskSpec("segmentation", labels=(0, 1)),
+            TaskSpec("classification", classes=jobs["classification"].classes),
+        ),
+        **common,
+    )
     folders, tests = seg + cls, seg_test + cls_test
     per_task = {"segmentation": seg, "classification": cls}
-    single = [w for task, job in jobs.items()
-              for w in federate(job, init, per_task[task], args.rounds, tmp / "state" / f"single_{task}")]
-    heads_local = [w for task, job in jobs.items()
-                   for w in federate(replace(job, local=MULTITASK_LOCAL), init, per_task[task], args.rounds,
-                                     tmp / "state" / f"local_{task}")]
-    alone = [federate(jobs[load_spec(f).task], init, [f], args.rounds, tmp / "state" / f"alone_{i}")[0]
-             for i, f in enumerate(folders)]
+    single = [
+        w
+        for task, job in jobs.items()
+        for w in federate(job, init, per_task[task], args.rounds, tmp / "state" / f"single_{task}")
+    ]
+    heads_local = [
+        w
+        for task, job in jobs.items()
+        for w in federate(
+            replace(job, local=MULTITASK_LOCAL), init, per_task[task], args.rounds, tmp / "state" / f"local_{task}"
+        )
+    ]
+    alone = [
+        federate(jobs[load_spec(f).task], init, [f], args.rounds, tmp / "state" / f"alone_{i}")[0]
+        for i, f in enumerate(folders)
+    ]
     together = federate(multi, init, folders, args.rounds, tmp / "state" / "multi")
-    scores = {"site alone": [test_metric(multi, w, f) for w, f in zip(alone, tests)],
-              "single-task federation": [test_metric(multi, w, f) for w, f in zip(single, tests)],
-              "single-task, heads local": [test_metric(multi, w, f) for w, f in zip(heads_local, tests)],
-              "multi-task federation": [test_metric(multi, w, f) for w, f in zip(together, tests)]}
-    return {"part": "multitask", "seed": seed, "scores": scores,
-            "sites": [f"{load_spec(f).task} ({_n(f)} train)" for f in folders]}
+    scores = {
+        "site alone": [test_metric(multi, w, f) for w, f in zip(alone, tests)],
+        "single-task federation": [test_metric(multi, w, f) for w, f in zip(single, tests)],
+        "single-task, heads local": [test_metric(multi, w, f) for w, f in zip(heads_local, tests)],
+        "multi-task federation": [test_metric(multi, w, f) for w, f in zip(together, tests)],
+    }
+    return {
+        "part": "multitask",
+        "seed": seed,
+        "scores": scores,
+        "sites": [f"{load_spec(f).task} ({_n(f)} train)" for f in folders],
+    }
 
 
 def _n(folder: Path) -> int:
@@ -139,18 +187,23 @@ def summary(results: list[dict]) -> None:
     for part in dict.fromkeys(r["part"] for r in results):
         runs = [r for r in results if r["part"] == part]
         arms = list(runs[0]["scores"])
-        print(f"\n{part}: test metric per site (Dice for segmentation, AUC for classification), mean ± sd over "
-              f"{len(runs)} seed(s)")
+        print(
+            f"\n{part}: test metric per site (Dice for segmentation, AUC for classification), mean ± sd over "
+            f"{len(runs)} seed(s)"
+        )
         print(f"{'site':<28}" + "".join(f"{arm:>26}" for arm in arms))
         for i, site in enumerate(runs[0]["sites"]):
-            cells = [f"{np.mean([r['scores'][a][i] for r in runs]):.3f} ± {np.std([r['scores'][a][i] for r in runs]):.3f}"
-                     for a in arms]
+            cells = [
+                f"{np.mean([r['scores'][a][i] for r in runs]):.3f} ± {np.std([r['scores'][a][i] for r in runs]):.3f}"
+                for a in arms
+            ]
             print(f"{site:<28}" + "".join(f"{c:>26}" for c in cells))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--parts", nargs="+", default=["modes", "multitask"], choices=["modes", "multitask"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=10, help="rounds of one local epoch")
@@ -172,8 +225,9 @@ def main() -> None:
             for part in args.parts:
                 t0 = time.perf_counter()
                 run = {"modes": modes, "multitask": multitask}[part]
-                results.append({**run(Path(name) / f"{part}_{seed}", init, args, seed),
-                                "seconds": time.perf_counter() - t0})
+                results.append(
+                    {**run(Path(name) / f"{part}_{seed}", init, args, seed), "seconds": time.perf_counter() - t0}
+                )
                 print(f"{part} seed {seed}: {results[-1]['seconds']:.0f} s", flush=True)
     summary(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)

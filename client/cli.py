@@ -21,13 +21,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from echocare_client.config import SiteConfig
+from echocare_client.worker import SiteWorker
 from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
 from echocare_core.config import ConfigError, load_config, save_config
 from echocare_core.data.contract import verify_dataset
 from echocare_core.federation.processes import FlowerError, free_port, start, stop, toml_value
 from echocare_core.privacy.ledger import LedgerError, PrivacyLedger, dataset_fingerprint
-from echocare_client.config import SiteConfig
-from echocare_client.worker import SiteWorker
 
 PROG = "echocare-client"
 STABLE_S = 300  # a SuperNode that ran this long was connected: its exit starts a new count of restarts
@@ -41,8 +41,9 @@ def clock_offset(cfg: SiteConfig) -> float | None:
     context = None if cfg.insecure else ssl.create_default_context(cafile=cfg.root_certificates or None)
     t0 = time.time()
     try:
-        with urllib.request.urlopen(f"{'http' if cfg.insecure else 'https'}://{cfg.server}/health", timeout=10,
-                                    context=context) as reply:
+        with urllib.request.urlopen(
+            f"{'http' if cfg.insecure else 'https'}://{cfg.server}/health", timeout=10, context=context
+        ) as reply:
             server_time = parsedate_to_datetime(reply.headers["Date"]).timestamp()
     except (OSError, ValueError, TypeError, KeyError):
         return None
@@ -56,16 +57,21 @@ def check_clock(cfg: SiteConfig) -> str:
     if offset is None or -MAX_AHEAD_S <= offset <= MAX_BEHIND_S:
         return ""
     size = f"{abs(offset):.0f}" if abs(offset) < 60 else f"about {round(abs(offset), -1):.0f}"
-    return (f"this machine's clock is {size} s {'behind' if offset > 0 else 'ahead of'} the coordinator's "
-            f"({cfg.server}); the coordinator refuses requests signed more than 5 s ahead of or 300 s behind its "
-            f"clock. Synchronise the clock (NTP, e.g. timedatectl set-ntp true) and start again")
+    return (
+        f"this machine's clock is {size} s {'behind' if offset > 0 else 'ahead of'} the coordinator's "
+        f"({cfg.server}); the coordinator refuses requests signed more than 5 s ahead of or 300 s behind its "
+        f"clock. Synchronise the clock (NTP, e.g. timedatectl set-ntp true) and start again"
+    )
 
 
 def resolved(cfg: SiteConfig) -> SiteConfig:
     """The site's config with absolute paths: what the site worker and the ClientApp (another process, started
     elsewhere) read."""
-    absolute = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("data", "state_dir", "root_certificates",
-                                                                   "private_key", "base_weights") if getattr(cfg, k)}
+    absolute = {
+        k: str(Path(getattr(cfg, k)).resolve())
+        for k in ("data", "state_dir", "root_certificates", "private_key", "base_weights")
+        if getattr(cfg, k)
+    }
     return replace(cfg, **absolute)
 
 
@@ -94,13 +100,22 @@ def show_ledger(cfg: SiteConfig, state: Path) -> int:
     budget = f"{cfg.privacy.epsilon_budget:g}" if cfg.privacy.epsilon_budget else "no cap"
     for dataset in sorted(ledger.datasets, key=lambda d: d != current):
         mine = " (the dataset of this site.yaml)" if dataset == current else ""
-        table = Table(title=f"dataset {dataset[:12]}{mine}: epsilon {ledger.spent(dataset):.3f} spent at delta "
-                            f"{cfg.privacy.delta:g}; budget {budget}")
+        table = Table(
+            title=f"dataset {dataset[:12]}{mine}: epsilon {ledger.spent(dataset):.3f} spent at delta "
+            f"{cfg.privacy.delta:g}; budget {budget}"
+        )
         for col in ("job", "round", "noise multiplier", "sample rate", "steps", "epsilon after", "when (UTC)"):
             table.add_column(col, justify="left" if col in ("job", "when (UTC)") else "right")
         for s in ledger.spends(dataset):
-            table.add_row(s.job[:12], str(s.round), f"{s.noise_multiplier:.3f}", f"{s.sample_rate:.4f}", str(s.steps),
-                          f"{s.epsilon:.3f}", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.time)))
+            table.add_row(
+                s.job[:12],
+                str(s.round),
+                f"{s.noise_multiplier:.3f}",
+                f"{s.sample_rate:.4f}",
+                str(s.steps),
+                f"{s.epsilon:.3f}",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.time)),
+            )
         Console().print(table)
     if current not in ledger.datasets:
         console.print(f"this site.yaml's dataset ({current[:12]}) has spent nothing yet")
@@ -121,13 +136,24 @@ def _site_model(cfg: SiteConfig, state: Path, checkpoint: Path, out: Path) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(PROG, "Join a federation: check this site's dataset, then connect to the coordinator "
-                                 "and train each round on local data; only the shared weights leave the site.")
-    parser.add_argument("action", nargs="?", choices=("run", "privacy", "model"), default="run",
-                        help="run: join the federation; privacy: print the site's privacy ledger; model: write the "
-                             "site's own model (--checkpoint, --out)")
-    parser.add_argument("--checkpoint", type=Path, help="model: a global checkpoint of the federation (from the "
-                                                        "coordinator's OUTPUT/checkpoints)")
+    parser = config_parser(
+        PROG,
+        "Join a federation: check this site's dataset, then connect to the coordinator "
+        "and train each round on local data; only the shared weights leave the site.",
+    )
+    parser.add_argument(
+        "action",
+        nargs="?",
+        choices=("run", "privacy", "model"),
+        default="run",
+        help="run: join the federation; privacy: print the site's privacy ledger; model: write the "
+        "site's own model (--checkpoint, --out)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="model: a global checkpoint of the federation (from the coordinator's OUTPUT/checkpoints)",
+    )
     parser.add_argument("--out", type=Path, help="model: the folder to write the site's model to")
     args = parser.parse_args(argv)
     if args.action == "model" and not (args.checkpoint and args.out):
@@ -140,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     state = Path(cfg.state_dir).resolve()
     report = verify_dataset(cfg.data)
     if not report.ok:
-        return fail(PROG, f"data: {cfg.data} fails the dataset check with {report.describe()}. See them all with: "
-                          f"echocare-data verify {cfg.data}")
+        return fail(
+            PROG,
+            f"data: {cfg.data} fails the dataset check with {report.describe()}. See them all with: "
+            f"echocare-data verify {cfg.data}",
+        )
     try:
         if args.action == "privacy":
             return show_ledger(cfg, state)
@@ -162,9 +191,16 @@ def main(argv: list[str] | None = None) -> int:
 def _supervise(cfg: SiteConfig, state: Path, node_config: Path) -> int:
     """Keep Flower's SuperNode running until Ctrl-C / SIGTERM; restart it with back-off when it exits."""
     stop_flag = StopFlag("disconnecting from the federation")
-    security = ["--insecure"] if cfg.insecure else [
-        "--root-certificates", str(Path(cfg.root_certificates).resolve()),
-        "--auth-supernode-private-key", str(Path(cfg.private_key).resolve())]
+    security = (
+        ["--insecure"]
+        if cfg.insecure
+        else [
+            "--root-certificates",
+            str(Path(cfg.root_certificates).resolve()),
+            "--auth-supernode-private-key",
+            str(Path(cfg.private_key).resolve()),
+        ]
+    )
     cmd = ["flower-supernode", *security, "--superlink", cfg.server, "--node-config", str(node_config)]
     restarts = 0
     while not stop_flag():
@@ -184,8 +220,12 @@ def _supervise(cfg: SiteConfig, state: Path, node_config: Path) -> int:
             break
         restarts = 1 if time.monotonic() - began > STABLE_S else restarts + 1  # count exits in a row only
         if restarts > cfg.max_restarts:
-            return fail(PROG, f"the SuperNode exited {restarts} times in a row (last code {proc.returncode}); see "
-                              f"{state / 'supernode.log'}", code=1)
+            return fail(
+                PROG,
+                f"the SuperNode exited {restarts} times in a row (last code {proc.returncode}); see "
+                f"{state / 'supernode.log'}",
+                code=1,
+            )
         wait = min(2.0**restarts, 60.0)
         console.print(f"site {cfg.name}: SuperNode exited with code {proc.returncode}; restarting in {wait:.0f} s")
         end = time.monotonic() + wait
@@ -193,6 +233,7 @@ def _supervise(cfg: SiteConfig, state: Path, node_config: Path) -> int:
             time.sleep(0.5)
     console.print(f"site {cfg.name}: disconnected")
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

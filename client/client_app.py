@@ -15,8 +15,8 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 DIGEST = re.compile(r"[0-9a-f]{64}")  # how the coordinator names the frozen part (SHA-256, hex)
 KEEP_FROZEN = 3  # frozen parts kept at the site (other jobs or federations it takes part in)
-
 
 
 def _error(msg: Message, site: str, code: int, reason: str) -> Message:
@@ -73,8 +72,12 @@ def _train(msg: Message, node: dict, site: SiteConfig) -> Message:
     state_dir = Path(site.state_dir)
     config = msg.content["config"]
     rnd, job, frozen_digest = int(config["round"]), str(config["job"]), str(config.get("frozen", ""))
-    request = {"round": rnd, "rounds": int(config.get("rounds", rnd)), "job": job,
-               "toolkit": str(config.get("toolkit", "unknown"))}
+    request = {
+        "round": rnd,
+        "rounds": int(config.get("rounds", rnd)),
+        "job": job,
+        "toolkit": str(config.get("toolkit", "unknown")),
+    }
     job_hash = text_hash(job)
     refusal = not_approved(site, request, job_hash)
     if refusal:  # before anything the coordinator sent is kept
@@ -90,19 +93,26 @@ def _train(msg: Message, node: dict, site: SiteConfig) -> Message:
     try:
         arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
         save_file(arrays, str(inbox))
-        answer = _run(node, site, {**request, "arrays": str(inbox), "frozen": str(frozen),
-                             "global": f"{digest(arrays)}:{frozen_digest}"})  # the whole global model
+        answer = _run(
+            node,
+            site,
+            {**request, "arrays": str(inbox), "frozen": str(frozen), "global": f"{digest(arrays)}:{frozen_digest}"},
+        )  # the whole global model
     finally:
         inbox.unlink(missing_ok=True)  # the global model, not the site's data: no reason to keep it
     if "failed" in answer and not frozen.is_file():  # evicted meanwhile by another job's round
         return _error(msg, site.name, NEED_FROZEN, "it does not hold the frozen part of the model")
     if "refused" in answer or "failed" in answer:
-        return _error(msg, site.name, REFUSED if "refused" in answer else FAILED, answer.get("refused") or answer["failed"])
+        return _error(
+            msg, site.name, REFUSED if "refused" in answer else FAILED, answer.get("refused") or answer["failed"]
+        )
     shared = ArrayRecord({k: Array(v) for k, v in load_file(answer["shared"]).items()})
-    metrics = MetricRecord({"num-examples": int(answer["samples"]), **answer["metrics"],
-                            "clientapp_s": time.perf_counter() - t0})  # compute_s plus handing the weights over
-    return Message(RecordDict({"arrays": shared, "metrics": metrics, "site": ConfigRecord({"name": site.name})}),
-                   reply_to=msg)
+    metrics = MetricRecord(
+        {"num-examples": int(answer["samples"]), **answer["metrics"], "clientapp_s": time.perf_counter() - t0}
+    )  # compute_s plus handing the weights over
+    return Message(
+        RecordDict({"arrays": shared, "metrics": metrics, "site": ConfigRecord({"name": site.name})}), reply_to=msg
+    )
 
 
 def _frozen(msg: Message, state_dir: Path, name: str) -> Path | None:
@@ -129,7 +139,9 @@ def _frozen_from_base(node: dict, site: SiteConfig, job: str, name: str) -> Path
     if not site.base_weights or not json.loads(job).get("base"):
         return None
     answer = _run(node, site, {"base_frozen": name, "job": job})
-    return _keep(Path(site.state_dir), name, lambda tmp: os.replace(answer["frozen"], tmp)) if "frozen" in answer else None
+    return (
+        _keep(Path(site.state_dir), name, lambda tmp: os.replace(answer["frozen"], tmp)) if "frozen" in answer else None
+    )
 
 
 def _keep(state_dir: Path, name: str, fill: Callable[[Path], None]) -> Path:

@@ -42,15 +42,19 @@ class SiteConfig:
         if not self.name or not self.data:
             raise ValueError("name and data are required: the site's name and its dataset folder")
         if not self.insecure and not (self.root_certificates and self.private_key):
-            raise ValueError("insecure is false: set root_certificates (the federation's ca.pem) and private_key "
-                             "(this site's key from echocare-keys), or insecure: true on a trusted network or for "
-                             "the demo only")
+            raise ValueError(
+                "insecure is false: set root_certificates (the federation's ca.pem) and private_key "
+                "(this site's key from echocare-keys), or insecure: true on a trusted network or for "
+                "the demo only"
+            )
         for key in ("root_certificates", "private_key"):
             if not self.insecure and not Path(getattr(self, key)).is_file():
                 raise ValueError(f"{key}: {getattr(self, key)} is not a file")
         if self.base_weights and not Path(self.base_weights).exists():
-            raise ValueError(f"base_weights: {self.base_weights} does not exist (a weights file such as the EchoCare "
-                             f"release, or a checkpoint folder)")
+            raise ValueError(
+                f"base_weights: {self.base_weights} does not exist (a weights file such as the EchoCare "
+                f"release, or a checkpoint folder)"
+            )
         for key in ("max_restarts", "num_workers"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)}: must be >= 0")

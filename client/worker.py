@@ -113,11 +113,16 @@ def run_request(site: SiteConfig, request: dict[str, Any]) -> dict[str, Any]:
     record = {"round": rnd, "job_hash": job}
     if "shared" in answer:
         metrics = answer["metrics"]
-        record.update(samples=answer["samples"], sent=answer["sent"],
-                      **{k: metrics[k] for k in ("epsilon", "delta") if k in metrics})
+        record.update(
+            samples=answer["samples"],
+            sent=answer["sent"],
+            **{k: metrics[k] for k in ("epsilon", "delta") if k in metrics},
+        )
     AuditLog(state_dir / "audit.jsonl")(
         event if "shared" in answer else "refused" if "refused" in answer else "failed",
-        **record, **{k: answer[k] for k in ("refused", "failed") if k in answer})
+        **record,
+        **{k: answer[k] for k in ("refused", "failed") if k in answer},
+    )
     return answer
 
 
@@ -148,28 +153,44 @@ def _round(site: SiteConfig, request: dict[str, Any]) -> dict[str, Any]:
         (a worker answers {"failed": reason} when the round raised); reasons name job keys and declared
         labels, never paths or sample data.
     """
+    import torch
     from safetensors.torch import load_file, save_file
 
-    from echocare_core.federation.audit import manifest
-
     from echocare_core.engine.training import DatasetInvalidError
+    from echocare_core.federation.audit import manifest
     from echocare_core.federation.job import Job, job_hash
     from echocare_core.federation.site import JobRefused, local_layers_file, site_round
     from echocare_core.federation.transport import encode
 
-    import torch
-
     state_dir, rnd = Path(site.state_dir), int(request["round"])
-    device = "cuda" if site.device == "auto" and torch.cuda.is_available() else \
-        "cpu" if site.device == "auto" else site.device
+    device = (
+        "cuda"
+        if site.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if site.device == "auto"
+        else site.device
+    )
     t0 = time.perf_counter()
     try:
         job = Job.from_json(str(request["job"]))
-        global_state = {**(load_file(request["frozen"]) if request.get("frozen") else {}), **load_file(request["arrays"])}
-        result = site_round(job, global_state, Path(site.data), rnd, site.limits, device,
-                            local_layers_file(state_dir, job_hash(job)), num_workers=site.num_workers,
-                            privacy=site.privacy, ledger_dir=state_dir / "privacy",
-                            rounds=int(request.get("rounds", rnd)), split_seed=site.split_seed)
+        global_state = {
+            **(load_file(request["frozen"]) if request.get("frozen") else {}),
+            **load_file(request["arrays"]),
+        }
+        result = site_round(
+            job,
+            global_state,
+            Path(site.data),
+            rnd,
+            site.limits,
+            device,
+            local_layers_file(state_dir, job_hash(job)),
+            num_workers=site.num_workers,
+            privacy=site.privacy,
+            ledger_dir=state_dir / "privacy",
+            rounds=int(request.get("rounds", rnd)),
+            split_seed=site.split_seed,
+        )
     except JobRefused as exc:
         return {"refused": str(exc)}
     except DatasetInvalidError:

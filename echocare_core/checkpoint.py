@@ -20,8 +20,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,9 +37,22 @@ from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 
-__all__ = ["FORMAT_VERSION", "MODEL_FILE", "CheckpointFormatError", "save_checkpoint", "read_meta", "load_weights", "load_train_state",
-           "latest_checkpoint", "checkpoints_newest_first", "prune_checkpoints", "same_architecture",
-           "build_from_checkpoint", "unwrap", "fsync"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MODEL_FILE",
+    "CheckpointFormatError",
+    "save_checkpoint",
+    "read_meta",
+    "load_weights",
+    "load_train_state",
+    "latest_checkpoint",
+    "checkpoints_newest_first",
+    "prune_checkpoints",
+    "same_architecture",
+    "build_from_checkpoint",
+    "unwrap",
+    "fsync",
+]
 
 FORMAT_VERSION = 2  # 2: EchoCare's released encoder layout (MONAI's SwinTransformer v2); 1: the former timm-style Swin
 MODEL_FILE, META_FILE = "model.safetensors", "meta.json"
@@ -77,8 +91,9 @@ def _unflatten(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: dict[str, Any],
-                    train_state: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike, model: nn.Module, meta: dict[str, Any], train_state: dict[str, Any] | None = None
+) -> Path:
     """Write a checkpoint folder atomically; an existing folder of that name is replaced.
 
     Args:
@@ -95,8 +110,12 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: dict[s
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    meta = {"format_version": FORMAT_VERSION, "toolkit_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "toolkit_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **meta,
+    }
     text = json.dumps(meta, indent=2, sort_keys=True)
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     save_file(state, str(tmp / MODEL_FILE), metadata={"echocare": text})
@@ -152,19 +171,23 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     with _readable(file), safe_open(str(file), framework="pt") as f:
         text = (f.metadata() or {}).get("echocare")
     if text is None:
-        raise ValueError(f"{file} has no EchoCare metadata; load encoder weights with "
-                         f"echocare_core.weights.load_encoder_weights()")
+        raise ValueError(
+            f"{file} has no EchoCare metadata; load encoder weights with echocare_core.weights.load_encoder_weights()"
+        )
     meta = json.loads(text)
     version = meta.get("format_version", 0)
     if version > FORMAT_VERSION:
-        raise CheckpointFormatError(f"{file} has checkpoint format {version}; this toolkit ({__version__}) reads up to "
-                                    f"{FORMAT_VERSION}: upgrade echocare")
+        raise CheckpointFormatError(
+            f"{file} has checkpoint format {version}; this toolkit ({__version__}) reads up to "
+            f"{FORMAT_VERSION}: upgrade echocare"
+        )
     if version < FORMAT_VERSION:
         raise CheckpointFormatError(
             f"{file} was written by echocare {meta.get('toolkit_version', '?')} with the former Swin layout (checkpoint "
             f"format {version}); this toolkit's encoder is EchoCare's released one (format {FORMAT_VERSION}) and cannot "
             f"read it: train again from the EchoCare release (model.init) or a checkpoint of this version, in a new "
-            f"output folder")
+            f"output folder"
+        )
     return meta
 
 
@@ -206,8 +229,15 @@ def load_train_state(directory: str | os.PathLike) -> dict[str, Any]:
 def checkpoints_newest_first(root: str | os.PathLike, kind: str = "step") -> list[Path]:
     """The complete `step_N` (or `round_N`) folders under `root`, highest N first."""
     root = Path(root)
-    found = [(int(m.group(2)), p) for p in root.glob(f"{kind}_*")
-             if (m := _NUMBERED.match(p.name)) and (p / META_FILE).is_file()] if root.is_dir() else []
+    found = (
+        [
+            (int(m.group(2)), p)
+            for p in root.glob(f"{kind}_*")
+            if (m := _NUMBERED.match(p.name)) and (p / META_FILE).is_file()
+        ]
+        if root.is_dir()
+        else []
+    )
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -241,13 +271,22 @@ def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     elif kind == "task":
         head, ft = meta["head"], meta["finetune"]
         report = from_dict(ReportHeadConfig, head["report"], "head.report") if "report" in head else None
-        model = EchoCareTaskModel(cfg, meta["task"], head["num_classes"], head["feature_size"], head["multi_label"],
-                                  head.get("target_stats", (0.0, 1.0)), report)
+        model = EchoCareTaskModel(
+            cfg,
+            meta["task"],
+            head["num_classes"],
+            head["feature_size"],
+            head["multi_label"],
+            head.get("target_stats", (0.0, 1.0)),
+            report,
+        )
         apply_finetune_mode(model, ft["mode"], ft["lora_rank"], ft["lora_alpha"])
     elif kind == "shared_encoder":
-        raise ValueError(f"{path} is a multi-task federation's shared encoder (model_kind 'shared_encoder'), without "
-                         f"heads: each site makes its own model from it with echocare-client model --config "
-                         f"site.yaml --checkpoint {path} --out DIR")
+        raise ValueError(
+            f"{path} is a multi-task federation's shared encoder (model_kind 'shared_encoder'), without "
+            f"heads: each site makes its own model from it with echocare-client model --config "
+            f"site.yaml --checkpoint {path} --out DIR"
+        )
     else:
         raise ValueError(f"{path}: model_kind {kind!r} is not buildable here (known: 'pretrain', 'task')")
     model.load_state_dict(load_weights(path), strict=True)
@@ -259,5 +298,6 @@ RUNTIME_ONLY = ("grad_checkpointing", "fused_attn")  # how the encoder runs, not
 
 def same_architecture(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two stored encoder configs describe the same weights (runtime switches aside)."""
-    return ({k: v for k, v in a.items() if k not in RUNTIME_ONLY}
-            == {k: v for k, v in b.items() if k not in RUNTIME_ONLY})
+    return {k: v for k, v in a.items() if k not in RUNTIME_ONLY} == {
+        k: v for k, v in b.items() if k not in RUNTIME_ONLY
+    }

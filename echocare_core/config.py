@@ -111,11 +111,13 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     for key, value in (data or {}).items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown key '{path}'.{_hint(str(key), list(fields))} "
-                              f"Allowed here: {', '.join(fields)}")
+            raise ConfigError(f"unknown key '{path}'.{_hint(str(key), list(fields))} Allowed here: {', '.join(fields)}")
         kwargs[key] = _convert(value, hints[key], path)
-    missing = [n for n, f in fields.items() if n not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"missing required key(s) {', '.join((where + '.' if where else '') + m for m in missing)}")
     try:
@@ -158,8 +160,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> T:
+def load_config(
+    cls: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> T:
     """Load a YAML config file into dataclass `cls`, after `--set` overrides.
 
     Args:

@@ -14,9 +14,10 @@ import hashlib
 import logging
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -24,8 +25,15 @@ from echocare_core.checkpoint import MODEL_FILE, CheckpointFormatError, fsync, l
 from echocare_core.config import from_dict
 from echocare_core.models.swin import EncoderConfig, SwinEncoder
 
-__all__ = ["LoadReport", "WeightsMismatch", "export_release", "filter_state_dict", "load_encoder_weights",
-           "merged_encoder", "weights_digest"]
+__all__ = [
+    "LoadReport",
+    "WeightsMismatch",
+    "export_release",
+    "filter_state_dict",
+    "load_encoder_weights",
+    "merged_encoder",
+    "weights_digest",
+]
 
 log = logging.getLogger(__name__)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_module.")  # DDP, torch.compile, Opacus
@@ -73,8 +81,11 @@ class LoadReport:
 
     def summary(self) -> str:
         parts = [f"{self.matched} of the encoder's {self.total} tensors loaded"]
-        for items, what in ((self.missing, "missing"), (self.unexpected, "unexpected"),
-                            (self.reshaped, "of another shape")):
+        for items, what in (
+            (self.missing, "missing"),
+            (self.unexpected, "unexpected"),
+            (self.reshaped, "of another shape"),
+        ):
             if items:
                 parts.append(f"{len(items)} {what} (first: {', '.join(items[:3])})")
         if self.adapted:
@@ -99,12 +110,16 @@ def _read_foreign(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # what weights_only=True raises for anything beyond tensors and containers
-        raise ValueError(f"{path} holds pickled code or objects, not only tensors; EchoCare FL never runs code "
-                         f"from a weights file: ask for a plain state dict (torch.save(model.state_dict())) or "
-                         f"safetensors") from None
+        raise ValueError(
+            f"{path} holds pickled code or objects, not only tensors; EchoCare FL never runs code "
+            f"from a weights file: ask for a plain state dict (torch.save(model.state_dict())) or "
+            f"safetensors"
+        ) from None
     except (RuntimeError, EOFError, OSError) as exc:  # zip central directory missing, file ends early
-        raise ValueError(f"{path} is cut short or damaged ({str(exc).splitlines()[0][:120]}): copy it again and "
-                         f"compare its SHA-256 with the published one") from None
+        raise ValueError(
+            f"{path} is cut short or damaged ({str(exc).splitlines()[0][:120]}): copy it again and "
+            f"compare its SHA-256 with the published one"
+        ) from None
     for key in ("model", "state_dict", "module"):  # training scripts nest the weights
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -122,16 +137,19 @@ def _encoder_part(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     """
     items = dict(state)
     while prefix := next((p for p in WRAPPER_PREFIXES if items and all(k.startswith(p) for k in items)), None):
-        items = {k[len(prefix):]: v for k, v in items.items()}
+        items = {k[len(prefix) :]: v for k, v in items.items()}
     for prefix in ENCODER_PREFIXES:
         if any(k.startswith(prefix) for k in items):
-            return ({k[len(prefix):]: v for k, v in items.items() if k.startswith(prefix)},
-                    [k for k in items if not k.startswith(prefix)])
+            return (
+                {k[len(prefix) :]: v for k, v in items.items() if k.startswith(prefix)},
+                [k for k in items if not k.startswith(prefix)],
+            )
     return items, []
 
 
-def filter_state_dict(state: Mapping[str, torch.Tensor], encoder: SwinEncoder
-                      ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+def filter_state_dict(
+    state: Mapping[str, torch.Tensor], encoder: SwinEncoder
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Map a state dict onto `encoder`'s names and shapes (pure: the encoder is not changed).
 
     Reads the EchoCare release (MONAI `SwinTransformer(spatial_dims=2, use_v2=True)`, with its `mask_token`),
@@ -154,8 +172,13 @@ def filter_state_dict(state: Mapping[str, torch.Tensor], encoder: SwinEncoder
             report.unexpected.append(key)
             continue
         want = target[key].shape
-        if key == "patch_embed.proj.weight" and value.ndim == 4 and value.shape[1] != want[1] \
-                and value.shape[2:] == want[2:] and {value.shape[1], want[1]} == {1, 3}:
+        if (
+            key == "patch_embed.proj.weight"
+            and value.ndim == 4
+            and value.shape[1] != want[1]
+            and value.shape[2:] == want[2:]
+            and {value.shape[1], want[1]} == {1, 3}
+        ):
             value = value.sum(1, keepdim=True) if want[1] == 1 else value.repeat(1, 3, 1, 1) / 3
             report.adapted.append(f"{key} ({items[key].shape[1]} -> {want[1]} channels)")
         if value.shape != want:
@@ -167,8 +190,9 @@ def filter_state_dict(state: Mapping[str, torch.Tensor], encoder: SwinEncoder
     return out, report
 
 
-def load_encoder_weights(encoder: SwinEncoder, source: str | os.PathLike | Mapping[str, torch.Tensor],
-                         partial: bool = False) -> LoadReport:
+def load_encoder_weights(
+    encoder: SwinEncoder, source: str | os.PathLike | Mapping[str, torch.Tensor], partial: bool = False
+) -> LoadReport:
     """Load encoder weights through `filter_state_dict`; all of them, unless `partial` is asked for.
 
     Args:
@@ -187,13 +211,16 @@ def load_encoder_weights(encoder: SwinEncoder, source: str | os.PathLike | Mappi
     filtered, report = filter_state_dict(state, encoder)
     cfg = encoder.cfg
     if not filtered:
-        raise ValueError(f"{name} holds no weights of an EchoCare (MONAI SwinTransformer v2) encoder: none of its "
-                         f"{len(state)} tensors fits variant '{cfg.variant}' (e.g. {sorted(state)[:3]})")
+        raise ValueError(
+            f"{name} holds no weights of an EchoCare (MONAI SwinTransformer v2) encoder: none of its "
+            f"{len(state)} tensors fits variant '{cfg.variant}' (e.g. {sorted(state)[:3]})"
+        )
     if not report.complete and not partial:
         raise WeightsMismatch(
             f"{name} does not fit the encoder (variant '{cfg.variant}', {cfg.in_chans} channels, patch "
             f"{cfg.patch_size}, window {cfg.window_size}): {report.summary()}. Pick the encoder settings the "
-            f"weights were made with, or set init_partial: true to load only the tensors that fit")
+            f"weights were made with, or set init_partial: true to load only the tensors that fit"
+        )
     encoder.load_state_dict(filtered, strict=False)
     (log.warning if not report.complete else log.info)("encoder weights from %s: %s", name, report.summary())
     return report
@@ -210,7 +237,7 @@ def merged_encoder(state: Mapping[str, torch.Tensor], lora_scale: float = 0.0) -
     encoder, _ = _encoder_part(state)
     out = {k: v.detach().cpu().clone() for k, v in encoder.items() if ".lora_" not in k}
     for key in [k for k in encoder if k.endswith(".lora_A.weight")]:
-        base = key[:-len(".lora_A.weight")]
+        base = key[: -len(".lora_A.weight")]
         delta = encoder[f"{base}.lora_B.weight"].double() @ encoder[key].double()
         out[f"{base}.weight"] = (out[f"{base}.weight"].double() + lora_scale * delta).to(out[f"{base}.weight"].dtype)
     if "mask_token" in state:
@@ -235,8 +262,9 @@ def export_release(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pat
     try:  # the layout check: exactly the encoder's tensors
         encoder.load_state_dict({k: v for k, v in state.items() if k != "mask_token"}, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{checkpoint}: its encoder does not come out in the release layout "
-                         f"({str(exc).splitlines()[0]})") from None
+        raise ValueError(
+            f"{checkpoint}: its encoder does not come out in the release layout ({str(exc).splitlines()[0]})"
+        ) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)

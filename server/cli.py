@@ -21,8 +21,7 @@ from rich.table import Table
 
 from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
 from echocare_core.config import ConfigError, load_config, save_config, to_dict
-from echocare_core.federation.processes import (FlowerError, free_port, run_flwr, start, stop, toml_value,
-                                                wait_healthy)
+from echocare_core.federation.processes import FlowerError, free_port, run_flwr, start, stop, toml_value, wait_healthy
 from echocare_core.federation.rounds import initial_state
 from echocare_core.weights import weights_digest
 from echocare_server.config import FederationConfig
@@ -62,18 +61,45 @@ def superlink_command(cfg: FederationConfig, out: Path, port: int) -> list[str]:
     """Flower's SuperLink on 127.0.0.1:port: TLS with the federation's certificate and node authentication,
     unless insecure."""
     keys = Path(cfg.server.keys).resolve()
-    security = ["--insecure"] if cfg.server.insecure else [
-        "--ssl-ca-certfile", str(keys / "ca.pem"), "--ssl-certfile", str(keys / "server.pem"),
-        "--ssl-keyfile", str(keys / "server.key"), "--enable-supernode-auth"]
-    return ["flower-superlink", *security, "--host", "127.0.0.1", "--port", str(port),
-            "--database", str(out / "superlink.db"), "--disable-runtime-dependency-installation"]
+    security = (
+        ["--insecure"]
+        if cfg.server.insecure
+        else [
+            "--ssl-ca-certfile",
+            str(keys / "ca.pem"),
+            "--ssl-certfile",
+            str(keys / "server.pem"),
+            "--ssl-keyfile",
+            str(keys / "server.key"),
+            "--enable-supernode-auth",
+        ]
+    )
+    return [
+        "flower-superlink",
+        *security,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(out / "superlink.db"),
+        "--disable-runtime-dependency-installation",
+    ]
 
 
 def proxy_command(cfg: FederationConfig, port: int) -> list[str]:
     """The Fleet-only proxy (echocare_server.proxy) on the public host:port, forwarding to 127.0.0.1:port."""
     keys = [] if cfg.server.insecure else ["--keys", str(Path(cfg.server.keys).resolve())]
-    return [sys.executable, "-m", "echocare_server.proxy", "--listen", f"{cfg.server.host}:{cfg.server.port}",
-            "--upstream", f"127.0.0.1:{port}", *keys]
+    return [
+        sys.executable,
+        "-m",
+        "echocare_server.proxy",
+        "--listen",
+        f"{cfg.server.host}:{cfg.server.port}",
+        "--upstream",
+        f"127.0.0.1:{port}",
+        *keys,
+    ]
 
 
 def start_coordinator(cfg: FederationConfig, out: Path, port: int) -> list[subprocess.Popen]:
@@ -143,7 +169,8 @@ def register_sites(cfg: FederationConfig, out: Path) -> None:
                     f"{path.name} has no record of registering it: it was removed from the federation earlier "
                     f"(Flower never takes a removed key back) or registered by an older start. Give the site a "
                     f"new key pair (delete {key.with_suffix('.*')}, run echocare-keys --out {cfg.server.keys} "
-                    f"--sites {name}) or start with a new database") from exc
+                    f"--sites {name}) or start with a new database"
+                ) from exc
             raise
         known[name] = {"node": node, "key": key.read_text(encoding="utf-8").strip()}
         save()
@@ -156,8 +183,10 @@ def prepare(cfg: FederationConfig, out: Path, port: int) -> tuple[Path, Path]:
     home.mkdir(parents=True, exist_ok=True)
     app.mkdir(exist_ok=True)
     trust = "insecure = true" if cfg.server.insecure else f"root-certificates = {toml_value(str(_ca(cfg)))}"
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                      f'address = "127.0.0.1:{port}"\n{trust}\n', encoding="utf-8")
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n{trust}\n',
+        encoding="utf-8",
+    )
     (app / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
     run_config = out / "run_config.toml"
     job = json.dumps({**to_dict(cfg), "output": str(out)})
@@ -173,8 +202,19 @@ def _round_table(title: str, sites: list[dict]) -> Table:
     private, multi = any("epsilon" in s for s in sites), len({s["task"] for s in sites}) > 1
     metrics = {s["metric"] for s in sites}
     metric = "" if len(metrics) != 1 else f" {metrics.pop()}"
-    for col in ("site", *(["task"] * multi), "samples", "steps", "loss", f"global{metric}", f"local{metric}",
-                *(["epsilon"] * private), "reply s", "MB to", "MB from"):
+    for col in (
+        "site",
+        *(["task"] * multi),
+        "samples",
+        "steps",
+        "loss",
+        f"global{metric}",
+        f"local{metric}",
+        *(["epsilon"] * private),
+        "reply s",
+        "MB to",
+        "MB from",
+    ):
         if col == "site":  # names in full, also in an 80-column log
             table.add_column(col, no_wrap=True, min_width=max([len(s["site"]) for s in sites], default=4))
         else:
@@ -182,11 +222,19 @@ def _round_table(title: str, sites: list[dict]) -> Table:
     for s in sites:
         spent = [f"{s['epsilon']:.2f}" if "epsilon" in s else "no DP"] if private else []
         main, named = s["metric"], "" if metric else f"{s['metric']} "
-        table.add_row(s["site"], *([s["task"]] * multi), f"{s['num-examples']:.0f}",
-                      f"{s.get('train_steps', float('nan')):.0f}", f"{s.get('train_loss', float('nan')):.3f}",
-                      f"{named}{s.get(f'global_{main}', float('nan')):.3f}",
-                      f"{named}{s.get(f'local_{main}', float('nan')):.3f}", *spent, f"{s.get('seconds', float('nan')):.1f}",
-                      f"{s['bytes_sent'] / 1e6:.2f}", f"{s['bytes_received'] / 1e6:.2f}")
+        table.add_row(
+            s["site"],
+            *([s["task"]] * multi),
+            f"{s['num-examples']:.0f}",
+            f"{s.get('train_steps', float('nan')):.0f}",
+            f"{s.get('train_loss', float('nan')):.3f}",
+            f"{named}{s.get(f'global_{main}', float('nan')):.3f}",
+            f"{named}{s.get(f'local_{main}', float('nan')):.3f}",
+            *spent,
+            f"{s.get('seconds', float('nan')):.1f}",
+            f"{s['bytes_sent'] / 1e6:.2f}",
+            f"{s['bytes_received'] / 1e6:.2f}",
+        )
     return table
 
 
@@ -200,9 +248,13 @@ class RunView:
 
     def __rich__(self) -> Table:
         waiting = self.asked - len(self.sites) - self.left_out
-        return _round_table(f"round {self.round}, {time.time() - self.t0:.0f} s: {len(self.sites)} of {self.asked} "
-                            f"site(s) replied" + (f", {self.left_out} refused or left out" if self.left_out else "")
-                            + (f", waiting for {waiting}" if waiting > 0 else ""), self.sites)
+        return _round_table(
+            f"round {self.round}, {time.time() - self.t0:.0f} s: {len(self.sites)} of {self.asked} "
+            f"site(s) replied"
+            + (f", {self.left_out} refused or left out" if self.left_out else "")
+            + (f", waiting for {waiting}" if waiting > 0 else ""),
+            self.sites,
+        )
 
     def show(self, event: dict) -> None:
         kind = event["event"]
@@ -221,16 +273,19 @@ class RunView:
         elif kind == "refused":
             console.print(f"[yellow]round {event['round']}: {event['reason']}[/]")
         elif kind == "rejected":
-            console.print(f"[yellow]round {event['round']}: the reply of site {event['site']} was left out: "
-                          f"{event['reason']}[/]")
+            console.print(
+                f"[yellow]round {event['round']}: the reply of site {event['site']} was left out: {event['reason']}[/]"
+            )
         elif kind == "done":
             console.print(f"report: {event['report']}")
         elif kind == "failed":
             console.print(f"[red]run failed: {event['reason']}[/]")
         elif kind == "start":
             after = event["resumed_after"]
-            console.print(f"federated run started ({event['rounds']} rounds, job hash {event['job_hash']})"
-                          + (f", resuming after round {after}" if after else ""))
+            console.print(
+                f"federated run started ({event['rounds']} rounds, job hash {event['job_hash']})"
+                + (f", resuming after round {after}" if after else "")
+            )
 
 
 def follow(run_id: str, home: Path, progress: Path, offset: int, stop_flag: StopFlag) -> str:
@@ -260,8 +315,11 @@ def follow(run_id: str, home: Path, progress: Path, offset: int, stop_flag: Stop
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(PROG, "Coordinate a federation: start Flower's SuperLink, send the job to the sites each "
-                                 "round, aggregate their shared weights, checkpoint every round.")
+    parser = config_parser(
+        PROG,
+        "Coordinate a federation: start Flower's SuperLink, send the job to the sites each "
+        "round, aggregate their shared weights, checkpoint every round.",
+    )
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
@@ -275,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as exc:
             return fail(PROG, f"init: {exc}")
         if cfg.job.base and cfg.job.base != base:
-            return fail(PROG, f"job.base {cfg.job.base} is not the SHA-256 of init {cfg.init} ({base}); leave "
-                              f"job.base empty, the server sets it")
+            return fail(
+                PROG,
+                f"job.base {cfg.job.base} is not the SHA-256 of init {cfg.init} ({base}); leave "
+                f"job.base empty, the server sets it",
+            )
         cfg = replace(cfg, job=replace(cfg.job, base=base))  # sites holding these weights need not download them
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -289,8 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         app, run_config = prepare(cfg, out, port)
         procs = start_coordinator(cfg, out, port)
-        console.print(f"serving the sites on {cfg.server.host}:{cfg.server.port} (Fleet API only); waiting for "
-                      f"{cfg.rounds.min_sites} sites")
+        console.print(
+            f"serving the sites on {cfg.server.host}:{cfg.server.port} (Fleet API only); waiting for "
+            f"{cfg.rounds.min_sites} sites"
+        )
         run_id = str(run_flwr(["run", str(app), CONNECTION, "--run-config", str(run_config)], home)["run-id"])
         status = follow(run_id, home, progress, offset, stop_flag)
     except FlowerError as exc:

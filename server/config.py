@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = "127.0.0.1"  # the public address sites connect to (the Fleet-only proxy; the SuperLink stays on loopback)
+    host: str = (
+        "127.0.0.1"  # the public address sites connect to (the Fleet-only proxy; the SuperLink stays on loopback)
+    )
     port: int = 9092
     insecure: bool = False  # plain HTTP and no site keys: only on a trusted network or for the demo
     keys: str = ""  # an echocare-keys folder: ca.pem, server.pem, server.key and sites/NAME.pub
@@ -28,14 +30,26 @@ class ServerSettings:
         if self.insecure:
             return
         if not self.keys or not self.allowed_sites:
-            raise ValueError("server.insecure is false: set server.keys to an echocare-keys folder and list "
-                             "server.allowed_sites (or insecure: true, on a trusted network or for the demo only)")
+            raise ValueError(
+                "server.insecure is false: set server.keys to an echocare-keys folder and list "
+                "server.allowed_sites (or insecure: true, on a trusted network or for the demo only)"
+            )
         folder = Path(self.keys)
-        missing = [str(f) for f in (folder / "ca.pem", folder / "server.pem", folder / "server.key",
-                                    *(folder / "sites" / f"{n}.pub" for n in self.allowed_sites)) if not f.is_file()]
+        missing = [
+            str(f)
+            for f in (
+                folder / "ca.pem",
+                folder / "server.pem",
+                folder / "server.key",
+                *(folder / "sites" / f"{n}.pub" for n in self.allowed_sites),
+            )
+            if not f.is_file()
+        ]
         if missing:
-            raise ValueError(f"server.keys: missing {', '.join(missing)}; make them with: echocare-keys --out "
-                             f"{self.keys} --server-name HOST --sites {' '.join(self.allowed_sites)}")
+            raise ValueError(
+                f"server.keys: missing {', '.join(missing)}; make them with: echocare-keys --out "
+                f"{self.keys} --server-name HOST --sites {' '.join(self.allowed_sites)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -51,13 +65,22 @@ class RoundSettings:
     keep_checkpoints: int = 2  # round checkpoints kept (the newest); checkpoints/best is kept besides
 
     def __post_init__(self) -> None:
-        if (self.rounds < 1 or self.min_sites < 1 or self.expected_sites < 0 or self.wait_for_sites <= 0
-                or self.deadline <= 0 or not 0 < self.participation <= 1 or self.max_norm_ratio < 0
-                or self.keep_checkpoints < 2):
-            raise ValueError(f"need rounds >= 1, min_sites >= 1, wait_for_sites > 0, deadline > 0, "
-                             f"0 < participation <= 1, max_norm_ratio >= 0 and keep_checkpoints >= 2; got "
-                             f"{self.rounds}, {self.min_sites}, {self.wait_for_sites}, {self.deadline}, "
-                             f"{self.participation}, {self.max_norm_ratio}, {self.keep_checkpoints}")
+        if (
+            self.rounds < 1
+            or self.min_sites < 1
+            or self.expected_sites < 0
+            or self.wait_for_sites <= 0
+            or self.deadline <= 0
+            or not 0 < self.participation <= 1
+            or self.max_norm_ratio < 0
+            or self.keep_checkpoints < 2
+        ):
+            raise ValueError(
+                f"need rounds >= 1, min_sites >= 1, wait_for_sites > 0, deadline > 0, "
+                f"0 < participation <= 1, max_norm_ratio >= 0 and keep_checkpoints >= 2; got "
+                f"{self.rounds}, {self.min_sites}, {self.wait_for_sites}, {self.deadline}, "
+                f"{self.participation}, {self.max_norm_ratio}, {self.keep_checkpoints}"
+            )
 
 
 @dataclass(frozen=True)
@@ -72,19 +95,33 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         if (self.strategy.name == "fedprox") != (self.job.proximal_mu > 0):
-            raise ValueError(f"strategy.name={self.strategy.name} with job.proximal_mu={self.job.proximal_mu}: "
-                             f"fedprox needs proximal_mu > 0, the other strategies need 0")
+            raise ValueError(
+                f"strategy.name={self.strategy.name} with job.proximal_mu={self.job.proximal_mu}: "
+                f"fedprox needs proximal_mu > 0, the other strategies need 0"
+            )
         tasks = [j.task for j in task_jobs(self.job)]
         if "report" in tasks and not self.job.report.classifies:
-            log.warning("job.report has no findings (or findings_weight 0): the report model gets no findings "
-                        "classifier, and without one it learnt to write one report for every study in our benchmark "
-                        "(docs/benchmarks.md); list the findings the sites' reports state under job.report.findings")
+            log.warning(
+                "job.report has no findings (or findings_weight 0): the report model gets no findings "
+                "classifier, and without one it learnt to write one report for every study in our benchmark "
+                "(docs/benchmarks.md); list the findings the sites' reports state under job.report.findings"
+            )
         if self.job.base and not self.init:
-            raise ValueError(f"job.base={self.job.base} names base weights but init is empty: set init to the "
-                             f"weights file (the server computes job.base from it)")
+            raise ValueError(
+                f"job.base={self.job.base} names base weights but init is empty: set init to the "
+                f"weights file (the server computes job.base from it)"
+            )
         if self.job.train.privacy.on and self.job.proximal_mu > 0:
-            raise ValueError(f"job.train.privacy.epsilon={self.job.train.privacy.epsilon} with proximal_mu "
-                             f"{self.job.proximal_mu}: differential privacy does not support FedProx yet")
-        if self.job.train.privacy.on and self.job.train.privacy.mode == "ghost" and {"regression", "report"} & set(tasks):
-            raise ValueError(f"job.train.privacy.mode ghost with task(s) {', '.join(tasks)}: ghost clipping keeps per-image "
-                             f"gradient norms, which do not add up to a clip's or a report's; use mode hooks")
+            raise ValueError(
+                f"job.train.privacy.epsilon={self.job.train.privacy.epsilon} with proximal_mu "
+                f"{self.job.proximal_mu}: differential privacy does not support FedProx yet"
+            )
+        if (
+            self.job.train.privacy.on
+            and self.job.train.privacy.mode == "ghost"
+            and {"regression", "report"} & set(tasks)
+        ):
+            raise ValueError(
+                f"job.train.privacy.mode ghost with task(s) {', '.join(tasks)}: ghost clipping keeps per-image "
+                f"gradient norms, which do not add up to a clip's or a report's; use mode hooks"
+            )

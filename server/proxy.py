@@ -24,8 +24,17 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-              "transfer-encoding", "upgrade", "host"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+}
 OWN = {"date", "server"}  # uvicorn sets its own
 REFUSED = "this address serves only the Fleet API (/v1/fleet/*, /health)\n"
 # letters, digits, '-' and '_' between slashes: no dot segments, escapes or empty segments, so the path that
@@ -35,9 +44,12 @@ PUBLIC = re.compile(r"/health|/v1/fleet(/[A-Za-z0-9_-]+)+")
 
 def make_app(upstream: str, ca: Path | None) -> Starlette:
     """The proxy to `upstream` (host:port of the SuperLink; over TLS trusting `ca`, when given)."""
-    client = httpx.AsyncClient(base_url=f"{'https' if ca else 'http'}://{upstream}", verify=str(ca) if ca else False,
-                               timeout=httpx.Timeout(300.0, connect=10.0, pool=60.0),  # per read/write, not total
-                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
+    client = httpx.AsyncClient(
+        base_url=f"{'https' if ca else 'http'}://{upstream}",
+        verify=str(ca) if ca else False,
+        timeout=httpx.Timeout(300.0, connect=10.0, pool=60.0),  # per read/write, not total
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+    )
 
     async def forward(request: Request) -> PlainTextResponse | StreamingResponse:
         path = request.scope.get("raw_path", b"").split(b"?", 1)[0].decode("latin-1")  # as received, undecoded
@@ -46,8 +58,12 @@ def make_app(upstream: str, ca: Path | None) -> Starlette:
         headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
         query = request.scope.get("query_string", b"")
         has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
-        sent = client.build_request(request.method, httpx.URL(path=path, **({"query": query} if query else {})),
-                                    headers=headers, content=request.stream() if has_body else None)
+        sent = client.build_request(
+            request.method,
+            httpx.URL(path=path, **({"query": query} if query else {})),
+            headers=headers,
+            content=request.stream() if has_body else None,
+        )
         try:
             reply = await client.send(sent, stream=True)
         except httpx.HTTPError:
@@ -81,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     host, port = args.listen.rsplit(":", 1)
     keys = Path(args.keys) if args.keys else None
     tls = {"ssl_certfile": str(keys / "server.pem"), "ssl_keyfile": str(keys / "server.key")} if keys else {}
-    uvicorn.run(make_app(args.upstream, keys / "ca.pem" if keys else None), host=host, port=int(port),
-                log_level="warning", **tls)
+    uvicorn.run(
+        make_app(args.upstream, keys / "ca.pem" if keys else None),
+        host=host,
+        port=int(port),
+        log_level="warning",
+        **tls,
+    )
     return 0
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
@@ -44,8 +45,9 @@ class Progress:
         self.audit(event, **fields, **({"sent": manifest(sent)} if sent is not None else {}))
 
 
-def send_and_receive(grid: Grid, nodes: list[int], message: Callable[[int], Message], lacking: set[int],
-                     timeout: float) -> Iterator[tuple[int, Message]]:
+def send_and_receive(
+    grid: Grid, nodes: list[int], message: Callable[[int], Message], lacking: set[int], timeout: float
+) -> Iterator[tuple[int, Message]]:
     """Send `message(node)` to each node and yield (node, reply) as each reply arrives, until all came back or
     `timeout` seconds passed.
 
@@ -60,8 +62,9 @@ def send_and_receive(grid: Grid, nodes: list[int], message: Callable[[int], Mess
     todo = list(nodes)
     while (todo or pending or offline) and time.monotonic() < end:
         if todo:
-            pending.update((mid, node) for mid, node in zip(grid.push_messages([message(n) for n in todo]), todo)
-                           if mid)
+            pending.update(
+                (mid, node) for mid, node in zip(grid.push_messages([message(n) for n in todo]), todo) if mid
+            )
             todo = []
         for reply in grid.pull_messages(list(pending)):
             node = pending.pop(reply.metadata.reply_to_message_id)
@@ -94,8 +97,9 @@ def _nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def _received(sent: dict, state: dict, expected: dict, metrics: dict[str, float], transport: str,
-              tasks: int) -> tuple[dict, str]:
+def _received(
+    sent: dict, state: dict, expected: dict, metrics: dict[str, float], transport: str, tasks: int
+) -> tuple[dict, str]:
     """A reply's trained shared parameters (fp32, from its deltas or weights) and why they cannot be aggregated
     ("" when they can): other parameters or shapes, another dtype than the transport's, non-finite values, no
     samples, no task of the job's `tasks` (multi-task; 0: single-task)."""
@@ -122,8 +126,15 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     from echocare_core.engine.metrics import MAIN_METRIC
     from echocare_core.engine.report import privacy_spent, write_federation_report
     from echocare_core.federation.job import job_hash, shared_names, task_jobs
-    from echocare_core.federation.rounds import (aggregate, choose_sites, initial_state, outlier_reasons, resume,
-                                                 save_best, save_round)
+    from echocare_core.federation.rounds import (
+        aggregate,
+        choose_sites,
+        initial_state,
+        outlier_reasons,
+        resume,
+        save_best,
+        save_round,
+    )
     from echocare_core.federation.site import build_job_model
 
     out, job, settings = Path(cfg.output), cfg.job, cfg.rounds
@@ -138,8 +149,9 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     nodes = wait_for_sites(grid, max(settings.expected_sites, settings.min_sites), settings.wait_for_sites)
     if len(nodes) < settings.min_sites:
         progress("failed", reason=f"{len(nodes)} site(s) connected, min_sites is {settings.min_sites}")
-        raise RuntimeError(f"{len(nodes)} site(s) connected in {settings.wait_for_sites:.0f} s; min_sites is "
-                           f"{settings.min_sites}")
+        raise RuntimeError(
+            f"{len(nodes)} site(s) connected in {settings.wait_for_sites:.0f} s; min_sites is {settings.min_sites}"
+        )
     job_json = job.to_json()
     shared_keys = shared_names(build_job_model(job), job)
     expected = {n: state[n].shape for n in shared_keys}
@@ -152,15 +164,22 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         connected = wait_for_sites(grid, settings.min_sites, settings.wait_for_sites)
         nodes = choose_sites(connected, settings.participation, settings.min_sites, job.seed, rnd)
         arrays = ArrayRecord({k: state[k] for k in shared_keys})
-        config = ConfigRecord({"round": rnd, "rounds": settings.rounds, "job": job_json, "toolkit": __version__,
-                               "frozen": frozen_digest})
+        config = ConfigRecord(
+            {"round": rnd, "rounds": settings.rounds, "job": job_json, "toolkit": __version__, "frozen": frozen_digest}
+        )
         lacking, down = set(nodes) - holding, dict.fromkeys(nodes, 0)
 
         def message(node: int) -> Message:  # also a message asked again: it expires with the round
-            content = {"arrays": arrays, "config": config, **({"frozen": frozen_record} if node in lacking else {})}
-            down[node] += shared_bytes + (frozen_bytes if node in lacking else 0)
-            return Message(RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd),
-                           ttl=max(1.0, settings.deadline - (time.time() - t0)))
+            # called only within this round (send_and_receive below), so it reads this round's values
+            frozen = {"frozen": frozen_record} if node in lacking else {}  # noqa: B023
+            down[node] += shared_bytes + (frozen_bytes if frozen else 0)  # noqa: B023
+            return Message(
+                RecordDict({"arrays": arrays, "config": config, **frozen}),  # noqa: B023
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
+                group_id=str(rnd),  # noqa: B023
+                ttl=max(1.0, settings.deadline - (time.time() - t0)),  # noqa: B023
+            )
 
         progress("round_start", round=rnd, sites=len(nodes), connected=len(connected), asked=[str(n) for n in nodes])
         updates, sites, received = [], [], 0
@@ -168,18 +187,36 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
             if not reply.has_error() or reply.error.code != ErrorCode.NODE_UNAVAILABLE:
                 holding.add(node)  # it answered with the frozen part in hand (or will say NEED_FROZEN)
             if reply.has_error():
-                progress("refused", round=rnd, node=str(node), code=reply.error.code,
-                         reason=reply.error.reason, bytes_sent=down[node])
+                progress(
+                    "refused",
+                    round=rnd,
+                    node=str(node),
+                    code=reply.error.code,
+                    reason=reply.error.reason,
+                    bytes_sent=down[node],
+                )
                 continue
             sent = reply.content["arrays"].to_torch_state_dict()
             received += _nbytes(sent)
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
-            site = {"site": str(reply.content["site"]["name"]), **metrics, "seconds": round(time.time() - t0, 2),
-                    "bytes_sent": down[node], "bytes_received": _nbytes(sent)}
+            site = {
+                "site": str(reply.content["site"]["name"]),
+                **metrics,
+                "seconds": round(time.time() - t0, 2),
+                "bytes_sent": down[node],
+                "bytes_received": _nbytes(sent),
+            }
             shared, problem = _received(sent, state, expected, metrics, job.transport, len(job.tasks))
             if problem:
-                progress("rejected", sent=sent, round=rnd, site=site["site"], reason=problem,
-                         bytes_sent=site["bytes_sent"], bytes_received=site["bytes_received"])
+                progress(
+                    "rejected",
+                    sent=sent,
+                    round=rnd,
+                    site=site["site"],
+                    reason=problem,
+                    bytes_sent=site["bytes_sent"],
+                    bytes_received=site["bytes_received"],
+                )
                 continue
             task = tasks[int(metrics["task_index"]) if job.tasks else 0]  # what the site ran, for the tables
             site.update(task=task, metric=MAIN_METRIC[task])
@@ -189,18 +226,38 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
         far = outlier_reasons(state, updates, settings.max_norm_ratio)
         for site, reason in zip(sites, far):
             if reason:
-                progress("rejected", round=rnd, site=site["site"], reason=reason, bytes_sent=site["bytes_sent"],
-                         bytes_received=site["bytes_received"])
+                progress(
+                    "rejected",
+                    round=rnd,
+                    site=site["site"],
+                    reason=reason,
+                    bytes_sent=site["bytes_sent"],
+                    bytes_received=site["bytes_received"],
+                )
         updates, sites = [u for u, r in zip(updates, far) if not r], [s for s, r in zip(sites, far) if not r]
         if len(updates) < settings.min_sites:
             progress("failed", round=rnd, reason=f"{len(updates)} valid replies, min_sites is {settings.min_sites}")
             raise RuntimeError(f"round {rnd}: {len(updates)} valid replies; min_sites is {settings.min_sites}")
         state, server_state = aggregate(state, updates, cfg.strategy, server_state)
-        history.append({"round": rnd, "seconds": round(time.time() - t0, 2),
-                        "sites": sorted(sites, key=lambda s: s["site"]),
-                        "bytes_to_sites": sum(down.values()), "bytes_from_sites": received})  # all asked
-        path = save_round(out, job, state, rnd, {"sites": len(sites), "privacy": privacy_spent(history)}, history,
-                          server_state, settings.keep_checkpoints)
+        history.append(
+            {
+                "round": rnd,
+                "seconds": round(time.time() - t0, 2),
+                "sites": sorted(sites, key=lambda s: s["site"]),
+                "bytes_to_sites": sum(down.values()),
+                "bytes_from_sites": received,
+            }
+        )  # all asked
+        path = save_round(
+            out,
+            job,
+            state,
+            rnd,
+            {"sites": len(sites), "privacy": privacy_spent(history)},
+            history,
+            server_state,
+            settings.keep_checkpoints,
+        )
         best = save_best(out, job, history)
         write_json_lines(out / "metrics.jsonl", history)
         progress("round_end", **history[-1], checkpoint=str(path), **({"best": rnd - 1} if best else {}))

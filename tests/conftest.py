@@ -43,7 +43,11 @@ def tiny_encoder_cfg() -> EncoderConfig:
 def tiny_pretrain_dict(sources: list[Path], output: Path, **top) -> dict:
     """A pretrain.yaml as a mapping: a 'test' Swin at 64 px, 8-image micro-batches."""
     return {
-        "output": str(output), "seed": 0, "device": "cpu", "log_every": 1, **top,
+        "output": str(output),
+        "seed": 0,
+        "device": "cpu",
+        "log_every": 1,
+        **top,
         "data": {"sources": [str(s) for s in sources], "num_workers": 0, "min_nonzero": 100},
         "model": dict(TINY_ENCODER),
         "mim": {"mask_ratio": 0.5, "mask_patch_size": 16},
@@ -52,6 +56,5 @@ def tiny_pretrain_dict(sources: list[Path], output: Path, **top) -> dict:
     }
 
 
-def tiny_pretrain_cfg(sources: list[Path], output: Path, overrides: list[str] | None = None, **top
-                      ) -> PretrainConfig:
+def tiny_pretrain_cfg(sources: list[Path], output: Path, overrides: list[str] | None = None, **top) -> PretrainConfig:
     return load_config(PretrainConfig, None, overrides, base=tiny_pretrain_dict(sources, output, **top))

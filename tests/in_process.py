@@ -7,8 +7,8 @@ import dataclasses
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import yaml
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
@@ -26,9 +26,14 @@ class InProcessGrid:
     `tamper[node](trained, global_state)` replaces the weights that site trained (before its transport); `restarting` sites answer their first
     message as Flower does for a SuperNode that missed its heartbeats (NODE_UNAVAILABLE), then come back."""
 
-    def __init__(self, sites: dict[int, dict], silent: tuple[int, ...] = (), crash_in_round: int = 0,
-                 tamper: dict[int, Callable[[dict, dict], dict]] | None = None,
-                 restarting: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        sites: dict[int, dict],
+        silent: tuple[int, ...] = (),
+        crash_in_round: int = 0,
+        tamper: dict[int, Callable[[dict, dict], dict]] | None = None,
+        restarting: tuple[int, ...] = (),
+    ) -> None:
         self.sites, self.silent, self.crash_in_round, self.tamper = sites, silent, crash_in_round, tamper or {}
         self.restarting = set(restarting)
         self.state: dict = {}  # the global model of the round being asked
@@ -64,8 +69,9 @@ class InProcessGrid:
                 if node in self.tamper and not reply.has_error():  # a hostile or broken site changes its weights
                     transport = json.loads(str(msg.content["config"]["job"])).get("transport", "bf16")
                     sent = decode(reply.content["arrays"].to_torch_state_dict(), self.state, transport)
-                    reply.content["arrays"] = ArrayRecord(encode(self.tamper[node](sent, self.state), self.state,
-                                                                 transport))
+                    reply.content["arrays"] = ArrayRecord(
+                        encode(self.tamper[node](sent, self.state), self.state, transport)
+                    )
                 replies.append(reply)
         self.replies += replies
         return replies
@@ -74,8 +80,17 @@ class InProcessGrid:
 def node_config(name: str, folder, state, **settings) -> dict:
     """The node config `echocare-client` would write for a site, without a worker (the round runs in the
     ClientApp): the path of its site.yaml, state in `state/name`."""
-    return site_node(SiteConfig(name=name, data=str(folder), insecure=True, device="cpu", num_workers=0,
-                                state_dir=str(Path(state) / name), **settings))
+    return site_node(
+        SiteConfig(
+            name=name,
+            data=str(folder),
+            insecure=True,
+            device="cpu",
+            num_workers=0,
+            state_dir=str(Path(state) / name),
+            **settings,
+        )
+    )
 
 
 def site_node(site: SiteConfig) -> dict:

@@ -4,8 +4,15 @@ they are of another format."""
 import pytest
 import torch
 
-from echocare_core.checkpoint import (build_from_checkpoint, latest_checkpoint, load_train_state,
-                                      prune_checkpoints, read_meta, save_checkpoint, unwrap)
+from echocare_core.checkpoint import (
+    build_from_checkpoint,
+    latest_checkpoint,
+    load_train_state,
+    prune_checkpoints,
+    read_meta,
+    save_checkpoint,
+    unwrap,
+)
 from echocare_core.config import to_dict
 from echocare_core.data.ontology import load_ontology
 from echocare_core.models.pretrain import EchoCarePretrainModel
@@ -21,8 +28,12 @@ def test_round_trip_rebuilds_the_model_from_the_checkpoint_alone(tmp_path, tiny_
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 1, 64, 64), torch.ones(2, 32, 32), torch.tensor([-1, 3]))[0].backward()
     opt.step()
-    meta = {"model_kind": "pretrain", "encoder": to_dict(tiny_encoder_cfg),
-            "ontology": load_ontology().to_tree(), "step": 7}
+    meta = {
+        "model_kind": "pretrain",
+        "encoder": to_dict(tiny_encoder_cfg),
+        "ontology": load_ontology().to_tree(),
+        "step": 7,
+    }
     folder = save_checkpoint(tmp_path / "step_000007", model, meta, {"optimizer": opt.state_dict(), "step": 7})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000007"]  # no temp folder left
     rebuilt, meta2 = build_from_checkpoint(folder)
@@ -65,9 +76,14 @@ def test_a_checkpoint_of_the_former_encoder_layout_is_refused_by_name(tmp_path, 
     from echocare_core.checkpoint import CheckpointFormatError
     from echocare_core.engine.pretrain import run_pretraining
 
-    old = save_checkpoint(tmp_path / "run" / "checkpoints" / "step_000004", SwinEncoder(tiny_encoder_cfg),
-                          {"format_version": 1, "toolkit_version": "0.1.0", "model_kind": "pretrain"})
-    with pytest.raises(CheckpointFormatError, match=r"echocare 0.1.0 with the former Swin layout \(checkpoint format 1"):
+    old = save_checkpoint(
+        tmp_path / "run" / "checkpoints" / "step_000004",
+        SwinEncoder(tiny_encoder_cfg),
+        {"format_version": 1, "toolkit_version": "0.1.0", "model_kind": "pretrain"},
+    )
+    with pytest.raises(
+        CheckpointFormatError, match=r"echocare 0.1.0 with the former Swin layout \(checkpoint format 1"
+    ):
         read_meta(old)
     with pytest.raises(CheckpointFormatError):  # a run folder of the old layout is not started over
         run_pretraining(tiny_pretrain_cfg(pretrain_data, tmp_path / "run"))

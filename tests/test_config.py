@@ -76,8 +76,12 @@ def test_shipped_example_configs_validate():
     from echocare_client.config import SiteConfig
     from echocare_server.config import FederationConfig
 
-    kinds = {"pretrain": PretrainConfig, "site": FinetuneConfig, "federation": FederationConfig,
-             "federated": SiteConfig}
+    kinds = {
+        "pretrain": PretrainConfig,
+        "site": FinetuneConfig,
+        "federation": FederationConfig,
+        "federated": SiteConfig,
+    }
     shipped = sorted((root / "hospital_configs").glob("*.yaml"))
     assert len(shipped) >= 8
     for path in shipped:

@@ -16,7 +16,6 @@ from echocare_core.models.swin import EncoderConfig, SwinEncoder
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 from echocare_core.weights import WeightsMismatch, load_encoder_weights
 
-
 RELEASE_LIKE = dict(variant="test", img_size=64, window_size=4, in_chans=3, drop_path=0.0)
 
 
@@ -47,9 +46,12 @@ def test_swinunetr_and_wrapped_checkpoints_load(tmp_path, prefix):
     cfg = EncoderConfig(**RELEASE_LIKE)
     _, ref, state = _release_file(tmp_path, cfg)
     decoder = {"encoder1.layer.conv1.conv.weight": torch.zeros(2, 3, 3, 3), "out.conv.conv.weight": torch.zeros(1)}
-    nested = {"state_dict": {**{prefix + k: v for k, v in ref.state_dict().items()},
-                             **{prefix.replace("swinViT.", "").replace("encoder.", "") + k: v
-                                for k, v in decoder.items()}}}
+    nested = {
+        "state_dict": {
+            **{prefix + k: v for k, v in ref.state_dict().items()},
+            **{prefix.replace("swinViT.", "").replace("encoder.", "") + k: v for k, v in decoder.items()},
+        }
+    }
     torch.save(nested, tmp_path / "swinunetr.pt")
     enc = SwinEncoder(cfg)
     report = load_encoder_weights(enc, tmp_path / "swinunetr.pt")
@@ -62,10 +64,13 @@ def test_a_file_that_fits_only_in_part_stops_unless_partial_loading_is_asked_for
     file, _, _ = _release_file(tmp_path, cfg, window_size=8)  # other bias tables
     enc = SwinEncoder(cfg)
     before = {k: v.clone() for k, v in enc.state_dict().items()}
-    with pytest.raises(WeightsMismatch, match=r"echocare.pth does not fit the encoder .*window 4.*: 70 of the "
-                                              r"encoder's 78 tensors loaded; 8 of another shape \(first: "
-                                              r"layers1.0.blocks.0.attn.relative_position_bias_table: file \(225, 1\), "
-                                              r"encoder \(49, 1\).*set init_partial: true") as exc:
+    with pytest.raises(
+        WeightsMismatch,
+        match=r"echocare.pth does not fit the encoder .*window 4.*: 70 of the "
+        r"encoder's 78 tensors loaded; 8 of another shape \(first: "
+        r"layers1.0.blocks.0.attn.relative_position_bias_table: file \(225, 1\), "
+        r"encoder \(49, 1\).*set init_partial: true",
+    ) as exc:
         load_encoder_weights(enc, file)
     assert isinstance(exc.value, ValueError)
     assert all(torch.equal(v, enc.state_dict()[k]) for k, v in before.items())  # nothing loaded
@@ -83,8 +88,12 @@ def test_three_channel_weights_serve_a_grayscale_encoder_exactly(tmp_path):
     assert report.complete and report.adapted == ["patch_embed.proj.weight (3 -> 1 channels)"]
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(gray.forward_intermediates(x, intermediates_only=True)[-1],
-                                   ref(x.expand(-1, 3, -1, -1))[-1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            gray.forward_intermediates(x, intermediates_only=True)[-1],
+            ref(x.expand(-1, 3, -1, -1))[-1],
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_own_pretrain_checkpoint_feeds_an_encoder(tmp_path, tiny_encoder_cfg):
@@ -104,7 +113,7 @@ def test_code_a_damaged_file_and_another_model_each_get_their_own_message(tmp_pa
         load_encoder_weights(enc, evil)
     file, _, _ = _release_file(tmp_path, EncoderConfig(**RELEASE_LIKE))
     cut = tmp_path / "cut.pth"
-    cut.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])
+    cut.write_bytes(file.read_bytes()[: len(file.read_bytes()) // 2])
     with pytest.raises(ValueError, match="cut.pth is cut short or damaged .*compare its SHA-256"):
         load_encoder_weights(enc, cut)
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}, tmp_path / "resnet.pth")
@@ -125,9 +134,17 @@ def test_export_writes_the_release_layout_that_monai_loads_strictly(tmp_path, mo
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # LoRA's B starts at zero: make the adapters count
-    save_checkpoint(tmp_path / "best", model, {"model_kind": "task", "task": "segmentation", "encoder": to_dict(cfg),
-                                                "head": {"num_classes": 2, "feature_size": 4, "multi_label": False},
-                                                "finetune": {"mode": mode, "lora_rank": 2, "lora_alpha": 16.0}})
+    save_checkpoint(
+        tmp_path / "best",
+        model,
+        {
+            "model_kind": "task",
+            "task": "segmentation",
+            "encoder": to_dict(cfg),
+            "head": {"num_classes": 2, "feature_size": 4, "multi_label": False},
+            "finetune": {"mode": mode, "lora_rank": 2, "lora_alpha": 16.0},
+        },
+    )
     from echocare_core.cli.export import main as export_main
 
     assert export_main([str(tmp_path / "best"), "--out", str(tmp_path / "out" / "encoder.pth")]) == 0

@@ -6,23 +6,33 @@ import argparse
 import logging
 import signal
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-
-__all__ = ["command_parser", "config_parser", "input_error", "metrics_table", "setup_logging", "fail", "StopFlag", "step_progress"]
+__all__ = [
+    "command_parser",
+    "config_parser",
+    "input_error",
+    "metrics_table",
+    "setup_logging",
+    "fail",
+    "StopFlag",
+    "step_progress",
+]
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 132)  # logs: tables not squeezed to 80
 
 
 def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser whose help shows defaults, with `-v/--verbose`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -31,8 +41,14 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """`command_parser` plus `--config FILE` and repeatable `--set key=value`."""
     parser = command_parser(prog, description)
     parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
     return parser
 
 
@@ -60,8 +76,13 @@ def fail(prog: str, message: str, code: int = 2) -> int:
 
 def setup_logging(verbose: bool = False, rank: int = 0) -> None:
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)], force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
+        force=True,
+    )
 
 
 class StopFlag:
@@ -90,9 +111,17 @@ def step_progress(description: str, fields: dict[str, str]) -> tuple[Progress, C
         description: left-hand label.
         fields: metric key -> format, e.g. {"loss": "loss {:.4f}"}.
     """
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=console, disable=not sys.stderr.isatty())
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not sys.stderr.isatty(),
+    )
     task = progress.add_task(description, total=None, metrics="")
 
     def update(step: int, total: int, metrics: dict) -> None:

@@ -65,30 +65,37 @@ def _size(text: str) -> int:
 
 def _add_synth(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "synth", help="write synthetic ultrasound datasets, one folder per site",
+        "synth",
+        help="write synthetic ultrasound datasets, one folder per site",
         description="Write OUT/site_00, OUT/site_01, ... each a dataset folder (dataset.yaml, "
-                    "manifest.csv, images/ and masks/ or clips/) imaged with a different device profile.",
-        formatter_class=_HelpFormatter)
+        "manifest.csv, images/ and masks/ or clips/) imaged with a different device profile.",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("--out", type=Path, required=True, help="parent folder of the site folders")
     p.add_argument("--sites", type=_int_at_least(1), required=True, help="number of sites")
     p.add_argument("--per-site", type=_int_at_least(1), required=True, help="images (regression: clips) per site")
     p.add_argument("--task", choices=synthetic.TASKS, required=True, help="what the labels are for")
     p.add_argument("--size", type=_size, default=128, help="image height and width in pixels")
     p.add_argument("--seed", type=int, default=0, help="base seed; same seed, same bytes")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace images/, masks/, clips/, manifest.csv and dataset.yaml in non-empty site folders")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace images/, masks/, clips/, manifest.csv and dataset.yaml in non-empty site folders",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=_run_synth)
 
 
 def _add_verify(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "verify", help="check a dataset folder (dataset.yaml + manifest.csv) before training",
+        "verify",
+        help="check a dataset folder (dataset.yaml + manifest.csv) before training",
         description="Check every row of a dataset folder against the contract: required columns for the "
-                    "task, files that exist and decode, masks of the image's size with declared values, "
-                    "declared classes, constant landmark counts, boxes inside the image, numbers that parse, "
-                    "no patient in two splits. Reads only; exit code 1 when anything is wrong.",
-        formatter_class=_HelpFormatter)
+        "task, files that exist and decode, masks of the image's size with declared values, "
+        "declared classes, constant landmark counts, boxes inside the image, numbers that parse, "
+        "no patient in two splits. Reads only; exit code 1 when anything is wrong.",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("folder", type=Path, help="the dataset folder")
     p.add_argument("--max-problems", type=_int_at_least(1), default=50, help="problems to list in the table")
     p.add_argument("--json", type=Path, help="also write the full report as JSON to this file")
@@ -104,14 +111,19 @@ def _run_verify(args: argparse.Namespace, console: Console) -> int:
     for name in ("column", "required", "present", "missing", "wrong"):
         columns.add_column(name, justify="left" if name == "column" else "right")
     for col, c in report.columns.items():
-        columns.add_row(col, "yes" if c["required"] else "", "yes" if c["present"] else "[red]no[/]",
-                        str(c["missing"]), f"[red]{c['wrong']}[/]" if c["wrong"] else "0")
+        columns.add_row(
+            col,
+            "yes" if c["required"] else "",
+            "yes" if c["present"] else "[red]no[/]",
+            str(c["missing"]),
+            f"[red]{c['wrong']}[/]" if c["wrong"] else "0",
+        )
     console.print(columns)
     if report.problems:
         problems = Table(title=f"{len(report.problems)} problem(s)")
         for name in ("file", "row", "column", "value", "what is allowed"):
             problems.add_column(name, overflow="fold")
-        for p in report.problems[:args.max_problems]:
+        for p in report.problems[: args.max_problems]:
             value = p.value if len(p.value) <= 60 else p.value[:57] + "..."
             problems.add_row(p.file, "" if p.row is None else str(p.row), p.column or "", value, p.allowed)
         console.print(problems)
@@ -120,15 +132,27 @@ def _run_verify(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         _write_json(args.json, report)
     splits = ", ".join(f"{k} {v}" for k, v in sorted(report.splits.items()))
-    console.print(f"[bold red]{len(report.problems)} problem(s)[/]" if report.problems
-                  else f"[bold green]ok[/]: {report.rows} rows; splits {splits}")
+    console.print(
+        f"[bold red]{len(report.problems)} problem(s)[/]"
+        if report.problems
+        else f"[bold green]ok[/]: {report.rows} rows; splits {splits}"
+    )
     return 0 if report.ok else 1
 
 
 def _write_json(path: Path, report: VerifyReport) -> None:
-    _write_json_file(path, {"folder": str(report.folder), "task": report.task, "rows": report.rows, "ok": report.ok,
-                            "columns": report.columns, "splits": report.splits,
-                            "problems": [asdict(p) for p in report.problems]})
+    _write_json_file(
+        path,
+        {
+            "folder": str(report.folder),
+            "task": report.task,
+            "rows": report.rows,
+            "ok": report.ok,
+            "columns": report.columns,
+            "splits": report.splits,
+            "problems": [asdict(p) for p in report.problems],
+        },
+    )
 
 
 def _write_json_file(path: Path, data: dict) -> None:
@@ -139,8 +163,7 @@ def _write_json_file(path: Path, data: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the `echocare-data` argument parser (one subparser per subcommand)."""
-    parser = argparse.ArgumentParser(prog=PROG, description="EchoCare dataset tools.",
-                                     formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description="EchoCare dataset tools.", formatter_class=_HelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(subparsers)
     _add_verify(subparsers)
@@ -152,15 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_niqe_model(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "niqe-model", help="fit NIQE's pristine model to a folder of high-quality images",
+        "niqe-model",
+        help="fit NIQE's pristine model to a folder of high-quality images",
         description="Fit the model NIQE scores images against (mean and covariance of the sharp blocks' "
-                    "features) to the site's own high-quality images, and write it as .npz for "
-                    "echocare-evaluate --niqe-params. The published model was fitted to natural photographs.",
-        formatter_class=_HelpFormatter)
+        "features) to the site's own high-quality images, and write it as .npz for "
+        "echocare-evaluate --niqe-params. The published model was fitted to natural photographs.",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("folder", type=Path, help="folder of high-quality images (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="the model file to write (.npz)")
-    p.add_argument("--block-size", type=_int_at_least(16), default=96, help="block side in pixels, even; images to "
-                   "score need two whole blocks")
+    p.add_argument(
+        "--block-size",
+        type=_int_at_least(16),
+        default=96,
+        help="block side in pixels, even; images to score need two whole blocks",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=_run_niqe_model)
 
@@ -181,30 +210,53 @@ def _run_niqe_model(args: argparse.Namespace, console: Console) -> int:
 
 def _add_ingest(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "ingest", help="DICOM files, images and cine loops in; a clean anonymised dataset folder out",
+        "ingest",
+        help="DICOM files, images and cine loops in; a clean anonymised dataset folder out",
         description="Read every file under SRC (DICOM single- and multi-frame, PNG/JPG/BMP/TIFF, videos with "
-                    "PyAV), sample cine loops, cut out the ultrasound scan region (text, logos, rulers and colour "
-                    "bars outside it go), drop near-empty and near-duplicate frames, and write OUT: PNG images "
-                    "under fresh names, a manifest with a pseudonymous patient id (keyed by the site secret) and "
-                    "device fields only. What became of each file: OUT.ingest.csv beside OUT (mode 0600: it maps "
-                    "the dataset back to source files; keep it with the site). Then: echocare-data verify OUT",
-        formatter_class=_HelpFormatter)
+        "PyAV), sample cine loops, cut out the ultrasound scan region (text, logos, rulers and colour "
+        "bars outside it go), drop near-empty and near-duplicate frames, and write OUT: PNG images "
+        "under fresh names, a manifest with a pseudonymous patient id (keyed by the site secret) and "
+        "device fields only. What became of each file: OUT.ingest.csv beside OUT (mode 0600: it maps "
+        "the dataset back to source files; keep it with the site). Then: echocare-data verify OUT",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("src", type=Path, help="the folder to read (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="the dataset folder to write (must not exist)")
-    p.add_argument("--task", choices=("pretrain", "classification"), default="pretrain",
-                   help="pretrain: unlabelled images; classification: the class is the first folder under SRC")
-    p.add_argument("--classes", nargs="+", default=[], metavar="CLASS",
-                   help="classification: the class folders under SRC to read (others are left out)")
-    p.add_argument("--secret", type=Path, required=True,
-                   help="the site's pseudonymisation secret, mode 0600 (made when missing; keep it: the same "
-                        "secret gives the same patient ids; it never leaves the site)")
+    p.add_argument(
+        "--task",
+        choices=("pretrain", "classification"),
+        default="pretrain",
+        help="pretrain: unlabelled images; classification: the class is the first folder under SRC",
+    )
+    p.add_argument(
+        "--classes",
+        nargs="+",
+        default=[],
+        metavar="CLASS",
+        help="classification: the class folders under SRC to read (others are left out)",
+    )
+    p.add_argument(
+        "--secret",
+        type=Path,
+        required=True,
+        help="the site's pseudonymisation secret, mode 0600 (made when missing; keep it: the same "
+        "secret gives the same patient ids; it never leaves the site)",
+    )
     p.add_argument("--log", type=Path, help="where to write what became of each file (default: OUT.ingest.csv)")
     p.add_argument("--frame-step", type=_int_at_least(1), default=10, help="cine loops: keep every k-th frame")
-    p.add_argument("--min-nonzero", type=_int_at_least(0), default=1000,
-                   help="drop frames with fewer non-zero pixels in the scan region")
-    p.add_argument("--dedup-bits", type=_int_at_least(-1), default=4,
-                   help="drop a frame whose 64-bit perceptual hash is within this many bits of one kept for the "
-                        "same patient (-1: keep all)")
+    p.add_argument(
+        "--min-nonzero",
+        type=_int_at_least(0),
+        default=1000,
+        help="drop frames with fewer non-zero pixels in the scan region",
+    )
+    p.add_argument(
+        "--dedup-bits",
+        type=_int_at_least(-1),
+        default=4,
+        help="drop a frame whose 64-bit perceptual hash is within this many bits of one kept for the "
+        "same patient (-1: keep all)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=_run_ingest)
 
@@ -224,26 +276,45 @@ def _run_ingest(args: argparse.Namespace, console: Console) -> int:
         return fail(prog, str(exc))
     if made:
         console.print(f"made a new site secret in {args.secret} (mode 0600): keep it; it never leaves the site")
-    with Progress(TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
+    with Progress(
+        TextColumn("[bold]ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as progress:
         bar = progress.add_task("files", total=None)
         try:
-            result = ingest(args.src, args.out, secret, settings, args.log,
-                            on_file=lambda done, total: progress.update(bar, completed=done, total=total))
+            result = ingest(
+                args.src,
+                args.out,
+                secret,
+                settings,
+                args.log,
+                on_file=lambda done, total: progress.update(bar, completed=done, total=total),
+            )
         except (ValueError, OSError) as exc:  # nothing usable, the output appeared meanwhile, a full disk
             return fail(prog, str(exc))
     dropped = ", ".join(f"{reason} {n}" for reason, n in result.dropped.most_common()) or "nothing"
-    console.print(f"{result.out}: {result.images} images of {result.patients} patients from {result.files} files; "
-                  f"dropped: {dropped} (why, per file: {result.log}). Next: echocare-data verify {result.out}",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"{result.out}: {result.images} images of {result.patients} patients from {result.files} files; "
+        f"dropped: {dropped} (why, per file: {result.log}). Next: echocare-data verify {result.out}",
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0
 
 
 def _add_card(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "card", help="counts of a dataset that are safe to share with the coordinator",
+        "card",
+        help="counts of a dataset that are safe to share with the coordinator",
         description="Samples and patients per split, class, device and modality, and image sizes: counts only, "
-                    "no id, file name or value of any sample.", formatter_class=_HelpFormatter)
+        "no id, file name or value of any sample.",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("folder", type=Path, help="the dataset folder")
     p.add_argument("--json", type=Path, help="also write the card as JSON to this file")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -258,8 +329,10 @@ def _run_card(args: argparse.Namespace, console: Console) -> int:
         card = data_card(args.folder)
     except (ValueError, OSError, ImageReadError) as exc:
         return fail(f"{PROG} card", str(exc))
-    table = Table(title=f"data card: {card['name']} ({card['task']}), {card['samples']} samples, "
-                        f"{card['patients'] if card['patients'] is not None else '?'} patients")
+    table = Table(
+        title=f"data card: {card['name']} ({card['task']}), {card['samples']} samples, "
+        f"{card['patients'] if card['patients'] is not None else '?'} patients"
+    )
     table.add_column("what")
     table.add_column("counts", overflow="fold")
     for key in ("splits", "classes", "devices", "modalities", "image_sizes"):
@@ -279,8 +352,10 @@ def _site_summary(folder: Path) -> str:
     splits = Counter(r["split"] for r in rows)
     patients = len({r["patient"] for r in rows})
     samples = {"regression": "clips", "report": "studies"}.get(meta["task"], "images")
-    line = (f"{folder}: {len(rows)} {samples}, {patients} patients, train/val/test "
-            f"{splits['train']}/{splits['val']}/{splits['test']}, profile {meta['device_profile']}")
+    line = (
+        f"{folder}: {len(rows)} {samples}, {patients} patients, train/val/test "
+        f"{splits['train']}/{splits['val']}/{splits['test']}, profile {meta['device_profile']}"
+    )
     if meta["task"] == "classification":
         labels = Counter(r["label"] for r in rows)
         line += ", " + ", ".join(f"{c} {labels[c]}" for c in meta["classes"])
@@ -291,16 +366,28 @@ def _run_synth(args: argparse.Namespace, console: Console) -> int:
     folders = [args.out / f"site_{i:02d}" for i in range(args.sites)]
     busy = [f for f in folders if f.exists() and (not f.is_dir() or any(f.iterdir()))]
     if busy and not args.overwrite:
-        return fail(f"{PROG} synth", f"{busy[0]} is not empty; pass --overwrite to replace it "
-                    "or choose another --out")
-    with Progress(TextColumn("[bold]synth {task.fields[what]}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=err_console, transient=True,
-                  disable=not err_console.is_terminal) as progress:
+        return fail(f"{PROG} synth", f"{busy[0]} is not empty; pass --overwrite to replace it or choose another --out")
+    with Progress(
+        TextColumn("[bold]synth {task.fields[what]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as progress:
         bar = progress.add_task("images", total=args.sites * args.per_site, what=args.task)
         try:
             written = write_dataset(
-                args.out, args.task, args.sites, args.per_site, size=args.size, seed=args.seed,
-                overwrite=args.overwrite, on_image=lambda: progress.advance(bar))
+                args.out,
+                args.task,
+                args.sites,
+                args.per_site,
+                size=args.size,
+                seed=args.seed,
+                overwrite=args.overwrite,
+                on_image=lambda: progress.advance(bar),
+            )
         except FileExistsError as err:  # a site folder appeared or is a file
             return fail(f"{PROG} synth", str(err))
     for folder in written:

@@ -42,8 +42,17 @@ def _pretrain_demo(out: Path, overrides: list[str]) -> int:
         write_dataset(data, "pretrain", 2, 160, size=128, seed=0, overwrite=True)
     sources = ",".join(map(str, sites))
     with resources.as_file(resources.files("echocare_core.resources") / "pretrain_demo.yaml") as config:
-        return pretrain.main(["--config", str(config), "--set", f"data.sources=[{sources}]",
-                              "--set", f"output={out / 'run'}", *sum((["--set", o] for o in overrides), [])])
+        return pretrain.main(
+            [
+                "--config",
+                str(config),
+                "--set",
+                f"data.sources=[{sources}]",
+                "--set",
+                f"output={out / 'run'}",
+                *sum((["--set", o] for o in overrides), []),
+            ]
+        )
 
 
 TRAIN = {"mode": "full", "lr": 1e-3, "batch_size": 8, "warmup_epochs": 0}  # one recipe for all three arms
@@ -52,15 +61,24 @@ FEATURE_SIZE = 8
 
 def _job(folder: Path, args: argparse.Namespace) -> dict:
     spec = load_spec(folder)
-    return {"task": spec.task, "classes": list(spec.classes), "labels": sorted(spec.labels), "encoder": ENCODER,
-            "feature_size": FEATURE_SIZE, "local_epochs": args.local_epochs, "train": TRAIN}
+    return {
+        "task": spec.task,
+        "classes": list(spec.classes),
+        "labels": sorted(spec.labels),
+        "encoder": ENCODER,
+        "feature_size": FEATURE_SIZE,
+        "local_epochs": args.local_epochs,
+        "train": TRAIN,
+    }
 
 
 def _federate(out: Path, sites: list[Path], args: argparse.Namespace) -> Path:
     """Run server and clients as processes; returns the final global checkpoint."""
-    fed = {"output": str(out / "federated"),
-           "rounds": {"rounds": args.rounds, "min_sites": len(sites), "wait_for_sites": 300, "deadline": 1800},
-           "job": _job(sites[0], args)}
+    fed = {
+        "output": str(out / "federated"),
+        "rounds": {"rounds": args.rounds, "min_sites": len(sites), "wait_for_sites": 300, "deadline": 1800},
+        "job": _job(sites[0], args),
+    }
     if run_on_this_machine(out, {site.name: site for site in sites}, fed) != 0:
         raise RuntimeError(f"the federated run failed; see {out / 'federated'}")
     return out / "federated" / "checkpoints" / f"round_{args.rounds:04d}"
@@ -69,9 +87,14 @@ def _federate(out: Path, sites: list[Path], args: argparse.Namespace) -> Path:
 def _train(folder: Path, out: Path, args: argparse.Namespace) -> Path:
     """Local fine-tuning with the federation's recipe and budget (rounds x local epochs, one schedule over
     them); returns the best checkpoint."""
-    base = {"output": str(out), "device": "cpu", "epochs": args.rounds * args.local_epochs, "train": TRAIN,
-            "data": {"folder": str(folder), "num_workers": 0},
-            "model": {"encoder": ENCODER, "feature_size": FEATURE_SIZE}}
+    base = {
+        "output": str(out),
+        "device": "cpu",
+        "epochs": args.rounds * args.local_epochs,
+        "train": TRAIN,
+        "data": {"folder": str(folder), "num_workers": 0},
+        "model": {"encoder": ENCODER, "feature_size": FEATURE_SIZE},
+    }
     run_finetune(load_config(FinetuneConfig, None, [], base=base))
     return out / "best"
 
@@ -87,8 +110,9 @@ def _federated_demo(args: argparse.Namespace) -> int:
     sites = [data / f"site_{i:02d}" for i in range(args.sites)]
     console.print(f"[bold]federated:[/] {args.rounds} rounds x {args.local_epochs} local epoch(s), {len(sites)} sites")
     models = {"federated": _federate(out, sites, args)}
-    console.print("[bold]centralised[/] (all data pooled) and [bold]local-only[/] (each site alone), same epochs "
-                  "and recipe")
+    console.print(
+        "[bold]centralised[/] (all data pooled) and [bold]local-only[/] (each site alone), same epochs and recipe"
+    )
     models["centralised"] = _train(pool_sites(sites, out / "pooled"), out / "centralised", args)
     local = {site: _train(site, out / "local" / site.name, args) for site in sites}
     main = MAIN_METRIC[args.task]
@@ -96,16 +120,19 @@ def _federated_demo(args: argparse.Namespace) -> int:
     for col in ("site", "test images", "federated", "local-only", "centralised"):
         table.add_column(col, justify="left" if col == "site" else "right")
     for site in sites:
-        scores = [evaluate_checkpoint(m, site, "test", rounds=200) for m in (models["federated"], local[site],
-                                                                               models["centralised"])]
+        scores = [
+            evaluate_checkpoint(m, site, "test", rounds=200)
+            for m in (models["federated"], local[site], models["centralised"])
+        ]
         table.add_row(site.name, str(scores[0]["samples"]), *[f"{s['metrics'][main]:.3f}" for s in scores])
     console.print(table)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("echocare_demo"), help="folder for data, runs and logs")
     parser.add_argument("--task", choices=("segmentation", "classification"), default="segmentation")
     parser.add_argument("--sites", type=int, default=3, help="hospitals (2-12)")
@@ -114,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--pretrain", action="store_true", help="run the pretraining demo instead")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="--pretrain: override a key of the demo's pretrain.yaml, e.g. --set optim.steps=10")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--pretrain: override a key of the demo's pretrain.yaml, e.g. --set optim.steps=10",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     if args.pretrain:

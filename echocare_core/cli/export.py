@@ -11,12 +11,15 @@ PROG = "echocare-export"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = command_parser(PROG, "Write the encoder of any toolkit checkpoint (pretraining, fine-tuning, a "
-                                  "federation's round) as a .pth state dict in the EchoCare release layout: "
-                                  "MONAI's SwinTransformer(spatial_dims=2, use_v2=True) keys plus mask_token, "
-                                  "LoRA adapters merged. Load it as the authors load the release: "
-                                  "sd = torch.load(file); sd.pop('mask_token'); model.load_state_dict(sd, "
-                                  "strict=True).")
+    parser = command_parser(
+        PROG,
+        "Write the encoder of any toolkit checkpoint (pretraining, fine-tuning, a "
+        "federation's round) as a .pth state dict in the EchoCare release layout: "
+        "MONAI's SwinTransformer(spatial_dims=2, use_v2=True) keys plus mask_token, "
+        "LoRA adapters merged. Load it as the authors load the release: "
+        "sd = torch.load(file); sd.pop('mask_token'); model.load_state_dict(sd, "
+        "strict=True).",
+    )
     parser.add_argument("checkpoint", help="checkpoint folder (e.g. runs/x/best, runs/p/checkpoints/step_001000)")
     parser.add_argument("--out", required=True, type=Path, help="the .pth file to write")
     args = parser.parse_args(argv)

@@ -39,18 +39,30 @@ def _write(path: Path, data: bytes, private: bool) -> None:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey]
-                 | None, days: int, names: list[str] = ()) -> x509.Certificate:
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    days: int,
+    names: list[str] = (),
+) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     issuer_name, issuer_key = issuer or (name, key)
-    now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name).public_key(key.public_key())
-               .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-               .not_valid_after(now + dt.timedelta(days=days)))
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+    )
     if issuer is None:  # the CA
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
     else:
@@ -60,9 +72,11 @@ def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x5
                 alt.append(x509.IPAddress(ipaddress.ip_address(n)))
             except ValueError:
                 alt.append(x509.DNSName(n))
-        builder = (builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+        builder = (
+            builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -83,8 +97,11 @@ def make_keys(out: Path, server_names: list[str], sites: list[str], days: int = 
     if not (out / "ca.key").exists():
         ca_key = ec.generate_private_key(ec.SECP384R1())
         _write(out / "ca.key", _pem_key(ca_key), private=True)
-        _write(out / "ca.pem", _certificate("EchoCare FL federation CA", ca_key, None, days).public_bytes(
-            serialization.Encoding.PEM), private=False)
+        _write(
+            out / "ca.pem",
+            _certificate("EchoCare FL federation CA", ca_key, None, days).public_bytes(serialization.Encoding.PEM),
+            private=False,
+        )
         written += [out / "ca.key", out / "ca.pem"]
     ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
     ca_name = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes()).subject
@@ -100,21 +117,37 @@ def make_keys(out: Path, server_names: list[str], sites: list[str], days: int = 
         if private.exists():
             continue
         key = ec.generate_private_key(ec.SECP384R1())
-        _write(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()), private=True)
-        _write(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH) + b"\n", private=False)
+        _write(
+            private,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+            private=True,
+        )
+        _write(
+            public,
+            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n",
+            private=False,
+        )
         written += [private, public]
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = command_parser(PROG, "Create the federation's CA, the coordinator's TLS certificate and one key pair "
-                                  "per hospital; files that exist are kept.")
+    parser = command_parser(
+        PROG,
+        "Create the federation's CA, the coordinator's TLS certificate and one key pair "
+        "per hospital; files that exist are kept.",
+    )
     parser.add_argument("--out", type=Path, default=Path("echocare_keys"), help="folder for the keys")
-    parser.add_argument("--server-name", action="append", default=[], metavar="HOST",
-                        help="host name or IP address the hospitals use to reach the coordinator (repeatable); "
-                             "localhost and 127.0.0.1 are always added")
+    parser.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="host name or IP address the hospitals use to reach the coordinator (repeatable); "
+        "localhost and 127.0.0.1 are always added",
+    )
     parser.add_argument("--sites", nargs="*", default=[], metavar="NAME", help="a key pair for each site")
     parser.add_argument("--days", type=int, default=825, help="validity of the certificates")
     args: argparse.Namespace = parser.parse_args(argv)

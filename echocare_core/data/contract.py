@@ -22,17 +22,45 @@ import yaml
 from echocare_core.data.io import ImageReadError, read_image
 from echocare_core.data.ontology import load_ontology
 
-__all__ = ["TASK_COLUMNS", "DatasetSpec", "Problem", "VerifyReport", "load_spec", "read_manifest",
-           "patient_splits", "verify_dataset"]
+__all__ = [
+    "TASK_COLUMNS",
+    "DatasetSpec",
+    "Problem",
+    "VerifyReport",
+    "load_spec",
+    "read_manifest",
+    "patient_splits",
+    "verify_dataset",
+]
 
 # the column each task needs besides `image`
-TASK_COLUMNS = {"classification": "label", "segmentation": "mask", "landmarks": "landmarks",
-                "detection": "boxes", "regression": "target", "enhancement": "target_image",
-                "report": "report", "pretrain": None}
+TASK_COLUMNS = {
+    "classification": "label",
+    "segmentation": "mask",
+    "landmarks": "landmarks",
+    "detection": "boxes",
+    "regression": "target",
+    "enhancement": "target_image",
+    "report": "report",
+    "pretrain": None,
+}
 SPLITS = ("train", "val", "test")
 LAST_FRAME = 1 - 1e-9  # read_image's frame_pick of a clip's last frame (with frame_step 1)
-SPEC_KEYS = {"name", "task", "classes", "labels", "landmark_names", "channels", "multi_label", "ontology",
-             "description", "device_profile", "synthetic", "findings", "target_name"}
+SPEC_KEYS = {
+    "name",
+    "task",
+    "classes",
+    "labels",
+    "landmark_names",
+    "channels",
+    "multi_label",
+    "ontology",
+    "description",
+    "device_profile",
+    "synthetic",
+    "findings",
+    "target_name",
+}
 
 
 @dataclass(frozen=True)
@@ -78,8 +106,13 @@ class VerifyReport:
     def describe(self, limit: int = 3) -> str:
         """The count and the first problems by file, row, column and what is allowed; values are left out (they
         can be patient ids or paths)."""
-        first = "; ".join(f"{p.file}" + (f" row {p.row}" if p.row else "") + (f" column {p.column}" if p.column else "")
-                          + f": {p.allowed}" for p in self.problems[:limit])
+        first = "; ".join(
+            f"{p.file}"
+            + (f" row {p.row}" if p.row else "")
+            + (f" column {p.column}" if p.column else "")
+            + f": {p.allowed}"
+            for p in self.problems[:limit]
+        )
         return f"{len(self.problems)} problem(s), {'first' if len(self.problems) > limit else 'all'}: {first}"
 
 
@@ -106,8 +139,13 @@ def load_spec(folder: str | Path) -> DatasetSpec:
     for key in data:
         if key not in SPEC_KEYS:
             close = difflib.get_close_matches(str(key), sorted(SPEC_KEYS), n=1)
-            raise _spec_error(file, key, data[key], "unknown key" + (f"; did you mean '{close[0]}'?" if close else
-                                                                     f"; allowed: {', '.join(sorted(SPEC_KEYS))}"))
+            raise _spec_error(
+                file,
+                key,
+                data[key],
+                "unknown key"
+                + (f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(sorted(SPEC_KEYS))}"),
+            )
     task = data.get("task")
     if task not in TASK_COLUMNS:
         raise _spec_error(file, "task", task, f"choose one of {', '.join(TASK_COLUMNS)}")
@@ -122,20 +160,37 @@ def load_spec(folder: str | Path) -> DatasetSpec:
     if not isinstance(names, list) or len(set(map(str, names))) != len(names):
         raise _spec_error(file, "landmark_names", names, "a list of distinct point names, in manifest order")
     findings = data.get("findings") or []
-    if not isinstance(findings, list) or not all(isinstance(f, str) and f.strip() for f in findings) \
-            or len({f.lower() for f in findings}) != len(findings):
-        raise _spec_error(file, "findings", findings, "a list of distinct phrases a report states only when the "
-                                                      "finding is present, e.g. [posterior shadowing, calcification]")
+    if (
+        not isinstance(findings, list)
+        or not all(isinstance(f, str) and f.strip() for f in findings)
+        or len({f.lower() for f in findings}) != len(findings)
+    ):
+        raise _spec_error(
+            file,
+            "findings",
+            findings,
+            "a list of distinct phrases a report states only when the "
+            "finding is present, e.g. [posterior shadowing, calcification]",
+        )
     labels = data.get("labels") or {}
-    if task == "segmentation" and (not isinstance(labels, dict) or not labels
-                                   or not all(isinstance(k, int) and 0 <= k < 256 for k in labels)):
-        raise _spec_error(file, "labels", labels, "a mapping of mask values 0-255 to names, e.g. {0: background, "
-                                                  "1: nodule}")
-    return DatasetSpec(name=str(data.get("name") or Path(folder).name), task=task, channels=channels,
-                       classes=tuple(map(str, classes)), labels={int(k): str(v) for k, v in labels.items()},
-                       multi_label=bool(data.get("multi_label", False)), ontology=str(data.get("ontology", "default")),
-                       landmark_names=tuple(map(str, names)), target_name=str(data.get("target_name") or "target"),
-                       findings=tuple(findings))
+    if task == "segmentation" and (
+        not isinstance(labels, dict) or not labels or not all(isinstance(k, int) and 0 <= k < 256 for k in labels)
+    ):
+        raise _spec_error(
+            file, "labels", labels, "a mapping of mask values 0-255 to names, e.g. {0: background, 1: nodule}"
+        )
+    return DatasetSpec(
+        name=str(data.get("name") or Path(folder).name),
+        task=task,
+        channels=channels,
+        classes=tuple(map(str, classes)),
+        labels={int(k): str(v) for k, v in labels.items()},
+        multi_label=bool(data.get("multi_label", False)),
+        ontology=str(data.get("ontology", "default")),
+        landmark_names=tuple(map(str, names)),
+        target_name=str(data.get("target_name") or "target"),
+        findings=tuple(findings),
+    )
 
 
 def read_manifest(folder: str | Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -156,8 +211,9 @@ def read_manifest(folder: str | Path) -> tuple[list[str], list[dict[str, str]]]:
     return [c.strip() for c in reader.fieldnames], rows
 
 
-def patient_splits(rows: list[dict[str, str]], seed: int = 0,
-                   fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> list[str]:
+def patient_splits(
+    rows: list[dict[str, str]], seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+) -> list[str]:
     """The split of every row: its `split` cell, else its patient's, else one drawn per patient with a fixed seed.
 
     Rows without a patient are their own patient. A row with an empty `split` joins the split its
@@ -168,8 +224,10 @@ def patient_splits(rows: list[dict[str, str]], seed: int = 0,
     free = sorted(set(keys) - set(given))
     order = np.random.default_rng(seed).permutation(len(free))
     n_train, n_val = round(fractions[0] * len(free)), round(fractions[1] * len(free))
-    drawn = {free[p]: "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-             for rank, p in enumerate(order)}
+    drawn = {
+        free[p]: "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+        for rank, p in enumerate(order)
+    }
     return [r.get("split") or given.get(k) or drawn[k] for k, r in zip(keys, rows)]
 
 
@@ -206,8 +264,13 @@ class _Checker:
         for name in names:
             if name.strip() not in self.spec.classes:
                 close = difflib.get_close_matches(name, self.spec.classes, n=1)
-                self.wrong(row, "label", value, f"one of the classes in dataset.yaml: {', '.join(self.spec.classes)}"
-                           + (f" (did you mean '{close[0]}'?)" if close else ""))
+                self.wrong(
+                    row,
+                    "label",
+                    value,
+                    f"one of the classes in dataset.yaml: {', '.join(self.spec.classes)}"
+                    + (f" (did you mean '{close[0]}'?)" if close else ""),
+                )
 
     def mask(self, row: int, value: str, size: tuple[int, int] | None) -> None:
         from PIL import Image
@@ -223,11 +286,17 @@ class _Checker:
         if arr.ndim != 2:
             return self.wrong(row, "mask", value, "a single-channel PNG (one label value per pixel)")
         if size is not None and arr.shape != tuple(size):
-            self.wrong(row, "mask", value, f"the image's size {size[1]}x{size[0]} (mask is {arr.shape[1]}x{arr.shape[0]})")
+            self.wrong(
+                row, "mask", value, f"the image's size {size[1]}x{size[0]} (mask is {arr.shape[1]}x{arr.shape[0]})"
+            )
         undeclared = sorted(set(np.unique(arr).tolist()) - set(self.spec.labels))
         if undeclared:
-            self.wrong(row, "mask", value, f"values declared in dataset.yaml labels {sorted(self.spec.labels)} "
-                                           f"(found {undeclared[:5]})")
+            self.wrong(
+                row,
+                "mask",
+                value,
+                f"values declared in dataset.yaml labels {sorted(self.spec.labels)} (found {undeclared[:5]})",
+            )
 
     def _json_list(self, row: int, column: str, value: str, width: int) -> list | None:
         try:
@@ -249,8 +318,13 @@ class _Checker:
         if self.landmark_count is None:
             self.landmark_count = (len(points), f"row {row}")
         elif len(points) != self.landmark_count[0]:
-            self.wrong(row, "landmarks", value, f"{self.landmark_count[0]} points, as in {self.landmark_count[1]} "
-                                                f"(landmarks keep a fixed order and count)")
+            self.wrong(
+                row,
+                "landmarks",
+                value,
+                f"{self.landmark_count[0]} points, as in {self.landmark_count[1]} "
+                f"(landmarks keep a fixed order and count)",
+            )
         if size is not None and any(not (0 <= x < size[1] and 0 <= y < size[0]) for x, y in points):
             self.wrong(row, "landmarks", value, f"points inside the {size[1]}x{size[0]} image")
 
@@ -262,7 +336,9 @@ class _Checker:
             elif size is not None and not (0 <= x1 and 0 <= y1 and x2 <= size[1] and y2 <= size[0]):
                 self.wrong(row, "boxes", value, f"boxes inside the {size[1]}x{size[0]} image")
             if str(name) not in self.spec.classes:
-                self.wrong(row, "boxes", value, f"box classes from dataset.yaml classes: {', '.join(self.spec.classes)}")
+                self.wrong(
+                    row, "boxes", value, f"box classes from dataset.yaml classes: {', '.join(self.spec.classes)}"
+                )
 
     def target(self, row: int, value: str, _: tuple[int, int] | None) -> None:
         try:
@@ -300,13 +376,23 @@ def verify_dataset(folder: str | Path) -> VerifyReport:
     task_column = TASK_COLUMNS[spec.task]
     required = ["image"] + ([task_column] if task_column else [])
     for col in dict.fromkeys(required + [c for c in columns]):
-        report.columns[col] = {"required": col in required, "present": col in columns,
-                               "missing": sum(not r.get(col) for r in rows) if col in columns else len(rows),
-                               "wrong": 0}
+        report.columns[col] = {
+            "required": col in required,
+            "present": col in columns,
+            "missing": sum(not r.get(col) for r in rows) if col in columns else len(rows),
+            "wrong": 0,
+        }
     absent = [c for c in required if c not in columns]
     for col in absent:
-        report.problems.append(Problem("manifest.csv", 1, col, "(no such column)", f"required for task "
-                                       f"'{spec.task}'; columns found: {', '.join(columns)}"))
+        report.problems.append(
+            Problem(
+                "manifest.csv",
+                1,
+                col,
+                "(no such column)",
+                f"required for task '{spec.task}'; columns found: {', '.join(columns)}",
+            )
+        )
     if absent:
         return report
     _check_rows(_Checker(folder, spec, report), rows, task_column)
@@ -315,8 +401,14 @@ def verify_dataset(folder: str | Path) -> VerifyReport:
 
 
 def _check_rows(check: _Checker, rows: list[dict[str, str]], task_column: str | None) -> None:
-    cell = {"label": check.label, "mask": check.mask, "landmarks": check.landmarks, "boxes": check.boxes,
-            "target": check.target, "target_image": check.target_image}  # any non-empty report text is fine
+    cell = {
+        "label": check.label,
+        "mask": check.mask,
+        "landmarks": check.landmarks,
+        "boxes": check.boxes,
+        "target": check.target,
+        "target_image": check.target_image,
+    }  # any non-empty report text is fine
     for row, values in enumerate(rows, start=2):
         size = None
         if not values.get("image"):
@@ -326,8 +418,15 @@ def _check_rows(check: _Checker, rows: list[dict[str, str]], task_column: str | 
         if values.get("image2"):  # report: the study's second image
             check.image_size(row, "image2", values["image2"])
         if task_column and not values.get(task_column):
-            check.report.problems.append(Problem("manifest.csv", row, task_column, "",
-                                                 f"a value: every sample of a '{check.spec.task}' dataset needs one"))
+            check.report.problems.append(
+                Problem(
+                    "manifest.csv",
+                    row,
+                    task_column,
+                    "",
+                    f"a value: every sample of a '{check.spec.task}' dataset needs one",
+                )
+            )
         elif task_column in cell:
             cell[task_column](row, values[task_column], size)
         if values.get("split") and values["split"] not in SPLITS:
@@ -346,7 +445,14 @@ def _check_splits(report: VerifyReport, rows: list[dict[str, str]]) -> None:
             first_row.setdefault(values["patient"], row)
     for patient, found in sorted(where.items()):
         if len(found) > 1:
-            report.problems.append(Problem("manifest.csv", first_row[patient], "patient", patient,
-                                           f"one split per patient (found in {', '.join(sorted(found))})"))
+            report.problems.append(
+                Problem(
+                    "manifest.csv",
+                    first_row[patient],
+                    "patient",
+                    patient,
+                    f"one split per patient (found in {', '.join(sorted(found))})",
+                )
+            )
             report.columns["patient"]["wrong"] += 1
     report.splits = dict(Counter(splits))

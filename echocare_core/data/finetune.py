@@ -47,9 +47,20 @@ class TaskDataset(Dataset):
         ValueError: a report dataset without `tokenizer`.
     """
 
-    def __init__(self, folder: str | Path, spec: DatasetSpec, rows: list[dict[str, str]], img_size: int,
-                 channels: int, train: bool, scale: tuple[float, float], seed: int = 0, frames: int = 16,
-                 tokenizer: ReportTokenizer | None = None, views: int = 1) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        spec: DatasetSpec,
+        rows: list[dict[str, str]],
+        img_size: int,
+        channels: int,
+        train: bool,
+        scale: tuple[float, float],
+        seed: int = 0,
+        frames: int = 16,
+        tokenizer: ReportTokenizer | None = None,
+        views: int = 1,
+    ) -> None:
         if spec.task == "report" and tokenizer is None:
             raise ValueError("a report dataset needs the model's tokenizer")
         self.folder, self.spec, self.rows = Path(folder), spec, rows
@@ -66,8 +77,13 @@ class TaskDataset(Dataset):
         lengths = [self.tokenizer.length(r["report"]) for r in self.rows]
         cut = sum(n > self.tokenizer.max_tokens for n in lengths)
         if cut:
-            log.warning("%d of %d reports are longer than max_tokens=%d and are cut (the longest needs %d)", cut,
-                        len(lengths), self.tokenizer.max_tokens, max(lengths))
+            log.warning(
+                "%d of %d reports are longer than max_tokens=%d and are cut (the longest needs %d)",
+                cut,
+                len(lengths),
+                self.tokenizer.max_tokens,
+                max(lengths),
+            )
         if self.views == 1 and any(r.get("image2") for r in self.rows):
             log.info("the manifest names image2 but the model reads one image per report (report.views: 1)")
 
@@ -95,14 +111,16 @@ class TaskDataset(Dataset):
             return to_model_points(points, height, width, s)
         if task == "enhancement":
             target = torch.from_numpy(read_image(self.folder / row["target_image"], self.channels)).float()
-            return F.interpolate(target[None].div_(255.0), size=(s, s), mode="bilinear", antialias=True,
-                                 align_corners=False)[0]
+            return F.interpolate(
+                target[None].div_(255.0), size=(s, s), mode="bilinear", antialias=True, align_corners=False
+            )[0]
         if task == "report":
             return self.tokenizer.encode(row["report"])
         if task == "detection":
             boxes = json.loads(row["boxes"])
-            out = torch.tensor([[*b[:4], self.spec.classes.index(str(b[4]))] for b in boxes],
-                               dtype=torch.float32).view(-1, 5)
+            out = torch.tensor([[*b[:4], self.spec.classes.index(str(b[4]))] for b in boxes], dtype=torch.float32).view(
+                -1, 5
+            )
             out[:, 0:4:2] *= s / width
             out[:, 1:4:2] *= s / height
             return out
@@ -110,35 +128,61 @@ class TaskDataset(Dataset):
 
     def _resize(self, frames: np.ndarray) -> torch.Tensor:
         """`[T, C, H, W]` uint8 -> `[T, C, S, S]` in [0, 1]."""
-        return F.interpolate(torch.from_numpy(frames).float().div_(255.0), size=(self.img_size,) * 2,
-                             mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(
+            torch.from_numpy(frames).float().div_(255.0),
+            size=(self.img_size,) * 2,
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
         row = self.rows[i]
         try:
             path = self.folder / row["image"]
-            frames = (read_clip(path, self.channels, self.frames) if self.spec.task == "regression"
-                      else read_image(path, self.channels)[None])  # [T, C, H, W], the model's channels
+            frames = (
+                read_clip(path, self.channels, self.frames)
+                if self.spec.task == "regression"
+                else read_image(path, self.channels)[None]
+            )  # [T, C, H, W], the model's channels
             height, width = frames.shape[-2:]
             target = self._target(row, height, width)
             x = self._resize(frames)
             if self.views == 2:  # the study's second image
-                x = torch.cat([x, self._resize(read_image(self.folder / (row.get("image2") or row["image"]),
-                                                          self.channels)[None])])
+                x = torch.cat(
+                    [
+                        x,
+                        self._resize(
+                            read_image(self.folder / (row.get("image2") or row["image"]), self.channels)[None]
+                        ),
+                    ]
+                )
         except (ImageReadError, OSError):
             return {"skip": i}
         flip = self.train and np.random.default_rng([self.seed, epoch, i]).random() < 0.5
         if flip and self.spec.task not in ("landmarks", "report"):
             x = x.flip(-1)
             if self.spec.task == "detection":  # x1, x2 -> S - x2, S - x1
-                target = torch.stack([self.img_size - target[:, 2], target[:, 1], self.img_size - target[:, 0],
-                                      target[:, 3], target[:, 4]], dim=1)
+                target = torch.stack(
+                    [
+                        self.img_size - target[:, 2],
+                        target[:, 1],
+                        self.img_size - target[:, 0],
+                        target[:, 3],
+                        target[:, 4],
+                    ],
+                    dim=1,
+                )
             elif self.spec.task in ("segmentation", "enhancement"):
                 target = target.flip(-1)
         x = (x - self.scale[0]) / self.scale[1]
-        return {"image": x if self.spec.task in ("regression", "report") else x[0], "target": target, "row": i,
-                "size": torch.tensor([height, width])}
+        return {
+            "image": x if self.spec.task in ("regression", "report") else x[0],
+            "target": target,
+            "row": i,
+            "size": torch.tensor([height, width]),
+        }
 
 
 def to_model_points(points: torch.Tensor, height: int, width: int, size: int) -> torch.Tensor:

@@ -47,8 +47,17 @@ from scipy.spatial import ConvexHull, QhullError
 from echocare_core.data.contract import load_spec, patient_splits, read_manifest
 from echocare_core.data.io import ImageReadError, is_dicom, is_image_file, read_frames, read_image
 
-__all__ = ["DEVICE_COLUMNS", "IngestResult", "IngestSettings", "data_card", "ingest", "load_secret", "phash",
-           "pseudonym", "scan_region"]
+__all__ = [
+    "DEVICE_COLUMNS",
+    "IngestResult",
+    "IngestSettings",
+    "data_card",
+    "ingest",
+    "load_secret",
+    "phash",
+    "pseudonym",
+    "scan_region",
+]
 
 DEVICE_COLUMNS = ("manufacturer", "model", "transducer", "frequency_mhz", "modality")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".wmv", ".mpg", ".mpeg")
@@ -66,14 +75,20 @@ class IngestSettings:
 
     def __post_init__(self) -> None:
         if self.frame_step < 1 or self.min_nonzero < 0 or not -1 <= self.dedup_bits <= 64:
-            raise ValueError(f"need frame_step >= 1, min_nonzero >= 0 and -1 <= dedup_bits <= 64; got "
-                             f"{self.frame_step}, {self.min_nonzero}, {self.dedup_bits}")
+            raise ValueError(
+                f"need frame_step >= 1, min_nonzero >= 0 and -1 <= dedup_bits <= 64; got "
+                f"{self.frame_step}, {self.min_nonzero}, {self.dedup_bits}"
+            )
         if self.task not in ("pretrain", "classification"):
-            raise ValueError(f"task {self.task!r}: ingest makes pretrain or classification datasets (labels from "
-                             f"folder names); other tasks need their annotation columns added to the manifest")
+            raise ValueError(
+                f"task {self.task!r}: ingest makes pretrain or classification datasets (labels from "
+                f"folder names); other tasks need their annotation columns added to the manifest"
+            )
         if (self.task == "classification") != bool(self.classes) or len(set(self.classes)) < len(self.classes):
-            raise ValueError(f"classes {list(self.classes)}: classification needs the class folders listed "
-                             f"(--classes benign malignant), each once; pretrain takes none")
+            raise ValueError(
+                f"classes {list(self.classes)}: classification needs the class folders listed "
+                f"(--classes benign malignant), each once; pretrain takes none"
+            )
 
 
 @dataclass
@@ -224,15 +239,22 @@ def _device(ds: Any) -> dict[str, str]:
         modality = "m-mode"
     if any(k in text for k in ("ELAST", "SWE", "STRAIN")):
         modality = "elastography"
-    if ds.get("ContrastBolusAgent") or "ContrastBolusAgentSequence" in ds or any(k in text for k in ("CEUS",
-                                                                                                  "CONTRAST")):
+    if (
+        ds.get("ContrastBolusAgent")
+        or "ContrastBolusAgentSequence" in ds
+        or any(k in text for k in ("CEUS", "CONTRAST"))
+    ):
         modality = "ceus"
     transducer = ds.get("TransducerData") or ds.get("TransducerType") or ""
     if isinstance(transducer, MultiValue):
         transducer = transducer[0]
-    return {"manufacturer": str(ds.get("Manufacturer", "")).strip(),
-            "model": str(ds.get("ManufacturerModelName", "")).strip(), "transducer": str(transducer).strip(),
-            "frequency_mhz": f"{freq:g}" if freq else "", "modality": modality}
+    return {
+        "manufacturer": str(ds.get("Manufacturer", "")).strip(),
+        "model": str(ds.get("ManufacturerModelName", "")).strip(),
+        "transducer": str(transducer).strip(),
+        "frequency_mhz": f"{freq:g}" if freq else "",
+        "modality": modality,
+    }
 
 
 def _patient_key(ds: Any, rel: str, top: int) -> str:
@@ -260,8 +282,14 @@ def _frames(path: Path, step: int) -> list[np.ndarray]:
     return read_frames(path, step)
 
 
-def ingest(src: str | Path, out: str | Path, secret: bytes, settings: IngestSettings = IngestSettings(),
-           log: str | Path | None = None, on_file: Callable[[int, int], None] | None = None) -> IngestResult:
+def ingest(
+    src: str | Path,
+    out: str | Path,
+    secret: bytes,
+    settings: IngestSettings = IngestSettings(),
+    log: str | Path | None = None,
+    on_file: Callable[[int, int], None] | None = None,
+) -> IngestResult:
     """Write the dataset of `src` to `out` (which must not exist; written under a temporary name, then renamed).
 
     Args:
@@ -334,16 +362,23 @@ def ingest(src: str | Path, out: str | Path, secret: bytes, settings: IngestSett
                 colour |= clean.ndim == 3
                 outcomes.append((rel, where, f"kept as {name}"))
         if not rows:
-            raise ValueError(f"no usable image in {src} ({', '.join(f'{k} {v}' for k, v in result.dropped.items())}"
-                             f"; see {result.log})")
-        spec = {"name": out.name, "task": settings.task, "channels": 3 if colour else 1,
-                **({"classes": list(settings.classes)} if top else {}),
-                "description": f"ingested by echocare-data ingest (frame_step {settings.frame_step}, min_nonzero "
-                               f"{settings.min_nonzero}, dedup_bits {settings.dedup_bits})"}
+            raise ValueError(
+                f"no usable image in {src} ({', '.join(f'{k} {v}' for k, v in result.dropped.items())}"
+                f"; see {result.log})"
+            )
+        spec = {
+            "name": out.name,
+            "task": settings.task,
+            "channels": 3 if colour else 1,
+            **({"classes": list(settings.classes)} if top else {}),
+            "description": f"ingested by echocare-data ingest (frame_step {settings.frame_step}, min_nonzero "
+            f"{settings.min_nonzero}, dedup_bits {settings.dedup_bits})",
+        }
         (tmp / "dataset.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
         with (tmp / "manifest.csv").open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, ["image", "patient", *(["label"] if settings.task == "classification" else []),
-                                        *DEVICE_COLUMNS])
+            writer = csv.DictWriter(
+                f, ["image", "patient", *(["label"] if settings.task == "classification" else []), *DEVICE_COLUMNS]
+            )
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, out)
@@ -376,12 +411,18 @@ def data_card(folder: str | Path) -> dict[str, Any]:
     for r in rows:
         height, width = read_image(folder / r["image"]).shape[1:]  # DICOM too
         sizes[f"{width}x{height}"] += 1
-    card = {"name": spec.name, "task": spec.task, "samples": len(rows),
-            "patients": len({r.get("patient", "") for r in rows}) if "patient" in columns else None,
-            "splits": dict(Counter(splits)),
-            "classes": dict(Counter(r["label"] for r in rows)) if "label" in columns else {},
-            "devices": dict(Counter(" ".join(filter(None, (r.get("manufacturer"), r.get("model")))) or "unknown"
-                                    for r in rows)),
-            "modalities": dict(Counter(r.get("modality") or "unknown" for r in rows)),
-            "image_sizes": dict(sizes.most_common(10)), "image_size_kinds": len(sizes)}
+    card = {
+        "name": spec.name,
+        "task": spec.task,
+        "samples": len(rows),
+        "patients": len({r.get("patient", "") for r in rows}) if "patient" in columns else None,
+        "splits": dict(Counter(splits)),
+        "classes": dict(Counter(r["label"] for r in rows)) if "label" in columns else {},
+        "devices": dict(
+            Counter(" ".join(filter(None, (r.get("manufacturer"), r.get("model")))) or "unknown" for r in rows)
+        ),
+        "modalities": dict(Counter(r.get("modality") or "unknown" for r in rows)),
+        "image_sizes": dict(sizes.most_common(10)),
+        "image_size_kinds": len(sizes),
+    }
     return card

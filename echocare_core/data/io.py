@@ -52,9 +52,7 @@ __all__ = [
 PathType = str | PathLike[str]
 
 #: Lower-case suffixes (with the dot, as :attr:`pathlib.Path.suffix` gives them).
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
-)
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 _DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 _DICM_OFFSET = 128  # the 128-byte preamble precedes the b"DICM" magic
 

@@ -102,8 +102,10 @@ class Ontology:
             return table[key]
         close = difflib.get_close_matches(key, list(table), n=1, cutoff=0.6)
         hint = f" Did you mean '{self.names()[table[close[0]]]}'?" if close else ""
-        raise ValueError(f"anatomy label '{label}' is not in the ontology.{hint} "
-                         f"Labels are paths Region[/Organ[/Structure]] of the ontology file.")
+        raise ValueError(
+            f"anatomy label '{label}' is not in the ontology.{hint} "
+            f"Labels are paths Region[/Organ[/Structure]] of the ontology file."
+        )
 
     def _lowered_index(self) -> dict[str, int]:
         cache = self.__dict__.get("_lowered")

@@ -11,22 +11,37 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from echocare_core.data.io import (ImageReadError, count_frames, is_image_file, nonzero_pixels, read_image,
-                                   sampled_frames)
+from echocare_core.data.io import (
+    ImageReadError,
+    count_frames,
+    is_image_file,
+    nonzero_pixels,
+    read_image,
+    sampled_frames,
+)
 from echocare_core.data.ontology import Ontology
 
-__all__ = ["PathTable", "ImageIndex", "build_index", "MaskGenerator", "AugmentConfig", "PretrainDataset",
-           "collate_skipping", "ShardedSampler"]
+__all__ = [
+    "PathTable",
+    "ImageIndex",
+    "build_index",
+    "MaskGenerator",
+    "AugmentConfig",
+    "PretrainDataset",
+    "collate_skipping",
+    "ShardedSampler",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +65,8 @@ class PathTable:
         import pyarrow as pa
 
         array = array.cast(pa.large_string())  # int64 offsets
-        offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset:array.offset + len(array) + 1]
-        data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+        offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+        data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
         return cls(data.copy(), offsets - offsets[0])
 
     @classmethod
@@ -64,7 +79,7 @@ class PathTable:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str:
-        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+        return self.data[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8")
 
 
 @dataclass
@@ -95,9 +110,13 @@ def _read_manifest(folder: Path, ontology: Ontology) -> tuple[PathTable, np.ndar
 
     file = folder / "manifest.csv"
     try:
-        table = pacsv.read_csv(file, convert_options=pacsv.ConvertOptions(
-            column_types={"image": "string", "anatomy": "string"}, strings_can_be_null=True))
-    except Exception as exc:  # pyarrow raises ArrowInvalid with the row
+        table = pacsv.read_csv(
+            file,
+            convert_options=pacsv.ConvertOptions(
+                column_types={"image": "string", "anatomy": "string"}, strings_can_be_null=True
+            ),
+        )
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid with the row
         raise ValueError(f"{file}: cannot be read as CSV: {exc}") from None
     if "image" not in table.column_names:
         raise ValueError(f"{file}: missing required column 'image' (found: {', '.join(table.column_names)})")
@@ -177,16 +196,22 @@ def build_index(sources: Sequence[str | os.PathLike], ontology: Ontology, frame_
         paths.append(p)
         anatomy.append(a)
     if not sum(map(len, paths)):
-        raise ValueError(f"no images found in {', '.join(map(str, sources))} "
-                         f"(looked for a manifest.csv or PNG/JPG/BMP/TIFF/DICOM files)")
+        raise ValueError(
+            f"no images found in {', '.join(map(str, sources))} "
+            f"(looked for a manifest.csv or PNG/JPG/BMP/TIFF/DICOM files)"
+        )
     table = PathTable.concat(paths)
     counts = _sampled_frame_counts(table, frame_step)
     file = np.repeat(np.arange(len(table), dtype=np.int64), counts)
     ordinal = np.arange(len(file)) - np.repeat(np.cumsum(counts) - counts, counts)
     pick = ((ordinal + 0.5) / np.repeat(counts, counts)).astype(np.float32)
     if len(file) > len(table):
-        log.info("%d multi-frame files give %d frames (every %d-th)", int((counts > 1).sum()),
-                 int(counts[counts > 1].sum()), frame_step)
+        log.info(
+            "%d multi-frame files give %d frames (every %d-th)",
+            int((counts > 1).sum()),
+            int(counts[counts > 1].sum()),
+            frame_step,
+        )
     return ImageIndex(table, np.concatenate(anatomy), file, pick)
 
 
@@ -195,17 +220,19 @@ class MaskGenerator:
 
     def __init__(self, img_size: int, mask_patch_size: int, model_patch_size: int, ratio: float) -> None:
         if img_size % mask_patch_size or mask_patch_size % model_patch_size:
-            raise ValueError(f"mask_patch_size={mask_patch_size} must divide img_size={img_size} and be a "
-                             f"multiple of the model patch size {model_patch_size}")
+            raise ValueError(
+                f"mask_patch_size={mask_patch_size} must divide img_size={img_size} and be a "
+                f"multiple of the model patch size {model_patch_size}"
+            )
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"mask ratio {ratio} must be in (0, 1)")
         self.grid = img_size // mask_patch_size
         self.scale = mask_patch_size // model_patch_size
-        self.count = int(np.ceil(self.grid ** 2 * ratio))
+        self.count = int(np.ceil(self.grid**2 * ratio))
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
-        mask = np.zeros(self.grid ** 2, dtype=np.float32)
-        mask[rng.permutation(self.grid ** 2)[:self.count]] = 1.0
+        mask = np.zeros(self.grid**2, dtype=np.float32)
+        mask[rng.permutation(self.grid**2)[: self.count]] = 1.0
         mask = mask.reshape(self.grid, self.grid)
         return mask.repeat(self.scale, 0).repeat(self.scale, 1)  # [H/p, W/p]
 
@@ -245,13 +272,14 @@ def _crop_box(rng: np.random.Generator, h: int, w: int, aug: AugmentConfig) -> t
     return (h - side) // 2, (w - side) // 2, side, side
 
 
-def augment(img: np.ndarray, size: int, rng: np.random.Generator, aug: AugmentConfig | None,
-            scale: tuple[float, float]) -> torch.Tensor:
+def augment(
+    img: np.ndarray, size: int, rng: np.random.Generator, aug: AugmentConfig | None, scale: tuple[float, float]
+) -> torch.Tensor:
     """uint8 `[C, H, W]` -> normalised float32 `[C, size, size]`."""
     x = torch.from_numpy(img).float().div_(255.0)
     if aug is not None:
         top, left, ch, cw = _crop_box(rng, x.shape[1], x.shape[2], aug)
-        x = x[:, top:top + ch, left:left + cw]
+        x = x[:, top : top + ch, left : left + cw]
     x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
     if aug is not None:
         if rng.random() < aug.hflip:
@@ -267,9 +295,18 @@ def augment(img: np.ndarray, size: int, rng: np.random.Generator, aug: AugmentCo
 class PretrainDataset(Dataset):
     """Images for MIM + hierarchy pretraining. Unreadable or near-empty images come back as skips."""
 
-    def __init__(self, index: ImageIndex, img_size: int, channels: int, masks: MaskGenerator,
-                 augment_cfg: AugmentConfig | None, scale: tuple[float, float], frame_step: int = 10,
-                 min_nonzero: int = 1000, seed: int = 0) -> None:
+    def __init__(
+        self,
+        index: ImageIndex,
+        img_size: int,
+        channels: int,
+        masks: MaskGenerator,
+        augment_cfg: AugmentConfig | None,
+        scale: tuple[float, float],
+        frame_step: int = 10,
+        min_nonzero: int = 1000,
+        seed: int = 0,
+    ) -> None:
         self.index, self.img_size, self.channels, self.scale = index, img_size, channels, scale
         self.masks, self.augment_cfg = masks, augment_cfg
         self.frame_step, self.min_nonzero, self.seed = frame_step, min_nonzero, seed
@@ -287,15 +324,21 @@ class PretrainDataset(Dataset):
             img = read_image(path, self.channels, self.frame_step, frame_pick=float(self.index.pick[i]))
         except ImageReadError as exc:
             return {"skip": "unreadable", "path": path, "reason": str(exc), "epoch": epoch}
-        except Exception as exc:  # a decoder bug on one odd file must not end a days-long run
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on one odd file must not end a days-long run
             # the type only: a decoder's message may quote header values (patient data)
             return {"skip": "unreadable", "path": path, "reason": f"{path}: {type(exc).__name__}", "epoch": epoch}
         if nonzero_pixels(img) < self.min_nonzero:
-            return {"skip": "near-empty", "path": path, "reason": f"fewer than {self.min_nonzero} non-zero pixels",
-                    "epoch": epoch}
-        return {"image": augment(img, self.img_size, rng, self.augment_cfg, self.scale),
-                "token_mask": torch.from_numpy(self.masks(rng)),
-                "anatomy": int(self.index.anatomy[file])}
+            return {
+                "skip": "near-empty",
+                "path": path,
+                "reason": f"fewer than {self.min_nonzero} non-zero pixels",
+                "epoch": epoch,
+            }
+        return {
+            "image": augment(img, self.img_size, rng, self.augment_cfg, self.scale),
+            "token_mask": torch.from_numpy(self.masks(rng)),
+            "anatomy": int(self.index.anatomy[file]),
+        }
 
 
 def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -304,10 +347,12 @@ def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:
     skipped = [(it["skip"], it["path"], it["reason"]) for it in items if "skip" in it and it["epoch"] == 0]
     if not good:
         return {"image": None, "skipped": skipped}
-    return {"image": torch.stack([g["image"] for g in good]),
-            "token_mask": torch.stack([g["token_mask"] for g in good]),
-            "anatomy": torch.tensor([g["anatomy"] for g in good], dtype=torch.long),
-            "skipped": skipped}
+    return {
+        "image": torch.stack([g["image"] for g in good]),
+        "token_mask": torch.stack([g["token_mask"] for g in good]),
+        "anatomy": torch.tensor([g["anatomy"] for g in good], dtype=torch.long),
+        "skipped": skipped,
+    }
 
 
 class ShardedSampler(Sampler[tuple[int, int]]):
@@ -333,7 +378,7 @@ class ShardedSampler(Sampler[tuple[int, int]]):
         epoch, offset = divmod(self.position, self.per_rank)
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-            share = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            share = order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
             yield from ((epoch, int(i)) for i in share[offset:])
             epoch, offset = epoch + 1, 0
 

@@ -30,17 +30,29 @@ from typing import Any
 
 import numpy as np
 
-from echocare_core.data.synthetic_scenes import (DEFAULT_SCENE, DEVICE_PROFILES, GEOMETRIES, HEART_SCENE,
-                                                 LV_PART, SCENES)
+from echocare_core.data.synthetic_scenes import DEFAULT_SCENE, DEVICE_PROFILES, GEOMETRIES, HEART_SCENE, LV_PART, SCENES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CLASSES", "DEFAULT_SCENE", "DEVICE_PROFILES", "GEOMETRIES", "HEART_SCENE", "LANDMARK_NAMES", "LESIONS",
-           "SCENES", "TASKS", "SyntheticSample", "generate_echo_clip", "generate_image", "lesion_label",
-           "lv_scale", "profile_for_site"]
+__all__ = [
+    "CLASSES",
+    "DEFAULT_SCENE",
+    "DEVICE_PROFILES",
+    "GEOMETRIES",
+    "HEART_SCENE",
+    "LANDMARK_NAMES",
+    "LESIONS",
+    "SCENES",
+    "TASKS",
+    "SyntheticSample",
+    "generate_echo_clip",
+    "generate_image",
+    "lesion_label",
+    "lv_scale",
+    "profile_for_site",
+]
 
-TASKS = ("classification", "segmentation", "pretrain", "landmarks", "detection", "regression", "enhancement",
-         "report")
+TASKS = ("classification", "segmentation", "pretrain", "landmarks", "detection", "regression", "enhancement", "report")
 ENHANCEMENT_PAIR = ("portable_convex", "highend_convex")  # enhancement: the input's device and the target's
 LESIONS = ("cyst", "hypoechoic", "hyperechoic", "irregular")
 CLASSES = ("benign", "malignant")
@@ -58,8 +70,12 @@ _LESION_SPAN = {"linear": (0.06, 0.94), "convex": (0.08, 0.92), "sector": (0.22,
 _LESION_GAP = 0.03
 
 # echo, att, rim per lesion kind: cysts enhance behind, irregular masses shadow.
-_LESION_LOOK = {"cyst": (0.015, 0.02, 0.5), "hypoechoic": (0.25, 1.0, 0.3),
-                "hyperechoic": (2.4, 1.4, 0.0), "irregular": (0.15, 3.5, 0.6)}
+_LESION_LOOK = {
+    "cyst": (0.015, 0.02, 0.5),
+    "hypoechoic": (0.25, 1.0, 0.3),
+    "hyperechoic": (2.4, 1.4, 0.0),
+    "irregular": (0.15, 3.5, 0.6),
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,7 +169,7 @@ def _psf_fft(sa: float, sl: float, carrier: float, shape: tuple[int, int]) -> np
     ha, hl = math.ceil(3 * sa), math.ceil(3 * sl)
     zz = np.arange(-ha, ha + 1, dtype=np.float64)[:, None]
     xx = np.arange(-hl, hl + 1, dtype=np.float64)[None, :]
-    h = np.exp(-zz**2 / (2 * sa**2) - xx**2 / (2 * sl**2)) * np.cos(2 * np.pi * zz / carrier)
+    h = np.exp(-(zz**2) / (2 * sa**2) - xx**2 / (2 * sl**2)) * np.cos(2 * np.pi * zz / carrier)
     h /= np.sqrt(np.sum(h**2))  # unit-echo tissue gives unit mean intensity
     k = np.zeros(shape)
     k[: 2 * ha + 1, : 2 * hl + 1] = h
@@ -190,8 +206,9 @@ def _distance(part: tuple, x: np.ndarray, z: np.ndarray) -> np.ndarray:
     return np.abs(d) - part[6] / 2 if kind == "ring" else d
 
 
-def _paint(echo: np.ndarray, att: np.ndarray, x: np.ndarray, z: np.ndarray, part: tuple,
-           rng: np.random.Generator, edge: float) -> None:
+def _paint(
+    echo: np.ndarray, att: np.ndarray, x: np.ndarray, z: np.ndarray, part: tuple, rng: np.random.Generator, edge: float
+) -> None:
     """Paint one primitive in place onto the reflectivity and attenuation maps."""
     kind = part[0]
     if kind == "stripes":
@@ -232,10 +249,10 @@ def _draw_lesion(rng: np.random.Generator, lesion: str, geometry: str) -> tuple:
     a = rng.uniform(0.07, 0.13)
     if lesion == "irregular":
         b = a * rng.uniform(1.15, 1.5)
-        harmonics = [(k, rng.uniform(0.05, 0.12) / math.sqrt(k - 1), rng.uniform(0, 2 * np.pi), 1)
-                     for k in range(2, 8)]
-        harmonics += [(int(k), rng.uniform(0.15, 0.35), rng.uniform(0, 2 * np.pi), 8)
-                      for k in rng.integers(7, 14, 2)]  # spiculation
+        harmonics = [(k, rng.uniform(0.05, 0.12) / math.sqrt(k - 1), rng.uniform(0, 2 * np.pi), 1) for k in range(2, 8)]
+        harmonics += [
+            (int(k), rng.uniform(0.15, 0.35), rng.uniform(0, 2 * np.pi), 8) for k in rng.integers(7, 14, 2)
+        ]  # spiculation
     else:
         b = a * rng.uniform(0.55, 0.85)
         harmonics = [(k, rng.uniform(0.0, 0.03), rng.uniform(0, 2 * np.pi), 1) for k in (2, 3)]
@@ -297,8 +314,9 @@ def _ordered_ends(ends: np.ndarray) -> np.ndarray:
     return ends if ends[0, key] <= ends[1, key] else ends[::-1]
 
 
-def _lesion_labels(shapes: list[tuple], geometry: str, size: int, px: np.ndarray, pz: np.ndarray,
-                   valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _lesion_labels(
+    shapes: list[tuple], geometry: str, size: int, px: np.ndarray, pz: np.ndarray, valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Union mask [H, W] uint8, boxes [N, 4] int64 and calipers [N, 4, 2] of the lesions, as seen in the view."""
     masks = [(_distance(shape, px, pz) <= 0) & valid for shape in shapes]  # N x [H, W]
     mask = np.zeros((size, size), np.uint8)
@@ -311,8 +329,14 @@ def _lesion_labels(shapes: list[tuple], geometry: str, size: int, px: np.ndarray
     return mask, boxes, calipers
 
 
-def _bmode(echo: np.ndarray, att: np.ndarray, rng: np.random.Generator, prof: Mapping[str, Any],
-           psf: tuple[float, float, float], pad: int) -> np.ndarray:
+def _bmode(
+    echo: np.ndarray,
+    att: np.ndarray,
+    rng: np.random.Generator,
+    prof: Mapping[str, Any],
+    psf: tuple[float, float, float],
+    pad: int,
+) -> np.ndarray:
     """Speckle, PSF, attenuation, TGC, noise and log compression on the beam grid -> [nd, nl] in [0, 1]."""
     shape = echo.shape  # [nd + 2p, nl + 2p]
     scat = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) * (echo / math.sqrt(2))
@@ -322,7 +346,8 @@ def _bmode(echo: np.ndarray, att: np.ndarray, rng: np.random.Generator, prof: Ma
     loss_db = prof["attenuation_db"] * (np.cumsum(a, axis=0) - 0.5 * a) / nd  # path to mid-sample
     tgc_db = prof["tgc"] * prof["attenuation_db"] * (np.arange(nd) + 0.5) / nd
     noise = (rng.standard_normal(rf.shape) + 1j * rng.standard_normal(rf.shape)) * (
-        10 ** (prof["noise_db"] / 20) / math.sqrt(2))
+        10 ** (prof["noise_db"] / 20) / math.sqrt(2)
+    )
     env = np.abs(rf * 10 ** (-loss_db / 20) + noise)
     db = 20 * np.log10(env + 1e-12) + tgc_db[:, None] + prof["gain_db"]
     return np.clip(0.5 + db / prof["dynamic_range_db"], 0.0, 1.0)
@@ -337,8 +362,9 @@ def _lesion_kinds(lesion: str | Sequence[str] | None) -> tuple[str, ...]:
     return kinds
 
 
-def _scene_maps(rng: np.random.Generator, spec: Mapping[str, Any], parts: Sequence[tuple], x: np.ndarray,
-                z: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _scene_maps(
+    rng: np.random.Generator, spec: Mapping[str, Any], parts: Sequence[tuple], x: np.ndarray, z: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Reflectivity and attenuation of the scene under a small random pose: [nd + 2p, nl + 2p] each."""
     # Small pose jitter of the scene (shift, scale, tilt) so no two views are identical.
     dx, dz, scale = rng.uniform(-0.04, 0.04), rng.uniform(-0.02, 0.02), rng.uniform(0.92, 1.08)
@@ -353,9 +379,15 @@ def _scene_maps(rng: np.random.Generator, spec: Mapping[str, Any], parts: Sequen
     return echo, att
 
 
-def generate_image(rng: np.random.Generator, size: int = 128, profile: str = "highend_linear",
-                   scene: str | None = None, lesion: str | Sequence[str] | None = None, *,
-                   parts: Sequence[tuple] | None = None) -> SyntheticSample:
+def generate_image(
+    rng: np.random.Generator,
+    size: int = 128,
+    profile: str = "highend_linear",
+    scene: str | None = None,
+    lesion: str | Sequence[str] | None = None,
+    *,
+    parts: Sequence[tuple] | None = None,
+) -> SyntheticSample:
     """Generate one synthetic B-mode image.
 
     Args:
@@ -395,15 +427,18 @@ def generate_image(rng: np.random.Generator, size: int = 128, profile: str = "hi
         _paint(echo, att, x, z, shape, rng, edge=1.0 / size)
     beam = _bmode(echo, att, rng, prof, psf, pad).ravel()  # [nd * nl]
     idx, wi, wj, valid, px, pz = _scan_map(geometry, size, nd, nl)
-    img = ((1 - wi) * ((1 - wj) * beam[idx] + wj * beam[idx + 1])
-           + wi * ((1 - wj) * beam[idx + nl] + wj * beam[idx + nl + 1])) * valid  # [H, W]
+    img = (
+        (1 - wi) * ((1 - wj) * beam[idx] + wj * beam[idx + 1])
+        + wi * ((1 - wj) * beam[idx + nl] + wj * beam[idx + nl + 1])
+    ) * valid  # [H, W]
     levels = 2 ** int(prof["bits"]) - 1
     image = (np.floor(img * levels + 0.5) * (255.0 / levels) + 0.5).astype(np.uint8)
     mask, boxes, calipers = _lesion_labels(shapes, geometry, size, px, pz, valid)
     labels = {lesion_label(kind) for kind in kinds}
     label = ("malignant" if "malignant" in labels else "benign") if kinds else None
-    return SyntheticSample(image=image, mask=mask, label=label, anatomy=anatomy, lesions=kinds, boxes=boxes,
-                           calipers=calipers)
+    return SyntheticSample(
+        image=image, mask=mask, label=label, anatomy=anatomy, lesions=kinds, boxes=boxes, calipers=calipers
+    )
 
 
 def lv_scale(t: float, frames: int, ejection_fraction: float) -> float:
@@ -423,8 +458,15 @@ def lv_scale(t: float, frames: int, ejection_fraction: float) -> float:
     return 1.0 - (1.0 - s_min) * (0.5 - 0.5 * math.cos(2.0 * math.pi * t / frames))
 
 
-def generate_echo_clip(rng: np.random.Generator, size: int = 128, profile: str = "cardiac_sector", *,
-                       ejection_fraction: float, ed_scale: float = 1.0, frames: int = 16) -> np.ndarray:
+def generate_echo_clip(
+    rng: np.random.Generator,
+    size: int = 128,
+    profile: str = "cardiac_sector",
+    *,
+    ejection_fraction: float,
+    ed_scale: float = 1.0,
+    frames: int = 16,
+) -> np.ndarray:
     """One cardiac cycle of the apical four-chamber view (HEART_SCENE), frame 0 at end-diastole.
 
     Every frame is drawn from the same generator state, so pose, tissue and speckle stay put and only
@@ -454,7 +496,7 @@ def generate_echo_clip(rng: np.random.Generator, size: int = 128, profile: str =
     out = np.empty((frames, size, size), np.uint8)  # [T, H, W]
     for t in range(frames):
         scale = ed_scale * lv_scale(t, frames, ejection_fraction)  # checks ejection_fraction before any work
-        parts = [*base[:LV_PART], (kind, cx, cz, a * scale, b * scale, *rest), *base[LV_PART + 1:]]
+        parts = [*base[:LV_PART], (kind, cx, cz, a * scale, b * scale, *rest), *base[LV_PART + 1 :]]
         frame_rng = rng if t == frames - 1 else copy.deepcopy(rng)
         out[t] = generate_image(frame_rng, size, profile, scene=HEART_SCENE, parts=parts).image
     return out

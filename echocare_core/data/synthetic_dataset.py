@@ -25,12 +25,32 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage
 
 from echocare_core.data.contract import TASK_COLUMNS
-from echocare_core.data.synthetic import (CLASSES, LANDMARK_NAMES, LESIONS, MAX_SIZE, MIN_SIZE, SCENES,
-                                          ENHANCEMENT_PAIR, SPLIT_FRACTIONS, TASKS, generate_echo_clip, generate_image, lookup_option,
-                                          profile_for_site)
+from echocare_core.data.synthetic import (
+    CLASSES,
+    ENHANCEMENT_PAIR,
+    LANDMARK_NAMES,
+    LESIONS,
+    MAX_SIZE,
+    MIN_SIZE,
+    SCENES,
+    SPLIT_FRACTIONS,
+    TASKS,
+    generate_echo_clip,
+    generate_image,
+    lookup_option,
+    profile_for_site,
+)
 
-__all__ = ["CLIP_FRAMES", "DETECTION_CLASSES", "REPORT_FINDINGS", "keep_patients", "lesion_report", "manifest_anatomy",
-           "pool_sites", "write_dataset"]
+__all__ = [
+    "CLIP_FRAMES",
+    "DETECTION_CLASSES",
+    "REPORT_FINDINGS",
+    "keep_patients",
+    "lesion_report",
+    "manifest_anatomy",
+    "pool_sites",
+    "write_dataset",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +61,20 @@ ED_SCALE_RANGE = (0.85, 1.1)  # end-diastolic ventricle size; above ~1.1 the sep
 _FRAME_TIME_MS = 1000.0 / CLIP_FRAMES  # one beat a second (60 beats per minute)
 FIELD_MM = 40.0  # report: the image's width in millimetres
 # report: what each lesion kind looks like, in words (echogenicity, margin, behind the lesion, impression)
-_REPORT_WORDS = {"cyst": ("anechoic", "smooth", "posterior acoustic enhancement", "likely benign"),
-                 "hypoechoic": ("hypoechoic", "smooth", "", "likely benign"),
-                 "hyperechoic": ("hyperechoic", "smooth", "", "likely benign"),
-                 "irregular": ("hypoechoic", "irregular", "posterior acoustic shadowing", "suspicious for malignancy")}
-REPORT_FINDINGS = ("anechoic", "hypoechoic", "hyperechoic", "irregular margin", "posterior acoustic enhancement",
-                   "posterior acoustic shadowing")
+_REPORT_WORDS = {
+    "cyst": ("anechoic", "smooth", "posterior acoustic enhancement", "likely benign"),
+    "hypoechoic": ("hypoechoic", "smooth", "", "likely benign"),
+    "hyperechoic": ("hyperechoic", "smooth", "", "likely benign"),
+    "irregular": ("hypoechoic", "irregular", "posterior acoustic shadowing", "suspicious for malignancy"),
+}
+REPORT_FINDINGS = (
+    "anechoic",
+    "hypoechoic",
+    "hyperechoic",
+    "irregular margin",
+    "posterior acoustic enhancement",
+    "posterior acoustic shadowing",
+)
 
 
 @dataclass(frozen=True)
@@ -118,8 +146,10 @@ def _check_site_folders(folders: list[Path], overwrite: bool) -> None:
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(f"{folder} exists and is not a folder; choose another output folder")
         if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-            raise FileExistsError(f"{folder} is not empty; pass overwrite=True (CLI: --overwrite) to "
-                                  "replace its images/, masks/, clips/, manifest.csv and dataset.yaml")
+            raise FileExistsError(
+                f"{folder} is not empty; pass overwrite=True (CLI: --overwrite) to "
+                "replace its images/, masks/, clips/, manifest.csv and dataset.yaml"
+            )
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -128,8 +158,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_site(folder: Path, task: str, site: int, per_site: int, size: int, seed: int,
-                on_image: Callable[[], None] | None) -> None:
+def _write_site(
+    folder: Path, task: str, site: int, per_site: int, size: int, seed: int, on_image: Callable[[], None] | None
+) -> None:
     """Write one site's dataset folder (images or clips, masks, manifest.csv, then dataset.yaml)."""
     for sub in ("images", "masks", "clips", "targets"):
         shutil.rmtree(folder / sub, ignore_errors=True)
@@ -140,8 +171,9 @@ def _write_site(folder: Path, task: str, site: int, per_site: int, size: int, se
     rng = np.random.default_rng([seed, site])  # site-level draws: patients, splits, lesions or hearts
     patient_of = _patients(per_site, rng)
     split_of = _split_of_patients(patient_of[-1] + 1, rng)
-    draw_of = (_patient_hearts(len(split_of), rng) if task == "regression"
-               else _patient_lesions(task, len(split_of), rng))
+    draw_of = (
+        _patient_hearts(len(split_of), rng) if task == "regression" else _patient_lesions(task, len(split_of), rng)
+    )
     rows = [("image", "patient", "split", TASK_COLUMNS[task] or "anatomy", *(["image2"] if task == "report" else []))]
     width = max(5, len(str(per_site - 1)))
     for i, p in enumerate(patient_of):
@@ -154,8 +186,10 @@ def _write_site(folder: Path, task: str, site: int, per_site: int, size: int, se
     csv.writer(text, lineterminator="\n").writerows(rows)
     _write_text_atomic(folder / "manifest.csv", text.getvalue())
     what = f"clips of {CLIP_FRAMES} frames" if task == "regression" else "images"
-    header = (f"# Synthetic ultrasound dataset written by echocare_core.data.synthetic "
-              f"(seed {seed}, site {site}, {per_site} {what} of {size}x{size}).\n")
+    header = (
+        f"# Synthetic ultrasound dataset written by echocare_core.data.synthetic "
+        f"(seed {seed}, site {site}, {per_site} {what} of {size}x{size}).\n"
+    )
     _write_text_atomic(folder / "dataset.yaml", header + yaml.safe_dump(_site_meta(ctx), sort_keys=False))
     logger.debug("wrote %s: %d %s, %d patients, profile %s", folder, per_site, what, len(split_of), ctx.profile)
 
@@ -188,8 +222,10 @@ def lesion_report(kind: str, box: np.ndarray, size: int) -> str:
     side = "left" if x < 1 / 3 else "central" if x < 2 / 3 else "right"
     mm = max(1, round(float(box[2] - box[0]) / size * FIELD_MM))
     article = "An" if str(mm).startswith("8") or mm in (11, 18) else "A"
-    text = (f"{article} {mm} mm {echo} nodule in the {side} {'superficial' if y < 0.5 else 'deep'} field, with "
-            f"{'an' if margin == 'irregular' else 'a'} {margin} margin{f' and {behind}' if behind else ''}.")
+    text = (
+        f"{article} {mm} mm {echo} nodule in the {side} {'superficial' if y < 0.5 else 'deep'} field, with "
+        f"{'an' if margin == 'irregular' else 'a'} {margin} margin{f' and {behind}' if behind else ''}."
+    )
     return f"{text} Impression: {impression}."
 
 
@@ -197,8 +233,9 @@ def _write_sample(site: _Site, name: str, rng: np.random.Generator, draw: Any, p
     """Write one sample's files; return its manifest `image` path and task column value (report: and `image2`)."""
     if site.task == "regression":
         ef, ed_scale = draw
-        frames = generate_echo_clip(rng, site.size, site.profile, ejection_fraction=ef, ed_scale=ed_scale,
-                                    frames=CLIP_FRAMES)  # [T, H, W]
+        frames = generate_echo_clip(
+            rng, site.size, site.profile, ejection_fraction=ef, ed_scale=ed_scale, frames=CLIP_FRAMES
+        )  # [T, H, W]
         _save_clip(site.folder / "clips" / f"{name}.dcm", frames, patient, site.seed)
         return f"clips/{name}.dcm", f"{ef:.1f}"
     if site.task == "enhancement":  # the same phantom (same draws) by a low-end and a high-end device
@@ -229,8 +266,9 @@ def _write_sample(site: _Site, name: str, rng: np.random.Generator, draw: Any, p
         # + 0.0 turns a rounded -0.0 into 0.0
         value = json.dumps([[round(float(c), 2) + 0.0 for c in point] for point in sample.calipers[0]])
     elif site.task == "detection":
-        value = json.dumps([[*map(int, box), "cyst" if kind == "cyst" else "solid"]
-                            for box, kind in zip(sample.boxes, sample.lesions)])
+        value = json.dumps(
+            [[*map(int, box), "cyst" if kind == "cyst" else "solid"] for box, kind in zip(sample.boxes, sample.lesions)]
+        )
     else:
         value = manifest_anatomy(sample.anatomy or "", rng)
     return f"images/{name}.png", value
@@ -266,8 +304,17 @@ def _uid(key: str) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, f'echocare-synthetic:{key}').int}"
 
 
-def write_dataset(out: Path | str, task: str, sites: int, per_site: int, size: int = 128, seed: int = 0,
-                  *, overwrite: bool = False, on_image: Callable[[], None] | None = None) -> list[Path]:
+def write_dataset(
+    out: Path | str,
+    task: str,
+    sites: int,
+    per_site: int,
+    size: int = 128,
+    seed: int = 0,
+    *,
+    overwrite: bool = False,
+    on_image: Callable[[], None] | None = None,
+) -> list[Path]:
     """Write one synthetic dataset folder per site, `out/site_00`, `out/site_01`, ...
 
     Each folder follows the site data contract: dataset.yaml, manifest.csv (columns image, patient,
@@ -341,7 +388,7 @@ def keep_patients(folder: Path, share: float) -> None:
     keep = set()
     for split in dict.fromkeys(r["split"] for r in rows):
         patients = list(dict.fromkeys(r["patient"] for r in rows if r["split"] == split))
-        keep |= set(patients[:max(1, round(share * len(patients)))])
+        keep |= set(patients[: max(1, round(share * len(patients)))])
     _write_text_atomic(folder / "manifest.csv", _manifest_text([r for r in rows if r["patient"] in keep]))
 
 
@@ -352,8 +399,10 @@ def pool_sites(sites: list[Path], out: Path) -> Path:
     rows = []
     for site in sites:
         with (site / "manifest.csv").open(newline="") as f:
-            rows += [{**r, **{c: str(site / r[c]) for c in ("image", "mask", "target_image") if r.get(c)}}
-                     for r in csv.DictReader(f)]
+            rows += [
+                {**r, **{c: str(site / r[c]) for c in ("image", "mask", "target_image") if r.get(c)}}
+                for r in csv.DictReader(f)
+            ]
     _write_text_atomic(out / "manifest.csv", _manifest_text(rows))
     _write_text_atomic(out / "dataset.yaml", (sites[0] / "dataset.yaml").read_text(encoding="utf-8"))
     return out

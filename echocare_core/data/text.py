@@ -15,15 +15,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 __all__ = ["ReportTokenizer", "byte_level_tokenizer"]
 
-SPECIALS = {"pad": ("<pad>", "[PAD]"), "bos": ("<bos>", "<s>", "[CLS]", "[BOS]"),
-            "eos": ("<eos>", "</s>", "[SEP]", "[EOS]")}
+SPECIALS = {
+    "pad": ("<pad>", "[PAD]"),
+    "bos": ("<bos>", "<s>", "[CLS]", "[BOS]"),
+    "eos": ("<eos>", "</s>", "[SEP]", "[EOS]"),
+}
 
 
 def byte_level_tokenizer() -> Tokenizer:
     """Ids 0-2: `<pad>`, `<bos>`, `<eos>`; ids 3-258: the 256 bytes (GPT-2's byte-to-character map)."""
     names = ["<pad>", "<bos>", "<eos>", *pre_tokenizers.ByteLevel.alphabet()]
-    tok = Tokenizer(models.BPE(vocab={n: i for i, n in enumerate(names[:3] + sorted(names[3:], key=ord))},
-                               merges=[]))
+    tok = Tokenizer(models.BPE(vocab={n: i for i, n in enumerate(names[:3] + sorted(names[3:], key=ord))}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(names[:3])
@@ -71,11 +73,12 @@ class ReportTokenizer:
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"model.tokenizer: {path} is not a file (a tokenizer.json; leave it empty for "
-                                    f"the byte-level tokenizer)")
+            raise FileNotFoundError(
+                f"model.tokenizer: {path} is not a file (a tokenizer.json; leave it empty for the byte-level tokenizer)"
+            )
         try:
             tok = Tokenizer.from_file(str(path))
-        except Exception as exc:  # tokenizers raises its own Exception type
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises its own Exception type
             raise ValueError(f"model.tokenizer: {path} is not a tokenizers JSON file ({type(exc).__name__})") from None
         try:
             return cls(tok, max_tokens)
@@ -95,12 +98,12 @@ class ReportTokenizer:
 
     def encode(self, text: str) -> torch.Tensor:
         """`[max_tokens]` int64: `<bos>`, the text's ids (cut to fit), `<eos>`, padding."""
-        ids = [self.bos, *self.tok.encode(text, add_special_tokens=False).ids[:self.max_tokens - 2], self.eos]
+        ids = [self.bos, *self.tok.encode(text, add_special_tokens=False).ids[: self.max_tokens - 2], self.eos]
         return torch.tensor(ids + [self.pad] * (self.max_tokens - len(ids)), dtype=torch.long)
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """The text of generated ids, up to the first `<eos>` (a leading `<bos>` and padding are skipped)."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         if self.eos in ids:
-            ids = ids[:ids.index(self.eos)]
+            ids = ids[: ids.index(self.eos)]
         return self.tok.decode([i for i in ids if i not in (self.pad, self.bos)], skip_special_tokens=True).strip()

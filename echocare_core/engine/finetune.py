@@ -12,9 +12,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +28,19 @@ from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.distributed import init_distributed
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.report import read_metrics
-from echocare_core.engine.training import (Recipe, check_dataset, evaluate, num_classes, score, shuffled_keys,
-                                           steps_per_epoch, target_stats, task_loader, task_loss, train_epoch)
+from echocare_core.engine.training import (
+    Recipe,
+    check_dataset,
+    evaluate,
+    num_classes,
+    score,
+    shuffled_keys,
+    steps_per_epoch,
+    target_stats,
+    task_loader,
+    task_loss,
+    train_epoch,
+)
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
@@ -63,8 +75,11 @@ def tokenizer_for(cfg: FinetuneConfig, spec: DatasetSpec) -> ReportTokenizer | N
     if spec.task != "report":
         return None
     m = cfg.model
-    return ReportTokenizer.from_file(m.tokenizer, m.report.max_tokens) if m.tokenizer else \
-        ReportTokenizer(max_tokens=m.report.max_tokens)
+    return (
+        ReportTokenizer.from_file(m.tokenizer, m.report.max_tokens)
+        if m.tokenizer
+        else ReportTokenizer(max_tokens=m.report.max_tokens)
+    )
 
 
 def _encoder_config(cfg: FinetuneConfig) -> EncoderConfig:
@@ -77,40 +92,74 @@ def _encoder_config(cfg: FinetuneConfig) -> EncoderConfig:
     return cfg.model.encoder
 
 
-def build_task_model(cfg: FinetuneConfig, spec: DatasetSpec, stats: tuple[float, float] = (0.0, 1.0),
-                     tokenizer: ReportTokenizer | None = None) -> EchoCareTaskModel:
+def build_task_model(
+    cfg: FinetuneConfig,
+    spec: DatasetSpec,
+    stats: tuple[float, float] = (0.0, 1.0),
+    tokenizer: ReportTokenizer | None = None,
+) -> EchoCareTaskModel:
     enc = _encoder_config(cfg)
-    model = EchoCareTaskModel(enc, spec.task, num_classes(spec, tokenizer), cfg.model.feature_size, spec.multi_label,
-                              stats, cfg.model.report)
+    model = EchoCareTaskModel(
+        enc, spec.task, num_classes(spec, tokenizer), cfg.model.feature_size, spec.multi_label, stats, cfg.model.report
+    )
     if cfg.model.init:
         load_encoder_weights(model.encoder, cfg.model.init, cfg.model.init_partial)
     apply_finetune_mode(model, cfg.train.mode, cfg.train.lora_rank, cfg.train.lora_alpha)
     return model
 
 
-def _meta(cfg: FinetuneConfig, spec: DatasetSpec, model: EchoCareTaskModel, epoch: int,
-          metrics: dict[str, float], tokenizer: ReportTokenizer | None) -> dict[str, Any]:
+def _meta(
+    cfg: FinetuneConfig,
+    spec: DatasetSpec,
+    model: EchoCareTaskModel,
+    epoch: int,
+    metrics: dict[str, float],
+    tokenizer: ReportTokenizer | None,
+) -> dict[str, Any]:
     enc = model.encoder.cfg
-    report = {"report": to_dict(cfg.model.report), "tokenizer": tokenizer.to_str(), "findings": list(spec.findings),
-              "beam": cfg.model.beam} if tokenizer is not None else {}
-    return {"model_kind": "task", "task": spec.task, "encoder": to_dict(enc), "epoch": epoch, "metrics": metrics,
-            "head": {"num_classes": num_classes(spec, tokenizer), "feature_size": cfg.model.feature_size, **report,
-                     "multi_label": spec.multi_label, "classes": list(spec.classes),
-                     "labels": {str(k): v for k, v in spec.labels.items()},
-                     "landmark_names": list(spec.landmark_names), "target_name": spec.target_name,
-                     "target_stats": list(model.target_stats)},
-            "finetune": {"mode": cfg.train.mode, "lora_rank": cfg.train.lora_rank, "lora_alpha": cfg.train.lora_alpha},
-            "input": {**enc.input_spec, "frames": cfg.model.frames},
-            "dataset": spec.name, "config": to_dict(cfg)}
+    report = (
+        {
+            "report": to_dict(cfg.model.report),
+            "tokenizer": tokenizer.to_str(),
+            "findings": list(spec.findings),
+            "beam": cfg.model.beam,
+        }
+        if tokenizer is not None
+        else {}
+    )
+    return {
+        "model_kind": "task",
+        "task": spec.task,
+        "encoder": to_dict(enc),
+        "epoch": epoch,
+        "metrics": metrics,
+        "head": {
+            "num_classes": num_classes(spec, tokenizer),
+            "feature_size": cfg.model.feature_size,
+            **report,
+            "multi_label": spec.multi_label,
+            "classes": list(spec.classes),
+            "labels": {str(k): v for k, v in spec.labels.items()},
+            "landmark_names": list(spec.landmark_names),
+            "target_name": spec.target_name,
+            "target_stats": list(model.target_stats),
+        },
+        "finetune": {"mode": cfg.train.mode, "lora_rank": cfg.train.lora_rank, "lora_alpha": cfg.train.lora_alpha},
+        "input": {**enc.input_spec, "frames": cfg.model.frames},
+        "dataset": spec.name,
+        "config": to_dict(cfg),
+    }
 
 
-def _resume(cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, head: dict[str, Any], recipe: Recipe,
-            device: torch.device) -> dict[str, Any]:
+def _resume(
+    cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, head: dict[str, Any], recipe: Recipe, device: torch.device
+) -> dict[str, Any]:
     """Training state of `out/last`, loaded into model and optimizer; empty when starting afresh."""
     last = out / "last"
     if not (last / "meta.json").is_file():
         return {}
     meta = read_meta(last)
+
     def weights(h: dict[str, Any]) -> dict[str, Any]:  # without the report settings that leave the weights alone
         kept = {k: v for k, v in h.items() if k not in ("beam", "findings")}
         if "report" in kept:  # the findings' loss weight; their phrases only matter where there is a classifier
@@ -118,9 +167,11 @@ def _resume(cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, head: dict
             kept["report"] = replace(r, findings_weight=1.0, findings=r.findings if r.classifies else ())
         return kept
 
-    if ((meta["finetune"]["mode"], meta["task"], weights(meta["head"])) != (cfg.train.mode, model.task,
-                                                                           weights(head))
-            or not same_architecture(meta["encoder"], to_dict(model.encoder.cfg))):
+    if (meta["finetune"]["mode"], meta["task"], weights(meta["head"])) != (
+        cfg.train.mode,
+        model.task,
+        weights(head),
+    ) or not same_architecture(meta["encoder"], to_dict(model.encoder.cfg)):
         raise ValueError(f"{last} belongs to another task, mode, head or encoder; choose a new output folder")
     state = load_train_state(last)
     model.load_state_dict(load_weights(last, device))
@@ -163,12 +214,14 @@ def _private(cfg: FinetuneConfig, model: EchoCareTaskModel, recipe: Recipe, trai
     except LedgerError as exc:
         raise ValueError(str(exc)) from exc
     job = "finetune:" + hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
-    return PrivatePasses(model, recipe.optimizer, t.privacy, train_set, t.batch_size, steps, steps * cfg.epochs,
-                         ledger, job)
+    return PrivatePasses(
+        model, recipe.optimizer, t.privacy, train_set, t.batch_size, steps, steps * cfg.epochs, ledger, job
+    )
 
 
-def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
-                 stop: Callable[[], bool] = lambda: False) -> FinetuneResult:
+def run_finetune(
+    cfg: FinetuneConfig, on_epoch: EpochCallback | None = None, stop: Callable[[], bool] = lambda: False
+) -> FinetuneResult:
     """Fine-tune on the site's dataset, resume from `output/last` if it is there, then test the best epoch.
 
     Raises:
@@ -192,17 +245,35 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     stats, tok = target_stats(spec, rows["train"]), tokenizer_for(cfg, spec)
     model = build_task_model(cfg, spec, stats, tok).to(device)
     trainable, total = count_trainable(model)
-    log.info("%s, mode %s: %d of %d parameters train (%.2f%%)", spec.task, t.mode, trainable, total,
-             100 * trainable / total)
+    log.info(
+        "%s, mode %s: %d of %d parameters train (%.2f%%)", spec.task, t.mode, trainable, total, 100 * trainable / total
+    )
     enc, k, workers = model.encoder.cfg, num_classes(spec, tok), cfg.data.num_workers
-    sets = {s: TaskDataset(folder, spec, r, enc.img_size, enc.in_chans, s == "train", enc.scale, seed=cfg.seed,
-                           frames=cfg.model.frames, tokenizer=tok, views=cfg.model.report.views)
-            for s, r in rows.items()}
+    sets = {
+        s: TaskDataset(
+            folder,
+            spec,
+            r,
+            enc.img_size,
+            enc.in_chans,
+            s == "train",
+            enc.scale,
+            seed=cfg.seed,
+            frames=cfg.model.frames,
+            tokenizer=tok,
+            views=cfg.model.report.views,
+        )
+        for s, r in rows.items()
+    }
     n = len(sets["train"])
     recipe = Recipe.build(model, t, n, steps_per_epoch(n, t.batch_size) * cfg.epochs)
     state = _resume(cfg, out, model, _meta(cfg, spec, model, 0, {}, tok)["head"], recipe, device)
-    start, best, best_metrics, skipped = (state.get("epoch", 0), state.get("best"),
-                                          state.get("best_metrics", {}), state.get("skipped", 0))
+    start, best, best_metrics, skipped = (
+        state.get("epoch", 0),
+        state.get("best"),
+        state.get("best_metrics", {}),
+        state.get("skipped", 0),
+    )
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     history = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= start]
@@ -229,17 +300,32 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
             spent = {"epsilon": spend.epsilon, "delta": spend.delta}
         skipped += unread
         val = evaluate(model, sets["val"], device, k, t.batch_size, workers, beam=cfg.model.beam)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-               **{f"val_{n}": v for n, v in val.items()}, "lr": recipe.optimizer.param_groups[0]["lr"],
-               "seconds": time.perf_counter() - t0, **spent}
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            **{f"val_{n}": v for n, v in val.items()},
+            "lr": recipe.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+            **spent,
+        }
         history.append(row)
         write_json_lines(out / "metrics.jsonl", history)
         if best is None or score(val, spec.task) > best:  # the first epoch is best until one beats it
             best, best_metrics = score(val, spec.task), val
             save_checkpoint(out / "best", model, _meta(cfg, spec, model, epoch, {**val, **spent}, tok))
-        save_checkpoint(out / "last", model, _meta(cfg, spec, model, epoch, {**val, **spent}, tok),
-                        {"optimizer": recipe.optimizer.state_dict(), "scheduler": recipe.scheduler.state_dict(),
-                         "epoch": epoch, "best": best, "best_metrics": best_metrics, "skipped": skipped})
+        save_checkpoint(
+            out / "last",
+            model,
+            _meta(cfg, spec, model, epoch, {**val, **spent}, tok),
+            {
+                "optimizer": recipe.optimizer.state_dict(),
+                "scheduler": recipe.scheduler.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "best_metrics": best_metrics,
+                "skipped": skipped,
+            },
+        )
         if on_epoch is not None:
             on_epoch(epoch, cfg.epochs, row)
         if stop():
@@ -249,8 +335,9 @@ def run_finetune(cfg: FinetuneConfig, on_epoch: EpochCallback | None = None,
     if status != "stopped" and rows["test"] and (out / "best" / "meta.json").is_file():
         model.load_state_dict(load_weights(out / "best", device))
         # the binary operating point chosen on validation, not on the test split itself
-        test = evaluate(model, sets["test"], device, k, t.batch_size, workers, best_metrics.get("youden_threshold"),
-                        cfg.model.beam)
+        test = evaluate(
+            model, sets["test"], device, k, t.batch_size, workers, best_metrics.get("youden_threshold"), cfg.model.beam
+        )
         write_json(out / "test_metrics.json", {"split": "test", "samples": len(rows["test"]), **test})
     return FinetuneResult(status, epoch, best_metrics, test, trainable, total, out, skipped, history)
 

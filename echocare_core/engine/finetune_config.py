@@ -28,7 +28,9 @@ class FinetuneData:
 
 @dataclass(frozen=True)
 class FinetuneModel:
-    init: str | None = None  # encoder weights: the EchoCare release .pth, a toolkit or SwinUNETR checkpoint (null: random)
+    init: str | None = (
+        None  # encoder weights: the EchoCare release .pth, a toolkit or SwinUNETR checkpoint (null: random)
+    )
     init_partial: bool = False  # load only the tensors of `init` that fit (otherwise a mismatch stops the run)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # used when `init` is not a toolkit checkpoint
     feature_size: int = 16  # width of the dense decoder (segmentation, landmarks, detection)

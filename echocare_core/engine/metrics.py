@@ -19,18 +19,43 @@ import torch.nn.functional as F
 from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou
-from monai.metrics import (PSNRMetric, SSIMMetric, compute_dice, compute_hausdorff_distance, compute_roc_auc,
-                           compute_surface_dice)
+from monai.metrics import (
+    PSNRMetric,
+    SSIMMetric,
+    compute_dice,
+    compute_hausdorff_distance,
+    compute_roc_auc,
+    compute_surface_dice,
+)
 
 from echocare_core.models.detection import Detections
 
-__all__ = ["LOWER_IS_BETTER", "MAIN_METRIC", "SDR_RADII", "classification_metrics", "detection_ap",
-           "detection_metrics", "landmark_metrics", "match_detections", "multilabel_metrics", "regression_metrics", "segmentation_metrics", "youden",
-           "enhancement_metrics"]
+__all__ = [
+    "LOWER_IS_BETTER",
+    "MAIN_METRIC",
+    "SDR_RADII",
+    "classification_metrics",
+    "detection_ap",
+    "detection_metrics",
+    "landmark_metrics",
+    "match_detections",
+    "multilabel_metrics",
+    "regression_metrics",
+    "segmentation_metrics",
+    "youden",
+    "enhancement_metrics",
+]
 
 # what "best checkpoint" means
-MAIN_METRIC = {"classification": "auc", "segmentation": "dice", "landmarks": "mre", "detection": "map50",
-               "regression": "mae", "enhancement": "ssim", "report": "bleu4"}
+MAIN_METRIC = {
+    "classification": "auc",
+    "segmentation": "dice",
+    "landmarks": "mre",
+    "detection": "map50",
+    "regression": "mae",
+    "enhancement": "ssim",
+    "report": "bleu4",
+}
 LOWER_IS_BETTER = frozenset({"mre", "mae", "rmse", "hd95"})
 SDR_RADII = (2, 4, 10)  # pixels: the successful detection rates the paper reports
 
@@ -67,8 +92,9 @@ def _auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
         return float(compute_roc_auc(probs[:, present], F.one_hot(labels, k)[:, present], average="macro"))
 
 
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold: float | None = None
-                           ) -> dict[str, float]:
+def classification_metrics(
+    probs: torch.Tensor, labels: torch.Tensor, threshold: float | None = None
+) -> dict[str, float]:
     """Metrics of single-label predictions.
 
     Args:
@@ -81,8 +107,12 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold:
     pred, true = probs.argmax(1).numpy(), labels.numpy()
     out = {"accuracy": float((pred == true).mean()), "auc": _auc(probs, labels)}
     if k > 2:  # one-vs-rest AUC per class
-        out.update({f"auc_class{c}": _auc(torch.stack([1 - probs[:, c], probs[:, c]], 1), (labels == c).long())
-                    for c in range(k)})
+        out.update(
+            {
+                f"auc_class{c}": _auc(torch.stack([1 - probs[:, c], probs[:, c]], 1), (labels == c).long())
+                for c in range(k)
+            }
+        )
     if k == 2:
         out["f1"] = _f1(pred, true, 1)
         scores, positive = probs[:, 1].numpy(), true == 1
@@ -106,13 +136,16 @@ def multilabel_metrics(probs: torch.Tensor, targets: torch.Tensor, threshold: fl
     present = [c for c in range(true.shape[1]) if 0 < true[:, c].sum() < len(true)]  # AUC needs both values
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        auc = float(compute_roc_auc(probs[:, present], targets[:, present], average="macro")) if present else float("nan")
+        auc = (
+            float(compute_roc_auc(probs[:, present], targets[:, present], average="macro")) if present else float("nan")
+        )
     f1 = [_f1(pred[:, c].astype(int), true[:, c].astype(int), 1) for c in range(true.shape[1])]
     return {"auc": auc, "exact_match": float((pred == true).all(1).mean()), "macro_f1": float(np.mean(f1))}
 
 
-def segmentation_metrics(pred: torch.Tensor, true: torch.Tensor, num_classes: int,
-                         nsd_tolerance: float = 2.0) -> dict[str, float]:
+def segmentation_metrics(
+    pred: torch.Tensor, true: torch.Tensor, num_classes: int, nsd_tolerance: float = 2.0
+) -> dict[str, float]:
     """Dice, normalised surface Dice (tolerance in pixels) and HD95 per foreground class, and their means.
 
     Args:
@@ -170,13 +203,20 @@ def match_detections(pred: list[Detections], true: list[torch.Tensor], iou: floa
         true: boxes of each image, `[G, 5]` (x1, y1, x2, y2, class index).
     """
     return matching_batch(
-        box_iou, [iou], [d.boxes.numpy() for d in pred], [d.classes.numpy() for d in pred],
-        [d.scores.numpy() for d in pred], [t[:, :4].numpy() for t in true], [t[:, 4].long().numpy() for t in true],
-        max_detections=100)
+        box_iou,
+        [iou],
+        [d.boxes.numpy() for d in pred],
+        [d.classes.numpy() for d in pred],
+        [d.scores.numpy() for d in pred],
+        [t[:, :4].numpy() for t in true],
+        [t[:, 4].long().numpy() for t in true],
+        max_detections=100,
+    )
 
 
-def detection_metrics(pred: list[Detections], true: list[torch.Tensor], num_classes: int,
-                      iou: float = 0.5) -> dict[str, float]:
+def detection_metrics(
+    pred: list[Detections], true: list[torch.Tensor], num_classes: int, iou: float = 0.5
+) -> dict[str, float]:
     """AP per class (101-point interpolated, COCO) and their mean at one IoU threshold.
 
     Args:
@@ -206,8 +246,12 @@ def regression_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict[str, floa
     p, t = pred.double(), true.double()
     err = p - t
     r = float(torch.corrcoef(torch.stack([p, t]))[0, 1]) if len(p) > 1 else float("nan")
-    return {"mae": float(err.abs().mean()), "rmse": float(err.pow(2).mean().sqrt()), "bias": float(err.mean()),
-            "pearson_r": r}
+    return {
+        "mae": float(err.abs().mean()),
+        "rmse": float(err.pow(2).mean().sqrt()),
+        "bias": float(err.mean()),
+        "pearson_r": r,
+    }
 
 
 def enhancement_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict[str, float]:

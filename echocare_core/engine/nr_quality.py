@@ -144,7 +144,7 @@ def _half(img: np.ndarray) -> np.ndarray:
         pad = [(0, 0), (0, 0)]
         pad[axis] = (3, 4)
         p = np.moveaxis(np.pad(img, pad, mode="symmetric"), axis, 0)
-        img = np.moveaxis(sum(t * p[k:k + 2 * m:2] for k, t in enumerate(_HALF_TAPS)), 0, axis)
+        img = np.moveaxis(sum(t * p[k : k + 2 * m : 2] for k, t in enumerate(_HALF_TAPS)), 0, axis)
     return img
 
 
@@ -152,7 +152,7 @@ def _niqe_features(img: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Features `[B, 36]` of the whole size x size blocks of one grey image `[H, W]` (0..255), and each block's
     sharpness `[B]` (mean local deviation at full size), in row-major block order."""
     h, w = img.shape
-    img = img[:h - h % size, :w - w % size]
+    img = img[: h - h % size, : w - w % size]
     mscn, sigma = _mscn(img)
     sharpness = _blocks(sigma, size).mean(axis=(1, 2))
     fine = _block_features(_blocks(mscn, size))
@@ -171,8 +171,7 @@ def _pooled(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _check_block(block_size: int) -> None:
     if not isinstance(block_size, (int, np.integer)) or block_size < 16 or block_size % 2:
-        raise ValueError(f"NIQE block_size must be an even integer >= 16 (published: {NIQE_BLOCK}), "
-                         f"got {block_size!r}")
+        raise ValueError(f"NIQE block_size must be an even integer >= 16 (published: {NIQE_BLOCK}), got {block_size!r}")
 
 
 def niqe(images: torch.Tensor, params: NiqeParams) -> np.ndarray:
@@ -191,11 +190,13 @@ def niqe(images: torch.Tensor, params: NiqeParams) -> np.ndarray:
     _check_images(images)
     b, (h, w) = params.block_size, images.shape[2:]
     if (h // b) * (w // b) < 2:
-        raise ValueError(f"NIQE needs at least two {b}x{b} blocks per image, got {h}x{w} images (fit a model with "
-                         f"a smaller block_size for small images)")
+        raise ValueError(
+            f"NIQE needs at least two {b}x{b} blocks per image, got {h}x{w} images (fit a model with "
+            f"a smaller block_size for small images)"
+        )
     scores = np.full(len(images), np.nan)
     for i in range(len(images)):  # one at a time: float64 copies of a whole test set would not fit in memory
-        pooled = _pooled(_niqe_features(_gray255(images[i:i + 1])[0], b)[0])
+        pooled = _pooled(_niqe_features(_gray255(images[i : i + 1])[0], b)[0])
         if pooled is None:
             continue
         d = params.mu - pooled[0]  # [36]
@@ -225,16 +226,18 @@ def _pristine_images(images: str | Path | torch.Tensor) -> Iterable[np.ndarray]:
 
     folder = Path(images)
     if not folder.is_dir():
-        raise FileNotFoundError(f"NIQE pristine images: {folder} is not a folder (give a folder of image files or "
-                                f"a [N, C, H, W] tensor)")
+        raise FileNotFoundError(
+            f"NIQE pristine images: {folder} is not a folder (give a folder of image files or a [N, C, H, W] tensor)"
+        )
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"NIQE pristine images: no image file ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return _read_grey(files)
 
 
-def fit_niqe_params(images: str | Path | torch.Tensor, block_size: int = NIQE_BLOCK,
-                    sharpness: float = NIQE_SHARPNESS) -> NiqeParams:
+def fit_niqe_params(
+    images: str | Path | torch.Tensor, block_size: int = NIQE_BLOCK, sharpness: float = NIQE_SHARPNESS
+) -> NiqeParams:
     """Fit NIQE's pristine model to high-quality images, as the authors' `estimatemodelparam.m`: the features of
     each image's blocks sharper than `sharpness` times its sharpest block, pooled over all images.
 
@@ -259,12 +262,18 @@ def fit_niqe_params(images: str | Path | torch.Tensor, block_size: int = NIQE_BL
         rows.append(feats[sharp > sharpness * sharp.max()])
     pooled = _pooled(np.concatenate(rows)) if rows else None
     if pooled is None:
-        raise ValueError(f"NIQE fit: fewer than 2 usable {block_size}x{block_size} blocks in the pristine images "
-                         f"(give more or larger images, or a smaller block_size)")
+        raise ValueError(
+            f"NIQE fit: fewer than 2 usable {block_size}x{block_size} blocks in the pristine images "
+            f"(give more or larger images, or a smaller block_size)"
+        )
     n = sum(len(r) for r in rows)
     if n <= pooled[0].size:
-        log.warning("NIQE fit: %d blocks for %d features; the covariance is singular (NIQE uses its "
-                    "pseudo-inverse): more pristine images give a steadier model", n, pooled[0].size)
+        log.warning(
+            "NIQE fit: %d blocks for %d features; the covariance is singular (NIQE uses its "
+            "pseudo-inverse): more pristine images give a steadier model",
+            n,
+            pooled[0].size,
+        )
     return NiqeParams(pooled[0], pooled[1], int(block_size))
 
 
@@ -274,8 +283,13 @@ def save_niqe_params(path: str | Path, params: NiqeParams) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:  # a file object: numpy adds no suffix
-        np.savez(f, mu_pris_param=params.mu[None, :], cov_pris_param=params.cov, gaussian_window=_WINDOW,
-                 block_size=np.array(params.block_size))
+        np.savez(
+            f,
+            mu_pris_param=params.mu[None, :],
+            cov_pris_param=params.cov,
+            gaussian_window=_WINDOW,
+            block_size=np.array(params.block_size),
+        )
     os.replace(tmp, path)
 
 
@@ -294,8 +308,10 @@ def load_niqe_params(path: str | Path) -> NiqeParams:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"NIQE params: {path} is not a file (nothing is downloaded: give a local "
-                                f".npz or .mat, or make one with fit_niqe_params)")
+        raise FileNotFoundError(
+            f"NIQE params: {path} is not a file (nothing is downloaded: give a local "
+            f".npz or .mat, or make one with fit_niqe_params)"
+        )
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".mat"):
         raise ValueError(f"NIQE params: {path} has suffix {path.suffix!r}; allowed: .npz, .mat")
@@ -308,16 +324,21 @@ def load_niqe_params(path: str | Path) -> NiqeParams:
 
             found, keys = loadmat(path), _MAT_KEYS
     except (ValueError, OSError, EOFError, NotImplementedError) as exc:  # not an npz; scipy: not MATLAB v5 (v7.3)
-        raise ValueError(f"NIQE params: {path} does not load as {suffix} ({type(exc).__name__}: "
-                         f"{str(exc)[:200]})") from exc
+        raise ValueError(
+            f"NIQE params: {path} does not load as {suffix} ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
     if not set(keys) <= set(found):
-        raise ValueError(f"NIQE params: {path} lacks {' and '.join(k for k in keys if k not in found)} (has "
-                         f"{sorted(k for k in found if not k.startswith('__'))}); expected {keys[0]} and {keys[1]}")
+        raise ValueError(
+            f"NIQE params: {path} lacks {' and '.join(k for k in keys if k not in found)} (has "
+            f"{sorted(k for k in found if not k.startswith('__'))}); expected {keys[0]} and {keys[1]}"
+        )
     mu, cov = np.asarray(found[keys[0]], float).ravel(), np.asarray(found[keys[1]], float)
     block = int(found["block_size"]) if "block_size" in found else NIQE_BLOCK
     if mu.shape != (36,) or cov.shape != (36, 36) or not (np.isfinite(mu).all() and np.isfinite(cov).all()):
-        raise ValueError(f"NIQE params: {path} holds {keys[0]} of shape {mu.shape} and {keys[1]} of shape "
-                         f"{cov.shape}; expected finite (36,) and (36, 36)")
+        raise ValueError(
+            f"NIQE params: {path} holds {keys[0]} of shape {mu.shape} and {keys[1]} of shape "
+            f"{cov.shape}; expected finite (36,) and (36, 36)"
+        )
     _check_block(block)
     return NiqeParams(mu, cov, block)
 
@@ -365,7 +386,7 @@ def piqe(images: torch.Tensor) -> np.ndarray:
     h, w = images.shape[2:]
     scores = np.empty(len(images))
     for i in range(len(images)):  # one at a time, as niqe
-        gray = np.pad(_gray255(images[i:i + 1])[0], [(0, -h % PIQE_BLOCK), (0, -w % PIQE_BLOCK)], mode="edge")
+        gray = np.pad(_gray255(images[i : i + 1])[0], [(0, -h % PIQE_BLOCK), (0, -w % PIQE_BLOCK)], mode="edge")
         distortion, active = _piqe_blocks(_blocks(_mscn(gray)[0], PIQE_BLOCK))
         # the 1s are MATLAB's C, which keeps an image without active blocks finite (at 100)
         scores[i] = (distortion.sum() + 1) / (active.sum() + 1) * 100

@@ -10,8 +10,7 @@ from torch import nn
 __all__ = ["build_optimizer", "warmup_cosine"]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]
-                    ) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
     """AdamW; biases, norms, position tables and the mask token get no weight decay."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -23,8 +22,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                  min_ratio: float, start: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float, start: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from ~0 to the base LR, then cosine decay to `min_ratio` of it; the schedule begins at step
     `start` (the steps that ran before, e.g. in earlier rounds of a federated job)."""
 

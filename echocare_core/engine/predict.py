@@ -97,13 +97,15 @@ def _header(meta: dict) -> list[str]:
 def _model_input(img: np.ndarray, meta: dict) -> torch.Tensor:
     """`[T, C, H, W]` uint8 -> the model's normalised input `[T, C, S, S]`."""
     size = meta["input"]["size"]
-    x = F.interpolate(torch.from_numpy(img).float() / 255.0, size=(size, size), mode="bilinear", antialias=True,
-                      align_corners=False)
+    x = F.interpolate(
+        torch.from_numpy(img).float() / 255.0, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
     return (x - meta["input"]["mean"]) / meta["input"]["std"]
 
 
-def _predict_one(model: EchoCareTaskModel, meta: dict, img: np.ndarray, stem: str, out: Path,
-                 min_score: float) -> list[str]:
+def _predict_one(
+    model: EchoCareTaskModel, meta: dict, img: np.ndarray, stem: str, out: Path, min_score: float
+) -> list[str]:
     """The CSV cells after `file` for one image `[T, C, H, W]`; writes its PNGs under `out`."""
     size, task, head = meta["input"]["size"], meta["task"], meta["head"]
     height, width = img.shape[-2:]
@@ -113,8 +115,11 @@ def _predict_one(model: EchoCareTaskModel, meta: dict, img: np.ndarray, stem: st
     gray = img[0].mean(0).astype(np.uint8)
     if task == "classification":
         probs = model.decode(raw)[0].tolist()
-        label = (";".join(c for c, p in zip(head["classes"], probs) if p >= 0.5) if model.multi_label
-                 else head["classes"][int(np.argmax(probs))])
+        label = (
+            ";".join(c for c, p in zip(head["classes"], probs) if p >= 0.5)
+            if model.multi_label
+            else head["classes"][int(np.argmax(probs))]
+        )
         return [label, *[f"{p:.6f}" for p in probs]]
     if task == "regression":
         return [f"{float(model.decode(raw)[0]):.4f}"]
@@ -141,8 +146,10 @@ def _predict_one(model: EchoCareTaskModel, meta: dict, img: np.ndarray, stem: st
     det = model.decode(raw)[0]
     keep = det.scores >= min_score
     scale = torch.tensor([width, height, width, height]) / size
-    boxes = [[*[round(v, 1) for v in (b * scale).tolist()], head["classes"][int(c)], round(float(s), 4), int(c)]
-             for b, s, c in zip(det.boxes[keep], det.scores[keep], det.classes[keep])]
+    boxes = [
+        [*[round(v, 1) for v in (b * scale).tolist()], head["classes"][int(c)], round(float(s), 4), int(c)]
+        for b, s, c in zip(det.boxes[keep], det.scores[keep], det.classes[keep])
+    ]
     _draw(gray, boxes=boxes).save(out / f"{stem}_overlay.png")
     return [json.dumps([b[:6] for b in boxes]), str(len(boxes)), f"{stem}_overlay.png"]
 
@@ -161,8 +168,10 @@ def _studies(files: list[Path], views: int) -> list[tuple[str, list[Path]]]:
         folders.setdefault(file.parent, []).append(file)
     for folder, members in folders.items():
         if len(members) > views:
-            raise ValueError(f"{folder} holds {len(members)} images: the model reads {views} per report, from one "
-                             f"study folder each (put each study's images in a folder of its own)")
+            raise ValueError(
+                f"{folder} holds {len(members)} images: the model reads {views} per report, from one "
+                f"study folder each (put each study's images in a folder of its own)"
+            )
     return [(folder.name, sorted(members) * (views // len(members))) for folder, members in folders.items()]
 
 
@@ -172,8 +181,9 @@ def _classified(head: dict) -> list[str]:
     return list(report.findings) if report.classifies else []
 
 
-def _reports(model: EchoCareTaskModel, meta: dict, files: list[Path], out: Path, beam: int | None
-             ) -> tuple[list[list[str]], int]:
+def _reports(
+    model: EchoCareTaskModel, meta: dict, files: list[Path], out: Path, beam: int | None
+) -> tuple[list[list[str]], int]:
     """One CSV row per study (`_studies`) and the number of studies with an unreadable image; writes each report
     to a text file."""
     head = meta["head"]
@@ -199,8 +209,9 @@ def _reports(model: EchoCareTaskModel, meta: dict, files: list[Path], out: Path,
     return rows, unreadable
 
 
-def predict_files(checkpoint: str | Path, files: list[Path], out: str | Path, min_score: float = 0.3,
-                  beam: int | None = None) -> tuple[Path, int]:
+def predict_files(
+    checkpoint: str | Path, files: list[Path], out: str | Path, min_score: float = 0.3, beam: int | None = None
+) -> tuple[Path, int]:
     """Predict every file (report generation: every study); returns the CSV written and the number of files
     (studies) that could not be read.
 
@@ -221,8 +232,11 @@ def predict_files(checkpoint: str | Path, files: list[Path], out: str | Path, mi
     rows, unreadable = _reports(model, meta, files, out, beam) if meta["task"] == "report" else ([], 0)
     for i, file in enumerate(files if meta["task"] != "report" else []):
         try:
-            img = (read_clip(file, channels, meta["input"].get("frames", 16)) if meta["task"] == "regression"
-                   else read_image(file, channels)[None])  # [T, C, H, W]
+            img = (
+                read_clip(file, channels, meta["input"].get("frames", 16))
+                if meta["task"] == "regression"
+                else read_image(file, channels)[None]
+            )  # [T, C, H, W]
         except ImageReadError:
             unreadable += 1
             rows.append([str(file), "unreadable"] + [""] * (len(header) - 2))

@@ -14,20 +14,35 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from echocare_core.checkpoint import (CheckpointFormatError, checkpoints_newest_first, load_train_state, load_weights,
-                                      prune_checkpoints, read_meta, same_architecture, save_checkpoint)
+from echocare_core.checkpoint import (
+    CheckpointFormatError,
+    checkpoints_newest_first,
+    load_train_state,
+    load_weights,
+    prune_checkpoints,
+    read_meta,
+    same_architecture,
+    save_checkpoint,
+)
 from echocare_core.config import save_config, to_dict
 from echocare_core.data.ontology import load_ontology
-from echocare_core.data.pretrain import (MaskGenerator, PretrainDataset, ShardedSampler,
-                                         build_index, collate_skipping, write_skip_log)
+from echocare_core.data.pretrain import (
+    MaskGenerator,
+    PretrainDataset,
+    ShardedSampler,
+    build_index,
+    collate_skipping,
+    write_skip_log,
+)
 from echocare_core.engine.distributed import DistInfo, all_reduce_sum, init_distributed, rank_fingerprints, shutdown
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.pretrain_config import PretrainConfig
@@ -79,21 +94,40 @@ class _Run:
         self.ontology = load_ontology(cfg.data.ontology)
         index = build_index(cfg.data.sources, self.ontology, cfg.data.frame_step)
         masks = MaskGenerator(cfg.model.img_size, cfg.mim.mask_patch_size, cfg.model.patch_size, cfg.mim.mask_ratio)
-        self.dataset = PretrainDataset(index, cfg.model.img_size, cfg.model.in_chans, masks, cfg.data.augment,
-                                       cfg.model.scale, cfg.data.frame_step, cfg.data.min_nonzero, cfg.seed)
+        self.dataset = PretrainDataset(
+            index,
+            cfg.model.img_size,
+            cfg.model.in_chans,
+            masks,
+            cfg.data.augment,
+            cfg.model.scale,
+            cfg.data.frame_step,
+            cfg.data.min_nonzero,
+            cfg.seed,
+        )
         self.sampler = ShardedSampler(len(index), dist.rank, dist.world, cfg.seed)
         o = cfg.optim
         if o.batch_size % (o.micro_batch * dist.world):
-            raise ValueError(f"optim.batch_size={o.batch_size} must be a multiple of micro_batch x processes "
-                             f"= {o.micro_batch} x {dist.world}")
+            raise ValueError(
+                f"optim.batch_size={o.batch_size} must be a multiple of micro_batch x processes "
+                f"= {o.micro_batch} x {dist.world}"
+            )
         self.accum = o.batch_size // (o.micro_batch * dist.world)
         if self.sampler.per_rank < o.micro_batch * self.accum:
-            raise ValueError(f"{len(index)} images are fewer than one batch of {o.batch_size}; "
-                             f"lower optim.batch_size or add data")
-        self.loader = DataLoader(self.dataset, batch_size=o.micro_batch, sampler=self.sampler, drop_last=True,
-                                 num_workers=cfg.data.num_workers, collate_fn=collate_skipping,
-                                 worker_init_fn=_worker_init, pin_memory=dist.device.type == "cuda",
-                                 persistent_workers=cfg.data.num_workers > 0)
+            raise ValueError(
+                f"{len(index)} images are fewer than one batch of {o.batch_size}; lower optim.batch_size or add data"
+            )
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=o.micro_batch,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate_skipping,
+            worker_init_fn=_worker_init,
+            pin_memory=dist.device.type == "cuda",
+            persistent_workers=cfg.data.num_workers > 0,
+        )
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
         self.model = EchoCarePretrainModel(cfg.model, self.ontology).to(dist.device)
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, o.betas)
@@ -106,9 +140,13 @@ class _Run:
         self.resumed_from = self._resume_or_init()
         forward = torch.compile(self.model) if cfg.compile else self.model  # checkpoints keep the plain model
         # the model's buffers are constants (masks, indices, ontology tables): nothing to re-broadcast
-        self.ddp = (DistributedDataParallel(forward, device_ids=None if dist.device.index is None else
-                                            [dist.device.index], broadcast_buffers=False)
-                    if dist.world > 1 else forward)
+        self.ddp = (
+            DistributedDataParallel(
+                forward, device_ids=None if dist.device.index is None else [dist.device.index], broadcast_buffers=False
+            )
+            if dist.world > 1
+            else forward
+        )
 
     def _resume_or_init(self) -> int:
         for ckpt in checkpoints_newest_first(self.ckpt_dir):
@@ -139,13 +177,17 @@ class _Run:
 
     def _check_resumable(self, ckpt: Path, meta: dict[str, Any], state: dict[str, Any]) -> None:
         if not same_architecture(meta.get("encoder", {}), to_dict(self.cfg.model)):
-            raise ValueError(f"{ckpt} was made with another model config; resume needs the same `model:` "
-                             f"section, or choose a new output folder")
+            raise ValueError(
+                f"{ckpt} was made with another model config; resume needs the same `model:` "
+                f"section, or choose a new output folder"
+            )
         if (state["world"], state["micro_batch"]) != (self.dist.world, self.cfg.optim.micro_batch):
-            raise ValueError(f"{ckpt} was made by {state['world']} process(es) with micro_batch "
-                             f"{state['micro_batch']}; resume with the same (now {self.dist.world} and "
-                             f"{self.cfg.optim.micro_batch}) so every image is seen once per epoch, "
-                             f"or choose a new output folder")
+            raise ValueError(
+                f"{ckpt} was made by {state['world']} process(es) with micro_batch "
+                f"{state['micro_batch']}; resume with the same (now {self.dist.world} and "
+                f"{self.cfg.optim.micro_batch}) so every image is seen once per epoch, "
+                f"or choose a new output folder"
+            )
 
     def _micro_step(self, batch: dict[str, Any], sync: bool) -> dict[str, torch.Tensor]:
         dev = self.dist.device
@@ -154,20 +196,31 @@ class _Run:
         if n == 0:  # every image of the micro-batch was skipped: a blank stand-in with weight 0 keeps ranks in step
             size, chans = self.cfg.model.img_size, self.cfg.model.in_chans
             patches = size // self.cfg.model.patch_size
-            batch = {"image": torch.zeros(1, chans, size, size), "token_mask": torch.zeros(1, patches, patches),
-                     "anatomy": torch.full((1,), -1, dtype=torch.long), "skipped": batch["skipped"]}
+            batch = {
+                "image": torch.zeros(1, chans, size, size),
+                "token_mask": torch.zeros(1, patches, patches),
+                "anatomy": torch.full((1,), -1, dtype=torch.long),
+                "skipped": batch["skipped"],
+            }
         with ctx:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss, parts, _ = self.ddp(batch["image"].to(dev, non_blocking=True),
-                                          batch["token_mask"].to(dev, non_blocking=True),
-                                          batch["anatomy"].to(dev, non_blocking=True), self.cfg.hie_weight)
+                loss, parts, _ = self.ddp(
+                    batch["image"].to(dev, non_blocking=True),
+                    batch["token_mask"].to(dev, non_blocking=True),
+                    batch["anatomy"].to(dev, non_blocking=True),
+                    self.cfg.hie_weight,
+                )
             if n == 0:
                 loss, parts = loss * 0.0, {k: v * 0.0 for k, v in parts.items()}
             (loss / self.accum).backward()
         kinds = [k for k, _, _ in batch["skipped"]]
-        return {"loss": loss.detach(), **parts, "images": torch.tensor(float(n), device=dev),
-                "unreadable": torch.tensor(float(kinds.count("unreadable")), device=dev),
-                "near-empty": torch.tensor(float(kinds.count("near-empty")), device=dev)}
+        return {
+            "loss": loss.detach(),
+            **parts,
+            "images": torch.tensor(float(n), device=dev),
+            "unreadable": torch.tensor(float(kinds.count("unreadable")), device=dev),
+            "near-empty": torch.tensor(float(kinds.count("near-empty")), device=dev),
+        }
 
     def _optimizer_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         torch.manual_seed(hash((self.cfg.seed, self.step, self.dist.rank)) & 0x7FFFFFFF)
@@ -186,7 +239,8 @@ class _Run:
             raise NonFiniteLossError(
                 f"non-finite {'gradient' if math.isfinite(loss) else 'loss'} at step "
                 f"{self.step + 1} (loss_mim={mim}, loss_hie={hie}, grad_norm={gnorm}); the last good checkpoint "
-                f"is kept in {self.ckpt_dir}. Lower optim.lr, raise optim.warmup_steps or use precision: fp32")
+                f"is kept in {self.ckpt_dir}. Lower optim.lr, raise optim.warmup_steps or use precision: fp32"
+            )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         if images > 0:
             self.optimizer.step()
@@ -197,9 +251,15 @@ class _Run:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self.scheduler.step()
         self.step += 1
-        return {"loss": loss, "loss_mim": mim, "loss_hie": hie, "grad_norm": gnorm,
-                "labelled_frac": labelled / max(images, 1.0), "images": images,
-                "lr": lr}
+        return {
+            "loss": loss,
+            "loss_mim": mim,
+            "loss_hie": hie,
+            "grad_norm": gnorm,
+            "labelled_frac": labelled / max(images, 1.0),
+            "images": images,
+            "lr": lr,
+        }
 
     def save(self, metrics: dict[str, float]) -> None:
         fingerprints = rank_fingerprints(self.model)
@@ -207,22 +267,35 @@ class _Run:
             raise RuntimeError(f"ranks disagree on the weights at step {self.step}: {fingerprints}")
         if not self.dist.is_main:
             return
-        meta = {"model_kind": "pretrain", "encoder": to_dict(self.cfg.model),
-                "ontology": self.ontology.to_tree(), "step": self.step,
-                "epoch": self.step * self.cfg.optim.micro_batch * self.accum / self.sampler.per_rank,
-                "metrics": metrics,
-                "input": self.cfg.model.input_spec,
-                "rank_fingerprints": fingerprints, "config": to_dict(self.cfg)}
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "step": self.step, "skipped": self.skipped, "world": self.dist.world,
-                 "micro_batch": self.cfg.optim.micro_batch, "window": self.window}
+        meta = {
+            "model_kind": "pretrain",
+            "encoder": to_dict(self.cfg.model),
+            "ontology": self.ontology.to_tree(),
+            "step": self.step,
+            "epoch": self.step * self.cfg.optim.micro_batch * self.accum / self.sampler.per_rank,
+            "metrics": metrics,
+            "input": self.cfg.model.input_spec,
+            "rank_fingerprints": fingerprints,
+            "config": to_dict(self.cfg),
+        }
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "skipped": self.skipped,
+            "world": self.dist.world,
+            "micro_batch": self.cfg.optim.micro_batch,
+            "window": self.window,
+        }
         save_checkpoint(self.ckpt_dir / f"step_{self.step:06d}", self.model, meta, state)
         prune_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep_last)
 
     def train(self, on_step: StepCallback | None) -> PretrainResult:
         cfg, o = self.cfg, self.cfg.optim
         metrics_file = self.out / "metrics.jsonl"
-        skip_file = self.out / ("skipped_files.csv" if self.dist.world == 1 else f"skipped_files.rank{self.dist.rank}.csv")
+        skip_file = self.out / (
+            "skipped_files.csv" if self.dist.world == 1 else f"skipped_files.rank{self.dist.rank}.csv"
+        )
         if self.dist.is_main:
             _truncate_metrics(metrics_file, self.step)
         last = self.last_metrics
@@ -250,9 +323,12 @@ class _Run:
             if self.step % cfg.log_every == 0 or self.step == o.steps:
                 elapsed = time.perf_counter() - t_window
                 # losses are averaged over the steps since the last line: a smoother, honest curve
-                last.update({k: v / self.window["n"] for k, v in self.window.items() if k != "n"},
-                            epoch=self.step * per_step / self.sampler.per_rank,
-                            images_per_s=images_window / elapsed, outside_share=(t_wait + t_other) / elapsed)
+                last.update(
+                    {k: v / self.window["n"] for k, v in self.window.items() if k != "n"},
+                    epoch=self.step * per_step / self.sampler.per_rank,
+                    images_per_s=images_window / elapsed,
+                    outside_share=(t_wait + t_other) / elapsed,
+                )
                 t_wait = t_other = 0.0
                 t_window, images_window = time.perf_counter(), 0.0
                 self.window = {}
@@ -275,8 +351,9 @@ class _Run:
         return all_reduce_sum(flag).item() > 0
 
 
-def run_pretraining(cfg: PretrainConfig, on_step: StepCallback | None = None,
-                    stop: Callable[[], bool] = lambda: False) -> PretrainResult:
+def run_pretraining(
+    cfg: PretrainConfig, on_step: StepCallback | None = None, stop: Callable[[], bool] = lambda: False
+) -> PretrainResult:
     """Pretrain (or resume pretraining) as `cfg` says, in this process or as one rank under torchrun.
 
     Args:

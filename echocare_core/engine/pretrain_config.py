@@ -68,8 +68,10 @@ class OptimConfig:
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"lr={self.lr}, min_lr={self.min_lr}: need 0 < min_lr <= lr")
         if self.clip_grad < 0 or self.weight_decay < 0:
-            raise ValueError(f"clip_grad={self.clip_grad} and weight_decay={self.weight_decay} must be >= 0 "
-                             f"(clip_grad 0 turns clipping off)")
+            raise ValueError(
+                f"clip_grad={self.clip_grad} and weight_decay={self.weight_decay} must be >= 0 "
+                f"(clip_grad 0 turns clipping off)"
+            )
 
 
 @dataclass(frozen=True)
@@ -102,12 +104,16 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if not self.data.sources:
-            raise ValueError("data.sources is empty: list at least one folder of images "
-                             "(make a demo one with `echocare-data synth --task pretrain`)")
+            raise ValueError(
+                "data.sources is empty: list at least one folder of images "
+                "(make a demo one with `echocare-data synth --task pretrain`)"
+            )
         if self.log_every < 1:
             raise ValueError(f"log_every={self.log_every}: must be >= 1")
         if self.hie_weight < 0:
             raise ValueError(f"hie_weight={self.hie_weight}: must be >= 0 (0 trains MIM only)")
         if self.mim.mask_patch_size % self.model.patch_size or self.model.img_size % self.mim.mask_patch_size:
-            raise ValueError(f"mim.mask_patch_size={self.mim.mask_patch_size} must be a multiple of "
-                             f"model.patch_size={self.model.patch_size} and divide model.img_size={self.model.img_size}")
+            raise ValueError(
+                f"mim.mask_patch_size={self.mim.mask_patch_size} must be a multiple of "
+                f"model.patch_size={self.model.patch_size} and divide model.img_size={self.model.img_size}"
+            )

@@ -25,9 +25,10 @@ import pickle
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,8 +54,10 @@ class QualityWeights:
         """Raises FileNotFoundError naming the key and the file when a configured weights file is absent."""
         for key, path in (("fid", self.fid), ("brisque", self.brisque), ("niqe", self.niqe)):
             if path and not Path(path).is_file():
-                raise FileNotFoundError(f"quality weights {key}: {path} is not a file (nothing is downloaded at run "
-                                        f"time: copy the file there, or leave {key} empty to skip the metric)")
+                raise FileNotFoundError(
+                    f"quality weights {key}: {path} is not a file (nothing is downloaded at run "
+                    f"time: copy the file there, or leave {key} empty to skip the metric)"
+                )
 
 
 def _rgb(images: torch.Tensor) -> torch.Tensor:
@@ -66,8 +69,8 @@ def _fid(pred: torch.Tensor, target: torch.Tensor, weights: str) -> float:
 
     fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=weights)
     for start in range(0, len(pred), 32):
-        fid.update(_rgb(target[start:start + 32]), real=True)
-        fid.update(_rgb(pred[start:start + 32]), real=False)
+        fid.update(_rgb(target[start : start + 32]), real=True)
+        fid.update(_rgb(pred[start : start + 32]), real=False)
     return float(fid.compute())
 
 
@@ -92,8 +95,9 @@ def _loaded(key: str, path: str, measure: Callable[[], Any]) -> Any:
     try:
         return measure()
     except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # not its file
-        raise ValueError(f"quality weights {key}: {path} does not load as expected ({type(exc).__name__}: "
-                         f"{str(exc)[:200]})") from exc
+        raise ValueError(
+            f"quality weights {key}: {path} does not load as expected ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
 
 
 def quality_metrics(pred: torch.Tensor, target: torch.Tensor, weights: QualityWeights) -> dict[str, float]:

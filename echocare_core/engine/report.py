@@ -76,8 +76,11 @@ def write_pretrain_report(run_dir: Path, skipped: dict[str, int]) -> Path:
             lines.append(f"| {key} | {first.get(key, float('nan')):.4g} | {last.get(key, float('nan')):.4g} |")
     else:
         lines.append("No metrics were logged.")
-    lines += ["", f"Skipped images: {skipped.get('unreadable', 0)} unreadable, "
-                  f"{skipped.get('near-empty', 0)} near-empty files (listed in skipped_files*.csv)."]
+    lines += [
+        "",
+        f"Skipped images: {skipped.get('unreadable', 0)} unreadable, "
+        f"{skipped.get('near-empty', 0)} near-empty files (listed in skipped_files*.csv).",
+    ]
     _write_text(run_dir / "report.md", lines)
     return run_dir / "report.md"
 
@@ -85,8 +88,9 @@ def write_pretrain_report(run_dir: Path, skipped: dict[str, int]) -> Path:
 def privacy_spent(history: list[dict]) -> dict[str, dict[str, float]]:
     """Each site's latest reported (epsilon, delta) in a federated run's history: what the model has cost each
     site's data so far."""
-    return {s["site"]: {"epsilon": s["epsilon"], "delta": s["delta"]} for r in history for s in r["sites"]
-            if "epsilon" in s}
+    return {
+        s["site"]: {"epsilon": s["epsilon"], "delta": s["delta"]} for r in history for s in r["sites"] if "epsilon" in s
+    }
 
 
 def _traffic(rounds: list[dict]) -> str:
@@ -100,8 +104,10 @@ def _traffic(rounds: list[dict]) -> str:
     total_to = sum(r.get("bytes_to_sites", 0) for r in rounds) or sum(to.values())
     total_back = sum(r.get("bytes_from_sites", 0) for r in rounds) or sum(back.values())
     per_site = ", ".join(f"{site} {to[site] / 1e6:.2f} / {back[site] / 1e6:.2f}" for site in sorted(to))
-    return (f"Traffic over {len(rounds)} round(s): {total_to / 1e6:.2f} MB to the sites and {total_back / 1e6:.2f} MB "
-            f"from them, with every site asked; MB to / from each site in the rounds it was aggregated: {per_site}.")
+    return (
+        f"Traffic over {len(rounds)} round(s): {total_to / 1e6:.2f} MB to the sites and {total_back / 1e6:.2f} MB "
+        f"from them, with every site asked; MB to / from each site in the rounds it was aggregated: {per_site}."
+    )
 
 
 def write_federation_report(run_dir: Path, shared_encoder: bool = False) -> Path:
@@ -125,15 +131,32 @@ def write_federation_report(run_dir: Path, shared_encoder: bool = False) -> Path
         for i, name in enumerate(names):
             pts = [(r["round"], s) for r in rounds for s in r["sites"] if s["site"] == name]
             colour = f"C{i % 10}"
-            ax.plot([p for p, _ in pts], [s.get(f"global_{main}", float("nan")) for _, s in pts], "-o",
-                    color=colour, label=f"{name}: global model")
-            ax.plot([p for p, _ in pts], [s.get(f"local_{main}", float("nan")) for _, s in pts], ":", color=colour,
-                    label=f"{name}: after local training")
-        mean = [(r["round"], sum(s.get(f"global_{main}", 0.0) * s["num-examples"] for s in group)
-                 / max(sum(s["num-examples"] for s in group), 1))
-                for r in rounds if (group := [s for s in r["sites"] if s["task"] == task])]
-        ax.plot([m for m, _ in mean], [v for _, v in mean], "k-", linewidth=2,
-                label="global model, sample-weighted mean")
+            ax.plot(
+                [p for p, _ in pts],
+                [s.get(f"global_{main}", float("nan")) for _, s in pts],
+                "-o",
+                color=colour,
+                label=f"{name}: global model",
+            )
+            ax.plot(
+                [p for p, _ in pts],
+                [s.get(f"local_{main}", float("nan")) for _, s in pts],
+                ":",
+                color=colour,
+                label=f"{name}: after local training",
+            )
+        mean = [
+            (
+                r["round"],
+                sum(s.get(f"global_{main}", 0.0) * s["num-examples"] for s in group)
+                / max(sum(s["num-examples"] for s in group), 1),
+            )
+            for r in rounds
+            if (group := [s for s in r["sites"] if s["task"] == task])
+        ]
+        ax.plot(
+            [m for m, _ in mean], [v for _, v in mean], "k-", linewidth=2, label="global model, sample-weighted mean"
+        )
         ax.set_title(task if len(tasks) > 1 else "")
         ax.set_xlabel("round")
         ax.set_ylabel(f"validation {main} (at each site)")
@@ -142,26 +165,42 @@ def write_federation_report(run_dir: Path, shared_encoder: bool = False) -> Path
     fig.tight_layout()
     _save(fig, run_dir / "curves.png")
     last = rounds[-1]
-    lines += [f"{len(rounds)} round(s); the global model after round {last['round']} is in "
-              f"`checkpoints/round_{last['round']:04d}` " + (
-                  "(the shared encoder: each site makes its own model from it with its head, `echocare-client model`)."
-                  if shared_encoder else "(loadable by echocare-evaluate and echocare-predict)."), "",
-              "![learning curves](curves.png)", "", f"Round {last['round']}, per site (validation split of each site):",
-              "", "| site | task | samples | train loss | metric | global model | after local training | "
-                  "epsilon (delta) | MB to site | MB from site |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        f"{len(rounds)} round(s); the global model after round {last['round']} is in "
+        f"`checkpoints/round_{last['round']:04d}` "
+        + (
+            "(the shared encoder: each site makes its own model from it with its head, `echocare-client model`)."
+            if shared_encoder
+            else "(loadable by echocare-evaluate and echocare-predict)."
+        ),
+        "",
+        "![learning curves](curves.png)",
+        "",
+        f"Round {last['round']}, per site (validation split of each site):",
+        "",
+        "| site | task | samples | train loss | metric | global model | after local training | "
+        "epsilon (delta) | MB to site | MB from site |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in last["sites"]:
         spent = f"{s['epsilon']:.3f} ({s['delta']:g})" if "epsilon" in s else "no DP"
         main = s["metric"]
-        lines.append(f"| {s['site']} | {s['task']} | {s['num-examples']:.0f} | {s.get('train_loss', float('nan')):.4f} "
-                     f"| {main} | {s.get(f'global_{main}', float('nan')):.4f} | "
-                     f"{s.get(f'local_{main}', float('nan')):.4f} | {spent} | {s['bytes_sent'] / 1e6:.2f} | "
-                     f"{s['bytes_received'] / 1e6:.2f} |")
+        lines.append(
+            f"| {s['site']} | {s['task']} | {s['num-examples']:.0f} | {s.get('train_loss', float('nan')):.4f} "
+            f"| {main} | {s.get(f'global_{main}', float('nan')):.4f} | "
+            f"{s.get(f'local_{main}', float('nan')):.4f} | {spent} | {s['bytes_sent'] / 1e6:.2f} | "
+            f"{s['bytes_received'] / 1e6:.2f} |"
+        )
     lines += ["", _traffic(rounds)]
     spent_by_site = privacy_spent(rounds)
     if spent_by_site:
-        lines += ["", "Differential privacy: epsilon each site's data has spent on this run's model: "
-                  + ", ".join(f"{site} {v['epsilon']:.3f} (delta {v['delta']:g})"
-                              for site, v in sorted(spent_by_site.items()))
-                  + ". Each site's ledger has its lifetime total (`echocare-client privacy --config site.yaml`)."]
+        lines += [
+            "",
+            "Differential privacy: epsilon each site's data has spent on this run's model: "
+            + ", ".join(
+                f"{site} {v['epsilon']:.3f} (delta {v['delta']:g})" for site, v in sorted(spent_by_site.items())
+            )
+            + ". Each site's ledger has its lifetime total (`echocare-client privacy --config site.yaml`).",
+        ]
     _write_text(run_dir / "report.md", lines)
     return run_dir / "report.md"

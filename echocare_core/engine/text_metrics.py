@@ -70,8 +70,10 @@ def _wordnet() -> object:
         wordnet.ensure_loaded()
         return wordnet
     except LookupError:
-        log.warning("NLTK's WordNet corpus is not installed: METEOR matches exact words and stems, no synonyms "
-                    "(python -m nltk.downloader wordnet adds them)")
+        log.warning(
+            "NLTK's WordNet corpus is not installed: METEOR matches exact words and stems, no synonyms "
+            "(python -m nltk.downloader wordnet adds them)"
+        )
         return _NoSynonyms()
 
 
@@ -94,7 +96,7 @@ def stated(texts: list[str], findings: tuple[str, ...]) -> np.ndarray:
     phrases = [words(f) for f in findings]
 
     def says(text: list[str], phrase: list[str]) -> bool:
-        return any(text[i:i + len(phrase)] == phrase for i in range(len(text) - len(phrase) + 1))
+        return any(text[i : i + len(phrase)] == phrase for i in range(len(text) - len(phrase) + 1))
 
     return np.array([[says(words(t), f) for f in phrases] for t in texts], dtype=bool).reshape(-1, len(phrases))
 
@@ -109,8 +111,12 @@ def finding_metrics(preds: list[str], refs: list[str], findings: tuple[str, ...]
     precision = tp / (tp + fp) if tp + fp else float("nan")
     recall = tp / (tp + fn) if tp + fn else float("nan")
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-    return {"finding_accuracy": float((p == t).mean()), "finding_precision": precision, "finding_recall": recall,
-            "finding_f1": f1}
+    return {
+        "finding_accuracy": float((p == t).mean()),
+        "finding_precision": precision,
+        "finding_recall": recall,
+        "finding_f1": f1,
+    }
 
 
 def report_metrics(preds: list[str], refs: list[str], findings: tuple[str, ...] = ()) -> dict[str, float]:

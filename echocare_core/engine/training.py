@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,9 +26,17 @@ from torch.utils.data import DataLoader
 from echocare_core.data.contract import DatasetSpec, load_spec, read_manifest, verify_dataset
 from echocare_core.data.finetune import TaskDataset, collate_task, from_model_points
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.engine.metrics import (LOWER_IS_BETTER, MAIN_METRIC, classification_metrics, detection_metrics,
-                                          enhancement_metrics, landmark_metrics, multilabel_metrics,
-                                          regression_metrics, segmentation_metrics)
+from echocare_core.engine.metrics import (
+    LOWER_IS_BETTER,
+    MAIN_METRIC,
+    classification_metrics,
+    detection_metrics,
+    enhancement_metrics,
+    landmark_metrics,
+    multilabel_metrics,
+    regression_metrics,
+    segmentation_metrics,
+)
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.pretrain import NonFiniteLossError
 from echocare_core.engine.text_metrics import report_metrics, stated
@@ -37,9 +46,22 @@ from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.task import EchoCareTaskModel
 from echocare_core.privacy.settings import DPSettings
 
-__all__ = ["DatasetInvalidError", "LocalTraining", "NonFiniteLossError", "Recipe", "check_dataset", "evaluate",
-           "num_classes", "predict", "score", "target_stats", "task_loader", "task_loss", "task_metrics",
-           "train_epoch"]
+__all__ = [
+    "DatasetInvalidError",
+    "LocalTraining",
+    "NonFiniteLossError",
+    "Recipe",
+    "check_dataset",
+    "evaluate",
+    "num_classes",
+    "predict",
+    "score",
+    "target_stats",
+    "task_loader",
+    "task_loss",
+    "task_metrics",
+    "train_epoch",
+]
 
 MIN_LR_RATIO = 0.01  # the cosine ends at this share of the learning rate
 
@@ -64,10 +86,15 @@ class LocalTraining:
     privacy: DPSettings = field(default_factory=DPSettings)  # DP-SGD; epsilon for the whole run or job
 
     def __post_init__(self) -> None:
-        checks = {"lora_rank": (self.lora_rank >= 1, ">= 1"), "lora_alpha": (self.lora_alpha > 0, "> 0"),
-                  "lr": (self.lr > 0, "> 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
-                  "batch_size": (self.batch_size >= 1, ">= 1"), "warmup_epochs": (self.warmup_epochs >= 0, ">= 0"),
-                  "clip_grad": (self.clip_grad >= 0, ">= 0 (0: off)")}
+        checks = {
+            "lora_rank": (self.lora_rank >= 1, ">= 1"),
+            "lora_alpha": (self.lora_alpha > 0, "> 0"),
+            "lr": (self.lr > 0, "> 0"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "warmup_epochs": (self.warmup_epochs >= 0, ">= 0"),
+            "clip_grad": (self.clip_grad >= 0, ">= 0 (0: off)"),
+        }
         for key, (ok, rule) in checks.items():
             if not ok:
                 raise ValueError(f"{key}={getattr(self, key)}: must be {rule}")
@@ -89,12 +116,14 @@ class Recipe:
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
     @classmethod
-    def build(cls, model: torch.nn.Module, train: LocalTraining, train_samples: int, total_steps: int,
-              done_steps: int = 0) -> Recipe:
+    def build(
+        cls, model: torch.nn.Module, train: LocalTraining, train_samples: int, total_steps: int, done_steps: int = 0
+    ) -> Recipe:
         optimizer = build_optimizer(model, train.lr, train.weight_decay, (0.9, 0.999))
         warmup = round(train.warmup_epochs * steps_per_epoch(train_samples, train.batch_size))
-        return cls(train, optimizer, warmup_cosine(optimizer, min(warmup, total_steps), total_steps, MIN_LR_RATIO,
-                                                   done_steps))
+        return cls(
+            train, optimizer, warmup_cosine(optimizer, min(warmup, total_steps), total_steps, MIN_LR_RATIO, done_steps)
+        )
 
 
 def steps_per_epoch(train_samples: int, batch_size: int) -> int:
@@ -109,8 +138,9 @@ def check_dataset(folder: Path) -> DatasetSpec:
     """
     report = verify_dataset(folder)
     if not report.ok:
-        raise DatasetInvalidError(f"{folder} fails the dataset check with {report.describe(1)}. "
-                                  f"See all with: echocare-data verify {folder}")
+        raise DatasetInvalidError(
+            f"{folder} fails the dataset check with {report.describe(1)}. See all with: echocare-data verify {folder}"
+        )
     spec = load_spec(folder)
     if spec.task == "landmarks" and not spec.landmark_names:
         _, rows = read_manifest(folder)
@@ -124,8 +154,12 @@ def num_classes(spec: DatasetSpec, tokenizer: ReportTokenizer | None = None) -> 
     tokenizer's ids (report), 1 (regression, enhancement)."""
     if spec.task == "report":
         return tokenizer.vocab_size if tokenizer is not None else ReportTokenizer().vocab_size
-    return {"classification": len(spec.classes), "detection": len(spec.classes), "segmentation": len(spec.labels),
-            "landmarks": len(spec.landmark_names)}.get(spec.task, 1)
+    return {
+        "classification": len(spec.classes),
+        "detection": len(spec.classes),
+        "segmentation": len(spec.labels),
+        "landmarks": len(spec.landmark_names),
+    }.get(spec.task, 1)
 
 
 def target_stats(spec: DatasetSpec, rows: list[dict[str, str]]) -> tuple[float, float]:
@@ -137,8 +171,9 @@ def target_stats(spec: DatasetSpec, rows: list[dict[str, str]]) -> tuple[float, 
     return float(values.mean()), std if std > 1e-6 else 1.0
 
 
-def report_loss(tokenizer: ReportTokenizer, head: ReportHeadConfig | None = None
-                ) -> Callable[[tuple[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor]:
+def report_loss(
+    tokenizer: ReportTokenizer, head: ReportHeadConfig | None = None
+) -> Callable[[tuple[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor]:
     """Per report, the next-token cross-entropy (mean over its tokens, padding left out) plus, where the head
     classifies findings, `findings_weight` times the findings' binary cross-entropy, labelled by whether the
     report's text (as far as its ids reach) states each; then the mean over reports."""
@@ -152,15 +187,21 @@ def report_loss(tokenizer: ReportTokenizer, head: ReportHeadConfig | None = None
         per_report = (ce * keep).sum(1) / keep.sum(1).clamp(min=1)
         if findings:
             labels = stated([tokenizer.decode(r) for r in ids], findings)
-            bce = F.binary_cross_entropy_with_logits(finding_logits, torch.as_tensor(
-                labels, dtype=finding_logits.dtype, device=ids.device), reduction="none")
+            bce = F.binary_cross_entropy_with_logits(
+                finding_logits, torch.as_tensor(labels, dtype=finding_logits.dtype, device=ids.device), reduction="none"
+            )
             per_report = per_report + weight * bce.mean(1)
         return per_report.mean()
+
     return loss
 
 
-def task_loss(spec: DatasetSpec, stats: tuple[float, float], tokenizer: ReportTokenizer | None = None,
-              head: ReportHeadConfig | None = None) -> Callable[[Any, Any], torch.Tensor]:
+def task_loss(
+    spec: DatasetSpec,
+    stats: tuple[float, float],
+    tokenizer: ReportTokenizer | None = None,
+    head: ReportHeadConfig | None = None,
+) -> Callable[[Any, Any], torch.Tensor]:
     """The task's training loss, computed per sample and averaged (so DP can clip per sample); report generation
     needs its tokenizer and head config."""
     if spec.task == "classification":
@@ -197,8 +238,14 @@ def _to(target: torch.Tensor | list[torch.Tensor], device: torch.device) -> torc
     return [t.to(device) for t in target] if isinstance(target, list) else target.to(device)
 
 
-def train_epoch(model: EchoCareTaskModel, loader: DataLoader, recipe: Recipe, loss_fn: Callable,
-                device: torch.device, dp: Any = None) -> tuple[list[float], int]:
+def train_epoch(
+    model: EchoCareTaskModel,
+    loader: DataLoader,
+    recipe: Recipe,
+    loss_fn: Callable,
+    device: torch.device,
+    dp: Any = None,
+) -> tuple[list[float], int]:
     """One pass of `loader`'s batches; returns the batch losses and the number of unreadable samples.
 
     Precision and clipping follow `recipe.train`. Report generation's model reads the target too (teacher
@@ -231,8 +278,10 @@ def train_epoch(model: EchoCareTaskModel, loader: DataLoader, recipe: Recipe, lo
         loss = loss_fn(out, target) if dp is None else dp.loss(loss_fn, out, target)
         value = loss.item()
         if not math.isfinite(value):
-            raise NonFiniteLossError(f"non-finite loss after {len(losses)} batches of this epoch; lower train.lr "
-                                     f"or use train.precision: fp32")
+            raise NonFiniteLossError(
+                f"non-finite loss after {len(losses)} batches of this epoch; lower train.lr "
+                f"or use train.precision: fp32"
+            )
         loss.backward()
         if dp is None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
@@ -251,8 +300,9 @@ def model_task(model: torch.nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def predict(model: EchoCareTaskModel, loader: DataLoader, device: torch.device, beam: int = 1
-            ) -> tuple[Any, Any, torch.Tensor] | None:
+def predict(
+    model: EchoCareTaskModel, loader: DataLoader, device: torch.device, beam: int = 1
+) -> tuple[Any, Any, torch.Tensor] | None:
     """Predictions (`EchoCareTaskModel.decode`), targets and the dataset rows they belong to; None when
     nothing was readable. Landmarks come back in the images' own pixels, boxes in the model's grid
     (IoU does not change with scale); reports as texts written with beam search of width `beam`, next to
@@ -271,7 +321,10 @@ def predict(model: EchoCareTaskModel, loader: DataLoader, device: torch.device, 
         pred, true = model.decode(model(batch["image"].to(device)).float()), batch["target"]
         if model.task == "landmarks":
             size = batch["image"].shape[-1]
-            pred, true = from_model_points(pred.cpu(), batch["size"], size), from_model_points(true, batch["size"], size)
+            pred, true = (
+                from_model_points(pred.cpu(), batch["size"], size),
+                from_model_points(true, batch["size"], size),
+            )
         if model.task == "detection":
             preds += [d.cpu() for d in pred]
             targets += list(true)
@@ -282,12 +335,16 @@ def predict(model: EchoCareTaskModel, loader: DataLoader, device: torch.device, 
     model.train()
     if not rows:
         return None
-    return (preds, targets, torch.cat(rows)) if model.task in ("detection", "report") else \
-        (torch.cat(preds), torch.cat(targets), torch.cat(rows))
+    return (
+        (preds, targets, torch.cat(rows))
+        if model.task in ("detection", "report")
+        else (torch.cat(preds), torch.cat(targets), torch.cat(rows))
+    )
 
 
-def task_metrics(task: str, pred: Any, true: Any, k: int, threshold: float | None = None,
-                 findings: tuple[str, ...] = ()) -> dict[str, float]:
+def task_metrics(
+    task: str, pred: Any, true: Any, k: int, threshold: float | None = None, findings: tuple[str, ...] = ()
+) -> dict[str, float]:
     """The task's metrics; `threshold` fixes the binary operating point (else the Youden one of this data);
     `findings` are the report dataset's declared findings."""
     if task == "report":
@@ -305,8 +362,16 @@ def task_metrics(task: str, pred: Any, true: Any, k: int, threshold: float | Non
     return multilabel_metrics(pred, true) if true.ndim == 2 else classification_metrics(pred, true, threshold)
 
 
-def evaluate(model: EchoCareTaskModel, ds: TaskDataset, device: torch.device, k: int, batch_size: int,
-             workers: int = 0, threshold: float | None = None, beam: int = 1) -> dict[str, float]:
+def evaluate(
+    model: EchoCareTaskModel,
+    ds: TaskDataset,
+    device: torch.device,
+    k: int,
+    batch_size: int,
+    workers: int = 0,
+    threshold: float | None = None,
+    beam: int = 1,
+) -> dict[str, float]:
     """Main and secondary metrics of `model` over all of `ds` (empty when nothing in it was readable)."""
     loader = task_loader(ds, [(0, i) for i in range(len(ds))], batch_size, workers)
     out = predict(model, loader, device, beam)

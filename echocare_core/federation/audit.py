@@ -10,17 +10,19 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["AuditLog", "manifest"]
 
 
 def manifest(tensors: Mapping[str, Any]) -> dict[str, Any]:
     """Names and shapes of tensors (torch or numpy) and their total bytes: what left a site, without the values."""
-    return {"tensors": {name: list(t.shape) for name, t in tensors.items()},
-            "bytes": int(sum(t.nbytes if hasattr(t, "nbytes") else t.numel() * t.element_size()
-                             for t in tensors.values()))}
+    return {
+        "tensors": {name: list(t.shape) for name, t in tensors.items()},
+        "bytes": int(sum(t.nbytes if hasattr(t, "nbytes") else t.numel() * t.element_size() for t in tensors.values())),
+    }
 
 
 class AuditLog:

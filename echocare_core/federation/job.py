@@ -32,8 +32,19 @@ from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig, trainable_state_names
 from echocare_core.privacy.settings import SitePrivacy
 
-__all__ = ["JOB_SCHEMA", "MULTITASK_LOCAL", "Job", "TaskSpec", "check_job", "job_hash", "local_patterns",
-           "shared_names", "task_for", "task_jobs", "weighted_mean"]
+__all__ = [
+    "JOB_SCHEMA",
+    "MULTITASK_LOCAL",
+    "Job",
+    "TaskSpec",
+    "check_job",
+    "job_hash",
+    "local_patterns",
+    "shared_names",
+    "task_for",
+    "task_jobs",
+    "weighted_mean",
+]
 
 JOB_SCHEMA = 2  # raise it when a default changes what a job means (its hash names only non-default values)
 MULTITASK_LOCAL = ("head.*",)  # what each site of a multi-task job keeps: its task's own layers
@@ -50,10 +61,15 @@ class TaskSpec:
     multi_label: bool = False
 
     def describe(self) -> str:
-        detail = {"classification": list(self.classes), "detection": list(self.classes),
-                  "segmentation": sorted(self.labels), "landmarks": self.landmarks}.get(self.task)
-        return " ".join([self.task, *([str(detail)] if detail is not None else []),
-                         *(["multi-label"] if self.multi_label else [])])
+        detail = {
+            "classification": list(self.classes),
+            "detection": list(self.classes),
+            "segmentation": sorted(self.labels),
+            "landmarks": self.landmarks,
+        }.get(self.task)
+        return " ".join(
+            [self.task, *([str(detail)] if detail is not None else []), *(["multi-label"] if self.multi_label else [])]
+        )
 
 
 @dataclass(frozen=True)
@@ -81,26 +97,39 @@ class Job:
 
     def __post_init__(self) -> None:
         if self.base and not re.fullmatch(r"[0-9a-f]{64}", self.base):
-            raise ValueError(f"base={self.base!r}: the SHA-256 of the base weights, 64 hex digits (echocare-server "
-                             f"sets it from init; leave it empty)")
+            raise ValueError(
+                f"base={self.base!r}: the SHA-256 of the base weights, 64 hex digits (echocare-server "
+                f"sets it from init; leave it empty)"
+            )
         kinds = {replace(t, labels=tuple(sorted(t.labels))) for t in self.tasks}  # a task listed twice never runs
         if (self.task == "multitask") != bool(self.tasks) or len(self.tasks) == 1 or len(kinds) < len(self.tasks):
-            raise ValueError(f"task '{self.task}' with {len(self.tasks)} tasks: a multi-task job needs task: "
-                             f"multitask and two or more different tasks; a single-task job lists none")
+            raise ValueError(
+                f"task '{self.task}' with {len(self.tasks)} tasks: a multi-task job needs task: "
+                f"multitask and two or more different tasks; a single-task job lists none"
+            )
         if self.tasks and self.train.mode == "frozen":
-            raise ValueError("a multi-task job shares the encoder (mode full) or its adapters (mode lora); with "
-                             "mode frozen every site's trained part is its own head and nothing would be shared")
-        for key, ok, rule in (("local_epochs", self.local_epochs >= 1, ">= 1"),
-                              ("local_steps", self.local_steps >= 0, ">= 0 (0: local_epochs)"),
-                              ("proximal_mu", self.proximal_mu >= 0, ">= 0 (0: off)")):
+            raise ValueError(
+                "a multi-task job shares the encoder (mode full) or its adapters (mode lora); with "
+                "mode frozen every site's trained part is its own head and nothing would be shared"
+            )
+        for key, ok, rule in (
+            ("local_epochs", self.local_epochs >= 1, ">= 1"),
+            ("local_steps", self.local_steps >= 0, ">= 0 (0: local_epochs)"),
+            ("proximal_mu", self.proximal_mu >= 0, ">= 0 (0: off)"),
+        ):
             if not ok:
                 raise ValueError(f"{key}={getattr(self, key)}: must be {rule}")
 
     @property
     def num_outputs(self) -> int:
         """Head outputs: classes, mask labels, points or the byte-level tokenizer's ids (1 for regression)."""
-        return {"classification": len(self.classes), "detection": len(self.classes), "segmentation": len(self.labels),
-                "landmarks": self.landmarks, "report": ReportTokenizer().vocab_size}.get(self.task, 1)
+        return {
+            "classification": len(self.classes),
+            "detection": len(self.classes),
+            "segmentation": len(self.labels),
+            "landmarks": self.landmarks,
+            "report": ReportTokenizer().vocab_size,
+        }.get(self.task, 1)
 
     @property
     def tokenizer(self) -> ReportTokenizer | None:
@@ -118,8 +147,10 @@ class Job:
         data = json.loads(text)
         schema = data.pop("schema", None)
         if schema != JOB_SCHEMA:
-            raise ValueError(f"job schema {schema}: this toolkit reads schema {JOB_SCHEMA} (coordinator and site "
-                             f"need toolkit versions with the same job schema)")
+            raise ValueError(
+                f"job schema {schema}: this toolkit reads schema {JOB_SCHEMA} (coordinator and site "
+                f"need toolkit versions with the same job schema)"
+            )
         return from_dict(cls, data, "job")
 
 
@@ -146,8 +177,19 @@ def task_jobs(job: Job) -> list[Job]:
     site-local)."""
     if not job.tasks:
         return [job]
-    return [replace(job, task=t.task, classes=t.classes, labels=t.labels, landmarks=t.landmarks,
-                    multi_label=t.multi_label, tasks=(), local=local_patterns(job)) for t in job.tasks]
+    return [
+        replace(
+            job,
+            task=t.task,
+            classes=t.classes,
+            labels=t.labels,
+            landmarks=t.landmarks,
+            multi_label=t.multi_label,
+            tasks=(),
+            local=local_patterns(job),
+        )
+        for t in job.tasks
+    ]
 
 
 def task_for(job: Job, spec: DatasetSpec) -> tuple[int, Job] | None:
@@ -165,9 +207,13 @@ def _task_reasons(job: Job, spec: DatasetSpec) -> list[str]:
     if job.task != spec.task:
         return [f"job task '{job.task}' but the site's dataset is '{spec.task}'"]
     if job.task in ("classification", "detection") and (tuple(job.classes), job.multi_label) != (
-            tuple(spec.classes), spec.multi_label):
-        return [f"job classes {list(job.classes)} (multi-label {job.multi_label}) but the site declares "
-                f"{list(spec.classes)} (multi-label {spec.multi_label})"]
+        tuple(spec.classes),
+        spec.multi_label,
+    ):
+        return [
+            f"job classes {list(job.classes)} (multi-label {job.multi_label}) but the site declares "
+            f"{list(spec.classes)} (multi-label {spec.multi_label})"
+        ]
     if job.task == "segmentation" and tuple(sorted(job.labels)) != tuple(sorted(spec.labels)):
         return [f"job mask values {sorted(job.labels)} but the site declares {sorted(spec.labels)}"]
     if job.task == "landmarks" and spec.landmark_names and job.landmarks != len(spec.landmark_names):
@@ -177,11 +223,18 @@ def _task_reasons(job: Job, spec: DatasetSpec) -> list[str]:
 
 def _passes(job: Job, train_samples: int) -> float:
     """Passes over the site's training split one round asks for (`local_steps` batches or `local_epochs`)."""
-    return job.local_steps * job.train.batch_size / max(train_samples, 1) if job.local_steps else float(job.local_epochs)
+    return (
+        job.local_steps * job.train.batch_size / max(train_samples, 1) if job.local_steps else float(job.local_epochs)
+    )
 
 
-def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits, train_samples: int | None = None,
-              privacy: SitePrivacy = SitePrivacy()) -> list[str]:
+def check_job(
+    job: Job,
+    spec: DatasetSpec,
+    limits: SiteLimits,
+    train_samples: int | None = None,
+    privacy: SitePrivacy = SitePrivacy(),
+) -> list[str]:
     """Reasons to refuse the job at this site (empty: accept). Reasons name keys, not data. A multi-task job is
     checked as the task the site's dataset matches (`task_for`).
 
@@ -192,29 +245,44 @@ def check_job(job: Job, spec: DatasetSpec, limits: SiteLimits, train_samples: in
     if job.tasks:
         match = task_for(job, spec)
         if match is None:
-            own = TaskSpec(spec.task, tuple(spec.classes), tuple(spec.labels), len(spec.landmark_names),  # type: ignore[arg-type]
-                           spec.multi_label)
-            return [f"none of the job's tasks ({'; '.join(t.describe() for t in job.tasks)}) matches the site's "
-                    f"dataset ({own.describe()})"]
+            own = TaskSpec(
+                spec.task,
+                tuple(spec.classes),
+                tuple(spec.labels),
+                len(spec.landmark_names),  # type: ignore[arg-type]
+                spec.multi_label,
+            )
+            return [
+                f"none of the job's tasks ({'; '.join(t.describe() for t in job.tasks)}) matches the site's "
+                f"dataset ({own.describe()})"
+            ]
         job = match[1]
     reasons = _task_reasons(job, spec)
     if job.train.batch_size > limits.max_batch_size:
-        reasons.append(f"job train.batch_size {job.train.batch_size} exceeds the site's max_batch_size {limits.max_batch_size}")
+        reasons.append(
+            f"job train.batch_size {job.train.batch_size} exceeds the site's max_batch_size {limits.max_batch_size}"
+        )
     if not job.local_steps and job.local_epochs > limits.max_local_epochs:
-        reasons.append(f"job local_epochs {job.local_epochs} exceeds the site's max_local_epochs "
-                       f"{limits.max_local_epochs}")
+        reasons.append(
+            f"job local_epochs {job.local_epochs} exceeds the site's max_local_epochs {limits.max_local_epochs}"
+        )
     elif job.local_steps and train_samples and _passes(job, train_samples) > limits.max_local_epochs:
-        reasons.append(f"job local_steps {job.local_steps} x train.batch_size {job.train.batch_size} is "
-                       f"{_passes(job, train_samples):.1f} passes over the site's training split, more than "
-                       f"its max_local_epochs {limits.max_local_epochs}")
+        reasons.append(
+            f"job local_steps {job.local_steps} x train.batch_size {job.train.batch_size} is "
+            f"{_passes(job, train_samples):.1f} passes over the site's training split, more than "
+            f"its max_local_epochs {limits.max_local_epochs}"
+        )
     return reasons + _privacy_reasons(job, privacy)
 
 
 def _privacy_reasons(job: Job, site: SitePrivacy) -> list[str]:
     dp = job.train.privacy
     if not dp.on:
-        return ["the site trains only with differential privacy and the job's train.privacy.epsilon is 0"] \
-            if site.required else []
+        return (
+            ["the site trains only with differential privacy and the job's train.privacy.epsilon is 0"]
+            if site.required
+            else []
+        )
     reasons = []
     if dp.delta > site.delta:
         reasons.append(f"job train.privacy.delta {dp.delta:g} is above the site's delta {site.delta:g}")
@@ -229,8 +297,9 @@ def _privacy_reasons(job: Job, site: SitePrivacy) -> list[str]:
 def shared_names(model: nn.Module, job: Job) -> list[str]:
     """State-dict names of the parameters that leave the site: those that train, minus the job's site-local
     patterns."""
-    return [n for n in trainable_state_names(model)
-            if not any(fnmatch.fnmatchcase(n, pat) for pat in local_patterns(job))]
+    return [
+        n for n in trainable_state_names(model) if not any(fnmatch.fnmatchcase(n, pat) for pat in local_patterns(job))
+    ]
 
 
 def weighted_mean(updates: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:

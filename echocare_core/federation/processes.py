@@ -20,12 +20,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-
-__all__ = ["FlowerError", "flower_env", "free_port", "run_flwr", "start", "stop", "toml_value",
-           "wait_healthy"]
+__all__ = ["FlowerError", "flower_env", "free_port", "run_flwr", "start", "stop", "toml_value", "wait_healthy"]
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -39,9 +37,13 @@ class FlowerError(RuntimeError):
 
 def flower_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2",  # default 1 s between checks for a new app to start
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2",  # default 1 s between checks for a new app to start
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
     return env
 
 
@@ -72,9 +74,11 @@ def _die_with(parent: int) -> Callable[[], None]:
     """For the child, before exec (Linux): SIGTERM when the thread that started it ends (ours: the main
     thread, so when the process dies, however it dies), so a killed echocare-server or echocare-client leaves
     no SuperLink, proxy or SuperNode behind; exit at once if the parent is already gone."""
+
     def child() -> None:
         if _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0 or os.getppid() != parent:
             os._exit(1)
+
     return child
 
 
@@ -84,8 +88,14 @@ def start(cmd: list[str], home: Path, log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = flower_env(home)
     with log.open("ab") as out:
-        return subprocess.Popen(_resolve(cmd, env), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with(os.getpid()) if _LIBC else None)
+        return subprocess.Popen(
+            _resolve(cmd, env),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with(os.getpid()) if _LIBC else None,
+        )
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
@@ -104,8 +114,9 @@ def stop(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
             continue
 
 
-def wait_healthy(host: str, port: int, proc: subprocess.Popen, log: Path, ca: Path | None = None,
-                 timeout: float = 120.0) -> None:
+def wait_healthy(
+    host: str, port: int, proc: subprocess.Popen, log: Path, ca: Path | None = None, timeout: float = 120.0
+) -> None:
     """Wait until `proc` (the SuperLink or its proxy) answers `/health` on host:port (over TLS, trusting `ca`,
     when given).
 
@@ -136,8 +147,9 @@ def run_flwr(args: list[str], home: Path, timeout: float = 120.0) -> dict:
         FlowerError: non-zero exit, no JSON, or `"success": false`.
     """
     env = flower_env(home)
-    done = subprocess.run(_resolve(["flwr", *args, "--format", "json"], env), env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(
+        _resolve(["flwr", *args, "--format", "json"], env), env=env, capture_output=True, text=True, timeout=timeout
+    )
     try:
         answer = json.loads(done.stdout)
     except json.JSONDecodeError:

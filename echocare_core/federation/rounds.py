@@ -13,8 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from echocare_core.checkpoint import (latest_checkpoint, load_train_state, load_weights, prune_checkpoints,
-                                      read_meta, save_checkpoint)
+from echocare_core.checkpoint import (
+    latest_checkpoint,
+    load_train_state,
+    load_weights,
+    prune_checkpoints,
+    read_meta,
+    save_checkpoint,
+)
 from echocare_core.config import from_dict, to_dict
 from echocare_core.data.contract import load_spec
 from echocare_core.engine.metrics import LOWER_IS_BETTER, MAIN_METRIC
@@ -23,8 +29,16 @@ from echocare_core.federation.site import build_job_model, local_layers_file
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
 from echocare_core.weights import load_encoder_weights
 
-__all__ = ["aggregate", "choose_sites", "initial_state", "outlier_reasons", "resume", "save_best", "save_round",
-           "site_model"]
+__all__ = [
+    "aggregate",
+    "choose_sites",
+    "initial_state",
+    "outlier_reasons",
+    "resume",
+    "save_best",
+    "save_round",
+    "site_model",
+]
 
 ServerState = dict[str, torch.Tensor]
 
@@ -41,16 +55,20 @@ def initial_state(job: Job, init: str | None, partial: bool = False) -> dict[str
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def aggregate(state: dict[str, torch.Tensor], updates: list[tuple[dict[str, torch.Tensor], int]],
-              strategy: StrategyConfig = StrategyConfig(), server_state: ServerState | None = None
-              ) -> tuple[dict[str, torch.Tensor], ServerState]:
+def aggregate(
+    state: dict[str, torch.Tensor],
+    updates: list[tuple[dict[str, torch.Tensor], int]],
+    strategy: StrategyConfig = StrategyConfig(),
+    server_state: ServerState | None = None,
+) -> tuple[dict[str, torch.Tensor], ServerState]:
     """The next global state (the strategy's new shared parameters, the rest unchanged) and server state."""
     shared, server_state = aggregate_updates(strategy, state, updates, server_state or {})
     return {**state, **shared}, server_state
 
 
-def outlier_reasons(state: dict[str, torch.Tensor], updates: list[tuple[dict[str, torch.Tensor], int]],
-                    max_ratio: float) -> list[str]:
+def outlier_reasons(
+    state: dict[str, torch.Tensor], updates: list[tuple[dict[str, torch.Tensor], int]], max_ratio: float
+) -> list[str]:
     """Why each update is left out ("" to keep it): its distance from the global model is more than `max_ratio`
     times the median distance of the round's updates (a scaled or broken update). Needs 3 updates or more;
     `max_ratio` 0 turns it off."""
@@ -58,8 +76,12 @@ def outlier_reasons(state: dict[str, torch.Tensor], updates: list[tuple[dict[str
     if max_ratio <= 0 or len(dists) < 3:
         return [""] * len(dists)
     median = float(np.median(dists))
-    return [f"its update norm {d:.3g} is {d / median:.1f} times the round's median {median:.3g} (limit {max_ratio:g})"
-            if median > 0 and d > max_ratio * median else "" for d in dists]
+    return [
+        f"its update norm {d:.3g} is {d / median:.1f} times the round's median {median:.3g} (limit {max_ratio:g})"
+        if median > 0 and d > max_ratio * median
+        else ""
+        for d in dists
+    ]
 
 
 def choose_sites(nodes: list[int], participation: float, minimum: int, seed: int, server_round: int) -> list[int]:
@@ -72,30 +94,67 @@ def choose_sites(nodes: list[int], participation: float, minimum: int, seed: int
 
 def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any]:
     if job.tasks:  # the heads are at the sites
-        return {"model_kind": "shared_encoder", "task": job.task, "tasks": [to_dict(t) for t in job.tasks],
-                "encoder": to_dict(job.encoder), "epoch": server_round, "round": server_round, "metrics": metrics,
-                "job_hash": job_hash(job), "job": to_dict(job),
-                "finetune": {"mode": job.train.mode, "lora_rank": job.train.lora_rank, "lora_alpha": job.train.lora_alpha}}
-    return {"model_kind": "task", "task": job.task, "encoder": to_dict(job.encoder), "epoch": server_round,
-            "round": server_round, "metrics": metrics, "job_hash": job_hash(job), "job": to_dict(job),
-            "head": {"num_classes": job.num_outputs, "feature_size": job.feature_size, "multi_label": job.multi_label,
-                     "classes": list(job.classes), "labels": {str(v): str(v) for v in job.labels},
-                     "landmark_names": [f"point{i + 1}" for i in range(job.landmarks)], "target_name": "target",
-                     "target_stats": [0.0, 1.0],
-                     **({"report": to_dict(job.report), "tokenizer": job.tokenizer.to_str(), "beam": 1}
-                        if job.task == "report" else {})},
+        return {
+            "model_kind": "shared_encoder",
+            "task": job.task,
+            "tasks": [to_dict(t) for t in job.tasks],
+            "encoder": to_dict(job.encoder),
+            "epoch": server_round,
+            "round": server_round,
+            "metrics": metrics,
+            "job_hash": job_hash(job),
+            "job": to_dict(job),
             "finetune": {"mode": job.train.mode, "lora_rank": job.train.lora_rank, "lora_alpha": job.train.lora_alpha},
-            "input": {**job.encoder.input_spec, "frames": job.frames}}
+        }
+    return {
+        "model_kind": "task",
+        "task": job.task,
+        "encoder": to_dict(job.encoder),
+        "epoch": server_round,
+        "round": server_round,
+        "metrics": metrics,
+        "job_hash": job_hash(job),
+        "job": to_dict(job),
+        "head": {
+            "num_classes": job.num_outputs,
+            "feature_size": job.feature_size,
+            "multi_label": job.multi_label,
+            "classes": list(job.classes),
+            "labels": {str(v): str(v) for v in job.labels},
+            "landmark_names": [f"point{i + 1}" for i in range(job.landmarks)],
+            "target_name": "target",
+            "target_stats": [0.0, 1.0],
+            **(
+                {"report": to_dict(job.report), "tokenizer": job.tokenizer.to_str(), "beam": 1}
+                if job.task == "report"
+                else {}
+            ),
+        },
+        "finetune": {"mode": job.train.mode, "lora_rank": job.train.lora_rank, "lora_alpha": job.train.lora_alpha},
+        "input": {**job.encoder.input_spec, "frames": job.frames},
+    }
 
 
-def save_round(out: Path, job: Job, state: dict[str, torch.Tensor], server_round: int, metrics: dict[str, Any],
-               history: list[dict[str, Any]], server_state: ServerState | None = None, keep: int = 2) -> Path:
+def save_round(
+    out: Path,
+    job: Job,
+    state: dict[str, torch.Tensor],
+    server_round: int,
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    server_state: ServerState | None = None,
+    keep: int = 2,
+) -> Path:
     """Checkpoint the global model, the strategy's state and the history after a round
     (`out/checkpoints/round_N`, the last `keep` kept)."""
     model = build_job_model(job)
     model.load_state_dict(state)
-    path = save_checkpoint(out / "checkpoints" / f"round_{server_round:04d}", model, _meta(job, server_round, metrics),
-                           {"round": server_round, "history": history, "server_state": server_state or {}})
+    path = save_checkpoint(
+        out / "checkpoints" / f"round_{server_round:04d}",
+        model,
+        _meta(job, server_round, metrics),
+        {"round": server_round, "history": history, "server_state": server_state or {}},
+    )
     prune_checkpoints(out / "checkpoints", keep_last=keep, kind="round")
     return path
 
@@ -106,8 +165,11 @@ def _task_scores(job: Job, sites: list[dict[str, Any]]) -> dict[str, float]:
     scores = {}
     for i, task in enumerate(task_jobs(job)):
         key = f"global_{MAIN_METRIC[task.task]}"
-        scored = [(s[key], s.get("val_samples", 1.0)) for s in sites
-                  if s.get("task_index", 0) == i and math.isfinite(s.get(key, math.nan))]
+        scored = [
+            (s[key], s.get("val_samples", 1.0))
+            for s in sites
+            if s.get("task_index", 0) == i and math.isfinite(s.get(key, math.nan))
+        ]
         if sum(n for _, n in scored) > 0:
             scores[str(i)] = sum(v * n for v, n in scored) / sum(n for _, n in scored)
     return scores
@@ -131,7 +193,9 @@ def save_best(out: Path, job: Job, history: list[dict[str, Any]]) -> Path | None
         kept = read_meta(best)["metrics"]
         before = kept.get("scores") or ({"0": kept["score"]} if "score" in kept else {})  # an earlier version's
         lower = [MAIN_METRIC[t.task] in LOWER_IS_BETTER for t in task_jobs(job)]
-        gains = [before[t] - scores[t] if lower[int(t)] else scores[t] - before[t] for t in scores.keys() & before.keys()]
+        gains = [
+            before[t] - scores[t] if lower[int(t)] else scores[t] - before[t] for t in scores.keys() & before.keys()
+        ]
         if not gains or min(gains) < 0 or max(gains) <= 0:
             return None
     model = build_job_model(job)
@@ -150,8 +214,10 @@ def resume(out: Path, job: Job) -> tuple[dict[str, torch.Tensor], int, list[dict
     if last is None:
         return None
     if read_meta(last).get("job_hash") != job_hash(job):
-        raise ValueError(f"{last} belongs to another job (its job hash differs); choose a new output folder or "
-                         f"restore that job's federation.yaml")
+        raise ValueError(
+            f"{last} belongs to another job (its job hash differs); choose a new output folder or "
+            f"restore that job's federation.yaml"
+        )
     state = load_train_state(last)
     return load_weights(last), int(state["round"]), list(state["history"]), dict(state.get("server_state", {}))
 
@@ -175,21 +241,33 @@ def site_model(checkpoint: Path, data: Path, state_dir: Path, out: Path) -> Path
     job = from_dict(Job, meta["job"], f"{checkpoint} job")
     match = task_for(job, load_spec(data))
     if match is None:
-        raise ValueError(f"the dataset {data} matches none of the tasks of the job of {checkpoint} "
-                         f"({'; '.join(j.task for j in task_jobs(job))})")
+        raise ValueError(
+            f"the dataset {data} matches none of the tasks of the job of {checkpoint} "
+            f"({'; '.join(j.task for j in task_jobs(job))})"
+        )
     site_job, local = match[1], {}
     if local_patterns(job):
         file = local_layers_file(state_dir, job_hash(job))
         if not file.is_file():
-            raise ValueError(f"{file} does not exist: this site keeps no layers of that job (it has not taken part "
-                             f"in one of its rounds with this state_dir)")
+            raise ValueError(
+                f"{file} does not exist: this site keeps no layers of that job (it has not taken part "
+                f"in one of its rounds with this state_dir)"
+            )
         with safe_open(str(file), "pt") as f:
             kept = (f.metadata() or {}).get("round", "")
             local = {k: f.get_tensor(k) for k in f.keys()}
         if kept != str(meta["round"]):
-            raise ValueError(f"{checkpoint} is the global model of round {meta['round']}, but this site's layers are "
-                             f"from round {kept or '(not recorded)'}: use the coordinator's checkpoint of that round")
+            raise ValueError(
+                f"{checkpoint} is the global model of round {meta['round']}, but this site's layers are "
+                f"from round {kept or '(not recorded)'}: use the coordinator's checkpoint of that round"
+            )
     model = build_job_model(site_job)
     model.load_state_dict({**load_weights(checkpoint), **local})
-    return save_checkpoint(out, model, {**_meta(site_job, meta["round"], meta["metrics"]), "site_model_of": {
-        "checkpoint_job_hash": meta["job_hash"], "round": meta["round"]}})
+    return save_checkpoint(
+        out,
+        model,
+        {
+            **_meta(site_job, meta["round"], meta["metrics"]),
+            "site_model_of": {"checkpoint_job_hash": meta["job_hash"], "round": meta["round"]},
+        },
+    )

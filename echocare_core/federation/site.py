@@ -20,17 +20,30 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from echocare_core.data.finetune import TaskDataset, split_rows
-from echocare_core.engine.training import (Recipe, check_dataset, evaluate, shuffled_keys, task_loader, task_loss,
-                                           train_epoch)
-from echocare_core.federation.job import (Job, check_job, job_hash, local_patterns, shared_names,
-                                          task_for, task_jobs)
+from echocare_core.engine.training import (
+    Recipe,
+    check_dataset,
+    evaluate,
+    shuffled_keys,
+    task_loader,
+    task_loss,
+    train_epoch,
+)
+from echocare_core.federation.job import Job, check_job, job_hash, local_patterns, shared_names, task_for, task_jobs
 from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 from echocare_core.privacy.settings import SitePrivacy, steps_per_round
 from echocare_core.weights import load_encoder_weights
 
-__all__ = ["JobRefused", "RoundResult", "SharedEncoder", "build_job_model", "frozen_part", "local_layers_file",
-           "site_round"]
+__all__ = [
+    "JobRefused",
+    "RoundResult",
+    "SharedEncoder",
+    "build_job_model",
+    "frozen_part",
+    "local_layers_file",
+    "site_round",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +69,9 @@ class SharedEncoder(torch.nn.Module):
 
 
 def _task_model(job: Job) -> EchoCareTaskModel:
-    model = EchoCareTaskModel(job.encoder, job.task, job.num_outputs, job.feature_size, job.multi_label,
-                              report=job.report)
+    model = EchoCareTaskModel(
+        job.encoder, job.task, job.num_outputs, job.feature_size, job.multi_label, report=job.report
+    )
     apply_finetune_mode(model, job.train.mode, job.train.lora_rank, job.train.lora_alpha)
     return model
 
@@ -101,12 +115,24 @@ def _local_passes(job: Job, n: int, server_round: int) -> list[list[tuple[int, i
     batch = job.train.batch_size
     epochs = math.ceil(job.local_steps * batch / n) if job.local_steps else job.local_epochs
     passes = [shuffled_keys(n, [job.seed, server_round, e], server_round * 1000 + e) for e in range(epochs)]
-    return [sum(passes, [])[:job.local_steps * batch]] if job.local_steps else passes
+    return [sum(passes, [])[: job.local_steps * batch]] if job.local_steps else passes
 
 
-def _train_private(job: Job, model: EchoCareTaskModel, recipe: Recipe, loss_fn: Any, train_set: TaskDataset,
-                   server_round: int, steps: int, rounds: int, privacy: SitePrivacy, ledger_dir: Path | None,
-                   device: torch.device, num_workers: int, ledger_job: str) -> tuple[list[float], int, dict]:
+def _train_private(
+    job: Job,
+    model: EchoCareTaskModel,
+    recipe: Recipe,
+    loss_fn: Any,
+    train_set: TaskDataset,
+    server_round: int,
+    steps: int,
+    rounds: int,
+    privacy: SitePrivacy,
+    ledger_dir: Path | None,
+    device: torch.device,
+    num_workers: int,
+    ledger_job: str,
+) -> tuple[list[float], int, dict]:
     """DP-SGD for one round, paid for in the site's ledger (under `ledger_job`, the federation's job hash)
     before it trains; returns the batch losses, the unreadable samples and the privacy metrics (the epsilon the
     dataset has spent so far)."""
@@ -118,8 +144,9 @@ def _train_private(job: Job, model: EchoCareTaskModel, recipe: Recipe, loss_fn: 
     t = job.train
     try:
         ledger = PrivacyLedger(ledger_dir, privacy.epsilon_budget, privacy.delta)
-        private = PrivatePasses(model, recipe.optimizer, t.privacy, train_set, t.batch_size, steps, steps * rounds,
-                                ledger, ledger_job)
+        private = PrivatePasses(
+            model, recipe.optimizer, t.privacy, train_set, t.batch_size, steps, steps * rounds, ledger, ledger_job
+        )
         loader, spend = private.next_pass(server_round, server_round * 1000, num_workers)
     except BudgetExceeded as exc:
         raise JobRefused(str(exc)) from exc
@@ -129,23 +156,44 @@ def _train_private(job: Job, model: EchoCareTaskModel, recipe: Recipe, loss_fn: 
     dp = private.training
     losses, unread = train_epoch(dp.module, loader, recipe, loss_fn, device, dp=dp)
     dp.module.remove_hooks()
-    return losses, unread, {"epsilon": spend.epsilon, "delta": spend.delta, "noise_multiplier": private.sigma,
-                            "sample_rate": private.sample_rate}
+    return (
+        losses,
+        unread,
+        {
+            "epsilon": spend.epsilon,
+            "delta": spend.delta,
+            "noise_multiplier": private.sigma,
+            "sample_rate": private.sample_rate,
+        },
+    )
 
 
 def _mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
     """How `given` differs from the names and shapes of `expected` ("" when it fits)."""
     missing, unexpected = expected.keys() - given.keys(), given.keys() - expected.keys()
     shapes = [k for k in expected.keys() & given.keys() if expected[k].shape != given[k].shape]
-    parts = [f"{len(v)} {what}" for v, what in ((missing, "missing"), (unexpected, "unexpected"),
-                                                (shapes, "of another shape")) if v]
+    parts = [
+        f"{len(v)} {what}"
+        for v, what in ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape"))
+        if v
+    ]
     return ", ".join(parts) + (f", e.g. {sorted([*missing, *unexpected, *shapes])[0]}" if parts else "")
 
 
-def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Path, server_round: int,
-               limits: SiteLimits = SiteLimits(), device: str = "cpu", local_file: Path | None = None,
-               num_workers: int = 0, privacy: SitePrivacy = SitePrivacy(), ledger_dir: Path | None = None,
-               rounds: int = 1, split_seed: int = 0) -> RoundResult:
+def site_round(
+    job: Job,
+    global_state: dict[str, torch.Tensor],
+    folder: str | Path,
+    server_round: int,
+    limits: SiteLimits = SiteLimits(),
+    device: str = "cpu",
+    local_file: Path | None = None,
+    num_workers: int = 0,
+    privacy: SitePrivacy = SitePrivacy(),
+    ledger_dir: Path | None = None,
+    rounds: int = 1,
+    split_seed: int = 0,
+) -> RoundResult:
     """Evaluate the global model on the local validation split, train (`job.local_epochs` or `local_steps`)
     with the job's recipe (`job.train`, its schedule at round `server_round` of `rounds`), evaluate again.
 
@@ -187,15 +235,31 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
     if local_file is not None and local_file.is_file():
         kept = load_file(str(local_file))
         if _mismatch({k: v for k, v in own.items() if _is_local(k, job)}, kept):
-            raise JobRefused(f"the layers this site kept for the job do not fit its model (did its dataset change?); "
-                             f"remove {local_file.name} from state_dir/local_layers to start them anew")
+            raise JobRefused(
+                f"the layers this site kept for the job do not fit its model (did its dataset change?); "
+                f"remove {local_file.name} from state_dir/local_layers to start them anew"
+            )
         model.load_state_dict(kept, strict=False)
     elif task:
         log.info("round %d: no kept layers of this job at the site: its %s head starts anew", server_round, job.task)
     model.to(device)
     enc, tok, t, dev = job.encoder, job.tokenizer, job.train, torch.device(device)
-    sets = {s: TaskDataset(folder, spec, r, enc.img_size, enc.in_chans, s == "train", enc.scale, seed=job.seed,
-                           frames=job.frames, tokenizer=tok, views=job.report.views) for s, r in rows.items()}
+    sets = {
+        s: TaskDataset(
+            folder,
+            spec,
+            r,
+            enc.img_size,
+            enc.in_chans,
+            s == "train",
+            enc.scale,
+            seed=job.seed,
+            frames=job.frames,
+            tokenizer=tok,
+            views=job.report.views,
+        )
+        for s, r in rows.items()
+    }
     before = evaluate(model, sets["val"], dev, job.num_outputs, t.batch_size, num_workers)
     n = len(sets["train"])
     steps = steps_per_round(job.local_epochs, job.local_steps, t.batch_size, n)
@@ -211,25 +275,47 @@ def site_round(job: Job, global_state: dict[str, torch.Tensor], folder: str | Pa
         return loss
 
     if t.privacy.on:
-        losses, unread, spent = _train_private(job, model, recipe, loss_fn, sets["train"], server_round, steps,
-                                               rounds, privacy, ledger_dir, dev, num_workers, federation_job)
+        losses, unread, spent = _train_private(
+            job,
+            model,
+            recipe,
+            loss_fn,
+            sets["train"],
+            server_round,
+            steps,
+            rounds,
+            privacy,
+            ledger_dir,
+            dev,
+            num_workers,
+            federation_job,
+        )
     else:
         losses, unread, spent = [], 0, {}
         for keys in _local_passes(job, n, server_round):
-            batch_losses, skipped = train_epoch(model, task_loader(sets["train"], keys, t.batch_size, num_workers),
-                                                recipe, loss_fn, dev)
+            batch_losses, skipped = train_epoch(
+                model, task_loader(sets["train"], keys, t.batch_size, num_workers), recipe, loss_fn, dev
+            )
             losses, unread = losses + batch_losses, unread + skipped
     if unread:
-        log.warning("round %d: %d training samples could not be read (echocare-data verify names them)",
-                    server_round, unread)
+        log.warning(
+            "round %d: %d training samples could not be read (echocare-data verify names them)", server_round, unread
+        )
     after = evaluate(model, sets["val"], dev, job.num_outputs, t.batch_size, num_workers)
     if local_file is not None and job.local:
         _save_local(model, job, local_file, server_round)
     state = model.state_dict()
     shared = {n: state[n].detach().cpu() for n in shared_names(model, job)}
-    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_steps": float(len(losses)),
-               "train_unreadable": float(unread), "lr": recipe.optimizer.param_groups[0]["lr"],
-               "val_samples": float(len(rows["val"])), **({"task_index": float(task[0])} if task else {}), **spent,
-               **{f"global_{k}": v for k, v in before.items()}, **{f"local_{k}": v for k, v in after.items()}}
+    metrics = {
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "train_steps": float(len(losses)),
+        "train_unreadable": float(unread),
+        "lr": recipe.optimizer.param_groups[0]["lr"],
+        "val_samples": float(len(rows["val"])),
+        **({"task_index": float(task[0])} if task else {}),
+        **spent,
+        **{f"global_{k}": v for k, v in before.items()},
+        **{f"local_{k}": v for k, v in after.items()},
+    }
     log.info("round %d: trained on %d samples, %d shared tensors", server_round, len(rows["train"]), len(shared))
     return RoundResult(shared, len(rows["train"]), metrics)

@@ -54,7 +54,7 @@ def _median(x: torch.Tensor) -> torch.Tensor:
 
 def _trimmed(x: torch.Tensor, trim: float) -> torch.Tensor:
     cut = math.floor(trim * len(x))
-    return x.sort(0).values[cut:len(x) - cut].mean(0)
+    return x.sort(0).values[cut : len(x) - cut].mean(0)
 
 
 def _krum(updates: Updates, f: int) -> dict[str, torch.Tensor]:
@@ -63,12 +63,13 @@ def _krum(updates: Updates, f: int) -> dict[str, torch.Tensor]:
         raise ValueError(f"krum with krum_f={f} needs at least {2 * f + 3} replies, got {n}")
     flat = torch.stack([torch.cat([t.double().flatten() for t in u.values()]) for u, _ in updates])  # [S, P]
     d2 = torch.cdist(flat, flat).pow(2)  # [S, S]
-    scores = d2.sort(1).values[:, 1:n - f - 1].sum(1)  # the n - f - 2 nearest others, self excluded
+    scores = d2.sort(1).values[:, 1 : n - f - 1].sum(1)  # the n - f - 2 nearest others, self excluded
     return dict(updates[int(scores.argmin())][0])
 
 
-def aggregate_updates(cfg: StrategyConfig, current: dict[str, torch.Tensor], updates: Updates,
-                      server_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def aggregate_updates(
+    cfg: StrategyConfig, current: dict[str, torch.Tensor], updates: Updates, server_state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The new values of the shared parameters and the new server state.
 
     Args:

@@ -56,8 +56,16 @@ class Testbed:
         isolated: one network namespace per party (see the module docstring).
     """
 
-    def __init__(self, out: Path, sites: dict[str, Path], federation: dict[str, Any], keys: Path | None = None,
-                 allowed: list[str] | None = None, isolated: bool = False, show_server: bool = True) -> None:
+    def __init__(
+        self,
+        out: Path,
+        sites: dict[str, Path],
+        federation: dict[str, Any],
+        keys: Path | None = None,
+        allowed: list[str] | None = None,
+        isolated: bool = False,
+        show_server: bool = True,
+    ) -> None:
         self.out, self.sites, self.keys, self.isolated, self.show_server = out, sites, keys, isolated, show_server
         self.prefix = f"ec{os.getpid() % 100000}"
         self.port = free_port()
@@ -113,23 +121,37 @@ class Testbed:
     # -- the processes -------------------------------------------------------------------------------------
     def start_server(self) -> None:
         quiet = {} if self.show_server else {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        self.server = subprocess.Popen(self._in(None, [sys.executable, "-m", "echocare_server.cli", "--config",
-                                                       str(self.out / "federation.yaml")]),
-                                       start_new_session=True, **quiet)
+        self.server = subprocess.Popen(
+            self._in(
+                None, [sys.executable, "-m", "echocare_server.cli", "--config", str(self.out / "federation.yaml")]
+            ),
+            start_new_session=True,
+            **quiet,
+        )
 
     def start_site(self, name: str) -> None:
         host = COORDINATOR_ADDRESS if self.isolated else "127.0.0.1"
-        site = {"name": name, "server": f"{host}:{self.port}", "insecure": self.keys is None,
-                "data": str(self.sites[name]), "device": "cpu", "state_dir": str(self.out / "site_state" / name)}
+        site = {
+            "name": name,
+            "server": f"{host}:{self.port}",
+            "insecure": self.keys is None,
+            "data": str(self.sites[name]),
+            "device": "cpu",
+            "state_dir": str(self.out / "site_state" / name),
+        }
         if self.keys is not None:
-            site.update(root_certificates=str(self.keys / "ca.pem"),
-                        private_key=str(self.keys / "sites" / f"{name}.key"))
+            site.update(
+                root_certificates=str(self.keys / "ca.pem"), private_key=str(self.keys / "sites" / f"{name}.key")
+            )
         config = self.out / f"{name}.yaml"
         config.write_text(yaml.safe_dump(site, sort_keys=False))
         index = list(self.sites).index(name)
         self.clients[name] = subprocess.Popen(
             self._in(index, [sys.executable, "-m", "echocare_client.cli", "--config", str(config)]),
-            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def kill_site(self, name: str) -> None:
         """SIGKILL the site's echocare-client (and its worker); its SuperNode gets SIGTERM as its parent dies."""
@@ -226,8 +248,14 @@ def _kill(proc: subprocess.Popen | None) -> None:
         proc.wait()
 
 
-def run_on_this_machine(out: Path, sites: dict[str, Path], federation: dict[str, Any], show_server: bool = True,
-                        keys: Path | None = None, allowed: list[str] | None = None) -> int:
+def run_on_this_machine(
+    out: Path,
+    sites: dict[str, Path],
+    federation: dict[str, Any],
+    show_server: bool = True,
+    keys: Path | None = None,
+    allowed: list[str] | None = None,
+) -> int:
     """A whole federation on 127.0.0.1 (see `Testbed`), run to its end; all stopped on return, also on Ctrl-C.
 
     Returns:

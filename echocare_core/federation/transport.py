@@ -17,7 +17,8 @@ Only numpy is imported here: the ClientApp process stays light. The torch functi
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -71,9 +72,12 @@ def decode(sent: Mapping[str, Any], reference: Mapping[str, Any], transport: str
 
     wrong = [k for k, v in sent.items() if str(v.dtype).removeprefix("torch.") != WIRE_DTYPE[transport]]
     if wrong:
-        raise ValueError(f"{len(wrong)} tensor(s) not in {WIRE_DTYPE[transport]} (the {transport} transport), "
-                         f"e.g. {wrong[0]}")
+        raise ValueError(
+            f"{len(wrong)} tensor(s) not in {WIRE_DTYPE[transport]} (the {transport} transport), e.g. {wrong[0]}"
+        )
     if transport == "fp32":
         return dict(sent)
-    return {k: reference[k].float() + (v.view(torch.bfloat16) if transport == "bf16" else v).float()
-            for k, v in sent.items()}
+    return {
+        k: reference[k].float() + (v.view(torch.bfloat16) if transport == "bf16" else v).float()
+        for k, v in sent.items()
+    }

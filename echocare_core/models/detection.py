@@ -66,8 +66,7 @@ def detection_loss(out: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tens
         p = logit.sigmoid()
         pos = heat == 1
         # log(p) and log(1 - p) from the logits, which stay finite where p rounds to 0 or 1
-        focal = torch.where(pos, (1 - p) ** 2 * F.logsigmoid(logit),
-                            (1 - heat) ** 4 * p**2 * F.logsigmoid(-logit))
+        focal = torch.where(pos, (1 - p) ** 2 * F.logsigmoid(logit), (1 - heat) ** 4 * p**2 * F.logsigmoid(-logit))
         n = max(len(boxes), 1)
         loss = -focal.sum() / n
         if len(boxes):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
-
 from torch import nn
 
 from echocare_core.models.swin import EncoderConfig
@@ -68,14 +67,20 @@ class DenseHead(nn.Module):
         f, norm = feature_size, ("instance", {"affine": True})
         depth = len(cfg.stage_channels)
         if cfg.stage_resolutions[-1] < 2:  # instance norm needs more than one pixel per map
-            raise ValueError(f"img_size={cfg.img_size} leaves a 1x1 deepest feature map; dense heads need "
-                             f"img_size >= {2 * cfg.stride}")
+            raise ValueError(
+                f"img_size={cfg.img_size} leaves a 1x1 deepest feature map; dense heads need "
+                f"img_size >= {2 * cfg.stride}"
+            )
         self.stem = UnetrBasicBlock(2, cfg.in_chans, f, kernel_size=3, stride=1, norm_name=norm)
-        self.skips = nn.ModuleList(UnetrBasicBlock(2, c, f * 2 ** i, kernel_size=3, stride=1, norm_name=norm)
-                                   for i, c in enumerate(cfg.stage_channels))
+        self.skips = nn.ModuleList(
+            UnetrBasicBlock(2, c, f * 2**i, kernel_size=3, stride=1, norm_name=norm)
+            for i, c in enumerate(cfg.stage_channels)
+        )
         # from the deepest stage up to stage 0, each step doubles the resolution and halves the width
-        self.ups = nn.ModuleList(UnetrUpBlock(2, f * 2 ** (i + 1), f * 2 ** i, kernel_size=3, upsample_kernel_size=2,
-                                              norm_name=norm) for i in reversed(range(depth - 1)))
+        self.ups = nn.ModuleList(
+            UnetrUpBlock(2, f * 2 ** (i + 1), f * 2**i, kernel_size=3, upsample_kernel_size=2, norm_name=norm)
+            for i in reversed(range(depth - 1))
+        )
         self.to_image = UnetrUpBlock(2, f, f, kernel_size=3, upsample_kernel_size=cfg.patch_size, norm_name=norm)
         self.out = UnetOutBlock(2, f, out_channels)
         no_inplace(self)

@@ -46,8 +46,9 @@ def heatmap_loss(logits: torch.Tensor, points: torch.Tensor, sigma: float = 2.0)
     return per_sample.mean() if b else logits.sum() * 0.0
 
 
-def _parabola_offset(flat: torch.Tensor, centre: torch.Tensor, step: int, pos: torch.Tensor, length: int
-                     ) -> torch.Tensor:
+def _parabola_offset(
+    flat: torch.Tensor, centre: torch.Tensor, step: int, pos: torch.Tensor, length: int
+) -> torch.Tensor:
     """Vertex offset, in [-0.5, 0.5], of the parabola through the values at centre - step, centre, centre + step."""
     inside = (pos > 0) & (pos < length - 1)
     left = flat.gather(-1, (centre - step * inside.long())[..., None])[..., 0]

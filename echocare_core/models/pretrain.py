@@ -40,12 +40,13 @@ class EchoCarePretrainModel(nn.Module):
         trunc_normal_(self.mask_token, std=0.02)
         stride = cfg.stride
         self.decoder = nn.Sequential(
-            nn.Conv2d(self.encoder.num_features, stride ** 2 * cfg.in_chans, kernel_size=1),
-            nn.PixelShuffle(stride))
+            nn.Conv2d(self.encoder.num_features, stride**2 * cfg.in_chans, kernel_size=1), nn.PixelShuffle(stride)
+        )
         self.hierarchy = HierarchyHead(self.encoder.num_features, ontology)
 
-    def forward(self, images: torch.Tensor, token_mask: torch.Tensor, anatomy: torch.Tensor,
-                hie_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, token_mask: torch.Tensor, anatomy: torch.Tensor, hie_weight: float = 1.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Compute `L_MIM + hie_weight * L_HIE`.
 
         Args:
@@ -66,6 +67,5 @@ class EchoCarePretrainModel(nn.Module):
         # the sum keeps the head in the graph when no image is labelled (DDP needs every grad)
         loss_hie = (hie * labelled).sum() / labelled.sum().clamp(min=1)
         loss = loss_mim + hie_weight * loss_hie
-        parts = {"loss_mim": loss_mim.detach(), "loss_hie": loss_hie.detach(),
-                 "labelled": labelled.sum().detach()}
+        parts = {"loss_mim": loss_mim.detach(), "loss_hie": loss_hie.detach(), "labelled": labelled.sum().detach()}
         return loss, parts, pred

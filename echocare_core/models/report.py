@@ -38,16 +38,29 @@ class ReportHeadConfig:
     findings_weight: float = 1.0  # that loss's weight next to the report's; 0: no classifier
 
     def __post_init__(self) -> None:
-        if (self.width < 1 or self.depth < 1 or self.heads < 1 or self.width % self.heads or self.max_tokens < 3
-                or not 1 <= self.views <= MAX_VIEWS):
-            raise ValueError(f"report head: need width divisible by heads, depth >= 1, max_tokens >= 3 and views 1 "
-                             f"or {MAX_VIEWS}; got width={self.width}, heads={self.heads}, depth={self.depth}, "
-                             f"max_tokens={self.max_tokens}, views={self.views}")
-        if not 0 <= self.findings_weight < math.inf or len({str(f).lower() for f in self.findings}) < len(
-                self.findings) or not all(isinstance(f, str) and re.search(r"[^\W_]", f) for f in self.findings):
-            raise ValueError(f"report head: findings must be distinct phrases of words (case does not count) and "
-                             f"findings_weight a finite number >= 0; got findings={list(self.findings)}, "
-                             f"findings_weight={self.findings_weight}")
+        if (
+            self.width < 1
+            or self.depth < 1
+            or self.heads < 1
+            or self.width % self.heads
+            or self.max_tokens < 3
+            or not 1 <= self.views <= MAX_VIEWS
+        ):
+            raise ValueError(
+                f"report head: need width divisible by heads, depth >= 1, max_tokens >= 3 and views 1 "
+                f"or {MAX_VIEWS}; got width={self.width}, heads={self.heads}, depth={self.depth}, "
+                f"max_tokens={self.max_tokens}, views={self.views}"
+            )
+        if (
+            not 0 <= self.findings_weight < math.inf
+            or len({str(f).lower() for f in self.findings}) < len(self.findings)
+            or not all(isinstance(f, str) and re.search(r"[^\W_]", f) for f in self.findings)
+        ):
+            raise ValueError(
+                f"report head: findings must be distinct phrases of words (case does not count) and "
+                f"findings_weight a finite number >= 0; got findings={list(self.findings)}, "
+                f"findings_weight={self.findings_weight}"
+            )
 
     @property
     def classifies(self) -> bool:
@@ -161,10 +174,11 @@ class ReportHead(nn.Module):
         if beam < 1:
             raise ValueError(f"beam={beam}: must be >= 1 (1: greedy)")
         memory = self.memory(stage_tokens)  # [B, M, width]
-        return [self._beam(memory[i:i + 1], bos, eos, beam) for i in range(len(memory))]
+        return [self._beam(memory[i : i + 1], bos, eos, beam) for i in range(len(memory))]
 
-    def _log_probs(self, seqs: torch.Tensor, cross: list[_Cache], caches: list[_Cache | None]
-                   ) -> tuple[torch.Tensor, list[_Cache]]:
+    def _log_probs(
+        self, seqs: torch.Tensor, cross: list[_Cache], caches: list[_Cache | None]
+    ) -> tuple[torch.Tensor, list[_Cache]]:
         """Log-probabilities `[K, vocab]` of the token after each hypothesis `seqs` `[K, t]`, whose first t - 1
         positions are in `caches` (one per block); returns the caches with position t added."""
         k = len(seqs)

@@ -33,8 +33,15 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SWIN_VARIANTS", "STAGES", "EncoderConfig", "RelPosBias", "SwinEncoder", "WindowAttention",
-           "trainable_state_names"]
+__all__ = [
+    "SWIN_VARIANTS",
+    "STAGES",
+    "EncoderConfig",
+    "RelPosBias",
+    "SwinEncoder",
+    "WindowAttention",
+    "trainable_state_names",
+]
 
 STAGES = 4  # MONAI's SwinTransformer has exactly four (layers1..layers4)
 
@@ -88,22 +95,28 @@ class EncoderConfig:
         if self.in_chans not in (1, 3):
             raise ValueError(f"in_chans={self.in_chans}: use 3 (the release; grayscale is replicated) or 1")
         if len(arch["depths"]) != STAGES or len(arch["num_heads"]) != STAGES:
-            raise ValueError(f"depths {arch['depths']} and num_heads {arch['num_heads']} need {STAGES} entries each "
-                             f"(the EchoCare encoder has {STAGES} stages)")
+            raise ValueError(
+                f"depths {arch['depths']} and num_heads {arch['num_heads']} need {STAGES} entries each "
+                f"(the EchoCare encoder has {STAGES} stages)"
+            )
         for i, heads in enumerate(arch["num_heads"]):
-            if (arch["embed_dim"] * 2 ** i) % heads:
-                raise ValueError(f"stage {i + 1} width {arch['embed_dim'] * 2 ** i} is not divisible by {heads} heads")
+            if (arch["embed_dim"] * 2**i) % heads:
+                raise ValueError(f"stage {i + 1} width {arch['embed_dim'] * 2**i} is not divisible by {heads} heads")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"drop_path={self.drop_path}: must be in [0, 1)")
         if not self.input_std > 0:
             raise ValueError(f"input_std={self.input_std}: must be > 0")
         if self.img_size % self.stride:
-            raise ValueError(f"img_size={self.img_size} must be a multiple of patch_size * 2**{STAGES} = "
-                             f"{self.stride}; e.g. {max(1, round(self.img_size / self.stride)) * self.stride}")
+            raise ValueError(
+                f"img_size={self.img_size} must be a multiple of patch_size * 2**{STAGES} = "
+                f"{self.stride}; e.g. {max(1, round(self.img_size / self.stride)) * self.stride}"
+            )
         for i, res in enumerate(self.block_resolutions):
             if res % min(self.window_size, res):
-                raise ValueError(f"window_size={self.window_size} does not divide the stage-{i + 1} feature map "
-                                 f"({res}x{res}); pick a window that divides {res}")
+                raise ValueError(
+                    f"window_size={self.window_size} does not divide the stage-{i + 1} feature map "
+                    f"({res}x{res}); pick a window that divides {res}"
+                )
 
     @property
     def input_spec(self) -> dict:
@@ -118,22 +131,22 @@ class EncoderConfig:
     @property
     def stride(self) -> int:
         """Pixels per token of the last output."""
-        return self.patch_size * 2 ** STAGES
+        return self.patch_size * 2**STAGES
 
     @property
     def block_resolutions(self) -> list[int]:
         """Side of the map each stage's attention blocks see (before its patch merge)."""
-        return [self.img_size // self.patch_size // 2 ** i for i in range(STAGES)]
+        return [self.img_size // self.patch_size // 2**i for i in range(STAGES)]
 
     @property
     def stage_resolutions(self) -> list[int]:
         """Side of each of the five outputs: the patch embedding, then each stage after its merge."""
-        return [self.img_size // self.patch_size // 2 ** i for i in range(STAGES + 1)]
+        return [self.img_size // self.patch_size // 2**i for i in range(STAGES + 1)]
 
     @property
     def stage_channels(self) -> list[int]:
         """Channels of each of the five outputs."""
-        return [self.arch["embed_dim"] * 2 ** i for i in range(STAGES + 1)]
+        return [self.arch["embed_dim"] * 2**i for i in range(STAGES + 1)]
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -198,8 +211,9 @@ class WindowAttention(nn.Module):
             bias = self.rel_pos.bias(self.index(N))
             bias = bias.expand(nW, -1, -1, -1) if mask is None else bias + mask.unsqueeze(1)
             bias = bias.to(q.dtype).expand(B, -1, -1, -1, -1).reshape(B * nW, self.num_heads, N, N)
-            out = F.scaled_dot_product_attention(*(t.reshape(B * nW, self.num_heads, N, -1) for t in (q, k, v)),
-                                                 attn_mask=bias)
+            out = F.scaled_dot_product_attention(
+                *(t.reshape(B * nW, self.num_heads, N, -1) for t in (q, k, v)), attn_mask=bias
+            )
             out = out.reshape(B, nW, self.num_heads, N, -1)
         else:
             self.rel_pos.index = self.index(N)
@@ -272,8 +286,17 @@ def shifted_window_mask(res: int, window: int, shift: int) -> torch.Tensor:
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, res: int, window: int, shift: bool, mlp_ratio: float,
-                 drop_path: float, fused_attn: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        res: int,
+        window: int,
+        shift: bool,
+        mlp_ratio: float,
+        drop_path: float,
+        fused_attn: bool,
+    ) -> None:
         super().__init__()
         self.window = min(window, res)  # MONAI: a map not larger than the window is one window, unshifted
         self.shift = window // 2 if shift and res > window else 0
@@ -320,13 +343,23 @@ class PatchMerging(nn.Module):
 class SwinStage(nn.Module):
     """MONAI's `BasicLayer`: attention blocks, then a patch merge."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, res: int, cfg: EncoderConfig,
-                 drop_path: list[float]) -> None:
+    def __init__(
+        self, dim: int, depth: int, num_heads: int, res: int, cfg: EncoderConfig, drop_path: list[float]
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, res, cfg.window_size, shift=i % 2 == 1, mlp_ratio=cfg.mlp_ratio,
-                      drop_path=drop_path[i], fused_attn=cfg.fused_attn)
-            for i in range(depth))
+            SwinBlock(
+                dim,
+                num_heads,
+                res,
+                cfg.window_size,
+                shift=i % 2 == 1,
+                mlp_ratio=cfg.mlp_ratio,
+                drop_path=drop_path[i],
+                fused_attn=cfg.fused_attn,
+            )
+            for i in range(depth)
+        )
         self.downsample = PatchMerging(dim)
         self.grad_checkpointing = cfg.grad_checkpointing
 
@@ -380,9 +413,21 @@ class SwinEncoder(nn.Module):
         n = sum(depths)
         rates = [cfg.drop_path * i / max(1, n - 1) for i in range(n)]  # stochastic depth grows with depth
         for i in range(STAGES):  # MONAI's order: all Swin stages, then all conv blocks
-            self.add_module(f"layers{i + 1}", nn.ModuleList([SwinStage(
-                cfg.stage_channels[i], depths[i], heads[i], cfg.block_resolutions[i], cfg,
-                rates[sum(depths[:i]):sum(depths[:i + 1])])]))
+            self.add_module(
+                f"layers{i + 1}",
+                nn.ModuleList(
+                    [
+                        SwinStage(
+                            cfg.stage_channels[i],
+                            depths[i],
+                            heads[i],
+                            cfg.block_resolutions[i],
+                            cfg,
+                            rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                        )
+                    ]
+                ),
+            )
         for i in range(STAGES):
             self.add_module(f"layers{i + 1}c", nn.ModuleList([_conv_block(cfg.stage_channels[i])]))
         self.apply(_init_weights)
@@ -391,10 +436,14 @@ class SwinEncoder(nn.Module):
         """The conv block and the Swin stage of stage `i` (0-based)."""
         return getattr(self, f"layers{i + 1}c")[0], getattr(self, f"layers{i + 1}")[0]
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
-                              intermediates_only: bool = False, token_mask: torch.Tensor | None = None,
-                              mask_token: torch.Tensor | None = None
-                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        intermediates_only: bool = False,
+        token_mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the encoder and keep its outputs for dense heads (timm's API).
 
         Args:
@@ -412,8 +461,11 @@ class SwinEncoder(nn.Module):
             ValueError: an output index out of range.
         """
         n = STAGES + 1
-        wanted = list(range(n)) if indices is None else (
-            list(range(n - indices, n)) if isinstance(indices, int) else list(indices))
+        wanted = (
+            list(range(n))
+            if indices is None
+            else (list(range(n - indices, n)) if isinstance(indices, int) else list(indices))
+        )
         if not wanted or any(not 0 <= i < n for i in wanted):
             raise ValueError(f"indices={indices}: outputs are 0..{n - 1}")
         t = self.patch_embed(x)  # [B, D, Hp, Wp]
@@ -430,8 +482,9 @@ class SwinEncoder(nn.Module):
             return outs
         return (outs[-1] if STAGES in wanted else _channel_norm(t)).permute(0, 2, 3, 1), outs
 
-    def forward_features(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
-                         mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The normed last map `[B, h, w, num_features]`."""
         return self.forward_intermediates(x, [STAGES], True, token_mask, mask_token)[0].permute(0, 2, 3, 1)
 

@@ -35,8 +35,13 @@ class LoRALinear(nn.Linear):
     """`y = W x + b + (alpha / r) * B(A(x))`, with A, B plain `nn.Linear` layers and B starting at zero."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
-                         device=base.weight.device, dtype=base.weight.dtype)
+        super().__init__(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            device=base.weight.device,
+            dtype=base.weight.dtype,
+        )
         self.load_state_dict(base.state_dict())
         self.lora_A = nn.Linear(base.in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)
@@ -64,9 +69,16 @@ class EchoCareTaskModel(nn.Module):
         report: the report decoder's size.
     """
 
-    def __init__(self, cfg: EncoderConfig, task: str, num_classes: int, feature_size: int = 16,
-                 multi_label: bool = False, target_stats: tuple[float, float] = (0.0, 1.0),
-                 report: ReportHeadConfig | None = None) -> None:
+    def __init__(
+        self,
+        cfg: EncoderConfig,
+        task: str,
+        num_classes: int,
+        feature_size: int = 16,
+        multi_label: bool = False,
+        target_stats: tuple[float, float] = (0.0, 1.0),
+        report: ReportHeadConfig | None = None,
+    ) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task '{task}' has no head; available: {', '.join(TASKS)}")
@@ -78,8 +90,9 @@ class EchoCareTaskModel(nn.Module):
         elif task == "regression":
             self.head = ClipRegressionHead(self.encoder.num_features)
         elif task == "report":
-            self.head = ReportHead(self.encoder.num_features, cfg.stage_resolutions[-1] ** 2, num_classes,
-                                   report or ReportHeadConfig())
+            self.head = ReportHead(
+                self.encoder.num_features, cfg.stage_resolutions[-1] ** 2, num_classes, report or ReportHeadConfig()
+            )
         else:
             out = {"detection": num_classes + 2, "enhancement": cfg.in_chans}.get(task, num_classes)
             self.head = DenseHead(cfg, out, feature_size)

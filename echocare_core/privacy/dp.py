@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import secrets
 import warnings
+from collections.abc import Callable, Iterator
 from functools import lru_cache
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from opacus import GradSampleModule
-from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_norm_sampler
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
@@ -29,15 +29,17 @@ from torch import nn
 from echocare_core.models.swin import RelPosBias, WindowAttention
 from echocare_core.privacy.settings import DPSettings
 
-__all__ = ["DPTraining", "PrivacyError", "epsilon", "noise_multiplier", "poisson_batches",
-           "secret_generator"]
+__all__ = ["DPTraining", "PrivacyError", "epsilon", "noise_multiplier", "poisson_batches", "secret_generator"]
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 
 
 # Opacus hooks every layer; torch warns at each backward that the first one's input (the image) needs no gradient
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to "
-                                          "module outputs since no inputs require gradients")
+warnings.filterwarnings(
+    "ignore",
+    message="Full backward hook is firing when gradients are computed with respect to "
+    "module outputs since no inputs require gradients",
+)
 
 
 class PrivacyError(RuntimeError):
@@ -45,8 +47,9 @@ class PrivacyError(RuntimeError):
 
 
 @register_grad_sampler(RelPosBias)
-def _rel_pos_grad_sample(layer: RelPosBias, activations: list[torch.Tensor], backprops: torch.Tensor
-                         ) -> dict[nn.Parameter, torch.Tensor]:
+def _rel_pos_grad_sample(
+    layer: RelPosBias, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradient of the bias table: each sample's logit gradients `[B, nW, heads, N, N]`, summed over
     its windows, scattered into the rows its relative positions index."""
     table = layer.relative_position_bias_table  # [T, heads]
@@ -58,15 +61,17 @@ def _rel_pos_grad_sample(layer: RelPosBias, activations: list[torch.Tensor], bac
 
 
 @register_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d])
-def _conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
-                      ) -> dict[nn.Parameter, torch.Tensor]:
+def _conv_grad_sample(
+    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     """Opacus' conv rule on contiguous activations (permuted or channels-last input gives wrong results)."""
     return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops)
 
 
 @register_norm_sampler(nn.Linear)
-def _linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor
-                        ) -> dict[nn.Parameter, torch.Tensor]:
+def _linear_norm_sample(
+    layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradient norms of a Linear layer: from the explicit per-sample gradient when the input has
     more tokens T than sqrt(d_in * d_out) (T x T Gram matrices would cost more), else Opacus' ghost norm."""
     if backprops.dim() == 3 and backprops.shape[1] ** 2 > layer.in_features * layer.out_features:
@@ -81,8 +86,13 @@ def noise_multiplier(settings: DPSettings, sample_rate: float, steps: int) -> fl
     epsilon the ledger reports comes out at or below the target)."""
     with warnings.catch_warnings():  # "optimal order is the largest alpha": a looser bound, so more noise, not less
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return get_noise_multiplier(target_epsilon=settings.epsilon, target_delta=settings.delta,
-                                    sample_rate=sample_rate, steps=steps, accountant="rdp")
+        return get_noise_multiplier(
+            target_epsilon=settings.epsilon,
+            target_delta=settings.delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant="rdp",
+        )
 
 
 def epsilon(history: History, delta: float, accountant: str = "prv") -> float:
@@ -128,23 +138,37 @@ class DPTraining:
         ValueError: ghost clipping with several images per sample (norms of images do not add up to a sample's).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings: DPSettings, sigma: float,
-                 expected_batch_size: int, images_per_sample: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        settings: DPSettings,
+        sigma: float,
+        expected_batch_size: int,
+        images_per_sample: int = 1,
+    ) -> None:
         if settings.mode == "ghost" and images_per_sample > 1:
-            raise ValueError(f"privacy.mode ghost keeps per-image gradient norms, which do not add up to the norm of "
-                             f"a sample of {images_per_sample} images (a clip or a report's views): use mode hooks")
+            raise ValueError(
+                f"privacy.mode ghost keeps per-image gradient norms, which do not add up to the norm of "
+                f"a sample of {images_per_sample} images (a clip or a report's views): use mode hooks"
+            )
         self.images_per_sample = images_per_sample
         for m in model.modules():
             if isinstance(m, WindowAttention):
                 m.fused_attn = False  # fused kernels fold windows into the batch and bypass RelPosBias
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ghost = settings.mode == "ghost"
-        kwargs = dict(noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm,
-                      expected_batch_size=expected_batch_size, loss_reduction="mean",
-                      generator=secret_generator(self.params[0].device))
+        kwargs = dict(
+            noise_multiplier=sigma,
+            max_grad_norm=settings.max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=secret_generator(self.params[0].device),
+        )
         if self.ghost:
-            self.module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
-                                                               max_grad_norm=settings.max_grad_norm)
+            self.module = GradSampleModuleFastGradientClipping(
+                model, batch_first=True, loss_reduction="mean", max_grad_norm=settings.max_grad_norm
+            )
             self.optimizer = DPOptimizerFastGradientClipping(optimizer, **kwargs)
         else:
             self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
@@ -154,7 +178,7 @@ class DPTraining:
         """The batch loss; for ghost clipping, one that backpropagates twice (norms, then clipped gradients)."""
         if not self.ghost:
             return loss_fn(out, target)
-        per_sample = torch.stack([loss_fn(out[i:i + 1], target[i:i + 1]) for i in range(len(out))])  # [B]
+        per_sample = torch.stack([loss_fn(out[i : i + 1], target[i : i + 1]) for i in range(len(out))])  # [B]
         return DPTensorFastGradientClipping(self.module, self.optimizer, per_sample, "mean")
 
     def check(self, batch_size: int) -> None:
@@ -169,8 +193,10 @@ class DPTraining:
                 g = p.grad_sample = g.reshape(batch_size, self.images_per_sample, *g.shape[1:]).mean(1)
             if g is None or g.shape[0] != batch_size:
                 got = "none" if g is None else f"first dimension {g.shape[0]}"
-                raise PrivacyError(f"a per-sample gradient of shape {tuple(p.shape)} has {got}, not the batch size "
-                                   f"{batch_size}: the DP guarantee would not hold, so training stops")
+                raise PrivacyError(
+                    f"a per-sample gradient of shape {tuple(p.shape)} has {got}, not the batch size "
+                    f"{batch_size}: the DP guarantee would not hold, so training stops"
+                )
         for p in self.params if self.ghost else []:
             p._norm_sample = None  # Opacus keeps them: the next step must bring its own
 

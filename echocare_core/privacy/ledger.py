@@ -91,19 +91,25 @@ class PrivacyLedger:
 
     def _load(self) -> dict[str, list[dict[str, Any]]]:
         if not self.key_path.exists():
-            raise LedgerError(f"{self.key_path} is missing but the ledger exists: its spends cannot be checked; "
-                              f"restore the key from the site's backup")
+            raise LedgerError(
+                f"{self.key_path} is missing but the ledger exists: its spends cannot be checked; "
+                f"restore the key from the site's backup"
+            )
         if not self.path.exists():
-            raise LedgerError(f"{self.path} is missing but its key exists: the privacy already spent is unknown; "
-                              f"restore the ledger from the site's backup (the site will not train without it)")
+            raise LedgerError(
+                f"{self.path} is missing but its key exists: the privacy already spent is unknown; "
+                f"restore the ledger from the site's backup (the site will not train without it)"
+            )
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             ok = hmac.compare_digest(data["mac"], self._mac(data["datasets"]))
         except (ValueError, KeyError, TypeError):
             ok = False
         if not ok:
-            raise LedgerError(f"{self.path} does not match its key (edited or damaged): the privacy already spent "
-                              f"is unknown; restore it from the site's backup (the site will not train without it)")
+            raise LedgerError(
+                f"{self.path} does not match its key (edited or damaged): the privacy already spent "
+                f"is unknown; restore it from the site's backup (the site will not train without it)"
+            )
         return data["datasets"]
 
     def _save(self, datasets: dict[str, list[dict[str, Any]]]) -> None:
@@ -122,8 +128,9 @@ class PrivacyLedger:
         history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in self.spends(dataset)]
         return epsilon([*history, (noise_multiplier, sample_rate, steps)], self.delta)
 
-    def record(self, dataset: str, job: str, server_round: int, noise_multiplier: float, sample_rate: float,
-               steps: int) -> Spend:
+    def record(
+        self, dataset: str, job: str, server_round: int, noise_multiplier: float, sample_rate: float, steps: int
+    ) -> Spend:
         """Record a round before it trains (synced to disk on return).
 
         Raises:
@@ -134,8 +141,10 @@ class PrivacyLedger:
             self.datasets = self._load()  # what another process recorded meanwhile counts too
             total = self.epsilon_after(dataset, noise_multiplier, sample_rate, steps)
             if self.budget and total > self.budget:
-                raise BudgetExceeded(f"privacy budget: this round would bring the dataset's epsilon to {total:.3f}, "
-                                     f"above the site's budget {self.budget:g} (spent so far {self.spent(dataset):.3f})")
+                raise BudgetExceeded(
+                    f"privacy budget: this round would bring the dataset's epsilon to {total:.3f}, "
+                    f"above the site's budget {self.budget:g} (spent so far {self.spent(dataset):.3f})"
+                )
             spend = Spend(job, server_round, noise_multiplier, sample_rate, steps, total, self.delta, time.time())
             datasets = {**self.datasets, dataset: [*self.datasets.get(dataset, []), asdict(spend)]}
             self._save(datasets)

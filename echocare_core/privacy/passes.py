@@ -27,8 +27,18 @@ class PrivatePasses:
         job: what the ledger records as the job (a job hash).
     """
 
-    def __init__(self, model: nn.Module, optimizer: Optimizer, settings: DPSettings, train_set: TaskDataset,
-                 batch_size: int, steps: int, total_steps: int, ledger: PrivacyLedger, job: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        settings: DPSettings,
+        train_set: TaskDataset,
+        batch_size: int,
+        steps: int,
+        total_steps: int,
+        ledger: PrivacyLedger,
+        job: str,
+    ) -> None:
         self.train_set, self.steps, self.ledger, self.job = train_set, steps, ledger, job
         self.sample_rate = min(1.0, batch_size / len(train_set))
         self.sigma = noise_multiplier(settings, self.sample_rate, total_steps)
@@ -47,4 +57,6 @@ class PrivatePasses:
         spend = self.ledger.record(self.dataset, self.job, index, self.sigma, self.sample_rate, self.steps)
         n = len(self.train_set)
         batches = [[(key, i) for i in b] for b in poisson_batches(n, self.sample_rate, self.steps, secret_generator())]
-        return DataLoader(self.train_set, batch_sampler=batches, collate_fn=collate_task, num_workers=num_workers), spend
+        return DataLoader(
+            self.train_set, batch_sampler=batches, collate_fn=collate_task, num_workers=num_workers
+        ), spend

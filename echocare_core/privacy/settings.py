@@ -28,8 +28,10 @@ class DPSettings:
 
     def __post_init__(self) -> None:
         if self.epsilon < 0 or not 0 < self.delta < 1 or self.max_grad_norm <= 0:
-            raise ValueError(f"privacy needs epsilon >= 0 (0: off), 0 < delta < 1 and max_grad_norm > 0; got "
-                             f"{self.epsilon}, {self.delta}, {self.max_grad_norm}")
+            raise ValueError(
+                f"privacy needs epsilon >= 0 (0: off), 0 < delta < 1 and max_grad_norm > 0; got "
+                f"{self.epsilon}, {self.delta}, {self.max_grad_norm}"
+            )
         if self.mode not in ("hooks", "ghost"):
             raise ValueError(f"privacy.mode '{self.mode}': choose hooks or ghost")
 
@@ -48,11 +50,14 @@ class SitePrivacy:
 
     def __post_init__(self) -> None:
         if self.epsilon_budget < 0 or not 0 < self.delta < 1:
-            raise ValueError(f"privacy.epsilon_budget={self.epsilon_budget} must be >= 0 and privacy.delta="
-                             f"{self.delta} in (0, 1)")
+            raise ValueError(
+                f"privacy.epsilon_budget={self.epsilon_budget} must be >= 0 and privacy.delta={self.delta} in (0, 1)"
+            )
         if self.required and not self.epsilon_budget:
-            raise ValueError("privacy.required is true but privacy.epsilon_budget is 0: set the budget the site's "
-                             "datasets may spend, e.g. 8")
+            raise ValueError(
+                "privacy.required is true but privacy.epsilon_budget is 0: set the budget the site's "
+                "datasets may spend, e.g. 8"
+            )
 
 
 def steps_per_round(local_epochs: int, local_steps: int, batch_size: int, train_samples: int) -> int:

@@ -18,8 +18,19 @@ from echocare_core.data.contract import read_manifest, verify_dataset
 from echocare_core.data.ingest import IngestSettings, data_card, ingest, load_secret, pseudonym
 from echocare_core.data.synthetic import generate_image
 
-IDENTIFYING = ("DOE", "JANE", "ROE", "RICHARD", "MRN4711", "MRN0815", "19610203", "ACC998877", "ELSEWHERE",
-               "OPERATORX", "REFERRERY")
+IDENTIFYING = (
+    "DOE",
+    "JANE",
+    "ROE",
+    "RICHARD",
+    "MRN4711",
+    "MRN0815",
+    "19610203",
+    "ACC998877",
+    "ELSEWHERE",
+    "OPERATORX",
+    "REFERRERY",
+)
 OFFSET = (40, 70)  # where the 128 x 128 scan sits in the 220 x 260 screen
 
 
@@ -52,7 +63,11 @@ def _dicom(path, frames, photometric="MONOCHROME2", patient=("DOE^JANE", "MRN471
     arr = np.asarray(frames)
     ds.set_pixel_data(arr, photometric, 8)
     ds.SOPClassUID = uid.UltrasoundMultiFrameImageStorage if len(frames) > 1 else uid.UltrasoundImageStorage
-    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = uid.generate_uid(), uid.generate_uid(), uid.generate_uid()
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (
+        uid.generate_uid(),
+        uid.generate_uid(),
+        uid.generate_uid(),
+    )
     ds.Modality = "US"
     ds.PatientName, ds.PatientID = patient
     ds.PatientBirthDate, ds.AccessionNumber, ds.StudyDate = "19610203", "ACC998877", "20260101"
@@ -158,15 +173,22 @@ def test_pseudonyms_are_stable_per_patient_and_device_fields_are_kept(ingested, 
     result, secret = ingested
     rows = read_manifest(result.out)[1]
     jane, richard = pseudonym(secret, "PatientID:MRN4711"), pseudonym(secret, "PatientID:MRN0815")
-    assert [_row(result, *k)["patient"] for k in (("still.dcm",), ("cine.dcm", "frame 0"), ("cine.dcm", "frame 20"),
-                                                 ("doppler.dcm",), ("jpeg.dcm",))] == [jane] * 3 + [richard] * 2
+    assert [
+        _row(result, *k)["patient"]
+        for k in (("still.dcm",), ("cine.dcm", "frame 0"), ("cine.dcm", "frame 20"), ("doppler.dcm",), ("jpeg.dcm",))
+    ] == [jane] * 3 + [richard] * 2
     again = ingest(archive, tmp_path / "again", secret)
     assert [r["patient"] for r in read_manifest(again.out)[1]] == [r["patient"] for r in rows]
     other = ingest(archive, tmp_path / "other", b"another site's secret")
     assert not {r["patient"] for r in read_manifest(other.out)[1]} & {r["patient"] for r in rows}
     still = _row(result, "still.dcm")
     assert {k: still[k] for k in ("manufacturer", "model", "transducer", "frequency_mhz", "modality")} == {
-        "manufacturer": "Acme", "model": "US-9", "transducer": "C5-1", "frequency_mhz": "5", "modality": "b-mode"}
+        "manufacturer": "Acme",
+        "model": "US-9",
+        "transducer": "C5-1",
+        "frequency_mhz": "5",
+        "modality": "b-mode",
+    }
     assert _row(result, "doppler.dcm")["modality"] == "doppler"
 
 
@@ -193,11 +215,15 @@ def test_bad_input_is_refused_with_exit_code_2_and_nothing_written(archive, tmp_
         IngestSettings(task="segmentation")
     (tmp_path / "short.secret").write_bytes(b"123")
     (tmp_path / "short.secret").chmod(0o600)
-    assert data_main(["ingest", str(archive), "--out", str(tmp_path / "y"), "--secret",
-                      str(tmp_path / "short.secret")]) == 2
+    assert (
+        data_main(["ingest", str(archive), "--out", str(tmp_path / "y"), "--secret", str(tmp_path / "short.secret")])
+        == 2
+    )
     (tmp_path / "open.secret").write_bytes(b"0123456789abcdef")
-    assert data_main(["ingest", str(archive), "--out", str(tmp_path / "y"), "--secret",
-                      str(tmp_path / "open.secret")]) == 2
+    assert (
+        data_main(["ingest", str(archive), "--out", str(tmp_path / "y"), "--secret", str(tmp_path / "open.secret")])
+        == 2
+    )
     assert "chmod 600" in capsys.readouterr().err
     assert data_main(["ingest", str(archive), "--out", str(tmp_path / "y"), *secret, "--task", "classification"]) == 2
     assert "needs the class folders listed" in capsys.readouterr().err
@@ -256,12 +282,12 @@ def test_in_a_cine_static_marks_go_and_moving_bright_anatomy_stays_and_a_bad_hea
     for i in range(3):
         screen = _screen(_scan(30 + i)).copy()
         y, x = OFFSET
-        screen[y + 90:y + 94, x + 60:x + 64] = 255  # a caliper mark that stays put inside the fan
-        screen[y + 70:y + 74, x + 50 + 4 * i:x + 54 + 4 * i] = 255  # a bright reflector that moves
+        screen[y + 90 : y + 94, x + 60 : x + 64] = 255  # a caliper mark that stays put inside the fan
+        screen[y + 70 : y + 74, x + 50 + 4 * i : x + 54 + 4 * i] = 255  # a bright reflector that moves
         frames.append(screen)
     _dicom(src / "loop.dcm", frames * 10)  # frames 0, 10, 20 sampled: 0, 1, 2 of the cycle
     still = _screen(_scan(33)).copy()
-    still[OFFSET[0] + 90:OFFSET[0] + 94, OFFSET[1] + 60:OFFSET[1] + 64] = 255  # in a still: kept (could be anatomy)
+    still[OFFSET[0] + 90 : OFFSET[0] + 94, OFFSET[1] + 60 : OFFSET[1] + 64] = 255  # in a still: kept (could be anatomy)
     _dicom(src / "still.dcm", [still])
     _dicom(src / "bad.dcm", [_screen(_scan(34))])
     ds = dcmread(src / "bad.dcm")
@@ -274,7 +300,7 @@ def test_in_a_cine_static_marks_go_and_moving_bright_anatomy_stays_and_a_bad_hea
     scan = _scan(30)
     top, left = np.nonzero(scan)[0].min(), np.nonzero(scan)[1].min()
     first = np.asarray(Image.open(result.out / _row(result, "loop.dcm", "frame 0")["image"]))
-    assert not first[90 - top:94 - top, 60 - left:64 - left].any()  # the static mark is blanked
-    assert (first[70 - top:74 - top, 50 - left:54 - left] == 255).all()  # the moving reflector is not
+    assert not first[90 - top : 94 - top, 60 - left : 64 - left].any()  # the static mark is blanked
+    assert (first[70 - top : 74 - top, 50 - left : 54 - left] == 255).all()  # the moving reflector is not
     kept = np.asarray(Image.open(result.out / _row(result, "still.dcm")["image"]))
     assert (kept == 255).sum() >= 16

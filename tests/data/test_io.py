@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import PATIENT
+from helpers import write_dicom as _write_dicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -29,9 +31,6 @@ from echocare_core.data.io import (
     read_image,
     sampled_frames,
 )
-
-from helpers import PATIENT
-from helpers import write_dicom as _write_dicom
 
 
 def _gradient(h: int = 32, w: int = 48) -> np.ndarray:
@@ -262,9 +261,7 @@ def test_dicom_multiframe_pick(tmp_path: Path) -> None:
     assert (int(read_image(path, frame_step=1, frame_pick=0.5)[0, 0, 0]) - 1) // 10 == 12
 
 
-def test_j2k_without_handler_names_syntax_and_install(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_j2k_without_handler_names_syntax_and_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write_j2k_garbage(tmp_path / "j2k.dcm")
     # Hide whatever J2K plugin is installed (Pillow/OpenJPEG here) so pydicom sees
     # none; the plugins it lists as missing (pylibjpeg, gdcm) stay listed.

@@ -8,8 +8,15 @@ from helpers import write_dicom
 from PIL import Image
 
 from echocare_core.data.ontology import load_ontology
-from echocare_core.data.pretrain import (AugmentConfig, MaskGenerator, PathTable, PretrainDataset, ShardedSampler,
-                                         build_index, collate_skipping)
+from echocare_core.data.pretrain import (
+    AugmentConfig,
+    MaskGenerator,
+    PathTable,
+    PretrainDataset,
+    ShardedSampler,
+    build_index,
+    collate_skipping,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +69,17 @@ def test_mask_generator_ratio_and_grid():
 
 
 def _dataset(index, augment=AugmentConfig(), min_nonzero=1000):
-    return PretrainDataset(index, img_size=64, channels=1, masks=MaskGenerator(64, 16, 4, 0.5),
-                           augment_cfg=augment, scale=(0.5, 0.5), frame_step=10, min_nonzero=min_nonzero, seed=1)
+    return PretrainDataset(
+        index,
+        img_size=64,
+        channels=1,
+        masks=MaskGenerator(64, 16, 4, 0.5),
+        augment_cfg=augment,
+        scale=(0.5, 0.5),
+        frame_step=10,
+        min_nonzero=min_nonzero,
+        seed=1,
+    )
 
 
 def test_corrupt_and_near_empty_images_are_skipped_not_fatal(tmp_path, ontology, pretrain_data):

@@ -17,8 +17,16 @@ from echocare_core.cli.data import main
 from echocare_core.data import synthetic
 from echocare_core.data.contract import verify_dataset
 from echocare_core.data.io import read_clip
-from echocare_core.data.synthetic import (DEVICE_PROFILES, HEART_SCENE, LANDMARK_NAMES, LESIONS, SCENES,
-                                          generate_echo_clip, generate_image, lv_scale)
+from echocare_core.data.synthetic import (
+    DEVICE_PROFILES,
+    HEART_SCENE,
+    LANDMARK_NAMES,
+    LESIONS,
+    SCENES,
+    generate_echo_clip,
+    generate_image,
+    lv_scale,
+)
 from echocare_core.data.synthetic_dataset import manifest_anatomy, write_dataset
 
 ONTOLOGY = Path(synthetic.__file__).resolve().parents[1] / "resources" / "ontology.yaml"
@@ -101,8 +109,10 @@ def test_scene_brings_its_probe_geometry() -> None:
 def test_device_profiles_look_different() -> None:
     stats = {}
     for name in DEVICE_PROFILES:
-        imgs = [generate_image(np.random.default_rng(s), 64, name, scene="Abdomen/Liver/Subcostal oblique").image
-                for s in range(3)]
+        imgs = [
+            generate_image(np.random.default_rng(s), 64, name, scene="Abdomen/Liver/Subcostal oblique").image
+            for s in range(3)
+        ]
         core = np.stack(imgs)[:, 20:50, 20:44].astype(float)  # inside every fan
         speckle = np.abs(np.diff(core, axis=2)).mean()
         stats[name] = (round(core.mean()), round(speckle))
@@ -179,8 +189,19 @@ def test_write_dataset_is_deterministic_and_refuses_non_empty(tmp_path: Path) ->
 
 
 def test_cli_synth_writes_sites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["synth", "--out", str(tmp_path), "--sites", "2", "--per-site", "3", "--task", "classification",
-            "--size", "40"]
+    argv = [
+        "synth",
+        "--out",
+        str(tmp_path),
+        "--sites",
+        "2",
+        "--per-site",
+        "3",
+        "--task",
+        "classification",
+        "--size",
+        "40",
+    ]
     assert main(argv) == 0
     assert (tmp_path / "site_01" / "dataset.yaml").is_file()
     assert capsys.readouterr().out.count("profile") == 2
@@ -189,8 +210,7 @@ def test_cli_synth_writes_sites(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main([*argv, "--overwrite"]) == 0
 
 
-@pytest.mark.parametrize("bad", [["--sites", "0"], ["--task", "captioning"], ["--per-site", "x"],
-                                 ["--size", "8"]])
+@pytest.mark.parametrize("bad", [["--sites", "0"], ["--task", "captioning"], ["--per-site", "x"], ["--size", "8"]])
 def test_cli_bad_arguments_exit_2(tmp_path: Path, bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["synth", "--out", str(tmp_path), "--sites", "1", "--per-site", "1", "--task", "pretrain"]
     with pytest.raises(SystemExit) as exc:
@@ -305,9 +325,11 @@ def test_echo_clip_moves_only_the_ventricle() -> None:
 
 def test_echo_clip_bad_arguments_raise() -> None:
     rng = np.random.default_rng(0)
-    for kwargs, match in (({"ejection_fraction": 100.0}, "ejection_fraction"),
-                          ({"ejection_fraction": 50.0, "ed_scale": 3.0}, "ed_scale"),
-                          ({"ejection_fraction": 50.0, "frames": 1}, "frames")):
+    for kwargs, match in (
+        ({"ejection_fraction": 100.0}, "ejection_fraction"),
+        ({"ejection_fraction": 50.0, "ed_scale": 3.0}, "ed_scale"),
+        ({"ejection_fraction": 50.0, "frames": 1}, "frames"),
+    ):
         with pytest.raises(ValueError, match=match):
             generate_echo_clip(rng, 48, **kwargs)
 
@@ -402,7 +424,9 @@ def test_report_dataset_describes_each_lesion(tmp_path: Path) -> None:
         assert row["report"].startswith(("A ", "An ")) and "Impression: " in row["report"]
     assert lesion_report("cyst", np.array([2, 40, 18, 60]), 64) == (
         "A 10 mm anechoic nodule in the left deep field, with a smooth margin and posterior acoustic enhancement. "
-        "Impression: likely benign.")
+        "Impression: likely benign."
+    )
     assert lesion_report("irregular", np.array([40, 5, 53, 25]), 64) == (
         "An 8 mm hypoechoic nodule in the right superficial field, with an irregular margin and posterior acoustic "
-        "shadowing. Impression: suspicious for malignancy.")
+        "shadowing. Impression: suspicious for malignancy."
+    )

@@ -30,8 +30,13 @@ def test_points_map_to_the_model_grid_and_back():
 
 
 def test_boxes_scale_and_flip_with_the_image(tmp_path):
-    spec, rows = _folder(tmp_path, "detection", "boxes", [[[8, 6, 24, 30, "b"]], [[0, 0, 64, 48, "a"], [4, 4, 8, 8, "b"]]],
-                         classes=["a", "b"])
+    spec, rows = _folder(
+        tmp_path,
+        "detection",
+        "boxes",
+        [[[8, 6, 24, 30, "b"]], [[0, 0, 64, 48, "a"], [4, 4, 8, 8, "b"]]],
+        classes=["a", "b"],
+    )
     plain = TaskDataset(tmp_path, spec, rows, img_size=32, channels=1, train=False, scale=(0.5, 0.5))
     item = plain[(0, 0)]
     assert item["image"].shape == (1, 32, 32) and item["size"].tolist() == [48, 64]

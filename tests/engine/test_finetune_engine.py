@@ -13,9 +13,9 @@ from echocare_core.cli.finetune import main as finetune_main
 from echocare_core.config import load_config
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.finetune import run_finetune
-from echocare_core.engine.training import DatasetInvalidError
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.pretrain import run_pretraining
+from echocare_core.engine.training import DatasetInvalidError
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +23,28 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
     root = tmp_path_factory.mktemp("sites")
-    return {task: write_dataset(root / task, task, sites=1, per_site=30, size=64, seed=4)[0]
-            for task in ("classification", "segmentation")}
+    return {
+        task: write_dataset(root / task, task, sites=1, per_site=30, size=64, seed=4)[0]
+        for task in ("classification", "segmentation")
+    }
 
 
 def _cfg(folder, out, *overrides, train=None, **model):
     train = train or {}
-    base = {"output": str(out), "device": "cpu", "data": {"folder": str(folder), "num_workers": 0},
-            "model": {"encoder": dict(TINY_ENCODER), "feature_size": 8, **model}, "epochs": 2,
-            "train": {"lr": 1e-3, "batch_size": 8, "warmup_epochs": 0, **train}}
+    base = {
+        "output": str(out),
+        "device": "cpu",
+        "data": {"folder": str(folder), "num_workers": 0},
+        "model": {"encoder": dict(TINY_ENCODER), "feature_size": 8, **model},
+        "epochs": 2,
+        "train": {"lr": 1e-3, "batch_size": 8, "warmup_epochs": 0, **train},
+    }
     return load_config(FinetuneConfig, None, list(overrides), base=base)
 
 
-@pytest.mark.parametrize("task,mode", [("classification", "lora"), ("segmentation", "frozen"),
-                                       ("segmentation", "full")])
+@pytest.mark.parametrize(
+    "task,mode", [("classification", "lora"), ("segmentation", "frozen"), ("segmentation", "full")]
+)
 def test_finetune_then_rebuild_the_best_model(sites, tmp_path, task, mode):
     result = run_finetune(_cfg(sites[task], tmp_path / "run", train={"mode": mode}))
     assert result.status == "finished" and [r["epoch"] for r in result.history] == [1, 2]
@@ -67,8 +75,9 @@ def test_starts_from_a_pretrained_encoder(sites, tmp_path, pretrain_data):
 
     run_pretraining(tiny_pretrain_cfg(pretrain_data, tmp_path / "pre", ["optim.steps=2"]))
     ckpt = tmp_path / "pre" / "checkpoints" / "step_000002"
-    result = run_finetune(_cfg(sites["classification"], tmp_path / "run", "epochs=1", init=str(ckpt),
-                               train={"mode": "frozen"}))
+    result = run_finetune(
+        _cfg(sites["classification"], tmp_path / "run", "epochs=1", init=str(ckpt), train={"mode": "frozen"})
+    )
     model, _ = build_from_checkpoint(tmp_path / "run" / "best")
     pretrained, _ = build_from_checkpoint(ckpt)
     assert torch.equal(model.encoder.patch_embed.proj.weight, pretrained.encoder.patch_embed.proj.weight)
@@ -111,8 +120,21 @@ def test_evaluate_with_interval_and_refuse_the_wrong_dataset(sites, seg_best, tm
     assert result["main_metric"] == "dice" and lo <= result["metrics"]["dice"] <= hi
     with pytest.raises(ValueError, match="trained for segmentation, the dataset is classification"):
         evaluate_checkpoint(seg_best, sites["classification"])
-    assert evaluate_main(["--checkpoint", str(seg_best), "--data", str(sites["segmentation"]), "--bootstrap", "50",
-                          "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(seg_best),
+                "--data",
+                str(sites["segmentation"]),
+                "--bootstrap",
+                "50",
+                "--json",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     assert "95% CI" in capsys.readouterr().out
     assert evaluate_main(["--checkpoint", str(seg_best), "--data", str(sites["classification"])]) == 2
 
@@ -127,16 +149,22 @@ def test_predict_writes_csv_masks_and_overlays(sites, seg_best, tmp_path):
     for src in sorted(images.iterdir())[:3]:
         (tmp_path / "in" / src.name).write_bytes(src.read_bytes())
     (tmp_path / "in" / "zz_broken.png").write_bytes(b"nope")
-    assert predict_main(["--checkpoint", str(seg_best), "--input", str(tmp_path / "in"),
-                         "--out", str(tmp_path / "out")]) == 0
+    assert (
+        predict_main(["--checkpoint", str(seg_best), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+        == 0
+    )
     rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
     assert len(rows) == 4 and rows[-1]["mask"] == "unreadable"
     for row in rows[:3]:
         mask = Image.open(tmp_path / "out" / row["mask"])
         assert mask.size == Image.open(row["file"]).size and set(np.unique(np.asarray(mask)).tolist()) <= {0, 1}
         assert Image.open(tmp_path / "out" / row["overlay"]).mode == "RGB"
-    assert predict_main(["--checkpoint", str(seg_best), "--input", str(tmp_path / "nothing"),
-                         "--out", str(tmp_path / "o2")]) == 2
+    assert (
+        predict_main(
+            ["--checkpoint", str(seg_best), "--input", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2")]
+        )
+        == 2
+    )
 
 
 def test_multi_label_classification(sites, tmp_path):

@@ -28,12 +28,17 @@ REPORT = {"width": 32, "depth": 1, "heads": 4, "max_tokens": 160, "views": 2}
 def trained(request, tmp_path_factory):
     task = request.param
     root = tmp_path_factory.mktemp(task)
-    folder = write_dataset(root / "data", task, sites=1, per_site=16 if task == "regression" else 30, size=64,
-                           seed=3)[0]
-    base = {"output": str(root / "run"), "device": "cpu", "data": {"folder": str(folder), "num_workers": 0},
-            "model": {"encoder": dict(TINY_ENCODER), "feature_size": 8, "frames": 4, "report": REPORT,
-                      "beam": 2},
-            "epochs": 2, "train": {"mode": "full", "lr": 1e-3, "batch_size": 8, "warmup_epochs": 0}}
+    folder = write_dataset(root / "data", task, sites=1, per_site=16 if task == "regression" else 30, size=64, seed=3)[
+        0
+    ]
+    base = {
+        "output": str(root / "run"),
+        "device": "cpu",
+        "data": {"folder": str(folder), "num_workers": 0},
+        "model": {"encoder": dict(TINY_ENCODER), "feature_size": 8, "frames": 4, "report": REPORT, "beam": 2},
+        "epochs": 2,
+        "train": {"mode": "full", "lr": 1e-3, "batch_size": 8, "warmup_epochs": 0},
+    }
     result = run_finetune(load_config(FinetuneConfig, None, [], base=base))
     return task, folder, root, result
 
@@ -73,8 +78,19 @@ def test_evaluate_gives_the_main_metric_with_an_interval(trained, tmp_path, caps
     assert evaluate_main(["--checkpoint", str(root / "run" / "best"), "--data", str(folder), "--bootstrap", "20"]) == 0
     assert "95% CI" in capsys.readouterr().out
     if task == "enhancement":  # the quality metrics' weights are local files; an absent one is named
-        assert evaluate_main(["--checkpoint", str(root / "run" / "best"), "--data", str(folder), "--fid-weights",
-                              str(tmp_path / "inception.pth")]) == 2
+        assert (
+            evaluate_main(
+                [
+                    "--checkpoint",
+                    str(root / "run" / "best"),
+                    "--data",
+                    str(folder),
+                    "--fid-weights",
+                    str(tmp_path / "inception.pth"),
+                ]
+            )
+            == 2
+        )
         assert "quality weights fid" in capsys.readouterr().err
 
 
@@ -85,8 +101,21 @@ def test_predict_writes_the_tasks_columns_in_image_pixels(trained, tmp_path):
         _predict_reports(root, rows, folder, tmp_path)
         return
     files = [folder / r["image"] for r in rows]
-    assert predict_main(["--checkpoint", str(root / "run" / "best"), "--input", str(files[0].parent),
-                         "--out", str(tmp_path / "out"), "--min-score", "0"]) == 0
+    assert (
+        predict_main(
+            [
+                "--checkpoint",
+                str(root / "run" / "best"),
+                "--input",
+                str(files[0].parent),
+                "--out",
+                str(tmp_path / "out"),
+                "--min-score",
+                "0",
+            ]
+        )
+        == 0
+    )
     out = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
     assert len(out) == len(list(files[0].parent.iterdir()))
     meta = build_from_checkpoint(root / "run" / "best")[1]
@@ -114,8 +143,13 @@ def test_predict_writes_the_tasks_columns_in_image_pixels(trained, tmp_path):
 
 def test_a_checkpoint_for_another_task_is_refused(trained):
     task, folder, root, _ = trained
-    other = {"landmarks": "detection", "detection": "regression", "regression": "enhancement",
-             "enhancement": "report", "report": "landmarks"}[task]
+    other = {
+        "landmarks": "detection",
+        "detection": "regression",
+        "regression": "enhancement",
+        "enhancement": "report",
+        "report": "landmarks",
+    }[task]
     with pytest.raises(ValueError, match=f"trained for {task}, the dataset is"):
         evaluate_checkpoint(root / "run" / "best", _other_site(folder.parent.parent, other))
 
@@ -136,8 +170,21 @@ def _predict_reports(root, rows, folder, tmp_path):
             shutil.copy(folder / f, tmp_path / "in" / name)
     (tmp_path / "in" / "broken").mkdir()
     (tmp_path / "in" / "broken" / "x.png").write_bytes(b"not a png")
-    assert predict_main(["--checkpoint", str(root / "run" / "best"), "--input", str(tmp_path / "in"),
-                         "--out", str(tmp_path / "out"), "--beam", "1"]) == 0
+    assert (
+        predict_main(
+            [
+                "--checkpoint",
+                str(root / "run" / "best"),
+                "--input",
+                str(tmp_path / "in"),
+                "--out",
+                str(tmp_path / "out"),
+                "--beam",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = {r["study"].rsplit("/", 1)[-1]: r for r in csv.DictReader((tmp_path / "out" / "predictions.csv").open())}
     assert set(out) == {"two_views", "one_view", "broken"} and out["broken"]["report_file"] == "unreadable"
     assert len(out["two_views"]["images"].split(";")) == 2
@@ -148,8 +195,19 @@ def _predict_reports(root, rows, folder, tmp_path):
         assert all(0 < float(out[name][f"p_{f}"]) < 1 for f in REPORT_FINDINGS)  # the findings classifier's
     assert out["broken"][f"p_{REPORT_FINDINGS[0]}"] == ""
     shutil.copy(folder / rows[2]["image"], tmp_path / "in" / "two_views")  # three images in one study folder
-    assert predict_main(["--checkpoint", str(root / "run" / "best"), "--input", str(tmp_path / "in"),
-                         "--out", str(tmp_path / "out2")]) == 2
+    assert (
+        predict_main(
+            [
+                "--checkpoint",
+                str(root / "run" / "best"),
+                "--input",
+                str(tmp_path / "in"),
+                "--out",
+                str(tmp_path / "out2"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "out2" / "predictions.csv").exists()
 
 
@@ -157,9 +215,14 @@ def test_a_report_run_resumes_when_only_the_findings_loss_weight_changes(tmp_pat
     folder = write_dataset(tmp_path / "data", "report", sites=1, per_site=12, size=64, seed=5)[0]
 
     def run(epochs, **report):
-        base = {"output": str(tmp_path / "run"), "device": "cpu", "data": {"folder": str(folder), "num_workers": 0},
-                "model": {"encoder": dict(TINY_ENCODER), "report": {**REPORT, **report}, "beam": 1}, "epochs": epochs,
-                "train": {"mode": "lora", "lr": 1e-3, "batch_size": 4, "warmup_epochs": 0}}
+        base = {
+            "output": str(tmp_path / "run"),
+            "device": "cpu",
+            "data": {"folder": str(folder), "num_workers": 0},
+            "model": {"encoder": dict(TINY_ENCODER), "report": {**REPORT, **report}, "beam": 1},
+            "epochs": epochs,
+            "train": {"mode": "lora", "lr": 1e-3, "batch_size": 4, "warmup_epochs": 0},
+        }
         return run_finetune(load_config(FinetuneConfig, None, [], base=base))
 
     first = run(1)

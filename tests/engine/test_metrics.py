@@ -25,7 +25,11 @@ def test_binary_classification_with_youden():
     m = classification_metrics(torch.stack([1 - probs1, probs1], 1), labels)
     assert m["auc"] == pytest.approx(8 / 9)  # one discordant pair (0.35 vs 0.4) of 9
     assert m["accuracy"] == pytest.approx(5 / 6)
-    assert (m["youden_threshold"], m["sensitivity"], m["specificity"]) == (pytest.approx(0.35), 1.0, pytest.approx(2 / 3))
+    assert (m["youden_threshold"], m["sensitivity"], m["specificity"]) == (
+        pytest.approx(0.35),
+        1.0,
+        pytest.approx(2 / 3),
+    )
     assert youden(probs1.numpy(), labels.numpy() == 1)[0] == pytest.approx(0.35)
 
 
@@ -52,7 +56,7 @@ def test_a_missed_structure_is_not_a_perfect_hd95():
     pred = true.clone()
     pred[1] = 0  # nothing found in the second image
     m = segmentation_metrics(pred, true, num_classes=2)
-    assert m["hd95"] == pytest.approx((0.0 + 32 * 2 ** 0.5) / 2)  # the image diagonal for the miss
+    assert m["hd95"] == pytest.approx((0.0 + 32 * 2**0.5) / 2)  # the image diagonal for the miss
     assert m["dice"] == pytest.approx(0.5)
 
 
@@ -83,13 +87,19 @@ def test_detection_ap_per_class_and_map():
     from echocare_core.models.detection import Detections
 
     def det(boxes, scores, classes):
-        return Detections(torch.tensor(boxes, dtype=torch.float32).view(-1, 4), torch.tensor(scores),
-                          torch.tensor(classes, dtype=torch.long))
+        return Detections(
+            torch.tensor(boxes, dtype=torch.float32).view(-1, 4),
+            torch.tensor(scores),
+            torch.tensor(classes, dtype=torch.long),
+        )
 
     true = [torch.tensor([[10.0, 10, 20, 20, 0], [30, 30, 40, 40, 1]]), torch.tensor([[50.0, 50, 60, 60, 1]])]
     perfect = [det([[10, 10, 20, 20], [30, 30, 40, 40]], [0.9, 0.8], [0, 1]), det([[50, 50, 60, 60]], [0.7], [1])]
-    assert detection_metrics(perfect, true, 2) == {"map50": pytest.approx(1.0), "ap50_class0": pytest.approx(1.0),
-                                                   "ap50_class1": pytest.approx(1.0)}
+    assert detection_metrics(perfect, true, 2) == {
+        "map50": pytest.approx(1.0),
+        "ap50_class0": pytest.approx(1.0),
+        "ap50_class1": pytest.approx(1.0),
+    }
     # class 1: one of two boxes found (the other detection misses, IoU 1/7), at full precision:
     # 101-point interpolated AP = 51/101; a third class without true boxes stays out of the mean
     shifted = [perfect[0], det([[55, 55, 65, 65]], [0.3], [1])]

@@ -16,8 +16,8 @@ from conftest import tiny_pretrain_cfg, tiny_pretrain_dict
 from PIL import Image
 
 from echocare_core.checkpoint import build_from_checkpoint, latest_checkpoint, read_meta
-from echocare_core.config import load_config
 from echocare_core.cli.pretrain import main as pretrain_main
+from echocare_core.config import load_config
 from echocare_core.engine.pretrain import NonFiniteLossError, run_pretraining
 from echocare_core.engine.pretrain_config import PretrainConfig
 
@@ -61,8 +61,9 @@ def test_run_writes_checkpoints_metrics_report(pretrain_data, tmp_path):
     model, _ = build_from_checkpoint(ckpt)  # rebuilt from the checkpoint alone
     assert model.encoder.cfg.variant == "test"
     # the pretrained encoder is what the next run (or fine-tuning) starts from
-    again = run_pretraining(tiny_pretrain_cfg(pretrain_data, tmp_path / "run2", ["optim.steps=1"],
-                                              init_weights=str(ckpt)))
+    again = run_pretraining(
+        tiny_pretrain_cfg(pretrain_data, tmp_path / "run2", ["optim.steps=1"], init_weights=str(ckpt))
+    )
     assert again.step == 1
 
 
@@ -78,8 +79,16 @@ def test_stop_and_resume_continue_the_same_loss_curve(pretrain_data, tmp_path):
 
 def test_killed_run_resumes_from_last_checkpoint(pretrain_data, tmp_path):
     """SIGKILL mid-run (no chance to save), rerun the same command: the curve equals an uninterrupted one."""
-    steps = ["--set", "optim.steps=12", "--set", "checkpoint.every_steps=3", "--set", "log_every=2",
-             "--set", "data.num_workers=1"]  # a persistent worker, and metric lines averaging 2 steps
+    steps = [
+        "--set",
+        "optim.steps=12",
+        "--set",
+        "checkpoint.every_steps=3",
+        "--set",
+        "log_every=2",
+        "--set",
+        "data.num_workers=1",
+    ]  # a persistent worker, and metric lines averaging 2 steps
     cfg = _write_cfg(tmp_path / "pretrain.yaml", pretrain_data, tmp_path / "killed")
     cmd = [sys.executable, "-m", "echocare_core.cli.pretrain", "--config", str(cfg), *steps]
     proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -92,16 +101,25 @@ def test_killed_run_resumes_from_last_checkpoint(pretrain_data, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "resumed at step" in done.stderr
     ref = _write_cfg(tmp_path / "ref.yaml", pretrain_data, tmp_path / "ref")
-    subprocess.run([sys.executable, "-m", "echocare_core.cli.pretrain", "--config", str(ref), *steps],
-                   env=_cli_env(), check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "echocare_core.cli.pretrain", "--config", str(ref), *steps],
+        env=_cli_env(),
+        check=True,
+        capture_output=True,
+    )
     assert [s for s, _ in _losses(tmp_path / "killed")] == list(range(2, 13, 2))
     _assert_same_curve(_losses(tmp_path / "killed"), _losses(tmp_path / "ref"))
 
 
 def test_ctrl_c_saves_and_exits_cleanly(pretrain_data, tmp_path):
     cfg = _write_cfg(tmp_path / "pretrain.yaml", pretrain_data, tmp_path / "run", optim__steps=200)
-    proc = subprocess.Popen([sys.executable, "-m", "echocare_core.cli.pretrain", "--config", str(cfg)],
-                            env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "echocare_core.cli.pretrain", "--config", str(cfg)],
+        env=_cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         time.sleep(0.02)
@@ -119,8 +137,7 @@ def test_unreadable_files_are_reported_and_skipped(pretrain_data, tmp_path):
         shutil.copy(src, folder / src.name)
     (folder / "zz_broken.png").write_bytes(b"not a png at all")
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(folder / "zz_black.png")
-    result = run_pretraining(tiny_pretrain_cfg([folder], tmp_path / "run", ["optim.steps=4",
-                                                                            "optim.batch_size=8"]))
+    result = run_pretraining(tiny_pretrain_cfg([folder], tmp_path / "run", ["optim.steps=4", "optim.batch_size=8"]))
     assert result.status == "finished"
     assert result.skipped == {"unreadable": 1, "near-empty": 1}  # files, each counted once over 2 epochs
     log = (tmp_path / "run" / "skipped_files.csv").read_text().splitlines()
@@ -134,8 +151,9 @@ def test_a_micro_batch_with_nothing_readable_still_steps(pretrain_data, tmp_path
     shutil.copy(sorted((pretrain_data[0] / "images").iterdir())[0], folder / "good.png")
     for i in range(3):
         (folder / f"broken{i}.png").write_bytes(b"nope")
-    result = run_pretraining(tiny_pretrain_cfg([folder], tmp_path / "run", ["optim.steps=4", "optim.batch_size=1",
-                                                                            "optim.micro_batch=1"]))
+    result = run_pretraining(
+        tiny_pretrain_cfg([folder], tmp_path / "run", ["optim.steps=4", "optim.batch_size=1", "optim.micro_batch=1"])
+    )
     assert result.status == "finished" and result.skipped["unreadable"] == 3
     assert all(np.isfinite(loss) for _, loss in _losses(tmp_path / "run"))
 
@@ -171,8 +189,18 @@ def _free_port() -> int:
 def test_two_process_ddp_on_gloo(pretrain_data, tmp_path):
     # 2 processes x micro-batch 8 x accumulation 2 = 32 images per step: the no_sync path runs too
     cfg = _write_cfg(tmp_path / "p.yaml", pretrain_data, tmp_path / "ddp", optim__steps=4, optim__batch_size=32)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "echocare_core.cli.pretrain", "--config", str(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "echocare_core.cli.pretrain",
+        "--config",
+        str(cfg),
+    ]
     done = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     meta = read_meta(latest_checkpoint(tmp_path / "ddp" / "checkpoints"))

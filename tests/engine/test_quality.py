@@ -13,8 +13,7 @@ from scipy.ndimage import gaussian_filter
 
 from echocare_core.cli.evaluate import evaluate_main
 from echocare_core.data.synthetic import generate_image
-from echocare_core.engine.nr_quality import (NiqeParams, fit_niqe_params, load_niqe_params, niqe, piqe,
-                                             save_niqe_params)
+from echocare_core.engine.nr_quality import NiqeParams, fit_niqe_params, load_niqe_params, niqe, piqe, save_niqe_params
 from echocare_core.engine.quality import QualityWeights, quality_metrics
 
 
@@ -50,10 +49,14 @@ def test_fid_and_brisque_come_from_the_configured_files(weights, monkeypatch):
 
 
 def test_a_missing_weights_file_is_named_with_its_key(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"quality weights fid: .*inception.pth is not a file .*nothing is "
-                                                r"downloaded"):
-        quality_metrics(torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32),
-                        QualityWeights(fid=str(tmp_path / "inception.pth")))
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"quality weights fid: .*inception.pth is not a file .*nothing is "
+        r"downloaded",
+    ):
+        quality_metrics(
+            torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32), QualityWeights(fid=str(tmp_path / "inception.pth"))
+        )
 
 
 def test_a_weights_file_that_does_not_load_or_too_few_images_are_refused(weights, tmp_path):
@@ -78,8 +81,13 @@ def _scans(seeds: range, profile: str = "highend_convex", size: int = 192) -> li
 def _pattern(h: int, w: int, shift: int = 0) -> np.ndarray:
     """A deterministic textured image (no random generator, whose streams may change between numpy versions)."""
     y, x = np.mgrid[:h, :w]
-    img = (128 + 70 * np.sin(x / 5.0) * np.cos(y / 9.0) + 40 * np.sin((x + 2 * y + shift) / 13.0)
-           + ((x * 7919 + y * 104729 + shift) % 61) - 30)
+    img = (
+        128
+        + 70 * np.sin(x / 5.0) * np.cos(y / 9.0)
+        + 40 * np.sin((x + 2 * y + shift) / 13.0)
+        + ((x * 7919 + y * 104729 + shift) % 61)
+        - 30
+    )
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
@@ -97,16 +105,27 @@ def test_clean_scans_score_better_than_noisy_blurred_or_low_end_ones(niqe_file):
     noisy = [np.clip(im + rng.normal(0, 30, im.shape), 0, 255).round().astype(np.uint8) for im in clean]
     blurred = [gaussian_filter(im.astype(float), 2.5).round().astype(np.uint8) for im in clean]
     params = load_niqe_params(niqe_file)
-    scores = {name: niqe(_batch(images), params) for name, images in
-              (("clean", clean), ("noisy", noisy), ("blurred", blurred),
-               ("low_end", _scans(range(100, 104), "portable_convex")))}
+    scores = {
+        name: niqe(_batch(images), params)
+        for name, images in (
+            ("clean", clean),
+            ("noisy", noisy),
+            ("blurred", blurred),
+            ("low_end", _scans(range(100, 104), "portable_convex")),
+        )
+    }
     assert np.isfinite(scores["clean"]).all() and (scores["clean"] > 0).all()
     for worse in ("noisy", "blurred", "low_end"):  # image by image, against the same scene
         assert (scores["clean"] < scores[worse]).all(), (worse, scores)
-    quality = {name: piqe(_batch(images)) for name, images in (("clean", clean), ("noisy", noisy),
-                                                                ("blurred", blurred))}
-    assert ((0 < quality["clean"]) & (quality["clean"] < quality["noisy"]) & (quality["clean"] < quality["blurred"])
-            & (quality["blurred"] <= 100)).all(), quality
+    quality = {
+        name: piqe(_batch(images)) for name, images in (("clean", clean), ("noisy", noisy), ("blurred", blurred))
+    }
+    assert (
+        (0 < quality["clean"])
+        & (quality["clean"] < quality["noisy"])
+        & (quality["clean"] < quality["blurred"])
+        & (quality["blurred"] <= 100)
+    ).all(), quality
 
 
 def test_niqe_and_piqe_agree_with_basicsr_and_pypiqe():
@@ -166,28 +185,37 @@ def test_fit_reads_a_folder_of_images_as_the_same_tensor(tmp_path):
     out.parent.mkdir()
     (tmp_path / "broken.png").write_bytes(b"not a png")  # left out, counted in the log
     assert data_main(["niqe-model", str(tmp_path), "--out", str(out), "--block-size", "32"]) == 0
-    assert np.allclose(load_niqe_params(out).cov, from_folder.cov) and sorted(p.name for p in out.parent.iterdir()) == \
-        ["site.npz"]  # written whole, no temporary left
+    assert np.allclose(load_niqe_params(out).cov, from_folder.cov) and sorted(p.name for p in out.parent.iterdir()) == [
+        "site.npz"
+    ]  # written whole, no temporary left
     assert data_main(["niqe-model", str(tmp_path / "absent"), "--out", str(out)]) == 2
 
 
 def test_an_absent_niqe_model_is_named_with_its_key(tmp_path, capsys):
     images = torch.rand(2, 1, 192, 192)
-    with pytest.raises(FileNotFoundError, match=r"quality weights niqe: .*pristine.npz is not a file .*nothing is "
-                                                r"downloaded"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"quality weights niqe: .*pristine.npz is not a file .*nothing is "
+        r"downloaded",
+    ):
         quality_metrics(images, images, QualityWeights(niqe=str(tmp_path / "pristine.npz")))
     with pytest.raises(FileNotFoundError, match="NIQE params: .*pristine.npz is not a file"):
         load_niqe_params(tmp_path / "pristine.npz")
-    assert evaluate_main(["--checkpoint", str(tmp_path), "--data", str(tmp_path), "--niqe-params",
-                          str(tmp_path / "pristine.npz")]) == 2  # refused before anything is read
+    assert (
+        evaluate_main(
+            ["--checkpoint", str(tmp_path), "--data", str(tmp_path), "--niqe-params", str(tmp_path / "pristine.npz")]
+        )
+        == 2
+    )  # refused before anything is read
     assert "quality weights niqe" in capsys.readouterr().err
 
 
 def test_a_niqe_model_that_does_not_load_or_fit_is_refused(tmp_path, niqe_file):
     images = torch.rand(2, 1, 192, 192)
     np.savez(tmp_path / "other.npz", mu=np.zeros(36))
-    with pytest.raises(ValueError, match="quality weights niqe: .*other.npz does not load .*lacks mu_pris_param and "
-                                         "cov_pris_param"):
+    with pytest.raises(
+        ValueError, match="quality weights niqe: .*other.npz does not load .*lacks mu_pris_param and cov_pris_param"
+    ):
         quality_metrics(images, images, QualityWeights(niqe=str(tmp_path / "other.npz")))
     np.savez(tmp_path / "short.npz", mu_pris_param=np.zeros(18), cov_pris_param=np.eye(18))
     with pytest.raises(ValueError, match=r"shape \(18,\) .*expected finite \(36,\) and \(36, 36\)"):

@@ -12,13 +12,13 @@ from models.test_swin import monai_twin
 
 from echocare_core.checkpoint import load_weights
 from echocare_core.cli.finetune import main as finetune_main
+from echocare_core.config import ConfigError, load_config
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, shared_names
 from echocare_core.federation.rounds import initial_state
 from echocare_core.federation.site import build_job_model, site_round
 from echocare_core.models.swin import EncoderConfig
-from echocare_core.config import ConfigError, load_config
 from echocare_core.weights import export_release
 from echocare_server.cli import main as server_main
 from echocare_server.config import FederationConfig
@@ -43,9 +43,14 @@ def site(tmp_path_factory):
 
 
 def _site_yaml(tmp_path, site, release, **model):
-    cfg = {"output": str(tmp_path / "run"), "device": "cpu", "data": {"folder": str(site), "num_workers": 0},
-           "model": {"init": str(release), "encoder": ENCODER, **model}, "epochs": 1,
-           "train": {"mode": "frozen", "batch_size": 4, "warmup_epochs": 0}}
+    cfg = {
+        "output": str(tmp_path / "run"),
+        "device": "cpu",
+        "data": {"folder": str(site), "num_workers": 0},
+        "model": {"init": str(release), "encoder": ENCODER, **model},
+        "epochs": 1,
+        "train": {"mode": "frozen", "batch_size": 4, "warmup_epochs": 0},
+    }
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(cfg))
     return tmp_path / "site.yaml"
 
@@ -54,7 +59,7 @@ def test_a_frozen_run_from_the_release_keeps_it_bit_identical_and_exports_it_bac
     path, state = release
     assert finetune_main(["--config", str(_site_yaml(tmp_path, site, path))]) == 0
     weights = load_weights(tmp_path / "run" / "best")
-    encoder = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
+    encoder = {k[len("encoder.") :]: v for k, v in weights.items() if k.startswith("encoder.")}
     assert encoder.keys() == state.keys() - {"mask_token"}
     assert all(torch.equal(encoder[k], state[k]) for k in encoder)
     export_release(tmp_path / "run" / "best", tmp_path / "back.pth")
@@ -70,24 +75,41 @@ def test_a_release_that_does_not_fit_the_encoder_stops_the_run_with_exit_code_2(
     config = _site_yaml(tmp_path, site, path, encoder={**ENCODER, "depths": [2, 2, 6, 2]})
     assert finetune_main(["--config", str(config)]) == 2
     err = capsys.readouterr().err.replace("\n", " ")
-    assert "echocare_encoder.pth does not fit the encoder" in err and "168 unexpected (first: layers3.0.blocks.6" \
-        in err and "init_partial: true" in err
+    assert (
+        "echocare_encoder.pth does not fit the encoder" in err
+        and "168 unexpected (first: layers3.0.blocks.6" in err
+        and "init_partial: true" in err
+    )
     assert not (tmp_path / "run" / "best").exists()
 
 
-def test_a_federation_job_starts_from_the_release_and_the_server_refuses_one_that_does_not_fit(tmp_path, release,
-                                                                                                site, capsys):
+def test_a_federation_job_starts_from_the_release_and_the_server_refuses_one_that_does_not_fit(
+    tmp_path, release, site, capsys
+):
     path, state = release
-    job = Job(task="classification", classes=("benign", "malignant"), encoder=EncoderConfig(**ENCODER), train=LocalTraining(mode="lora", lora_rank=2, batch_size=4))
+    job = Job(
+        task="classification",
+        classes=("benign", "malignant"),
+        encoder=EncoderConfig(**ENCODER),
+        train=LocalTraining(mode="lora", lora_rank=2, batch_size=4),
+    )
     global_state = initial_state(job, str(path))
     assert all(torch.equal(global_state[f"encoder.{k}"], v) for k, v in state.items() if k != "mask_token")
     result = site_round(job, global_state, site, 1)
     assert set(result.shared) == set(shared_names(build_job_model(job), job))
     assert all(".lora_" in k or k.startswith("head.") for k in result.shared)  # the release itself never leaves
     other = dataclasses.replace(job, encoder=EncoderConfig(**ENCODER, depths=(2, 2, 6, 2)))
-    fed = {"server": {"insecure": True}, "output": str(tmp_path / "fed"), "init": str(path),
-           "job": {"task": "classification", "classes": ["benign", "malignant"], "train": {"mode": "lora"},
-                   "encoder": {**ENCODER, "depths": list(other.encoder.depths)}}}
+    fed = {
+        "server": {"insecure": True},
+        "output": str(tmp_path / "fed"),
+        "init": str(path),
+        "job": {
+            "task": "classification",
+            "classes": ["benign", "malignant"],
+            "train": {"mode": "lora"},
+            "encoder": {**ENCODER, "depths": list(other.encoder.depths)},
+        },
+    }
     (tmp_path / "federation.yaml").write_text(yaml.safe_dump(fed))
     assert server_main(["--config", str(tmp_path / "federation.yaml")]) == 2
     fed["job"] = {**fed["job"], "encoder": ENCODER, "base": "0" * 64}  # fits, but the job names other weights

@@ -6,15 +6,26 @@ import pytest
 
 from echocare_core.engine.text_metrics import bleu, finding_metrics, report_metrics, words
 
-REFS = ["A 9 mm anechoic nodule in the left deep field, with a smooth margin and posterior acoustic enhancement.",
-        "甲状腺右叶低回声结节，边界不清。"]
+REFS = [
+    "A 9 mm anechoic nodule in the left deep field, with a smooth margin and posterior acoustic enhancement.",
+    "甲状腺右叶低回声结节，边界不清。",
+]
 FINDINGS = ("anechoic", "posterior acoustic enhancement", "irregular margin")
 
 
 def test_identical_reports_score_one():
     m = report_metrics(REFS, REFS, FINDINGS)
-    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "finding_accuracy", "finding_precision",
-                "finding_recall", "finding_f1"):
+    for key in (
+        "bleu1",
+        "bleu2",
+        "bleu3",
+        "bleu4",
+        "rouge_l",
+        "finding_accuracy",
+        "finding_precision",
+        "finding_recall",
+        "finding_f1",
+    ):
         assert m[key] == pytest.approx(1.0), key
     assert 0.99 < m["meteor"] < 1.0  # METEOR's fragmentation penalty is never 0
 
@@ -28,8 +39,14 @@ def test_known_unigram_and_bigram_overlap():
     assert "finding_f1" not in m
 
 
-@pytest.mark.parametrize("pred, ref", [("甲状腺右叶低回声结", "甲状腺左叶低回声结"), ("あいうえおかきくけさ"[:9], "あいうえおかきくこ"),
-                                       ("갑상선우엽저에코결", "갑상선좌엽저에코결")])
+@pytest.mark.parametrize(
+    "pred, ref",
+    [
+        ("甲状腺右叶低回声结", "甲状腺左叶低回声结"),
+        ("あいうえおかきくけさ"[:9], "あいうえおかきくこ"),
+        ("갑상선우엽저에코결", "갑상선좌엽저에코결"),
+    ],
+)
 def test_chinese_japanese_and_korean_are_scored_per_character(pred, ref):
     assert words("甲状腺 nodule, 5mm") == ["甲", "状", "腺", "nodule", "5mm"]
     # 8 of the 9 characters agree (one differs): BLEU-1 counts characters, not the whole sentence as one word
@@ -46,8 +63,11 @@ def test_findings_are_counted_per_report_and_finding():
     assert m["finding_f1"] == pytest.approx(2 / 3) and m["finding_accuracy"] == pytest.approx(7 / 9)
     assert math.isnan(finding_metrics(["none"], ["none"], FINDINGS)["finding_precision"])
     # whole words only: "microcalcification" is not "calcification"
-    m = finding_metrics(["microcalcification"], ["calcification, Posterior Acoustic Enhancement"],
-                        ("calcification", "posterior acoustic enhancement"))
+    m = finding_metrics(
+        ["microcalcification"],
+        ["calcification, Posterior Acoustic Enhancement"],
+        ("calcification", "posterior acoustic enhancement"),
+    )
     assert m["finding_recall"] == 0 and m["finding_accuracy"] == 0
 
 

@@ -17,8 +17,14 @@ from echocare_core.federation.site import JobRefused, site_round
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.settings import DPSettings
 
-JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, local_steps=2,
-          train=LocalTraining(mode="lora", lora_rank=2, batch_size=4, lr=1e-2, warmup_epochs=1))
+JOB = Job(
+    task="segmentation",
+    labels=(0, 1),
+    encoder=EncoderConfig(**TINY_ENCODER),
+    feature_size=8,
+    local_steps=2,
+    train=LocalTraining(mode="lora", lora_rank=2, batch_size=4, lr=1e-2, warmup_epochs=1),
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +64,15 @@ def test_precision_and_clipping_reach_the_site_from_the_job(site):
         assert max((changed[k] - fp32[k]).abs().max().item() for k in fp32) > 1e-6
 
 
-@pytest.mark.parametrize("precision,dp,expected", [("fp32", False, torch.float32), ("auto", False, torch.float32),
-                                                   ("bf16", False, torch.bfloat16), ("bf16", True, torch.float32)])
+@pytest.mark.parametrize(
+    "precision,dp,expected",
+    [
+        ("fp32", False, torch.float32),
+        ("auto", False, torch.float32),
+        ("bf16", False, torch.bfloat16),
+        ("bf16", True, torch.float32),
+    ],
+)
 def test_train_epoch_computes_in_the_recipes_precision(precision, dp, expected):
     model = torch.nn.Linear(3, 2)
     seen = []

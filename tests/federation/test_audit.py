@@ -16,8 +16,16 @@ from echocare_server.config import FederationConfig
 from echocare_server.server_app import run_rounds
 
 pytestmark = pytest.mark.slow
-METRICS = {"num-examples", "compute_s", "clientapp_s", "train_loss", "train_steps", "train_unreadable", "lr",
-           "val_samples"}
+METRICS = {
+    "num-examples",
+    "compute_s",
+    "clientapp_s",
+    "train_loss",
+    "train_steps",
+    "train_unreadable",
+    "lr",
+    "val_samples",
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +35,23 @@ def run(tmp_path_factory):
     cls = write_dataset(tmp / "cls", "classification", sites=1, per_site=8, size=64, seed=9)
     folders = {"site_a": seg[0], "site_b": seg[1], "site_nan": seg[2], "site_wrong_task": cls[0]}
     sites = {200 + i: node_config(name, f, tmp / "state") for i, (name, f) in enumerate(folders.items())}
-    cfg = from_dict(FederationConfig, {
-        "output": str(tmp / "run"), "server": {"insecure": True},
-        "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 2, "deadline": 600},
-        "job": {"task": "segmentation", "labels": [0, 1], "encoder": dict(TINY_ENCODER), "feature_size": 8,
-                "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8}, "local_steps": 1}}, "federation")
+    cfg = from_dict(
+        FederationConfig,
+        {
+            "output": str(tmp / "run"),
+            "server": {"insecure": True},
+            "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 2, "deadline": 600},
+            "job": {
+                "task": "segmentation",
+                "labels": [0, 1],
+                "encoder": dict(TINY_ENCODER),
+                "feature_size": 8,
+                "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8},
+                "local_steps": 1,
+            },
+        },
+        "federation",
+    )
     grid = InProcessGrid(sites, tamper={202: lambda sent, _: {k: v.fill_(float("nan")) for k, v in sent.items()}})
     with pytest.MonkeyPatch.context() as mp:
         for key in ("_run_id", "_task_id", "_node_id"):  # what Flower sets in its ServerApp process
@@ -46,17 +66,24 @@ def test_the_coordinator_audit_log_records_who_sent_what_and_what_was_refused_or
     names = set(shared_names(build_job_model(cfg.job), cfg.job))
     assert events[0]["event"] == "start" and len(events[0]["job_hash"]) == 64
     refused = [e for e in events if e["event"] == "refused"]
-    assert len(refused) == 2 and all("job task 'segmentation' but the site's dataset is 'classification'"
-                                     in e["reason"] for e in refused)
+    assert len(refused) == 2 and all(
+        "job task 'segmentation' but the site's dataset is 'classification'" in e["reason"] for e in refused
+    )
     rejected = [e for e in events if e["event"] == "rejected"]
-    assert [(e["round"], e["site"], e["reason"]) for e in rejected] == [(r, "site_nan", "non-finite values")
-                                                                         for r in (1, 2)]
+    assert [(e["round"], e["site"], e["reason"]) for e in rejected] == [
+        (r, "site_nan", "non-finite values") for r in (1, 2)
+    ]
     received = [e for e in events if e["event"] == "reply"]
-    assert sorted((e["round"], e["site"]) for e in received) == [(1, "site_a"), (1, "site_b"), (2, "site_a"),
-                                                                 (2, "site_b")]
+    assert sorted((e["round"], e["site"]) for e in received) == [
+        (1, "site_a"),
+        (1, "site_b"),
+        (2, "site_a"),
+        (2, "site_b"),
+    ]
     assert all(set(e["sent"]["tensors"]) == names and e["sent"]["bytes"] > 0 for e in received)
     assert [sorted(s["site"] for s in e["sites"]) for e in events if e["event"] == "round_end"] == [
-        ["site_a", "site_b"]] * 2
+        ["site_a", "site_b"]
+    ] * 2
 
 
 def test_each_site_audit_log_records_what_it_sent_or_why_not(run):
@@ -84,5 +111,8 @@ def test_replies_carry_only_the_shared_tensors_the_sample_count_and_declared_met
         arrays = reply.content["arrays"]
         assert {k: list(a.shape) for k, a in arrays.items()} == shapes
         metrics = set(reply.content["metrics"].keys())
-        assert metrics <= METRICS | {f"{when}_{m}" for when in ("global", "local")
-                                     for m in ("dice", "dice_class1", "nsd", "nsd_class1", "hd95", "hd95_class1")}
+        assert metrics <= METRICS | {
+            f"{when}_{m}"
+            for when in ("global", "local")
+            for m in ("dice", "dice_class1", "nsd", "nsd_class1", "hd95", "hd95_class1")
+        }

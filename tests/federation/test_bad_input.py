@@ -9,6 +9,7 @@ import torch
 import yaml
 from conftest import TINY_ENCODER
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from in_process import node_config, with_site
 from PIL import Image
 
 from echocare_client.cli import main as client_main
@@ -22,17 +23,25 @@ from echocare_core.federation.rounds import initial_state
 from echocare_core.federation.site import build_job_model
 from echocare_core.federation.transport import digest
 from echocare_core.models.swin import EncoderConfig
-from in_process import node_config, with_site
 
-JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, local_steps=1, train=LocalTraining(mode="lora", lora_rank=2, batch_size=8))
+JOB = Job(
+    task="segmentation",
+    labels=(0, 1),
+    encoder=EncoderConfig(**TINY_ENCODER),
+    feature_size=8,
+    local_steps=1,
+    train=LocalTraining(mode="lora", lora_rank=2, batch_size=8),
+)
 
 
 @pytest.fixture
 def never_connects(monkeypatch):
     """A tripwire: these inputs must stop echocare-client before it starts a SuperNode (which would wait for
     a coordinator forever)."""
+
     def started(*_):
         raise AssertionError("echocare-client accepted the input and started its SuperNode")
+
     monkeypatch.setattr("echocare_client.cli._supervise", started)
 
 
@@ -61,14 +70,16 @@ def _unknown_label(folder):
 
 
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
-@pytest.mark.parametrize("task, damage, says", [
-    ("segmentation", _corrupt_png, "row 2 column image: a PNG/JPG/BMP/TIFF/DICOM image that decodes"),
-    ("regression", _truncated_dicom, "row 2 column image: a PNG/JPG/BMP/TIFF/DICOM image that decodes"),
-    ("segmentation", _small_mask, "row 2 column mask: the image's size"),
-    ("classification", _unknown_label, "row 2 column label: one of the classes"),
-])
-def test_echocare_client_names_the_bad_file_and_what_is_allowed(tmp_path, capsys, never_connects, task, damage,
-                                                             says):
+@pytest.mark.parametrize(
+    "task, damage, says",
+    [
+        ("segmentation", _corrupt_png, "row 2 column image: a PNG/JPG/BMP/TIFF/DICOM image that decodes"),
+        ("regression", _truncated_dicom, "row 2 column image: a PNG/JPG/BMP/TIFF/DICOM image that decodes"),
+        ("segmentation", _small_mask, "row 2 column mask: the image's size"),
+        ("classification", _unknown_label, "row 2 column label: one of the classes"),
+    ],
+)
+def test_echocare_client_names_the_bad_file_and_what_is_allowed(tmp_path, capsys, never_connects, task, damage, says):
     folder = write_dataset(tmp_path / "data", task, sites=1, per_site=6, size=32, seed=1)[0]
     damage(folder)
     site = {"name": "site_x", "insecure": True, "data": str(folder), "state_dir": str(tmp_path / "state")}
@@ -80,12 +91,15 @@ def test_echocare_client_names_the_bad_file_and_what_is_allowed(tmp_path, capsys
     assert not (tmp_path / "state").exists()  # nothing started, nothing written
 
 
-@pytest.mark.parametrize("text, says", [
-    ("privcy: {required: true}", "unknown key 'privcy'"),
-    ("device: gpu", "device"),
-    ("limits: {max_batch_size: -4}", "max_batch_size"),
-    ("name: [site, x]", "name"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("privcy: {required: true}", "unknown key 'privcy'"),
+        ("device: gpu", "device"),
+        ("limits: {max_batch_size: -4}", "max_batch_size"),
+        ("name: [site, x]", "name"),
+    ],
+)
 def test_a_site_yaml_mistake_is_named_with_its_file_and_key(tmp_path, capsys, never_connects, text, says):
     config = tmp_path / "site.yaml"
     config.write_text(f"name: site_x\ninsecure: true\ndata: {tmp_path}\n" + text + "\n")
@@ -104,11 +118,25 @@ def _round(node, state, job=JOB, send_frozen=True, name=None, toolkit=__version_
     """The round as the server sends it: the job's shared parameters, and the frozen rest with its digest."""
     names = set(shared_names(build_job_model(job), job))
     frozen = {k: v for k, v in state.items() if k not in names}
-    msg = Message(RecordDict({"arrays": ArrayRecord({k: v for k, v in state.items() if k in names}),
-                              **({"frozen": ArrayRecord(frozen)} if send_frozen else {}), "config": ConfigRecord(
-        {"round": 1, "rounds": 1, "job": job.to_json(), "toolkit": toolkit,
-         "frozen": name or digest({k: v.numpy() for k, v in frozen.items()})})}),
-        dst_node_id=1, message_type=MessageType.TRAIN)
+    msg = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord({k: v for k, v in state.items() if k in names}),
+                **({"frozen": ArrayRecord(frozen)} if send_frozen else {}),
+                "config": ConfigRecord(
+                    {
+                        "round": 1,
+                        "rounds": 1,
+                        "job": job.to_json(),
+                        "toolkit": toolkit,
+                        "frozen": name or digest({k: v.numpy() for k, v in frozen.items()}),
+                    }
+                ),
+            }
+        ),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
     return train(msg, Context(1, 1, node, RecordDict(), {}))
 
 
@@ -134,14 +162,26 @@ def test_the_frozen_part_is_named_by_its_digest_and_kept_only_for_approved_jobs(
 def test_round_errors_reach_the_coordinator_without_paths_or_values(site, flower_task):
     folder, node = site
     state = initial_state(JOB, None)
-    other = initial_state(Job(task="segmentation", labels=(0, 1, 2), encoder=JOB.encoder, feature_size=8, train=LocalTraining(mode="lora", lora_rank=2)), None)
+    other = initial_state(
+        Job(
+            task="segmentation",
+            labels=(0, 1, 2),
+            encoder=JOB.encoder,
+            feature_size=8,
+            train=LocalTraining(mode="lora", lora_rank=2),
+        ),
+        None,
+    )
     reply = _round(node, other)  # the weights of another model
-    assert reply.error.reason.startswith("site site_x refused the job: the global weights do not fit the job's "
-                                         "model (") and "of another shape" in reply.error.reason
+    assert (
+        reply.error.reason.startswith("site site_x refused the job: the global weights do not fit the job's model (")
+        and "of another shape" in reply.error.reason
+    )
     _small_mask(folder)  # the data changed after the site started
     reply = _round(node, state)
-    assert reply.error.reason == ("site site_x refused the job: the site's dataset fails its check (see "
-                                  "echocare-data verify at the site)")
+    assert reply.error.reason == (
+        "site site_x refused the job: the site's dataset fails its check (see echocare-data verify at the site)"
+    )
     (folder / "manifest.csv").write_bytes(b"\xff\xfe broken")
     reply = _round(node, state)
     assert reply.has_error() and str(folder) not in reply.error.reason and "broken" not in reply.error.reason
@@ -151,7 +191,9 @@ def test_site_local_layers_are_kept_per_job(site, tmp_path, flower_task):
     _, node = site
     job = dataclasses.replace(JOB, local=("head.*",))
     assert not _round(node, initial_state(job, None), job).has_error()
-    other = dataclasses.replace(job, train=dataclasses.replace(job.train, lora_rank=4))  # another job with a head of the same shape: its own copy
+    other = dataclasses.replace(
+        job, train=dataclasses.replace(job.train, lora_rank=4)
+    )  # another job with a head of the same shape: its own copy
     assert not _round(node, initial_state(other, None), other).has_error()
     assert len(list((tmp_path / "state" / "site_x" / "local_layers").glob("*.safetensors"))) == 2
 

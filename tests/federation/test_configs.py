@@ -14,17 +14,25 @@ def test_federation_config_checks(tmp_path):
     with pytest.raises(ConfigError, match="set server.keys to an echocare-keys folder and list server.allowed_sites"):
         load_config(FederationConfig, None, [], base={"server": {"insecure": False}})
     (tmp_path / "keys").mkdir()
-    with pytest.raises(ConfigError, match=r"server.keys: missing .*ca.pem.*sites/site_a.pub; make them with: "
-                                          r"echocare-keys --out .* --sites site_a"):
-        load_config(FederationConfig, None, [], base={"server": {"keys": str(tmp_path / "keys"),
-                                                                 "allowed_sites": ["site_a"]}})
+    with pytest.raises(
+        ConfigError,
+        match=r"server.keys: missing .*ca.pem.*sites/site_a.pub; make them with: "
+        r"echocare-keys --out .* --sites site_a",
+    ):
+        load_config(
+            FederationConfig, None, [], base={"server": {"keys": str(tmp_path / "keys"), "allowed_sites": ["site_a"]}}
+        )
     with pytest.raises(ConfigError, match="set root_certificates"):
         load_config(SiteConfig, None, [], base={"name": "a", "data": "d"})
     with pytest.raises(ConfigError, match="fedprox needs proximal_mu > 0"):
         load_config(FederationConfig, None, ["strategy.name=fedprox"], base={"server": {"insecure": True}})
     with pytest.raises(ConfigError, match="differential privacy does not support FedProx"):
-        load_config(FederationConfig, None, ["strategy.name=fedprox", "job.proximal_mu=0.1", "job.train.privacy.epsilon=3"],
-                    base={"server": {"insecure": True}})
+        load_config(
+            FederationConfig,
+            None,
+            ["strategy.name=fedprox", "job.proximal_mu=0.1", "job.train.privacy.epsilon=3"],
+            base={"server": {"insecure": True}},
+        )
     with pytest.raises(ConfigError, match="job.train.privacy: privacy needs epsilon >= 0"):
         load_config(FederationConfig, None, ["job.train.privacy.epsilon=-1"], base={"server": {"insecure": True}})
     with pytest.raises(ConfigError, match="job.train.mode"):
@@ -52,8 +60,13 @@ def test_the_site_prints_its_ledger_and_refuses_to_start_when_it_was_edited(tmp_
     from echocare_core.privacy.ledger import PrivacyLedger, dataset_fingerprint
 
     folder = write_dataset(tmp_path / "data", "segmentation", sites=1, per_site=6, size=64, seed=1)[0]
-    site = {"name": "site_x", "insecure": True, "data": str(folder), "state_dir": str(tmp_path / "state"),
-            "privacy": {"required": True, "epsilon_budget": 5.0}}
+    site = {
+        "name": "site_x",
+        "insecure": True,
+        "data": str(folder),
+        "state_dir": str(tmp_path / "state"),
+        "privacy": {"required": True, "epsilon_budget": 5.0},
+    }
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(site))
     assert client_main(["privacy", "--config", str(tmp_path / "site.yaml")]) == 0
     assert "no privacy ledger yet" in capsys.readouterr().err
@@ -78,7 +91,14 @@ def test_the_site_model_command_needs_its_arguments_and_names_what_is_wrong(tmp_
     with pytest.raises(SystemExit) as exc:
         client_main(["model", "--config", str(tmp_path / "site.yaml")])
     assert exc.value.code == 2 and "model needs --checkpoint and --out" in capsys.readouterr().err
-    args = ["model", "--config", str(tmp_path / "site.yaml"), "--checkpoint", str(tmp_path / "nowhere"), "--out",
-            str(tmp_path / "mine")]
+    args = [
+        "model",
+        "--config",
+        str(tmp_path / "site.yaml"),
+        "--checkpoint",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "mine"),
+    ]
     assert client_main(args) == 2
     assert "nowhere" in capsys.readouterr().err and not (tmp_path / "mine").exists()

@@ -24,11 +24,23 @@ pytestmark = pytest.mark.slow
 
 
 def _run(tmp, sites, rounds, allowed=("site_a", "site_b", "site_wrong_task")):
-    fed = {"output": str(tmp / "run"),
-           "rounds": {"rounds": rounds, "min_sites": 2, "expected_sites": len(allowed), "wait_for_sites": 300,
-                      "deadline": 600},
-           "job": {"task": "segmentation", "labels": [0, 1], "encoder": dict(TINY_ENCODER), "feature_size": 8,
-                   "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8, "privacy": {"epsilon": 8.0}}}}
+    fed = {
+        "output": str(tmp / "run"),
+        "rounds": {
+            "rounds": rounds,
+            "min_sites": 2,
+            "expected_sites": len(allowed),
+            "wait_for_sites": 300,
+            "deadline": 600,
+        },
+        "job": {
+            "task": "segmentation",
+            "labels": [0, 1],
+            "encoder": dict(TINY_ENCODER),
+            "feature_size": 8,
+            "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8, "privacy": {"epsilon": 8.0}},
+        },
+    }
     return run_on_this_machine(tmp, sites, fed, keys=tmp / "keys", allowed=list(allowed))
 
 
@@ -67,15 +79,19 @@ def test_two_rounds_aggregate_the_sample_weighted_mean(federation):
             expected = (a[name].double() * na + b[name].double() * nb) / (na + nb)
             torch.testing.assert_close(global_state[name].double(), expected, rtol=1e-6, atol=1e-7)
     full = initial_state(job, None)
-    whole, shared = (sum(v.numel() * v.element_size() for k, v in full.items() if k in names) for names in
-                     (full, a))  # a: the shared names
+    whole, shared = (
+        sum(v.numel() * v.element_size() for k, v in full.items() if k in names) for names in (full, a)
+    )  # a: the shared names
     rounds = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [{s["site"]: (s["bytes_sent"], s["bytes_received"]) for s in r["sites"]} for r in rounds] == [
         {site: (whole, shared // 2) for site in ("site_a", "site_b")},  # round 1: with the frozen part
-        {site: (shared, shared // 2) for site in ("site_a", "site_b")}]  # then only the shared part; bf16 up
+        {site: (shared, shared // 2) for site in ("site_a", "site_b")},
+    ]  # then only the shared part; bf16 up
     model, meta = build_from_checkpoint(tmp / "run" / "checkpoints" / "round_0001")
     assert meta["round"] == 1 and meta["task"] == "segmentation"
-    assert (tmp / "run" / "curves.png").is_file() and "| site_a | segmentation |" in (tmp / "run" / "report.md").read_text()
+    assert (tmp / "run" / "curves.png").is_file() and "| site_a | segmentation |" in (
+        tmp / "run" / "report.md"
+    ).read_text()
 
 
 def test_each_site_trained_with_dp_and_its_spend_is_in_its_ledger_and_the_checkpoint(federation):
@@ -92,8 +108,11 @@ def test_each_site_trained_with_dp_and_its_spend_is_in_its_ledger_and_the_checkp
 def test_the_site_with_another_task_is_refused_and_says_why(federation):
     tmp, *_ = federation
     refused = [e for e in _events(tmp) if e["event"] == "refused"]
-    assert len(refused) == 2 and all("site site_wrong_task refused the job: job task 'segmentation' but the site's "
-                                     "dataset is 'classification'" in e["reason"] for e in refused)
+    assert len(refused) == 2 and all(
+        "site site_wrong_task refused the job: job task 'segmentation' but the site's "
+        "dataset is 'classification'" in e["reason"]
+        for e in refused
+    )
     assert not (tmp / "site_state" / "site_wrong_task" / "sent").exists()  # nothing left that site
     assert not (tmp / "site_state" / "site_unlisted" / "sent").exists()  # not on the allow-list: never asked
     assert "Exit Code: 305" in (tmp / "site_state" / "site_unlisted" / "supernode.log").read_text()  # not activated

@@ -30,13 +30,24 @@ def _running(text):
 
 
 def test_a_cut_link_and_a_killed_site_cost_no_round_and_no_data(tmp_path):
-    sites = dict(zip(("site_a", "site_b", "site_c"),
-                     write_dataset(tmp_path / "data", "segmentation", sites=3, per_site=10, size=64, seed=3)))
+    sites = dict(
+        zip(
+            ("site_a", "site_b", "site_c"),
+            write_dataset(tmp_path / "data", "segmentation", sites=3, per_site=10, size=64, seed=3),
+        )
+    )
     make_keys(tmp_path / "keys", [COORDINATOR_ADDRESS], list(sites))
-    fed = {"output": str(tmp_path / "run"),
-           "rounds": {"rounds": 4, "min_sites": 2, "expected_sites": 3, "wait_for_sites": 300, "deadline": 120},
-           "job": {"task": "segmentation", "labels": [0, 1], "feature_size": 8, "train": {"batch_size": 8, "mode": "lora",
-                   "lora_rank": 2}, "encoder": {"variant": "test", "img_size": 64, "window_size": 4}}}
+    fed = {
+        "output": str(tmp_path / "run"),
+        "rounds": {"rounds": 4, "min_sites": 2, "expected_sites": 3, "wait_for_sites": 300, "deadline": 120},
+        "job": {
+            "task": "segmentation",
+            "labels": [0, 1],
+            "feature_size": 8,
+            "train": {"batch_size": 8, "mode": "lora", "lora_rank": 2},
+            "encoder": {"variant": "test", "img_size": 64, "window_size": 4},
+        },
+    }
     with Testbed(tmp_path, sites, fed, keys=tmp_path / "keys", isolated=True, show_server=False) as bed:
         bed.start_server()
         for site in sites:

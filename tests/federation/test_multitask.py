@@ -16,34 +16,48 @@ from echocare_core.data.contract import load_spec
 from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.training import LocalTraining
-from echocare_core.privacy.settings import DPSettings
 from echocare_core.federation.job import JOB_SCHEMA, Job, TaskSpec, check_job, job_hash, shared_names, task_for
-from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.federation.rounds import aggregate, initial_state, save_best, save_round, site_model
 from echocare_core.federation.site import JobRefused, build_job_model, local_layers_file, site_round
+from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.federation.testbed import run_on_this_machine
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.ledger import PrivacyLedger
+from echocare_core.privacy.settings import DPSettings
 
-TASKS = (TaskSpec("segmentation", labels=(0, 1)), TaskSpec("classification", classes=("benign", "malignant")),
-         TaskSpec("regression"))
-JOB = Job(task="multitask", tasks=TASKS, encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, frames=2, train=LocalTraining(mode="lora", lora_rank=2, batch_size=4))
+TASKS = (
+    TaskSpec("segmentation", labels=(0, 1)),
+    TaskSpec("classification", classes=("benign", "malignant")),
+    TaskSpec("regression"),
+)
+JOB = Job(
+    task="multitask",
+    tasks=TASKS,
+    encoder=EncoderConfig(**TINY_ENCODER),
+    feature_size=8,
+    frames=2,
+    train=LocalTraining(mode="lora", lora_rank=2, batch_size=4),
+)
 HEADS = ("head.",)
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
     root = tmp_path_factory.mktemp("multitask")
-    return [write_dataset(root / task, task, sites=1, per_site=8, size=64, seed=3)[0]
-            for task in ("segmentation", "classification", "regression", "landmarks")]
+    return [
+        write_dataset(root / task, task, sites=1, per_site=8, size=64, seed=3)[0]
+        for task in ("segmentation", "classification", "regression", "landmarks")
+    ]
 
 
 def test_a_multi_task_job_needs_two_different_tasks_and_something_to_share():
-    for bad, match in ((dict(tasks=TASKS[:1]), "two or more different tasks"),
-                       (dict(tasks=(TASKS[0], TASKS[0])), "two or more different tasks"),
-                       (dict(tasks=(*TASKS, TaskSpec("segmentation", labels=(1, 0)))), "two or more different tasks"),
-                       (dict(task="segmentation"), "single-task job lists none"),
-                       (dict(train=LocalTraining(mode="frozen")), "nothing would be shared")):
+    for bad, match in (
+        (dict(tasks=TASKS[:1]), "two or more different tasks"),
+        (dict(tasks=(TASKS[0], TASKS[0])), "two or more different tasks"),
+        (dict(tasks=(*TASKS, TaskSpec("segmentation", labels=(1, 0)))), "two or more different tasks"),
+        (dict(task="segmentation"), "single-task job lists none"),
+        (dict(train=LocalTraining(mode="frozen")), "nothing would be shared"),
+    ):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(JOB, **bad)
     with pytest.raises(ConfigError, match=r"job.tasks\[1\].task: 'segmentaton' is not allowed"):
@@ -57,15 +71,20 @@ def test_each_site_runs_the_task_its_dataset_declares_and_others_are_refused_wit
     assert [task_for(JOB, spec)[0] if task_for(JOB, spec) else None for spec in specs] == [0, 1, 2, None]
     assert [check_job(JOB, spec, SiteLimits()) for spec in specs[:3]] == [[], [], []]
     (reason,) = check_job(JOB, specs[3], SiteLimits())
-    assert reason == ("none of the job's tasks (segmentation [0, 1]; classification ['benign', 'malignant']; "
-                      "regression) matches the site's dataset (landmarks 4)")
+    assert reason == (
+        "none of the job's tasks (segmentation [0, 1]; classification ['benign', 'malignant']; "
+        "regression) matches the site's dataset (landmarks 4)"
+    )
     with pytest.raises(JobRefused, match="none of the job's tasks"):
         site_round(JOB, initial_state(JOB, None), sites[3], 1)
     private = dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=4.0)))
     assert check_job(private, specs[2], SiteLimits()) == []  # clips train with DP, a clip's frames as one sample
-    ghost = dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=4.0, mode="ghost")))
+    ghost = dataclasses.replace(
+        JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=4.0, mode="ghost"))
+    )
     assert check_job(ghost, specs[2], SiteLimits()) == [
-        "job train.privacy.mode ghost cannot clip a clip's frames as one sample (use mode hooks)"]
+        "job train.privacy.mode ghost cannot clip a clip's frames as one sample (use mode hooks)"
+    ]
 
 
 def test_sites_send_only_the_shared_encoder_and_keep_their_heads_across_rounds(sites, tmp_path):
@@ -127,9 +146,12 @@ def test_a_site_makes_its_own_model_from_the_shared_encoder_and_its_head(sites, 
 @pytest.mark.slow
 def test_a_two_site_multi_task_federation_over_the_real_runtime_never_sends_a_head(sites, tmp_path):
     job = dataclasses.replace(JOB, tasks=TASKS[:2], train=dataclasses.replace(JOB.train, lora_rank=2))
-    fed = {"output": str(tmp_path / "run"), "server": {"insecure": True},
-           "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 300, "deadline": 600},
-           "job": to_dict(job)}
+    fed = {
+        "output": str(tmp_path / "run"),
+        "server": {"insecure": True},
+        "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 300, "deadline": 600},
+        "job": to_dict(job),
+    }
     assert run_on_this_machine(tmp_path, {"seg": sites[0], "cls": sites[1]}, fed, show_server=False) == 0
     shared = set(shared_names(build_job_model(job), job))
     for site in ("seg", "cls"):  # what left each site: the encoder's adapters, in bf16 deltas
@@ -144,13 +166,16 @@ def test_a_two_site_multi_task_federation_over_the_real_runtime_never_sends_a_he
     assert not any(k.startswith("head.") for k in load_weights(tmp_path / "run" / "checkpoints" / "round_0002"))
     rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [{s["site"]: (s["task"], s["metric"]) for s in r["sites"]} for r in rounds] == [
-        {"seg": ("segmentation", "dice"), "cls": ("classification", "auc")}] * 2
+        {"seg": ("segmentation", "dice"), "cls": ("classification", "auc")}
+    ] * 2
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| seg | segmentation |" in report and "| cls | classification |" in report
 
 
 def test_a_private_multi_task_round_is_paid_under_the_federations_job_hash(sites, tmp_path):
-    job = dataclasses.replace(JOB, tasks=TASKS[:2], train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=8.0)))
+    job = dataclasses.replace(
+        JOB, tasks=TASKS[:2], train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=8.0))
+    )
     result = site_round(job, initial_state(job, None), sites[1], 1, ledger_dir=tmp_path / "privacy", rounds=2)
     assert 0 < result.metrics["epsilon"] < 8.0 and not any(k.startswith(HEADS) for k in result.shared)
     (spends,) = PrivacyLedger(tmp_path / "privacy").datasets.values()
@@ -164,9 +189,11 @@ def test_the_best_multi_task_model_is_better_on_one_task_and_worse_on_none(tmp_p
         save_round(tmp_path, job, state, rnd, {}, [], keep=10)
 
     def scored(rnd, dice, auc):  # round `rnd` scores the model of round rnd - 1
-        sites = [{"task_index": 0.0, "global_dice": dice, "val_samples": 3.0},
-                 {"task_index": 1.0, "global_auc": auc, "val_samples": 2.0},
-                 {"task_index": 1.0, "global_auc": math.nan, "val_samples": 9.0}]
+        sites = [
+            {"task_index": 0.0, "global_dice": dice, "val_samples": 3.0},
+            {"task_index": 1.0, "global_auc": auc, "val_samples": 2.0},
+            {"task_index": 1.0, "global_auc": math.nan, "val_samples": 9.0},
+        ]
         return save_best(tmp_path, job, [{"round": rnd, "sites": sites}])
 
     assert scored(2, 0.5, 0.6) is not None
@@ -180,7 +207,9 @@ def test_an_enhancement_site_joins_a_multi_task_federation(sites, tmp_path):
     enhance = write_dataset(tmp_path / "enh", "enhancement", sites=1, per_site=8, size=64, seed=3)[0]
     job = dataclasses.replace(JOB, tasks=(TASKS[0], TaskSpec("enhancement")))
     state = initial_state(job, None)
-    seg, enh = (site_round(job, state, f, 1, local_file=tmp_path / f"{i}.safetensors")
-                for i, f in enumerate((sites[0], enhance)))
+    seg, enh = (
+        site_round(job, state, f, 1, local_file=tmp_path / f"{i}.safetensors")
+        for i, f in enumerate((sites[0], enhance))
+    )
     assert set(seg.shared) == set(enh.shared) and enh.metrics["task_index"] == 1.0
     assert 0 < enh.metrics["global_ssim"] < 1 and enh.metrics["local_psnr"] > 0

@@ -21,9 +21,19 @@ pytestmark = pytest.mark.slow
 def coordinator(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("proxy")
     make_keys(tmp / "keys", ["localhost"], ["site_a"])
-    cfg = from_dict(FederationConfig, {"output": str(tmp / "run"), "server": {
-        "host": "127.0.0.1", "port": free_port(), "keys": str(tmp / "keys"), "allowed_sites": ["site_a"]}},
-        "federation")
+    cfg = from_dict(
+        FederationConfig,
+        {
+            "output": str(tmp / "run"),
+            "server": {
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "keys": str(tmp / "keys"),
+                "allowed_sites": ["site_a"],
+            },
+        },
+        "federation",
+    )
     out, private = tmp / "run", free_port()
     prepare(cfg, out, private)
     procs = start_coordinator(cfg, out, private)
@@ -41,10 +51,19 @@ def test_the_public_port_serves_health_and_the_fleet_api_only(coordinator):
     for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/runtime/get-nodes", "/docs", "/"):
         refused = public.post(path, content=b"{}")
         assert refused.status_code == 403 and "serves only the Fleet API" in refused.text, path
-    for path in ("/v1/fleet/%2e%2e/control/list-runs", "/v1/fleet/../control/list-runs",
-                 "/v1/fleet/..%2fcontrol/list-runs", "/v1/fleet//x", "/v1/fleet/", "/health/../v1/control/start-run"):
-        conn = http.client.HTTPSConnection("127.0.0.1", cfg.server.port,  # sends the path as is (curl
-                                           context=ssl.create_default_context(cafile=str(ca)))  # --path-as-is)
+    for path in (
+        "/v1/fleet/%2e%2e/control/list-runs",
+        "/v1/fleet/../control/list-runs",
+        "/v1/fleet/..%2fcontrol/list-runs",
+        "/v1/fleet//x",
+        "/v1/fleet/",
+        "/health/../v1/control/start-run",
+    ):
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1",
+            cfg.server.port,  # sends the path as is (curl
+            context=ssl.create_default_context(cafile=str(ca)),
+        )  # --path-as-is)
         conn.request("POST", path, body=b"{}")
         refused = conn.getresponse()
         assert refused.status == 403 and "serves only the Fleet API" in refused.read().decode(), path
@@ -56,8 +75,10 @@ def test_the_public_port_serves_health_and_the_fleet_api_only(coordinator):
 def test_flwr_commands_work_on_the_private_port_and_are_refused_on_the_public_one(coordinator, tmp_path):
     cfg, out, _, ca = coordinator
     assert [n["status"] for n in run_flwr(["supernode", "ls", CONNECTION], out / "flwr")["nodes"]] == ["registered"]
-    (tmp_path / "config.toml").write_text(f'[superlink]\ndefault = "public"\n\n[superlink.public]\naddress = '
-                                          f'"127.0.0.1:{cfg.server.port}"\nroot-certificates = "{ca}"\n')
+    (tmp_path / "config.toml").write_text(
+        f'[superlink]\ndefault = "public"\n\n[superlink.public]\naddress = '
+        f'"127.0.0.1:{cfg.server.port}"\nroot-certificates = "{ca}"\n'
+    )
     with pytest.raises(FlowerError, match="403 Forbidden"):  # an outsider cannot list, run or register
         run_flwr(["ls", "public"], tmp_path)
 
@@ -66,15 +87,27 @@ def test_the_allow_list_follows_federation_yaml_across_restarts(tmp_path):
     make_keys(tmp_path / "keys", ["localhost"], ["site_a", "site_b"])
 
     def start(allowed):
-        cfg = from_dict(FederationConfig, {"output": str(tmp_path / "run"), "server": {
-            "host": "127.0.0.1", "port": free_port(), "keys": str(tmp_path / "keys"), "allowed_sites": allowed}},
-            "federation")
+        cfg = from_dict(
+            FederationConfig,
+            {
+                "output": str(tmp_path / "run"),
+                "server": {
+                    "host": "127.0.0.1",
+                    "port": free_port(),
+                    "keys": str(tmp_path / "keys"),
+                    "allowed_sites": allowed,
+                },
+            },
+            "federation",
+        )
         private = free_port()
         prepare(cfg, tmp_path / "run", private)
         procs = start_coordinator(cfg, tmp_path / "run", private)
         try:
-            return {n["node-id"]: n["status"] for n in run_flwr(["supernode", "ls", CONNECTION],
-                                                                tmp_path / "run" / "flwr")["nodes"]}
+            return {
+                n["node-id"]: n["status"]
+                for n in run_flwr(["supernode", "ls", CONNECTION], tmp_path / "run" / "flwr")["nodes"]
+            }
         finally:
             for proc in reversed(procs):
                 stop(proc)

@@ -8,18 +8,18 @@ import json
 import pytest
 from conftest import TINY_ENCODER
 
-from echocare_core.config import to_dict
 from echocare_core.checkpoint import read_meta
 from echocare_core.cli.predict import main as predict_main
+from echocare_core.config import to_dict
 from echocare_core.data.contract import load_spec
-from echocare_core.data.text import ReportTokenizer
 from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, TaskSpec, check_job, job_hash
-from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.federation.rounds import aggregate, initial_state, save_round
 from echocare_core.federation.site import site_round
+from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.federation.testbed import run_on_this_machine
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
@@ -27,8 +27,12 @@ from echocare_core.models.swin import EncoderConfig
 pytestmark = pytest.mark.slow
 
 FINDINGS = ("anechoic", "irregular margin")
-JOB = Job(task="report", encoder=EncoderConfig(**TINY_ENCODER),
-          report=ReportHeadConfig(width=32, depth=1, heads=4, max_tokens=48, findings=FINDINGS), train=LocalTraining(mode="lora", lora_rank=2, batch_size=4, lr=3e-3))
+JOB = Job(
+    task="report",
+    encoder=EncoderConfig(**TINY_ENCODER),
+    report=ReportHeadConfig(width=32, depth=1, heads=4, max_tokens=48, findings=FINDINGS),
+    train=LocalTraining(mode="lora", lora_rank=2, batch_size=4, lr=3e-3),
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +65,29 @@ def test_reports_train_with_differential_privacy_per_report_and_ghost_clipping_i
     from echocare_core.engine.finetune_config import FinetuneConfig
     from echocare_core.privacy.settings import DPSettings
 
-    assert check_job(dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=8.0))), load_spec(sites[0]), SiteLimits()) == []
-    (reason,) = check_job(dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=8.0, mode="ghost"))),
-                          load_spec(sites[0]), SiteLimits())
+    assert (
+        check_job(
+            dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=8.0))),
+            load_spec(sites[0]),
+            SiteLimits(),
+        )
+        == []
+    )
+    (reason,) = check_job(
+        dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=8.0, mode="ghost"))),
+        load_spec(sites[0]),
+        SiteLimits(),
+    )
     assert reason == "job train.privacy.mode ghost cannot clip a report's views as one sample (use mode hooks)"
-    cfg = {"output": str(tmp_path / "run"), "device": "cpu", "data": {"folder": str(sites[0]), "num_workers": 0},
-           "model": {"encoder": dict(TINY_ENCODER), "report": {"width": 32, "heads": 4, "depth": 1, "views": 2}},
-           "epochs": 1, "train": {"batch_size": 4, "privacy": {"epsilon": 8.0}}, "ledger": {"folder": str(tmp_path / "ledger")}}
+    cfg = {
+        "output": str(tmp_path / "run"),
+        "device": "cpu",
+        "data": {"folder": str(sites[0]), "num_workers": 0},
+        "model": {"encoder": dict(TINY_ENCODER), "report": {"width": 32, "heads": 4, "depth": 1, "views": 2}},
+        "epochs": 1,
+        "train": {"batch_size": 4, "privacy": {"epsilon": 8.0}},
+        "ledger": {"folder": str(tmp_path / "ledger")},
+    }
     result = run_finetune(load_config(FinetuneConfig, None, [], base=cfg))  # every step checks per-report gradients
     assert result.status == "finished" and 0 < result.history[-1]["epsilon"] <= 8.0
 
@@ -89,18 +109,24 @@ def test_two_report_sites_train_a_federated_model_whose_checkpoint_writes_report
 
 def test_a_report_site_joins_a_multi_task_federation(sites, tmp_path):
     seg = write_dataset(tmp_path / "seg", "segmentation", sites=1, per_site=8, size=64, seed=3)[0]
-    job = dataclasses.replace(JOB, task="multitask", tasks=(TaskSpec("segmentation", labels=(0, 1)),
-                                                            TaskSpec("report")), feature_size=8)
+    job = dataclasses.replace(
+        JOB, task="multitask", tasks=(TaskSpec("segmentation", labels=(0, 1)), TaskSpec("report")), feature_size=8
+    )
     state = initial_state(job, None)
-    a, b = (site_round(job, state, f, 1, local_file=tmp_path / f"{i}.safetensors") for i, f in enumerate((seg, sites[0])))
+    a, b = (
+        site_round(job, state, f, 1, local_file=tmp_path / f"{i}.safetensors") for i, f in enumerate((seg, sites[0]))
+    )
     assert set(a.shared) == set(b.shared) and b.metrics["task_index"] == 1.0
     assert not any(n.startswith("head.") for n in b.shared) and "global_bleu4" in b.metrics
 
 
 def test_two_report_sites_over_the_real_runtime(sites, tmp_path):
-    fed = {"output": str(tmp_path / "run"), "server": {"insecure": True},
-           "rounds": {"rounds": 1, "min_sites": 2, "wait_for_sites": 300, "deadline": 600},
-           "job": to_dict(JOB)}
+    fed = {
+        "output": str(tmp_path / "run"),
+        "server": {"insecure": True},
+        "rounds": {"rounds": 1, "min_sites": 2, "wait_for_sites": 300, "deadline": 600},
+        "job": to_dict(JOB),
+    }
     assert run_on_this_machine(tmp_path, {"a": sites[0], "b": sites[1]}, fed, show_server=False) == 0
     (rnd,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {s["site"]: s["metric"] for s in rnd["sites"]} == {"a": "bleu4", "b": "bleu4"}
@@ -108,5 +134,18 @@ def test_two_report_sites_over_the_real_runtime(sites, tmp_path):
     checkpoint = tmp_path / "run" / "checkpoints" / "round_0001"
     assert read_meta(checkpoint)["head"]["tokenizer"] == ReportTokenizer().to_str()
     assert "bleu4" in (tmp_path / "run" / "report.md").read_text()
-    assert predict_main(["--checkpoint", str(checkpoint), "--input", str(sites[0] / "images"),
-                         "--out", str(tmp_path / "reports"), "--beam", "1"]) == 0
+    assert (
+        predict_main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(sites[0] / "images"),
+                "--out",
+                str(tmp_path / "reports"),
+                "--beam",
+                "1",
+            ]
+        )
+        == 0
+    )

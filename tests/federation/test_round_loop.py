@@ -24,20 +24,39 @@ from echocare_server.server_app import run_rounds
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_task")]
 
 
-JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, local_steps=1, train=LocalTraining(mode="lora", lora_rank=2, batch_size=8))
+JOB = Job(
+    task="segmentation",
+    labels=(0, 1),
+    encoder=EncoderConfig(**TINY_ENCODER),
+    feature_size=8,
+    local_steps=1,
+    train=LocalTraining(mode="lora", lora_rank=2, batch_size=8),
+)
 
 
 def _config(out, job=None, **rounds):
-    return from_dict(FederationConfig, {
-        "output": str(out), "server": {"insecure": True},
-        "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 2, "deadline": 600, **rounds},
-        "job": {"task": "segmentation", "labels": [0, 1], "encoder": dict(TINY_ENCODER), "feature_size": 8,
-                "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8}, "local_steps": 1, **(job or {})}}, "federation")
+    return from_dict(
+        FederationConfig,
+        {
+            "output": str(out),
+            "server": {"insecure": True},
+            "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 2, "deadline": 600, **rounds},
+            "job": {
+                "task": "segmentation",
+                "labels": [0, 1],
+                "encoder": dict(TINY_ENCODER),
+                "feature_size": 8,
+                "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8},
+                "local_steps": 1,
+                **(job or {}),
+            },
+        },
+        "federation",
+    )
 
 
 def _events(out):
     return [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
-
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +81,22 @@ def test_participation_asks_a_share_and_aggregates_exactly_their_replies(sites, 
     for rnd in (1, 2):
         asked = [node for r, node in grid.asked if r == rnd]
         assert len(asked) == 2 and asked == choose_sites(list(sites), 0.5, 2, 0, rnd)
-        reference = initial_state(JOB, None) if rnd == 1 else load_weights(
-            tmp_path / "run" / "checkpoints" / f"round_{rnd - 1:04d}")  # the global model the sites received
+        reference = (
+            initial_state(JOB, None)
+            if rnd == 1
+            else load_weights(tmp_path / "run" / "checkpoints" / f"round_{rnd - 1:04d}")
+        )  # the global model the sites received
         sent = []
         for node in asked:
             state = site_of(sites[node]).state_dir
             with safe_open(f"{state}/sent/round_{rnd:04d}.safetensors", "pt") as f:
                 assert f.metadata()["transport"] == "bf16"  # the default: deltas in 16 bits
-                sent.append((decode({k: f.get_tensor(k) for k in f.keys()}, reference, "bf16"),
-                             int(f.metadata()["num-examples"])))
+                sent.append(
+                    (
+                        decode({k: f.get_tensor(k) for k in f.keys()}, reference, "bf16"),
+                        int(f.metadata()["num-examples"]),
+                    )
+                )
         total = sum(n for _, n in sent)
         global_state = load_weights(tmp_path / "run" / "checkpoints" / f"round_{rnd:04d}")
         for name in sent[0][0]:
@@ -96,8 +122,12 @@ def test_the_frozen_model_goes_once_and_again_to_a_site_that_lost_it(sites, tmp_
     run_rounds(InProcessGrid(two, tamper={lost: forget}), _config(tmp_path / "run", rounds=2))
     replies = [e for e in _events(tmp_path / "run") if e["event"] == "reply"]
     down = {(e["round"], e["site"]): e["bytes_sent"] for e in replies}
-    assert down == {(1, "site_0"): shared_bytes + frozen_bytes, (1, "site_1"): shared_bytes + frozen_bytes,
-                    (2, "site_0"): shared_bytes, (2, "site_1"): 2 * shared_bytes + frozen_bytes}
+    assert down == {
+        (1, "site_0"): shared_bytes + frozen_bytes,
+        (1, "site_1"): shared_bytes + frozen_bytes,
+        (2, "site_0"): shared_bytes,
+        (2, "site_1"): 2 * shared_bytes + frozen_bytes,
+    }
     assert frozen_bytes > 0 and all(e["bytes_received"] == shared_bytes // 2 for e in replies)  # bf16 up
 
 
@@ -154,7 +184,15 @@ def test_a_site_whose_privacy_budget_runs_out_stops_and_the_run_goes_on(sites, t
     sigma = noise_multiplier(dp, q, 4)  # 4 rounds of one step
     budget = (epsilon([(sigma, q, 1)] * 2, 1e-5) + epsilon([(sigma, q, 1)] * 3, 1e-5)) / 2
     two[small] = with_site(two[small], privacy=SitePrivacy(epsilon_budget=budget))
-    run_rounds(InProcessGrid(two), _config(tmp_path / "run", {"train": {"mode": "lora", "lora_rank": 2, "batch_size": 8, "privacy": {"epsilon": 8.0}}}, rounds=4, min_sites=1))
+    run_rounds(
+        InProcessGrid(two),
+        _config(
+            tmp_path / "run",
+            {"train": {"mode": "lora", "lora_rank": 2, "batch_size": 8, "privacy": {"epsilon": 8.0}}},
+            rounds=4,
+            min_sites=1,
+        ),
+    )
     events = _events(tmp_path / "run")
     ends = {e["round"]: [s["site"] for s in e["sites"]] for e in events if e["event"] == "round_end"}
     assert ends == {1: ["site_0", "site_1"], 2: ["site_0", "site_1"], 3: ["site_1"], 4: ["site_1"]}
@@ -198,7 +236,12 @@ def test_the_server_keeps_the_newest_rounds_and_the_best_scored_model(sites, tmp
     folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert folders == ["best", "round_0003", "round_0004"]
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    scores = {r["round"] - 1: sum(s["global_dice"] * s["val_samples"] for s in r["sites"])
-              / sum(s["val_samples"] for s in r["sites"]) for r in history[1:]}  # round N's model, scored in N+1
+    scores = {
+        r["round"] - 1: sum(s["global_dice"] * s["val_samples"] for s in r["sites"])
+        / sum(s["val_samples"] for s in r["sites"])
+        for r in history[1:]
+    }  # round N's model, scored in N+1
     best = read_meta(tmp_path / "run" / "checkpoints" / "best")
-    assert best["round"] == max(scores, key=scores.get) and best["metrics"]["scores"]["0"] == pytest.approx(max(scores.values()))
+    assert best["round"] == max(scores, key=scores.get) and best["metrics"]["scores"]["0"] == pytest.approx(
+        max(scores.values())
+    )

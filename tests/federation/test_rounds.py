@@ -12,12 +12,20 @@ from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, check_job, job_hash, weighted_mean
-from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.federation.rounds import aggregate, initial_state, resume, save_round
 from echocare_core.federation.site import JobRefused, site_round
+from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.models.swin import EncoderConfig
 
-JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, local_epochs=1, local=("head.out.*",), train=LocalTraining(mode="lora", lora_rank=2, batch_size=8))
+JOB = Job(
+    task="segmentation",
+    labels=(0, 1),
+    encoder=EncoderConfig(**TINY_ENCODER),
+    feature_size=8,
+    local_epochs=1,
+    local=("head.out.*",),
+    train=LocalTraining(mode="lora", lora_rank=2, batch_size=8),
+)
 
 SMALL_BATCH = dataclasses.replace(JOB.train, batch_size=2)
 
@@ -25,8 +33,9 @@ SMALL_BATCH = dataclasses.replace(JOB.train, batch_size=2)
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
     root = tmp_path_factory.mktemp("fed")
-    return write_dataset(root / "seg", "segmentation", sites=2, per_site=14, size=64, seed=5) + \
-        write_dataset(root / "cls", "classification", sites=1, per_site=8, size=64, seed=5)
+    return write_dataset(root / "seg", "segmentation", sites=2, per_site=14, size=64, seed=5) + write_dataset(
+        root / "cls", "classification", sites=1, per_site=8, size=64, seed=5
+    )
 
 
 def test_weighted_mean_is_exact_and_checks_its_input():
@@ -50,7 +59,9 @@ def test_job_round_trips_as_json_and_sites_check_it(sites):
     seg, cls = load_spec(sites[0]), load_spec(sites[2])
     assert check_job(JOB, seg, SiteLimits()) == []
     assert check_job(JOB, cls, SiteLimits()) == ["job task 'segmentation' but the site's dataset is 'classification'"]
-    greedy = dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, batch_size=128), local_epochs=20, labels=(0, 255))
+    greedy = dataclasses.replace(
+        JOB, train=dataclasses.replace(JOB.train, batch_size=128), local_epochs=20, labels=(0, 255)
+    )
     reasons = check_job(greedy, seg, SiteLimits(max_batch_size=32, max_local_epochs=5))
     assert len(reasons) == 3 and "mask values [0, 255]" in reasons[0] and "max_batch_size 32" in reasons[1]
 
@@ -71,11 +82,16 @@ def test_local_steps_train_exactly_that_many_batches_within_the_site_limit(sites
     state = initial_state(JOB, None)
     train = site_round(dataclasses.replace(JOB, local=(), train=SMALL_BATCH), state, sites[0], 1).metrics["train_steps"]
     for steps in (1, int(train) + 3):  # fewer, and more than one epoch's batches
-        result = site_round(dataclasses.replace(JOB, local=(), train=SMALL_BATCH, local_steps=steps), state, sites[0], 1)
+        result = site_round(
+            dataclasses.replace(JOB, local=(), train=SMALL_BATCH, local_steps=steps), state, sites[0], 1
+        )
         assert result.metrics["train_steps"] == steps
     too_many = dataclasses.replace(JOB, train=SMALL_BATCH, local_steps=1000)
-    with pytest.raises(JobRefused, match="local_steps 1000 x train.batch_size 2 is .* passes over the site's training "
-                                         "split, more than its max_local_epochs 10"):
+    with pytest.raises(
+        JobRefused,
+        match="local_steps 1000 x train.batch_size 2 is .* passes over the site's training "
+        "split, more than its max_local_epochs 10",
+    ):
         site_round(too_many, state, sites[0], 1)
 
 

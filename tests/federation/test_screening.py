@@ -21,20 +21,39 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_task")]
 HOSTILE = 100
 
 
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("screen") / "seg", "segmentation", sites=5, per_site=8, size=64,
-                         seed=7)
+    return write_dataset(
+        tmp_path_factory.mktemp("screen") / "seg", "segmentation", sites=5, per_site=8, size=64, seed=7
+    )
 
 
 def _run(folders, out, tamper=None, strategy="fedavg", max_norm_ratio=10.0):
     sites = {HOSTILE + i: node_config(f"site_{i}", f, out / "state") for i, f in enumerate(folders)}
-    cfg = from_dict(FederationConfig, {
-        "output": str(out / "run"), "server": {"insecure": True}, "strategy": {"name": strategy, "trim": 0.2},
-        "rounds": {"rounds": 2, "min_sites": 3, "wait_for_sites": 2, "deadline": 600, "max_norm_ratio": max_norm_ratio},
-        "job": {"task": "segmentation", "labels": [0, 1], "encoder": dict(TINY_ENCODER), "feature_size": 8,
-                "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8}, "local_steps": 2}}, "federation")
+    cfg = from_dict(
+        FederationConfig,
+        {
+            "output": str(out / "run"),
+            "server": {"insecure": True},
+            "strategy": {"name": strategy, "trim": 0.2},
+            "rounds": {
+                "rounds": 2,
+                "min_sites": 3,
+                "wait_for_sites": 2,
+                "deadline": 600,
+                "max_norm_ratio": max_norm_ratio,
+            },
+            "job": {
+                "task": "segmentation",
+                "labels": [0, 1],
+                "encoder": dict(TINY_ENCODER),
+                "feature_size": 8,
+                "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8},
+                "local_steps": 2,
+            },
+        },
+        "federation",
+    )
     run_rounds(InProcessGrid(sites, tamper={HOSTILE: tamper} if tamper else None), cfg)
     events = [json.loads(line) for line in (out / "run" / "progress.jsonl").read_text().splitlines()]
     return load_weights(out / "run" / "checkpoints" / "round_0002"), events

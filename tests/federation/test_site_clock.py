@@ -26,6 +26,7 @@ def keys(tmp_path_factory):
 @pytest.fixture
 def coordinator(keys):
     """An HTTPS server with the federation's certificate whose clock is `server.skew` seconds off ours."""
+
     class Health(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             self.send_response_only(200)
@@ -46,12 +47,19 @@ def coordinator(keys):
 
 
 def _site(keys, coordinator, data="unused"):
-    return {"name": "site_a", "server": f"127.0.0.1:{coordinator.server_address[1]}", "data": str(data),
-            "root_certificates": str(keys / "ca.pem"), "private_key": str(keys / "sites" / "site_a.key")}
+    return {
+        "name": "site_a",
+        "server": f"127.0.0.1:{coordinator.server_address[1]}",
+        "data": str(data),
+        "root_certificates": str(keys / "ca.pem"),
+        "private_key": str(keys / "sites" / "site_a.key"),
+    }
 
 
-@pytest.mark.parametrize("skew, says", [(0, ""), (200, ""), (600, "about 600 s behind"), (-20, " s ahead of"),
-                                        (-900, "about 900 s ahead of")])
+@pytest.mark.parametrize(
+    "skew, says",
+    [(0, ""), (200, ""), (600, "about 600 s behind"), (-20, " s ahead of"), (-900, "about 900 s ahead of")],
+)
 def test_the_clock_is_checked_against_the_coordinators(keys, coordinator, skew, says):
     coordinator.skew = skew
     reason = check_clock(SiteConfig(**_site(keys, coordinator)))

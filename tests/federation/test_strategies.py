@@ -6,8 +6,12 @@ import torch
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
 
 CURRENT = {"w": torch.zeros(3)}
-UPDATES = [({"w": torch.tensor([1.0, 0.0, 10.0])}, 1), ({"w": torch.tensor([2.0, 0.0, 20.0])}, 1),
-           ({"w": torch.tensor([3.0, 0.0, 30.0])}, 2), ({"w": torch.tensor([100.0, 0.0, -50.0])}, 1)]
+UPDATES = [
+    ({"w": torch.tensor([1.0, 0.0, 10.0])}, 1),
+    ({"w": torch.tensor([2.0, 0.0, 20.0])}, 1),
+    ({"w": torch.tensor([3.0, 0.0, 30.0])}, 2),
+    ({"w": torch.tensor([100.0, 0.0, -50.0])}, 1),
+]
 
 
 def _agg(name, updates=UPDATES, state=None, **kw):

@@ -22,15 +22,23 @@ from echocare_core.federation.job import Job, job_hash
 from echocare_core.federation.rounds import initial_state
 from echocare_core.models.swin import EncoderConfig
 
-JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, local_steps=1, train=LocalTraining(mode="lora", lora_rank=2, batch_size=8))
+JOB = Job(
+    task="segmentation",
+    labels=(0, 1),
+    encoder=EncoderConfig(**TINY_ENCODER),
+    feature_size=8,
+    local_steps=1,
+    train=LocalTraining(mode="lora", lora_rank=2, batch_size=8),
+)
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("worker")
     folder = write_dataset(tmp / "seg", "segmentation", sites=1, per_site=8, size=64, seed=4)[0]
-    node = SiteConfig(name="site_w", data=str(folder), state_dir=str(tmp / "state"), device="cpu", insecure=True,
-                      num_workers=0)
+    node = SiteConfig(
+        name="site_w", data=str(folder), state_dir=str(tmp / "state"), device="cpu", insecure=True, num_workers=0
+    )
     arrays = tmp / "global.safetensors"
     save_file(initial_state(JOB, None), str(arrays))
     worker = SiteWorker(node)
@@ -58,24 +66,28 @@ def test_refusals_and_failures_come_back_with_a_reason_and_the_worker_goes_on(si
     wrong = Job(task="classification", classes=("a", "b"), encoder=JOB.encoder).to_json()
     refused = ask_worker(worker.socket_path, {"round": 2, "job": wrong, "arrays": arrays, "toolkit": __version__})
     assert refused == {"refused": "job task 'classification' but the site's dataset is 'segmentation'"}
-    failed = ask_worker(worker.socket_path, {"round": 3, "job": JOB.to_json(), "arrays": arrays + ".missing",
-                                             "toolkit": __version__})
+    failed = ask_worker(
+        worker.socket_path, {"round": 3, "job": JOB.to_json(), "arrays": arrays + ".missing", "toolkit": __version__}
+    )
     assert failed == {"failed": "the round failed at the site (FileNotFoundError; see the site's log)"}
-    assert "refused" not in ask_worker(worker.socket_path, {"round": 4, "job": JOB.to_json(), "arrays": arrays,
-                                                            "toolkit": __version__})
+    assert "refused" not in ask_worker(
+        worker.socket_path, {"round": 4, "job": JOB.to_json(), "arrays": arrays, "toolkit": __version__}
+    )
 
 
 def test_the_site_runs_only_jobs_it_approved_from_coordinators_it_accepts(site):
     node, arrays, _ = site
     request = {"round": 5, "job": JOB.to_json(), "arrays": arrays, "toolkit": "9.9.9"}
     assert run_request(node, request) == {
-        "refused": f"the coordinator runs echocare 9.9.9; this site accepts {__version__}"}
+        "refused": f"the coordinator runs echocare 9.9.9; this site accepts {__version__}"
+    }
     assert "refused" not in run_request(dataclasses.replace(node, server_versions=("9.9.9", __version__)), request)
     pinned = dataclasses.replace(node, approved_jobs=("0" * 64,))
     refused = run_request(pinned, {**request, "toolkit": __version__})
     assert refused == {"refused": f"job {job_hash(JOB)[:12]} is not among the site's approved_jobs"}
-    assert "refused" not in run_request(dataclasses.replace(pinned, approved_jobs=("0" * 64, job_hash(JOB))),
-                                        {**request, "toolkit": __version__})
+    assert "refused" not in run_request(
+        dataclasses.replace(pinned, approved_jobs=("0" * 64, job_hash(JOB))), {**request, "toolkit": __version__}
+    )
 
 
 def test_memory_failures_are_named_without_the_exception_text():
@@ -85,7 +97,8 @@ def test_memory_failures_are_named_without_the_exception_text():
     gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB while reading case_0042.dcm")
     assert "case_0042" not in failure_reason(gpu) and "GPU ran out of memory" in failure_reason(gpu)
     assert failure_reason(ValueError("mask of /data/patient_7.png")) == (
-        "the round failed at the site (ValueError; see the site's log)")
+        "the round failed at the site (ValueError; see the site's log)"
+    )
 
 
 def test_a_round_asked_again_is_answered_again_not_trained_twice(site):

@@ -15,7 +15,8 @@ def test_default_ontology_levels(ontology):
     regions = [p[0] for p in ontology.paths if len(p) == 1]
     assert regions == ["Head", "Neck", "Thorax", "Abdomen", "Pelvis", "Limbs", "Back", "Fetus", "Other"]
     assert ontology.lookup("thorax/heart/APICAL four-chamber") == ontology.names().index(
-        "Thorax/Heart/Apical four-chamber")
+        "Thorax/Heart/Apical four-chamber"
+    )
     with pytest.raises(ValueError, match="Did you mean 'Thorax/Heart'"):
         ontology.lookup("Thorax/Hart")
     assert ontology.lookup("") == -1

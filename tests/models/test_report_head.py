@@ -51,8 +51,9 @@ def test_a_tokenizer_file_needs_padding_start_and_end_tokens(tmp_path):
     (tmp_path / "bad.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="not a tokenizers JSON file"):
         ReportTokenizer.from_file(tmp_path / "bad.json", 16)
-    words = Tokenizer(models.WordLevel({"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3, "nodule": 4, "left": 5},
-                                       unk_token="[UNK]"))
+    words = Tokenizer(
+        models.WordLevel({"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3, "nodule": 4, "left": 5}, unk_token="[UNK]")
+    )
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     words.save(str(tmp_path / "words.json"))
     tok = ReportTokenizer.from_file(tmp_path / "words.json", 6)
@@ -72,17 +73,20 @@ def test_report_head_shapes_finite_backward_and_per_sample_loss(tiny_encoder_cfg
     assert torch.isfinite(loss)
     loss.backward()
     unused = {"head.view_embed.weight"} if views == 1 else set()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all()
-               for n, p in model.named_parameters() if n not in unused)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for n, p in model.named_parameters() if n not in unused
+    )
     model.eval()
     out = tuple(o.detach() for o in model(x, ids))
-    singles = [report_loss(tok, head)((out[0][i:i + 1], out[1][i:i + 1]), ids[i:i + 1]) for i in range(2)]
+    singles = [report_loss(tok, head)((out[0][i : i + 1], out[1][i : i + 1]), ids[i : i + 1]) for i in range(2)]
     torch.testing.assert_close(report_loss(tok, head)(out, ids), torch.stack(singles).mean())
 
 
 def test_the_findings_loss_is_labelled_by_what_each_report_states():
-    tok, head = ReportTokenizer(max_tokens=40), replace(HEAD, max_tokens=40, findings=("cyst", "irregular margin"),
-                                                        findings_weight=0.5)
+    tok, head = (
+        ReportTokenizer(max_tokens=40),
+        replace(HEAD, max_tokens=40, findings=("cyst", "irregular margin"), findings_weight=0.5),
+    )
     ids = torch.stack([tok.encode("a cyst, smooth margin"), tok.encode("cystic? no: an irregular margin")])
     logits, findings = torch.zeros(2, 39, 259), torch.tensor([[20.0, -20.0], [-20.0, 20.0]])  # right on both
     text_only = report_loss(tok)((logits, torch.zeros(2, 0)), ids)
@@ -92,9 +96,18 @@ def test_the_findings_loss_is_labelled_by_what_each_report_states():
     assert not ReportHeadConfig(findings=("cyst",), findings_weight=0).classifies
 
 
-@pytest.mark.parametrize("bad", [{"findings": ("cyst", "cyst")}, {"findings": ("Cyst", "cyst")}, {"findings": ("",)},
-                                 {"findings": ("?",)}, {"findings_weight": -1.0}, {"findings_weight": float("nan")},
-                                 {"findings_weight": float("inf")}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"findings": ("cyst", "cyst")},
+        {"findings": ("Cyst", "cyst")},
+        {"findings": ("",)},
+        {"findings": ("?",)},
+        {"findings_weight": -1.0},
+        {"findings_weight": float("nan")},
+        {"findings_weight": float("inf")},
+    ],
+)
 def test_bad_findings_settings_are_refused(bad):
     with pytest.raises(ValueError, match="findings"):
         ReportHeadConfig(**bad)
@@ -131,7 +144,7 @@ def test_cached_greedy_decoding_equals_recomputing_every_position(tiny_encoder_c
         for i, got in enumerate(model.generate(x, 1, 2, beam=1)):
             ids = torch.tensor([[1]])
             for _ in range(HEAD.max_tokens - 1):  # the whole prefix through the decoder at every step
-                nxt = model.head.decode(memory[i:i + 1], ids)[:, -1].argmax(-1, keepdim=True)
+                nxt = model.head.decode(memory[i : i + 1], ids)[:, -1].argmax(-1, keepdim=True)
                 ids = torch.cat([ids, nxt], dim=1)
                 if int(nxt) == 2:
                     break

@@ -11,9 +11,18 @@ from echocare_core.models.swin import EncoderConfig, RelPosBias, SwinEncoder
 def monai_twin(cfg: EncoderConfig) -> nn.Module:
     """MONAI's class with the same numbers, as the EchoCare authors build the release."""
     a = cfg.arch
-    return SwinTransformer(in_chans=cfg.in_chans, embed_dim=a["embed_dim"], window_size=(cfg.window_size,) * 2,
-                           patch_size=(cfg.patch_size,) * 2, depths=a["depths"], num_heads=a["num_heads"],
-                           mlp_ratio=cfg.mlp_ratio, qkv_bias=True, spatial_dims=2, use_v2=True)
+    return SwinTransformer(
+        in_chans=cfg.in_chans,
+        embed_dim=a["embed_dim"],
+        window_size=(cfg.window_size,) * 2,
+        patch_size=(cfg.patch_size,) * 2,
+        depths=a["depths"],
+        num_heads=a["num_heads"],
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=True,
+        spatial_dims=2,
+        use_v2=True,
+    )
 
 
 def test_the_release_numbers_give_monais_keys_and_shapes():
@@ -31,11 +40,14 @@ def test_the_release_numbers_give_monais_keys_and_shapes():
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("kwargs", [
-    dict(variant="test", img_size=64, window_size=4, in_chans=3),  # shifted windows in stages 1-3
-    dict(variant="test", img_size=64, window_size=8, in_chans=1),  # stages 3-4 smaller than the window
-    dict(variant="mini", img_size=128, window_size=8, in_chans=3),  # two blocks per stage
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(variant="test", img_size=64, window_size=4, in_chans=3),  # shifted windows in stages 1-3
+        dict(variant="test", img_size=64, window_size=8, in_chans=1),  # stages 3-4 smaller than the window
+        dict(variant="mini", img_size=128, window_size=8, in_chans=3),  # two blocks per stage
+    ],
+)
 def test_all_five_outputs_equal_monais_on_the_same_weights(kwargs, fused):
     torch.manual_seed(0)
     cfg = EncoderConfig(drop_path=0.0, fused_attn=fused, **kwargs)
@@ -89,7 +101,7 @@ def test_samples_do_not_interact():
     x = torch.randn(4, 1, 64, 64)
     with torch.no_grad():
         full = enc(x)
-        alone = torch.cat([enc(x[i:i + 1]) for i in range(4)])
+        alone = torch.cat([enc(x[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(full, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -106,16 +118,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(variant="huge"), "unknown encoder variant 'huge'"),
-    (dict(variant="echocre"), "Did you mean 'echocare'"),
-    (dict(in_chans=2), "in_chans=2"),
-    (dict(img_size=100), "img_size=100 must be a multiple of patch_size"),
-    (dict(img_size=96, window_size=5), "window_size=5 does not divide"),
-    (dict(drop_path=1.5), "drop_path=1.5"),
-    (dict(depths=(2, 2, 2)), "need 4 entries"),
-    (dict(input_std=0.0), "input_std=0.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(variant="huge"), "unknown encoder variant 'huge'"),
+        (dict(variant="echocre"), "Did you mean 'echocare'"),
+        (dict(in_chans=2), "in_chans=2"),
+        (dict(img_size=100), "img_size=100 must be a multiple of patch_size"),
+        (dict(img_size=96, window_size=5), "window_size=5 does not divide"),
+        (dict(drop_path=1.5), "drop_path=1.5"),
+        (dict(depths=(2, 2, 2)), "need 4 entries"),
+        (dict(input_std=0.0), "input_std=0.0"),
+    ],
+)
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EncoderConfig(**{"variant": "test", "img_size": 64, "window_size": 4, **kwargs})

@@ -24,17 +24,25 @@ def _inputs(task):
     return torch.randn(2, 1, 64, 64), BOXES
 
 
-LOSSES = {"landmarks": heatmap_loss, "detection": detection_loss,
-          "regression": lambda pred, target: torch.nn.functional.smooth_l1_loss(pred, (target - 50) / 10),
-          "enhancement": task_loss(DatasetSpec("x", "enhancement"), (0.0, 1.0))}
-SHAPES = {"landmarks": (2, 4, 64, 64), "detection": (2, 2 + 2, 64, 64), "regression": (2,),
-          "enhancement": (2, 1, 64, 64)}
+LOSSES = {
+    "landmarks": heatmap_loss,
+    "detection": detection_loss,
+    "regression": lambda pred, target: torch.nn.functional.smooth_l1_loss(pred, (target - 50) / 10),
+    "enhancement": task_loss(DatasetSpec("x", "enhancement"), (0.0, 1.0)),
+}
+SHAPES = {
+    "landmarks": (2, 4, 64, 64),
+    "detection": (2, 2 + 2, 64, 64),
+    "regression": (2,),
+    "enhancement": (2, 1, 64, 64),
+}
 
 
 @pytest.mark.parametrize("task", ["landmarks", "detection", "regression", "enhancement"])
 def test_head_shapes_and_finite_backward(tiny_encoder_cfg, task):
-    model = EchoCareTaskModel(tiny_encoder_cfg, task, num_classes=4 if task == "landmarks" else 2, feature_size=8,
-                              target_stats=(50.0, 10.0))
+    model = EchoCareTaskModel(
+        tiny_encoder_cfg, task, num_classes=4 if task == "landmarks" else 2, feature_size=8, target_stats=(50.0, 10.0)
+    )
     x, target = _inputs(task)
     out = model(x)
     assert out.shape == SHAPES[task]
@@ -54,7 +62,7 @@ def test_losses_are_means_of_per_sample_losses(tiny_encoder_cfg, task):
     model.eval()
     x, target = _inputs(task)
     out = model(x).detach()
-    singles = [LOSSES[task](out[i:i + 1], target[i:i + 1]) for i in range(2)]
+    singles = [LOSSES[task](out[i : i + 1], target[i : i + 1]) for i in range(2)]
     torch.testing.assert_close(LOSSES[task](out, target), torch.stack(singles).mean())
 
 

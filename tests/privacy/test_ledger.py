@@ -68,8 +68,10 @@ def test_two_processes_recording_at_once_lose_no_spend(tmp_path):
     import sys
 
     PrivacyLedger(tmp_path)
-    script = ("import sys; from echocare_core.privacy.ledger import PrivacyLedger\n"
-              "for r in range(10): PrivacyLedger(sys.argv[1]).record('ds', sys.argv[2], r, 1.5, 0.05, 10)")
+    script = (
+        "import sys; from echocare_core.privacy.ledger import PrivacyLedger\n"
+        "for r in range(10): PrivacyLedger(sys.argv[1]).record('ds', sys.argv[2], r, 1.5, 0.05, 10)"
+    )
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), job]) for job in ("a", "b")]
     assert [p.wait() for p in procs] == [0, 0]
     spends = PrivacyLedger(tmp_path).spends("ds")

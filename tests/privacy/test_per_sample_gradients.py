@@ -40,14 +40,24 @@ def batches(tmp_path_factory):
         folder = write_dataset(tmp / task, task, sites=1, per_site=6, size=64, seed=3)[0]
         spec = check_dataset(folder)
         rows = split_rows(folder, "train") + split_rows(folder, "val")
-        ds = TaskDataset(folder, spec, rows[:3], 64, 1, True, ENCODER.scale, frames=FRAMES,
-                         tokenizer=TOKENIZER if task == "report" else None, views=REPORT.views)
+        ds = TaskDataset(
+            folder,
+            spec,
+            rows[:3],
+            64,
+            1,
+            True,
+            ENCODER.scale,
+            frames=FRAMES,
+            tokenizer=TOKENIZER if task == "report" else None,
+            views=REPORT.views,
+        )
         out[task] = (spec, collate_task([ds[(0, i)] for i in range(3)]), ds.images_per_sample)
     return out
 
 
 def _sample(target, i):
-    return [target[i]] if isinstance(target, list) else target[i:i + 1]
+    return [target[i]] if isinstance(target, list) else target[i : i + 1]
 
 
 def _case(batches, task, mode):
@@ -56,8 +66,15 @@ def _case(batches, task, mode):
     spec, batch, per_sample = batches[task]
     torch.manual_seed(0)
     report = dataclasses.replace(REPORT, findings=spec.findings)
-    model = EchoCareTaskModel(ENCODER, task, num_classes(spec, TOKENIZER), feature_size=4,
-                              multi_label=spec.multi_label, target_stats=(50.0, 10.0), report=report)
+    model = EchoCareTaskModel(
+        ENCODER,
+        task,
+        num_classes(spec, TOKENIZER),
+        feature_size=4,
+        multi_label=spec.multi_label,
+        target_stats=(50.0, 10.0),
+        report=report,
+    )
     apply_finetune_mode(model, mode, lora_rank=2)
     model.double()
     for p in model.parameters():  # LoRA's B starts at zero, which would hide errors in A's gradients
@@ -68,27 +85,39 @@ def _case(batches, task, mode):
     if task in ("landmarks", "enhancement", "regression"):
         target = target.double()
     if task == "report":
+
         def forward(m, x, t):
             return tuple(o.double() for o in m(x, t))  # teacher forcing: the model reads the report
     else:
+
         def forward(m, x, t):
             return m(x)
+
     return model, forward, images, target, task_loss(spec, (50.0, 10.0), TOKENIZER, report), per_sample
 
 
 def _single_sample_gradients(model, forward, images, target, loss_fn):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return named, [torch.autograd.grad(loss_fn(forward(model, images[i:i + 1], _sample(target, i)),
-                                               _sample(target, i)), [p for _, p in named])
-                   for i in range(len(images))]
+    return named, [
+        torch.autograd.grad(
+            loss_fn(forward(model, images[i : i + 1], _sample(target, i)), _sample(target, i)), [p for _, p in named]
+        )
+        for i in range(len(images))
+    ]
 
 
 @pytest.mark.parametrize("mode", ["full", "frozen", "lora"])
 @pytest.mark.parametrize("task", TASKS)
 def test_per_sample_gradients_equal_single_sample_gradients(batches, task, mode):
     model, forward, images, target, loss_fn, per_sample = _case(batches, task, mode)
-    dp = DPTraining(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
-                    DPSettings(epsilon=1.0), sigma=0.0, expected_batch_size=3, images_per_sample=per_sample)
+    dp = DPTraining(
+        model,
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+        DPSettings(epsilon=1.0),
+        sigma=0.0,
+        expected_batch_size=3,
+        images_per_sample=per_sample,
+    )
     loss_fn(forward(dp.module, images, target), target).backward()
     dp.check(3)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -124,11 +153,16 @@ def test_the_clipped_update_is_the_mean_of_clipped_single_sample_gradients(batch
         _close(p.grad, e, task, 1e-7, name)
     trained = {n for n, _ in named}
     if mode == "lora":
-        assert {"encoder.layers1.0.blocks.0.attn.qkv.lora_A.weight",
-                "encoder.layers4.0.blocks.0.attn.proj.lora_B.weight"} <= trained
+        assert {
+            "encoder.layers1.0.blocks.0.attn.qkv.lora_A.weight",
+            "encoder.layers4.0.blocks.0.attn.proj.lora_B.weight",
+        } <= trained
     if mode == "full":
-        assert {"encoder.layers1.0.blocks.0.attn.rel_pos.relative_position_bias_table",
-                "encoder.layers2c.0.layer.conv1.conv.weight", "encoder.patch_embed.proj.weight"} <= trained
+        assert {
+            "encoder.layers1.0.blocks.0.attn.rel_pos.relative_position_bias_table",
+            "encoder.layers2c.0.layer.conv1.conv.weight",
+            "encoder.patch_embed.proj.weight",
+        } <= trained
 
 
 def test_a_gradient_that_is_not_per_sample_stops_training():

@@ -21,13 +21,21 @@ from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.ledger import PrivacyLedger
 from echocare_core.privacy.settings import DPSettings, SitePrivacy
 
-JOB = Job(task="segmentation", labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, local_steps=3, train=LocalTraining(mode="lora", lora_rank=2, batch_size=4, privacy=DPSettings(epsilon=4.0)))
+JOB = Job(
+    task="segmentation",
+    labels=(0, 1),
+    encoder=EncoderConfig(**TINY_ENCODER),
+    feature_size=8,
+    local_steps=3,
+    train=LocalTraining(mode="lora", lora_rank=2, batch_size=4, privacy=DPSettings(epsilon=4.0)),
+)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("dp_site") / "seg", "segmentation", sites=1, per_site=14, size=64,
-                         seed=6)[0]
+    return write_dataset(
+        tmp_path_factory.mktemp("dp_site") / "seg", "segmentation", sites=1, per_site=14, size=64, seed=6
+    )[0]
 
 
 def test_a_private_round_trains_and_reports_what_it_spent(folder, tmp_path):
@@ -45,7 +53,13 @@ def test_privacy_terms_are_checked_before_anything_trains(folder, tmp_path):
     with pytest.raises(JobRefused, match="trains only with differential privacy"):
         site_round(plain, state, folder, 1, privacy=SitePrivacy(required=True, epsilon_budget=8))
     with pytest.raises(JobRefused, match="train.privacy.delta 0.001 is above the site's delta 1e-05"):
-        site_round(dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(4.0, 1e-3))), state, folder, 1, ledger_dir=tmp_path)
+        site_round(
+            dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(4.0, 1e-3))),
+            state,
+            folder,
+            1,
+            ledger_dir=tmp_path,
+        )
     with pytest.raises(JobRefused, match="keeps no privacy ledger"):
         site_round(JOB, state, folder, 1)
     (tmp_path / "ledger.json").write_text("{}")
@@ -67,8 +81,10 @@ def test_the_spend_is_on_disk_before_training_and_survives_a_kill(folder, tmp_pa
     long = dataclasses.replace(JOB, local_steps=25)
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, long.to_json(), str(folder), str(tmp_path)])
     try:
-        while not (tmp_path / "ledger.json").is_file() or not json.loads(
-                (tmp_path / "ledger.json").read_text())["datasets"]:
+        while (
+            not (tmp_path / "ledger.json").is_file()
+            or not json.loads((tmp_path / "ledger.json").read_text())["datasets"]
+        ):
             assert proc.poll() is None, "the round ended before the spend was seen"
             time.sleep(0.05)
         time.sleep(0.2)  # into training
@@ -84,7 +100,13 @@ def test_the_spend_is_on_disk_before_training_and_survives_a_kill(folder, tmp_pa
 def test_a_ghost_round_spends_what_a_hooks_round_spends(folder, tmp_path):
     state = initial_state(JOB, None)
     hooks = site_round(JOB, state, folder, 1, ledger_dir=tmp_path / "hooks", rounds=5)
-    ghost = site_round(dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=4.0, mode="ghost"))), state, folder, 1,
-                       ledger_dir=tmp_path / "ghost", rounds=5)
+    ghost = site_round(
+        dataclasses.replace(JOB, train=dataclasses.replace(JOB.train, privacy=DPSettings(epsilon=4.0, mode="ghost"))),
+        state,
+        folder,
+        1,
+        ledger_dir=tmp_path / "ghost",
+        rounds=5,
+    )
     assert ghost.metrics["train_steps"] == 3 and ghost.metrics["epsilon"] == hooks.metrics["epsilon"]
     assert any(not torch.equal(ghost.shared[n], state[n]) for n in ghost.shared)
