@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from echocare_core.data.synthetic_dataset import write_dataset
-from echocare_core.engine.report import read_metrics
+from echocare_core.engine.run_report import read_metrics
 from echocare_core.federation.testbed import run_on_this_machine
 
 ROOT = Path(__file__).resolve().parents[1]

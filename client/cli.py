@@ -27,6 +27,7 @@ from echocare_core.cli.common import StopFlag, config_parser, console, fail, set
 from echocare_core.config import ConfigError, load_config, save_config
 from echocare_core.data.contract import verify_dataset
 from echocare_core.federation.processes import FlowerError, free_port, start, stop, toml_value
+from echocare_core.files import write_atomic
 from echocare_core.privacy.ledger import LedgerError, PrivacyLedger, dataset_fingerprint
 
 PROG = "echocare-client"
@@ -82,11 +83,7 @@ def write_node_config(cfg: SiteConfig, worker_socket: str) -> Path:
     state.mkdir(parents=True, exist_ok=True)
     save_config(cfg, state / "site.yaml")
     values = {"site-config": str(state / "site.yaml"), "worker-socket": worker_socket}
-    path = state / "node.toml"
-    tmp = path.with_name(".node.toml.tmp")
-    tmp.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomic(state / "node.toml", "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
 
 
 def show_ledger(cfg: SiteConfig, state: Path) -> int:

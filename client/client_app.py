@@ -27,6 +27,7 @@ from echocare_client.worker import ask_worker, failure_reason, handle, not_appro
 from echocare_core.config import load_config
 from echocare_core.federation.audit import AuditLog
 from echocare_core.federation.transport import FAILED, NEED_FROZEN, REFUSED, digest, text_hash
+from echocare_core.files import write_atomic
 
 app = ClientApp()
 log = logging.getLogger(__name__)
@@ -149,12 +150,7 @@ def _keep(state_dir: Path, name: str, fill: Callable[[Path], None]) -> Path:
     most recently used copies."""
     path = state_dir / "frozen" / f"{name}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per ClientApp process
-    try:
-        fill(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, fill)  # its temporary file is one per ClientApp process
     copies = sorted(path.parent.glob("*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
     for old in copies[KEEP_FROZEN:]:
         old.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from echocare_core.config import check_ranges
 from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.privacy.settings import SitePrivacy
 
@@ -55,6 +56,6 @@ class SiteConfig:
                 f"base_weights: {self.base_weights} does not exist (a weights file such as the EchoCare "
                 f"release, or a checkpoint folder)"
             )
-        for key in ("max_restarts", "num_workers"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key}={getattr(self, key)}: must be >= 0")
+        check_ranges(
+            self, {"max_restarts": (self.max_restarts >= 0, ">= 0"), "num_workers": (self.num_workers >= 0, ">= 0")}
+        )

@@ -161,6 +161,7 @@ def _round(site: SiteConfig, request: dict[str, Any]) -> dict[str, Any]:
     from echocare_core.federation.job import Job, job_hash
     from echocare_core.federation.site import JobRefused, local_layers_file, site_round
     from echocare_core.federation.transport import encode
+    from echocare_core.files import write_atomic
 
     state_dir, rnd = Path(site.state_dir), int(request["round"])
     device = (
@@ -201,9 +202,12 @@ def _round(site: SiteConfig, request: dict[str, Any]) -> dict[str, Any]:
     encoded = encode(result.shared, global_state, job.transport)  # deltas in 16 bits, or fp32 weights
     sent = state_dir / "sent" / f"round_{rnd:04d}.safetensors"  # the site's copy of everything that left it
     sent.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sent.with_name(f".{sent.name}.tmp")
-    save_file(encoded, str(tmp), metadata={"num-examples": str(result.samples), "transport": job.transport})
-    os.replace(tmp, sent)
+    write_atomic(
+        sent,
+        lambda tmp: save_file(
+            encoded, str(tmp), metadata={"num-examples": str(result.samples), "transport": job.transport}
+        ),
+    )
     metrics = {"compute_s": time.perf_counter() - t0, **{k: v for k, v in result.metrics.items() if math.isfinite(v)}}
     return {"shared": str(sent), "sent": manifest(encoded), "samples": result.samples, "metrics": metrics}
 

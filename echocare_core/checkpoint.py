@@ -32,6 +32,7 @@ from torch import nn
 from echocare_core import __version__
 from echocare_core.config import from_dict
 from echocare_core.data.ontology import Ontology
+from echocare_core.files import fsync
 from echocare_core.models.pretrain import EchoCarePretrainModel
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
@@ -136,15 +137,6 @@ def save_checkpoint(
         os.replace(tmp, directory)
     fsync(directory.parent)
     return directory
-
-
-def fsync(path: Path) -> None:
-    """Make a file or folder durable (its data, or its entries)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _model_file(path: str | os.PathLike) -> Path:

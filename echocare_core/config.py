@@ -19,6 +19,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from echocare_core.files import write_atomic
+
 __all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "apply_overrides", "save_config"]
 
 T = TypeVar("T")
@@ -196,9 +198,18 @@ def load_config(
         raise ConfigError(f"{source}: {exc}") from None
 
 
+def check_ranges(obj: Any, rules: dict[str, tuple[bool, str]]) -> None:
+    """The one range check of the configs: raise for the first key whose value breaks its rule, naming the key,
+    the value and the rule (`key=value: must be rule`); a config loader prefixes the section.
+
+    Raises:
+        ValueError: a rule is broken.
+    """
+    for key, (ok, rule) in rules.items():
+        if not ok:
+            raise ValueError(f"{key}={getattr(obj, key)}: must be {rule}")
+
+
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

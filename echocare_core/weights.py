@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from echocare_core.checkpoint import MODEL_FILE, CheckpointFormatError, fsync, load_weights, read_meta
+from echocare_core.checkpoint import MODEL_FILE, CheckpointFormatError, load_weights, read_meta
 from echocare_core.config import from_dict
+from echocare_core.files import write_atomic
 from echocare_core.models.swin import EncoderConfig, SwinEncoder
 
 __all__ = [
@@ -266,8 +267,4 @@ def export_release(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pat
             f"{checkpoint}: its encoder does not come out in the release layout ({str(exc).splitlines()[0]})"
         ) from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    fsync(tmp)
-    os.replace(tmp, out)
-    return out
+    return write_atomic(out, lambda tmp: torch.save(state, tmp), durable=True)

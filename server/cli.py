@@ -23,6 +23,7 @@ from echocare_core.cli.common import StopFlag, config_parser, console, fail, set
 from echocare_core.config import ConfigError, load_config, save_config, to_dict
 from echocare_core.federation.processes import FlowerError, free_port, run_flwr, start, stop, toml_value, wait_healthy
 from echocare_core.federation.rounds import initial_state
+from echocare_core.files import write_atomic
 from echocare_core.weights import weights_digest
 from echocare_server.config import FederationConfig
 
@@ -143,9 +144,7 @@ def register_sites(cfg: FederationConfig, out: Path) -> None:
     keys = {name: Path(cfg.server.keys, "sites", f"{name}.pub").resolve() for name in cfg.server.allowed_sites}
 
     def save() -> None:
-        tmp = path.with_name(".sites.json.tmp")
-        tmp.write_text(json.dumps(known, indent=2), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, json.dumps(known, indent=2))
 
     for name, entry in list(known.items()):
         if name not in keys or entry["key"] != keys[name].read_text(encoding="utf-8").strip():

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from echocare_core.config import check_ranges
 from echocare_core.federation.job import Job, task_jobs
 from echocare_core.federation.strategies import StrategyConfig
 
@@ -65,22 +66,19 @@ class RoundSettings:
     keep_checkpoints: int = 2  # round checkpoints kept (the newest); checkpoints/best is kept besides
 
     def __post_init__(self) -> None:
-        if (
-            self.rounds < 1
-            or self.min_sites < 1
-            or self.expected_sites < 0
-            or self.wait_for_sites <= 0
-            or self.deadline <= 0
-            or not 0 < self.participation <= 1
-            or self.max_norm_ratio < 0
-            or self.keep_checkpoints < 2
-        ):
-            raise ValueError(
-                f"need rounds >= 1, min_sites >= 1, wait_for_sites > 0, deadline > 0, "
-                f"0 < participation <= 1, max_norm_ratio >= 0 and keep_checkpoints >= 2; got "
-                f"{self.rounds}, {self.min_sites}, {self.wait_for_sites}, {self.deadline}, "
-                f"{self.participation}, {self.max_norm_ratio}, {self.keep_checkpoints}"
-            )
+        check_ranges(
+            self,
+            {
+                "rounds": (self.rounds >= 1, ">= 1"),
+                "min_sites": (self.min_sites >= 1, ">= 1"),
+                "expected_sites": (self.expected_sites >= 0, ">= 0 (0: min_sites)"),
+                "wait_for_sites": (self.wait_for_sites > 0, "> 0 seconds"),
+                "deadline": (self.deadline > 0, "> 0 seconds"),
+                "participation": (0 < self.participation <= 1, "in (0, 1]"),
+                "max_norm_ratio": (self.max_norm_ratio >= 0, ">= 0 (0: off)"),
+                "keep_checkpoints": (self.keep_checkpoints >= 2, ">= 2"),
+            },
+        )
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ def run_rounds(grid: Grid, cfg: Any) -> None:
     """
     from echocare_core.engine.finetune import write_json_lines
     from echocare_core.engine.metrics import MAIN_METRIC
-    from echocare_core.engine.report import privacy_spent, write_federation_report
+    from echocare_core.engine.run_report import privacy_spent, write_federation_report
     from echocare_core.federation.job import job_hash, shared_names, task_jobs
     from echocare_core.federation.rounds import (
         aggregate,

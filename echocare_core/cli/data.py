@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
@@ -28,6 +27,7 @@ from echocare_core.cli.common import fail, setup_logging
 from echocare_core.data import synthetic
 from echocare_core.data.contract import VerifyReport, verify_dataset
 from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.files import write_atomic
 
 PROG = "echocare-data"
 
@@ -156,9 +156,7 @@ def _write_json(path: Path, report: VerifyReport) -> None:
 
 
 def _write_json_file(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from rich.console import Console
 from echocare_core.cli.common import command_parser, input_error, metrics_table, setup_logging
 
 
-def evaluate_main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     prog = "echocare-evaluate"
     parser = command_parser(
         prog,

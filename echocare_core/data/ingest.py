@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
+import io
 import os
 import secrets
 import shutil
@@ -46,6 +47,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from echocare_core.data.contract import load_spec, patient_splits, read_manifest
 from echocare_core.data.io import ImageReadError, is_dicom, is_image_file, read_frames, read_image
+from echocare_core.files import write_atomic
 
 __all__ = [
     "DEVICE_COLUMNS",
@@ -392,13 +394,11 @@ def ingest(
 
 
 def _write_log(path: Path, log: list[tuple[str, str, str]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["source", "frame", "outcome"])
-        writer.writerows(log)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["source", "frame", "outcome"])
+    writer.writerows(log)
+    write_atomic(path, text.getvalue(), mode=0o600)  # it maps the dataset back to the source files
 
 
 def data_card(folder: str | Path) -> dict[str, Any]:

@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import logging
-import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from echocare_core.data.synthetic import (
     lookup_option,
     profile_for_site,
 )
+from echocare_core.files import write_atomic
 
 __all__ = [
     "CLIP_FRAMES",
@@ -153,9 +153,7 @@ def _check_site_folders(folders: list[Path], overwrite: bool) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def _write_site(

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -27,7 +26,7 @@ from echocare_core.data.finetune import TaskDataset, split_rows
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.distributed import init_distributed
 from echocare_core.engine.finetune_config import FinetuneConfig
-from echocare_core.engine.report import read_metrics
+from echocare_core.engine.run_report import read_metrics
 from echocare_core.engine.training import (
     Recipe,
     check_dataset,
@@ -41,6 +40,7 @@ from echocare_core.engine.training import (
     task_loss,
     train_epoch,
 )
+from echocare_core.files import write_atomic
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
@@ -194,9 +194,7 @@ def _plain(value: Any) -> Any:
 
 def write_json(path: Path, data: dict) -> None:
     """Write strict JSON atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_plain(data), indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(_plain(data), indent=2))
 
 
 def _private(cfg: FinetuneConfig, model: EchoCareTaskModel, recipe: Recipe, train_set: TaskDataset) -> Any:
@@ -343,6 +341,4 @@ def run_finetune(
 
 
 def write_json_lines(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(_plain(r)) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(_plain(r)) + "\n" for r in rows))

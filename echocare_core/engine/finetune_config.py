@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from echocare_core.config import check_ranges
 from echocare_core.engine.training import LocalTraining
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
@@ -40,9 +41,7 @@ class FinetuneModel:
     beam: int = 3  # report: beam width when writing reports for validation and test (1 = greedy)
 
     def __post_init__(self) -> None:
-        for key in ("feature_size", "frames", "beam"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")
+        check_ranges(self, {key: (getattr(self, key) >= 1, ">= 1") for key in ("feature_size", "frames", "beam")})
 
 
 @dataclass(frozen=True)

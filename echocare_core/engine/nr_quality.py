@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,8 @@ import numpy as np
 import torch
 from scipy.ndimage import correlate
 from scipy.special import gamma
+
+from echocare_core.files import write_atomic
 
 __all__ = ["NIQE_BLOCK", "NiqeParams", "fit_niqe_params", "load_niqe_params", "niqe", "piqe", "save_niqe_params"]
 
@@ -280,17 +281,18 @@ def fit_niqe_params(
 def save_niqe_params(path: str | Path, params: NiqeParams) -> None:
     """Write a model as an .npz in BasicSR's layout (`mu_pris_param` [1, 36], `cov_pris_param` [36, 36],
     `gaussian_window` [7, 7]) plus `block_size`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:  # a file object: numpy adds no suffix
-        np.savez(
-            f,
-            mu_pris_param=params.mu[None, :],
-            cov_pris_param=params.cov,
-            gaussian_window=_WINDOW,
-            block_size=np.array(params.block_size),
-        )
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy adds no suffix
+            np.savez(
+                f,
+                mu_pris_param=params.mu[None, :],
+                cov_pris_param=params.cov,
+                gaussian_window=_WINDOW,
+                block_size=np.array(params.block_size),
+            )
+
+    write_atomic(path, write)
 
 
 # (mean key, covariance key) of the files NIQE's model comes in

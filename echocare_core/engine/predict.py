@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from echocare_core.config import from_dict
 from echocare_core.data.finetune import from_model_points
 from echocare_core.data.io import ImageReadError, is_image_file, read_clip, read_image
 from echocare_core.data.text import ReportTokenizer
+from echocare_core.files import write_atomic
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.task import EchoCareTaskModel
 
@@ -244,8 +244,4 @@ def predict_files(
         rows.append([str(file), *_predict_one(model, meta, img, f"{i:05d}_{file.stem}", out, min_score)])
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([header, *rows])
-    target = out / "predictions.csv"
-    tmp = out / ".predictions.csv.tmp"
-    tmp.write_text(text.getvalue(), encoding="utf-8")
-    os.replace(tmp, target)
-    return target, unreadable
+    return write_atomic(out / "predictions.csv", text.getvalue()), unreadable

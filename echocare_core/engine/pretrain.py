@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -46,7 +45,8 @@ from echocare_core.data.pretrain import (
 from echocare_core.engine.distributed import DistInfo, all_reduce_sum, init_distributed, rank_fingerprints, shutdown
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.pretrain_config import PretrainConfig
-from echocare_core.engine.report import read_metrics, write_pretrain_report
+from echocare_core.engine.run_report import read_metrics, write_pretrain_report
+from echocare_core.files import write_atomic
 from echocare_core.models.pretrain import EchoCarePretrainModel
 from echocare_core.weights import load_encoder_weights
 
@@ -79,9 +79,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [row for row in read_metrics(path) if row["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))
 
 
 class _Run:

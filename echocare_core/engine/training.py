@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, SSIMLoss
 from torch.utils.data import DataLoader
 
+from echocare_core.config import check_ranges
 from echocare_core.data.contract import DatasetSpec, load_spec, read_manifest, verify_dataset
 from echocare_core.data.finetune import TaskDataset, collate_task, from_model_points
 from echocare_core.data.text import ReportTokenizer
@@ -86,18 +87,18 @@ class LocalTraining:
     privacy: DPSettings = field(default_factory=DPSettings)  # DP-SGD; epsilon for the whole run or job
 
     def __post_init__(self) -> None:
-        checks = {
-            "lora_rank": (self.lora_rank >= 1, ">= 1"),
-            "lora_alpha": (self.lora_alpha > 0, "> 0"),
-            "lr": (self.lr > 0, "> 0"),
-            "weight_decay": (self.weight_decay >= 0, ">= 0"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
-            "warmup_epochs": (self.warmup_epochs >= 0, ">= 0"),
-            "clip_grad": (self.clip_grad >= 0, ">= 0 (0: off)"),
-        }
-        for key, (ok, rule) in checks.items():
-            if not ok:
-                raise ValueError(f"{key}={getattr(self, key)}: must be {rule}")
+        check_ranges(
+            self,
+            {
+                "lora_rank": (self.lora_rank >= 1, ">= 1"),
+                "lora_alpha": (self.lora_alpha > 0, "> 0"),
+                "lr": (self.lr > 0, "> 0"),
+                "weight_decay": (self.weight_decay >= 0, ">= 0"),
+                "batch_size": (self.batch_size >= 1, ">= 1"),
+                "warmup_epochs": (self.warmup_epochs >= 0, ">= 0"),
+                "clip_grad": (self.clip_grad >= 0, ">= 0 (0: off)"),
+            },
+        )
 
     def bf16(self, device: torch.device) -> bool:
         """Autocast to bfloat16: `bf16`, or `auto` on a GPU; never under DP (per-sample gradients in fp32)."""

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from echocare_core.config import from_dict, to_dict
+from echocare_core.config import check_ranges, from_dict, to_dict
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.training import LocalTraining
@@ -112,13 +112,14 @@ class Job:
                 "a multi-task job shares the encoder (mode full) or its adapters (mode lora); with "
                 "mode frozen every site's trained part is its own head and nothing would be shared"
             )
-        for key, ok, rule in (
-            ("local_epochs", self.local_epochs >= 1, ">= 1"),
-            ("local_steps", self.local_steps >= 0, ">= 0 (0: local_epochs)"),
-            ("proximal_mu", self.proximal_mu >= 0, ">= 0 (0: off)"),
-        ):
-            if not ok:
-                raise ValueError(f"{key}={getattr(self, key)}: must be {rule}")
+        check_ranges(
+            self,
+            {
+                "local_epochs": (self.local_epochs >= 1, ">= 1"),
+                "local_steps": (self.local_steps >= 0, ">= 0 (0: local_epochs)"),
+                "proximal_mu": (self.proximal_mu >= 0, ">= 0 (0: off)"),
+            },
+        )
 
     @property
     def num_outputs(self) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from echocare_core.engine.training import (
 )
 from echocare_core.federation.job import Job, check_job, job_hash, local_patterns, shared_names, task_for, task_jobs
 from echocare_core.federation.site_terms import SiteLimits
+from echocare_core.files import write_atomic
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 from echocare_core.privacy.settings import SitePrivacy, steps_per_round
 from echocare_core.weights import load_encoder_weights
@@ -103,10 +103,8 @@ def _is_local(name: str, job: Job) -> bool:
 
 def _save_local(model: EchoCareTaskModel, job: Job, path: Path, server_round: int) -> None:
     local = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if _is_local(n, job)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(local, str(tmp), metadata={"round": str(server_round)})  # they pair with that round's global model
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # they pair with that round's global model:
+    write_atomic(path, lambda tmp: save_file(local, str(tmp), metadata={"round": str(server_round)}))
 
 
 def _local_passes(job: Job, n: int, server_round: int) -> list[list[tuple[int, int]]]:

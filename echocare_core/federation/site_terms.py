@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from echocare_core.config import check_ranges
+
 __all__ = ["SiteLimits"]
 
 
@@ -15,6 +17,10 @@ class SiteLimits:
     max_local_epochs: int = 10
 
     def __post_init__(self) -> None:
-        for key in ("max_batch_size", "max_local_epochs"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")
+        check_ranges(
+            self,
+            {
+                "max_batch_size": (self.max_batch_size >= 1, ">= 1"),
+                "max_local_epochs": (self.max_local_epochs >= 1, ">= 1"),
+            },
+        )

@@ -199,7 +199,7 @@ class Testbed:
         recorded twice, a last checkpoint that does not load as round `rounds`, audit lines that do not parse,
         and sites whose copy of what they sent in a round they took part in is missing."""
         from echocare_core.checkpoint import load_weights, read_meta
-        from echocare_core.engine.report import read_metrics
+        from echocare_core.engine.run_report import read_metrics
 
         problems = []
         history = read_metrics(self.output / "metrics.jsonl")

@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from echocare_core.data.contract import load_spec, read_manifest
+from echocare_core.files import write_atomic
 from echocare_core.privacy.dp import epsilon
 from echocare_core.privacy.settings import BudgetExceeded, LedgerError
 
@@ -50,18 +50,7 @@ def dataset_fingerprint(folder: str | Path) -> str:
 
 
 def _write_synced(path: Path, data: bytes, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data, mode=mode, durable=True)
 
 
 class PrivacyLedger:

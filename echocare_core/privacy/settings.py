@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from echocare_core.config import check_ranges
+
 __all__ = ["BudgetExceeded", "DPSettings", "LedgerError", "SitePrivacy", "steps_per_round"]
 
 
@@ -27,11 +29,14 @@ class DPSettings:
     mode: Literal["hooks", "ghost"] = "hooks"  # ghost: per-sample norms only, two backward passes, less memory
 
     def __post_init__(self) -> None:
-        if self.epsilon < 0 or not 0 < self.delta < 1 or self.max_grad_norm <= 0:
-            raise ValueError(
-                f"privacy needs epsilon >= 0 (0: off), 0 < delta < 1 and max_grad_norm > 0; got "
-                f"{self.epsilon}, {self.delta}, {self.max_grad_norm}"
-            )
+        check_ranges(
+            self,
+            {
+                "epsilon": (self.epsilon >= 0, ">= 0 (0: no differential privacy)"),
+                "delta": (0 < self.delta < 1, "in (0, 1)"),
+                "max_grad_norm": (self.max_grad_norm > 0, "> 0"),
+            },
+        )
         if self.mode not in ("hooks", "ghost"):
             raise ValueError(f"privacy.mode '{self.mode}': choose hooks or ghost")
 
@@ -49,10 +54,13 @@ class SitePrivacy:
     delta: float = 1e-5  # epsilon is accounted at this delta; jobs asking for a larger delta are refused
 
     def __post_init__(self) -> None:
-        if self.epsilon_budget < 0 or not 0 < self.delta < 1:
-            raise ValueError(
-                f"privacy.epsilon_budget={self.epsilon_budget} must be >= 0 and privacy.delta={self.delta} in (0, 1)"
-            )
+        check_ranges(
+            self,
+            {
+                "epsilon_budget": (self.epsilon_budget >= 0, ">= 0 (0: no cap)"),
+                "delta": (0 < self.delta < 1, "in (0, 1)"),
+            },
+        )
         if self.required and not self.epsilon_budget:
             raise ValueError(
                 "privacy.required is true but privacy.epsilon_budget is 0: set the budget the site's "

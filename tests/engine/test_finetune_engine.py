@@ -112,7 +112,7 @@ def seg_best(sites, tmp_path_factory):
 
 
 def test_evaluate_with_interval_and_refuse_the_wrong_dataset(sites, seg_best, tmp_path, capsys):
-    from echocare_core.cli.evaluate import evaluate_main
+    from echocare_core.cli.evaluate import main as evaluate_main
     from echocare_core.engine.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(seg_best, sites["segmentation"], "test", rounds=100)

@@ -10,7 +10,7 @@ from conftest import TINY_ENCODER
 from PIL import Image
 
 from echocare_core.checkpoint import build_from_checkpoint
-from echocare_core.cli.evaluate import evaluate_main
+from echocare_core.cli.evaluate import main as evaluate_main
 from echocare_core.cli.predict import main as predict_main
 from echocare_core.config import load_config
 from echocare_core.data.synthetic_dataset import REPORT_FINDINGS, write_dataset

@@ -1,5 +1,7 @@
 """federation.yaml and site.yaml: bad values are refused with the key named, before anything starts."""
 
+import re
+
 import pytest
 import yaml
 
@@ -33,12 +35,17 @@ def test_federation_config_checks(tmp_path):
             ["strategy.name=fedprox", "job.proximal_mu=0.1", "job.train.privacy.epsilon=3"],
             base={"server": {"insecure": True}},
         )
-    with pytest.raises(ConfigError, match="job.train.privacy: privacy needs epsilon >= 0"):
+    with pytest.raises(
+        ConfigError, match=r"job.train.privacy: epsilon=-1(.0)?: must be >= 0 \(0: no differential privacy\)"
+    ):
         load_config(FederationConfig, None, ["job.train.privacy.epsilon=-1"], base={"server": {"insecure": True}})
     with pytest.raises(ConfigError, match="job.train.mode"):
         load_config(FederationConfig, None, ["job.train.mode=partial"], base={"server": {"insecure": True}})
     (tmp_path / "federation.yaml").write_text(yaml.safe_dump({"server": {"insecure": True}, "rounds": {"rounds": 0}}))
     assert server_main(["--config", str(tmp_path / "federation.yaml")]) == 2
+    for key, value, rule in (("expected_sites", -1, ">= 0 (0: min_sites)"), ("participation", 1.5, "in (0, 1]")):
+        with pytest.raises(ConfigError, match=re.escape(f"rounds: {key}={value}: must be {rule}")):  # key, value, rule
+            load_config(FederationConfig, None, [f"rounds.{key}={value}"], base={"server": {"insecure": True}})
 
 
 def test_site_config_and_a_dataset_that_fails_the_check(tmp_path, capsys):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
+
+from echocare_core.files import write_atomic
 
 __all__ = ["privacy_spent", "read_metrics", "write_federation_report", "write_pretrain_report"]
 
@@ -33,16 +34,12 @@ def _pyplot():  # noqa: ANN202 - matplotlib.pyplot, loaded off-screen and only w
 
 
 def _save(fig, out: Path) -> None:  # noqa: ANN001
-    tmp = out.with_name(".tmp-" + out.name)
-    fig.savefig(tmp, dpi=110, format="png")
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     _pyplot().close(fig)
-    os.replace(tmp, out)
 
 
 def _write_text(out: Path, lines: list[str]) -> None:
-    tmp = out.with_name(".tmp-" + out.name)
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(out, "\n".join(lines) + "\n")
 
 
 def _plot(rows: list[dict], out: Path) -> None:
