@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from echocare_core.config import check_ranges
+from echocare_core.federation.coordinator import RoundSettings
 from echocare_core.federation.job import Job, task_jobs
 from echocare_core.federation.strategies import StrategyConfig
 
@@ -51,34 +51,6 @@ class ServerSettings:
                 f"server.keys: missing {', '.join(missing)}; make them with: echocare-keys --out "
                 f"{self.keys} --server-name HOST --sites {' '.join(self.allowed_sites)}"
             )
-
-
-@dataclass(frozen=True)
-class RoundSettings:
-    rounds: int = 3
-    min_sites: int = 2  # valid replies a round needs to count (quorum)
-    expected_sites: int = 0  # sites to wait for before round 1 (0: min_sites); after wait_for_sites seconds the
-    wait_for_sites: float = 600.0  # run starts with those connected, if they are at least min_sites
-    deadline: float = 3600.0  # seconds a round waits for replies; late sites are left out of that round
-    participation: float = 1.0  # share of the connected sites asked each round (drawn anew, at least min_sites)
-    max_norm_ratio: float = 10.0  # leave out an update farther from the global model than this many times the
-    # round's median (3 replies or more; 0: off); names, shapes and finite values are always checked
-    keep_checkpoints: int = 2  # round checkpoints kept (the newest); checkpoints/best is kept besides
-
-    def __post_init__(self) -> None:
-        check_ranges(
-            self,
-            {
-                "rounds": (self.rounds >= 1, ">= 1"),
-                "min_sites": (self.min_sites >= 1, ">= 1"),
-                "expected_sites": (self.expected_sites >= 0, ">= 0 (0: min_sites)"),
-                "wait_for_sites": (self.wait_for_sites > 0, "> 0 seconds"),
-                "deadline": (self.deadline > 0, "> 0 seconds"),
-                "participation": (0 < self.participation <= 1, "in (0, 1]"),
-                "max_norm_ratio": (self.max_norm_ratio >= 0, ">= 0 (0: off)"),
-                "keep_checkpoints": (self.keep_checkpoints >= 2, ">= 2"),
-            },
-        )
 
 
 @dataclass(frozen=True)

@@ -150,17 +150,19 @@ def check_dataset(folder: Path) -> DatasetSpec:
     return spec
 
 
+def num_outputs(task: str, classes: int, labels: int, landmarks: int, tokenizer: ReportTokenizer | None = None) -> int:
+    """A head's outputs: classes (classification, detection), declared mask values (segmentation), points
+    (landmarks), the tokenizer's ids (report; byte-level unless given), 1 (regression, enhancement)."""
+    if task == "report":
+        return (tokenizer or ReportTokenizer()).vocab_size
+    return {"classification": classes, "detection": classes, "segmentation": labels, "landmarks": landmarks}.get(
+        task, 1
+    )
+
+
 def num_classes(spec: DatasetSpec, tokenizer: ReportTokenizer | None = None) -> int:
-    """Classes (classification, detection), declared mask values (segmentation), points (landmarks), the
-    tokenizer's ids (report), 1 (regression, enhancement)."""
-    if spec.task == "report":
-        return tokenizer.vocab_size if tokenizer is not None else ReportTokenizer().vocab_size
-    return {
-        "classification": len(spec.classes),
-        "detection": len(spec.classes),
-        "segmentation": len(spec.labels),
-        "landmarks": len(spec.landmark_names),
-    }.get(spec.task, 1)
+    """The head's outputs for a dataset (`num_outputs`)."""
+    return num_outputs(spec.task, len(spec.classes), len(spec.labels), len(spec.landmark_names), tokenizer)
 
 
 def target_stats(spec: DatasetSpec, rows: list[dict[str, str]]) -> tuple[float, float]:

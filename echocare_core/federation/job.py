@@ -25,7 +25,7 @@ from torch import nn
 from echocare_core.config import check_ranges, from_dict, to_dict
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.engine.training import LocalTraining
+from echocare_core.engine.training import LocalTraining, num_outputs
 from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.federation.transport import text_hash
 from echocare_core.models.report import ReportHeadConfig
@@ -124,13 +124,7 @@ class Job:
     @property
     def num_outputs(self) -> int:
         """Head outputs: classes, mask labels, points or the byte-level tokenizer's ids (1 for regression)."""
-        return {
-            "classification": len(self.classes),
-            "detection": len(self.classes),
-            "segmentation": len(self.labels),
-            "landmarks": self.landmarks,
-            "report": ReportTokenizer().vocab_size,
-        }.get(self.task, 1)
+        return num_outputs(self.task, len(self.classes), len(self.labels), self.landmarks)
 
     @property
     def tokenizer(self) -> ReportTokenizer | None:

@@ -2,8 +2,8 @@
 
 import torch
 
+from echocare_core.federation.coordinator import check_reply
 from echocare_core.federation.transport import encode
-from echocare_server.server_app import _received
 
 EXPECTED = {"a": torch.Size([2]), "b": torch.Size([1])}
 GLOBAL = {"a": torch.ones(2), "b": torch.ones(1)}
@@ -11,7 +11,7 @@ GOOD = {"a": torch.zeros(2), "b": torch.zeros(1)}
 
 
 def _why(sent, metrics=None, transport="fp32", tasks=0):
-    return _received(sent, GLOBAL, EXPECTED, metrics or {"num-examples": 3}, transport, tasks)[1]
+    return check_reply(sent, GLOBAL, EXPECTED, metrics or {"num-examples": 3}, transport, tasks)[1]
 
 
 def test_replies_are_screened_for_names_shapes_dtypes_values_and_samples():
@@ -33,5 +33,5 @@ def test_a_multi_task_reply_must_name_one_of_the_jobs_tasks():
 
 
 def test_a_delta_comes_back_as_the_trained_weights():
-    shared, why = _received(encode(GOOD, GLOBAL, "bf16"), GLOBAL, EXPECTED, {"num-examples": 3}, "bf16", 0)
+    shared, why = check_reply(encode(GOOD, GLOBAL, "bf16"), GLOBAL, EXPECTED, {"num-examples": 3}, "bf16", 0)
     assert why == "" and all(torch.equal(shared[k], GOOD[k]) for k in GOOD)
