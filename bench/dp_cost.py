@@ -85,13 +85,13 @@ def utility(args: argparse.Namespace, tmp: Path) -> list[dict]:
     from federated_quality import SHARES, held_out_metric  # noqa: E402 - the same sites and test as that benchmark
 
     from echocare_core.data.contract import load_spec
-    from echocare_core.data.synthetic_dataset import keep_patients, write_dataset
     from echocare_core.engine.training import LocalTraining
     from echocare_core.federation.job import Job
     from echocare_core.federation.rounds import aggregate, initial_state
     from echocare_core.federation.site import site_round
     from echocare_core.models.swin import EncoderConfig
     from echocare_core.privacy.settings import DPSettings, SitePrivacy
+    from echocare_core.synthetic.dataset import keep_patients, write_dataset
 
     sites = write_dataset(tmp / "sites", "segmentation", len(SHARES), args.per_site, size=64, seed=0)
     for site, share in zip(sites, SHARES):

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from echocare_core.cli.keys import make_keys
-from echocare_core.data.synthetic_dataset import write_dataset
-from echocare_core.federation.testbed import COORDINATOR_ADDRESS, Testbed, can_isolate
+from echocare_core.federation.runtime.testbed import COORDINATOR_ADDRESS, Testbed, can_isolate
+from echocare_core.synthetic.dataset import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 4

@@ -30,7 +30,6 @@ import torch
 
 from echocare_core.data.contract import load_spec, read_manifest
 from echocare_core.data.finetune import TaskDataset
-from echocare_core.data.synthetic_dataset import keep_patients, pool_sites, write_dataset
 from echocare_core.engine.metrics import MAIN_METRIC
 from echocare_core.engine.training import LocalTraining, evaluate
 from echocare_core.federation.job import Job
@@ -38,6 +37,7 @@ from echocare_core.federation.rounds import aggregate, initial_state
 from echocare_core.federation.site import build_job_model, site_round
 from echocare_core.federation.strategies import StrategyConfig
 from echocare_core.models.swin import EncoderConfig
+from echocare_core.synthetic.dataset import keep_patients, pool_sites, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.run_report import read_metrics
-from echocare_core.federation.testbed import run_on_this_machine
+from echocare_core.federation.runtime.testbed import run_on_this_machine
+from echocare_core.synthetic.dataset import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # 'echocare' is the released encoder (120 M parameters); 64 px keeps its local compute short

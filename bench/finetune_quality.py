@@ -24,12 +24,12 @@ import numpy as np
 import yaml
 
 from echocare_core.config import load_config
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.metrics import MAIN_METRIC
 from echocare_core.engine.pretrain import run_pretraining
 from echocare_core.engine.pretrain_config import PretrainConfig
+from echocare_core.synthetic.dataset import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = {"variant": "mini", "in_chans": 1, "img_size": 128, "window_size": 8, "drop_path": 0.1}

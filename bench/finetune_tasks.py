@@ -29,9 +29,9 @@ import yaml
 from finetune_quality import ROOT, finetune, pretrain
 
 from echocare_core.data.io import read_image
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.metrics import MAIN_METRIC, enhancement_metrics
 from echocare_core.engine.text_metrics import bleu, finding_metrics
+from echocare_core.synthetic.dataset import write_dataset
 
 PER_SITE = {"landmarks": 240, "detection": 240, "regression": 240, "enhancement": 240, "report": 400}
 # regression collapses to the mean at 1e-3

@@ -389,9 +389,9 @@ def mfu_sweep(
 def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     """The real `run_pretraining` on the demo config (or `--loop-set` changes of it) and fresh synthetic data."""
     from echocare_core.config import load_config
-    from echocare_core.data.synthetic_dataset import write_dataset
     from echocare_core.engine.pretrain import run_pretraining
     from echocare_core.engine.pretrain_config import PretrainConfig
+    from echocare_core.synthetic.dataset import write_dataset
 
     with tempfile.TemporaryDirectory(prefix="echocare_bench_") as tmp:
         sites = write_dataset(Path(tmp) / "data", "pretrain", 2, args.loop_per_site, size=args.loop_size, seed=0)

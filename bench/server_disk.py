@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from echocare_core.data.synthetic_dataset import write_dataset
-from echocare_core.federation.testbed import Testbed
+from echocare_core.federation.runtime.testbed import Testbed
+from echocare_core.synthetic.dataset import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

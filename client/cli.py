@@ -26,7 +26,7 @@ from echocare_client.worker import SiteWorker
 from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
 from echocare_core.config import ConfigError, load_config, save_config
 from echocare_core.data.contract import verify_dataset
-from echocare_core.federation.processes import FlowerError, free_port, start, stop, toml_value
+from echocare_core.federation.runtime.processes import FlowerError, free_port, start, stop, toml_value
 from echocare_core.files import write_atomic
 from echocare_core.privacy.ledger import LedgerError, PrivacyLedger, dataset_fingerprint
 

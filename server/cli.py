@@ -21,8 +21,16 @@ from rich.table import Table
 
 from echocare_core.cli.common import StopFlag, config_parser, console, fail, setup_logging
 from echocare_core.config import ConfigError, load_config, save_config, to_dict
-from echocare_core.federation.processes import FlowerError, free_port, run_flwr, start, stop, toml_value, wait_healthy
 from echocare_core.federation.rounds import initial_state
+from echocare_core.federation.runtime.processes import (
+    FlowerError,
+    free_port,
+    run_flwr,
+    start,
+    stop,
+    toml_value,
+    wait_healthy,
+)
 from echocare_core.files import write_atomic
 from echocare_core.weights import weights_digest
 from echocare_server.config import FederationConfig

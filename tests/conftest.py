@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from echocare_core.config import load_config
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.pretrain_config import PretrainConfig
 from echocare_core.models.swin import EncoderConfig
+from echocare_core.synthetic.dataset import write_dataset
 
 TINY_ENCODER = dict(variant="test", in_chans=1, img_size=64, patch_size=2, window_size=4, drop_path=0.1)
 

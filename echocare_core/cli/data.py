@@ -24,10 +24,10 @@ from rich.table import Table
 
 from echocare_core.cli.common import console as err_console
 from echocare_core.cli.common import fail, setup_logging
-from echocare_core.data import synthetic
 from echocare_core.data.contract import VerifyReport, verify_dataset
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.files import write_atomic
+from echocare_core.synthetic import ultrasound as synthetic
+from echocare_core.synthetic.dataset import write_dataset
 
 PROG = "echocare-data"
 

@@ -20,12 +20,12 @@ from echocare_core.cli import pretrain
 from echocare_core.cli.common import console, fail, setup_logging
 from echocare_core.config import load_config
 from echocare_core.data.contract import load_spec
-from echocare_core.data.synthetic_dataset import keep_patients, pool_sites, write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.metrics import MAIN_METRIC
-from echocare_core.federation.testbed import run_on_this_machine
+from echocare_core.federation.runtime.testbed import run_on_this_machine
+from echocare_core.synthetic.dataset import keep_patients, pool_sites, write_dataset
 
 PROG = "echocare-demo"
 ENCODER = {"variant": "test", "img_size": 64, "window_size": 4}  # the smallest of the EchoCare family

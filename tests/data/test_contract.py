@@ -10,7 +10,7 @@ from PIL import Image
 
 from echocare_core.cli.data import main as data_main
 from echocare_core.data.contract import load_spec, patient_splits, verify_dataset
-from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.synthetic.dataset import write_dataset
 
 
 def _dataset(folder, task, header, rows, **spec):

@@ -16,7 +16,7 @@ from pydicom.encaps import encapsulate
 from echocare_core.cli.data import main as data_main
 from echocare_core.data.contract import read_manifest, verify_dataset
 from echocare_core.data.ingest import IngestSettings, data_card, ingest, load_secret, pseudonym
-from echocare_core.data.synthetic import generate_image
+from echocare_core.synthetic.ultrasound import generate_image
 
 IDENTIFYING = (
     "DOE",

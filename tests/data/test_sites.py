@@ -1,7 +1,7 @@
 """Unequal sites and the pooled baseline (demo, benchmarks): a smaller site keeps whole patients; the pool verifies."""
 
 from echocare_core.data.contract import read_manifest, verify_dataset
-from echocare_core.data.synthetic_dataset import keep_patients, pool_sites, write_dataset
+from echocare_core.synthetic.dataset import keep_patients, pool_sites, write_dataset
 
 
 def test_shrunk_sites_and_the_pooled_dataset_pass_the_check(tmp_path):

@@ -14,10 +14,11 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage
 
 from echocare_core.cli.data import main
-from echocare_core.data import synthetic
 from echocare_core.data.contract import verify_dataset
 from echocare_core.data.io import read_clip
-from echocare_core.data.synthetic import (
+from echocare_core.synthetic import ultrasound as synthetic
+from echocare_core.synthetic.dataset import manifest_anatomy, write_dataset
+from echocare_core.synthetic.ultrasound import (
     DEVICE_PROFILES,
     HEART_SCENE,
     LANDMARK_NAMES,
@@ -27,7 +28,6 @@ from echocare_core.data.synthetic import (
     generate_image,
     lv_scale,
 )
-from echocare_core.data.synthetic_dataset import manifest_anatomy, write_dataset
 
 ONTOLOGY = Path(synthetic.__file__).resolve().parents[1] / "resources" / "ontology.yaml"
 
@@ -410,7 +410,7 @@ def test_cli_synth_new_tasks_then_verify(tmp_path: Path, task: str) -> None:
 
 
 def test_report_dataset_describes_each_lesion(tmp_path: Path) -> None:
-    from echocare_core.data.synthetic_dataset import REPORT_FINDINGS, lesion_report
+    from echocare_core.synthetic.dataset import REPORT_FINDINGS, lesion_report
 
     folder = write_dataset(tmp_path, "report", sites=1, per_site=12, size=64, seed=3)[0]
     assert verify_dataset(folder).ok

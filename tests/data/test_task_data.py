@@ -59,8 +59,8 @@ def test_landmarks_are_never_flipped(tmp_path):
 
 
 def test_report_samples_read_the_models_views_never_flip_and_count_cut_reports(tmp_path, caplog):
-    from echocare_core.data.synthetic_dataset import write_dataset
     from echocare_core.data.text import ReportTokenizer
+    from echocare_core.synthetic.dataset import write_dataset
 
     folder = write_dataset(tmp_path, "report", sites=1, per_site=6, size=48, seed=3)[0]
     spec, (_, rows) = load_spec(folder), read_manifest(folder)

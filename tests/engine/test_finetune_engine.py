@@ -11,11 +11,11 @@ from conftest import TINY_ENCODER
 from echocare_core.checkpoint import build_from_checkpoint, read_meta
 from echocare_core.cli.finetune import main as finetune_main
 from echocare_core.config import load_config
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.pretrain import run_pretraining
 from echocare_core.engine.training import DatasetInvalidError
+from echocare_core.synthetic.dataset import write_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,10 @@ from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.cli.evaluate import main as evaluate_main
 from echocare_core.cli.predict import main as predict_main
 from echocare_core.config import load_config
-from echocare_core.data.synthetic_dataset import REPORT_FINDINGS, write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
+from echocare_core.synthetic.dataset import REPORT_FINDINGS, write_dataset
 
 pytestmark = pytest.mark.slow
 

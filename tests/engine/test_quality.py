@@ -12,9 +12,9 @@ from scipy.io import savemat
 from scipy.ndimage import gaussian_filter
 
 from echocare_core.cli.evaluate import main as evaluate_main
-from echocare_core.data.synthetic import generate_image
 from echocare_core.engine.nr_quality import NiqeParams, fit_niqe_params, load_niqe_params, niqe, piqe, save_niqe_params
 from echocare_core.engine.quality import QualityWeights, quality_metrics
+from echocare_core.synthetic.ultrasound import generate_image
 
 
 @pytest.fixture(scope="module")

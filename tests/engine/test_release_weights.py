@@ -13,12 +13,12 @@ from models.test_swin import monai_twin
 from echocare_core.checkpoint import load_weights
 from echocare_core.cli.finetune import main as finetune_main
 from echocare_core.config import ConfigError, load_config
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, shared_names
 from echocare_core.federation.rounds import initial_state
 from echocare_core.federation.site import build_job_model, site_round
 from echocare_core.models.swin import EncoderConfig
+from echocare_core.synthetic.dataset import write_dataset
 from echocare_core.weights import export_release
 from echocare_server.cli import main as server_main
 from echocare_server.config import FederationConfig

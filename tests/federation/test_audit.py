@@ -8,10 +8,10 @@ from in_process import InProcessGrid, node_config
 from safetensors import safe_open
 
 from echocare_core.config import from_dict
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.federation.audit import AuditLog
 from echocare_core.federation.job import shared_names
 from echocare_core.federation.site import build_job_model
+from echocare_core.synthetic.dataset import write_dataset
 from echocare_server.config import FederationConfig
 from echocare_server.server_app import run_rounds
 

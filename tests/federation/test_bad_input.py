@@ -16,13 +16,13 @@ from echocare_client.cli import main as client_main
 from echocare_client.client_app import train
 from echocare_core import __version__
 from echocare_core.data.contract import read_manifest
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, shared_names
 from echocare_core.federation.rounds import initial_state
 from echocare_core.federation.site import build_job_model
 from echocare_core.federation.transport import digest
 from echocare_core.models.swin import EncoderConfig
+from echocare_core.synthetic.dataset import write_dataset
 
 JOB = Job(
     task="segmentation",

@@ -63,8 +63,8 @@ def test_site_config_and_a_dataset_that_fails_the_check(tmp_path, capsys):
 
 
 def test_the_site_prints_its_ledger_and_refuses_to_start_when_it_was_edited(tmp_path, capsys):
-    from echocare_core.data.synthetic_dataset import write_dataset
     from echocare_core.privacy.ledger import PrivacyLedger, dataset_fingerprint
+    from echocare_core.synthetic.dataset import write_dataset
 
     folder = write_dataset(tmp_path / "data", "segmentation", sites=1, per_site=6, size=64, seed=1)[0]
     site = {
@@ -90,7 +90,7 @@ def test_the_site_prints_its_ledger_and_refuses_to_start_when_it_was_edited(tmp_
 
 
 def test_the_site_model_command_needs_its_arguments_and_names_what_is_wrong(tmp_path, capsys):
-    from echocare_core.data.synthetic_dataset import write_dataset
+    from echocare_core.synthetic.dataset import write_dataset
 
     folder = write_dataset(tmp_path / "data", "segmentation", sites=1, per_site=6, size=64, seed=1)[0]
     site = {"name": "site_x", "insecure": True, "data": str(folder), "state_dir": str(tmp_path / "state")}

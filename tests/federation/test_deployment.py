@@ -13,11 +13,11 @@ from safetensors import safe_open
 from echocare_core.checkpoint import build_from_checkpoint, load_weights, read_meta
 from echocare_core.cli.keys import make_keys
 from echocare_core.config import from_dict
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.federation.rounds import initial_state
-from echocare_core.federation.testbed import run_on_this_machine
+from echocare_core.federation.runtime.testbed import run_on_this_machine
 from echocare_core.federation.transport import decode
 from echocare_core.privacy.ledger import PrivacyLedger
+from echocare_core.synthetic.dataset import write_dataset
 from echocare_server.config import FederationConfig
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from echocare_core.cli.keys import make_keys
-from echocare_core.data.synthetic_dataset import write_dataset
-from echocare_core.federation.testbed import COORDINATOR_ADDRESS, Testbed, can_isolate
+from echocare_core.federation.runtime.testbed import COORDINATOR_ADDRESS, Testbed, can_isolate
+from echocare_core.synthetic.dataset import write_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not can_isolate(), reason="network namespaces need root and ip")]
 

@@ -13,17 +13,17 @@ from safetensors.torch import load_file
 from echocare_core.checkpoint import build_from_checkpoint, load_weights, read_meta
 from echocare_core.config import ConfigError, to_dict
 from echocare_core.data.contract import load_spec
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import JOB_SCHEMA, Job, TaskSpec, check_job, job_hash, shared_names, task_for
 from echocare_core.federation.rounds import aggregate, initial_state, save_best, save_round, site_model
+from echocare_core.federation.runtime.testbed import run_on_this_machine
 from echocare_core.federation.site import JobRefused, build_job_model, local_layers_file, site_round
 from echocare_core.federation.site_terms import SiteLimits
-from echocare_core.federation.testbed import run_on_this_machine
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.ledger import PrivacyLedger
 from echocare_core.privacy.settings import DPSettings
+from echocare_core.synthetic.dataset import write_dataset
 
 TASKS = (
     TaskSpec("segmentation", labels=(0, 1)),

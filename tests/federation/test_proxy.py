@@ -10,7 +10,7 @@ import pytest
 
 from echocare_core.cli.keys import make_keys
 from echocare_core.config import from_dict
-from echocare_core.federation.processes import FlowerError, free_port, run_flwr, stop
+from echocare_core.federation.runtime.processes import FlowerError, free_port, run_flwr, stop
 from echocare_server.cli import CONNECTION, prepare, start_coordinator
 from echocare_server.config import FederationConfig
 

@@ -12,17 +12,17 @@ from echocare_core.checkpoint import read_meta
 from echocare_core.cli.predict import main as predict_main
 from echocare_core.config import to_dict
 from echocare_core.data.contract import load_spec
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, TaskSpec, check_job, job_hash
 from echocare_core.federation.rounds import aggregate, initial_state, save_round
+from echocare_core.federation.runtime.testbed import run_on_this_machine
 from echocare_core.federation.site import site_round
 from echocare_core.federation.site_terms import SiteLimits
-from echocare_core.federation.testbed import run_on_this_machine
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
+from echocare_core.synthetic.dataset import write_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,6 @@ from conftest import TINY_ENCODER
 
 from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.data.contract import load_spec
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, check_job, job_hash, weighted_mean
@@ -16,6 +15,7 @@ from echocare_core.federation.rounds import aggregate, initial_state, resume, sa
 from echocare_core.federation.site import JobRefused, site_round
 from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.models.swin import EncoderConfig
+from echocare_core.synthetic.dataset import write_dataset
 
 JOB = Job(
     task="segmentation",

@@ -11,9 +11,9 @@ from safetensors import safe_open
 
 from echocare_core.checkpoint import load_weights
 from echocare_core.config import from_dict
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.federation.rounds import outlier_reasons
 from echocare_core.federation.transport import decode
+from echocare_core.synthetic.dataset import write_dataset
 from echocare_server.config import FederationConfig
 from echocare_server.server_app import run_rounds
 

@@ -13,7 +13,7 @@ import yaml
 from echocare_client.cli import check_clock, main
 from echocare_client.config import SiteConfig
 from echocare_core.cli.keys import make_keys
-from echocare_core.data.synthetic_dataset import write_dataset
+from echocare_core.synthetic.dataset import write_dataset
 
 
 @pytest.fixture(scope="module")

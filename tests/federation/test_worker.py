@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 from echocare_client.config import SiteConfig
 from echocare_client.worker import SiteWorker, ask_worker, failure_reason, run_request
 from echocare_core import __version__
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, job_hash
 from echocare_core.federation.rounds import initial_state
 from echocare_core.models.swin import EncoderConfig
+from echocare_core.synthetic.dataset import write_dataset
 
 JOB = Job(
     task="segmentation",

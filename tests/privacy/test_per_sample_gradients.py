@@ -11,13 +11,13 @@ from conftest import TINY_ENCODER
 from torch import nn
 
 from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.training import check_dataset, num_classes, task_loss
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 from echocare_core.privacy.dp import DPSettings, DPTraining, PrivacyError
+from echocare_core.synthetic.dataset import write_dataset
 
 ENCODER = EncoderConfig(**{**TINY_ENCODER, "drop_path": 0.0})
 TASKS = ("classification", "segmentation", "landmarks", "detection", "enhancement", "regression", "report")

@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import TINY_ENCODER
 
-from echocare_core.data.synthetic_dataset import write_dataset
 from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job
 from echocare_core.federation.rounds import initial_state
@@ -20,6 +19,7 @@ from echocare_core.federation.site import JobRefused, site_round
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.ledger import PrivacyLedger
 from echocare_core.privacy.settings import DPSettings, SitePrivacy
+from echocare_core.synthetic.dataset import write_dataset
 
 JOB = Job(
     task="segmentation",

@@ -8,7 +8,7 @@ to the device's dynamic range, scan-converted from the beam grid (depth x line) 
 image with bilinear interpolation, and quantised. Everything draws from the caller's
 `np.random.Generator`, so one seed gives byte-identical images. numpy only.
 
-Scenes and device profiles are data (`synthetic_scenes`): a scene is a list of primitives painted in
+Scenes and device profiles are data (`scenes`): a scene is a list of primitives painted in
 order in image coordinates (x to the right, z down, both in image heights; the probe face is at z = 0). Pixel
 column j has its centre at x = (j + 0.5) / size, so a point's pixel coordinate is x * size - 0.5.
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from echocare_core.data.synthetic_scenes import DEFAULT_SCENE, DEVICE_PROFILES, GEOMETRIES, HEART_SCENE, LV_PART, SCENES
+from echocare_core.synthetic.scenes import DEFAULT_SCENE, DEVICE_PROFILES, GEOMETRIES, HEART_SCENE, LV_PART, SCENES
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from echocare_core.federation.processes import free_port, stop
+from echocare_core.federation.runtime.processes import free_port, stop
 
 __all__ = ["COORDINATOR_ADDRESS", "Testbed", "can_isolate", "run_on_this_machine"]
 

@@ -1,7 +1,7 @@
 """Scenes, device profiles and probe geometries of the synthetic ultrasound generator: data, not code.
 
 A scene is a list of primitives painted in order in image coordinates (x to the right, z down, both
-in image heights; the probe face is at z = 0); see `echocare_core.data.synthetic`.
+in image heights; the probe face is at z = 0); see `echocare_core.synthetic.ultrasound`.
 """
 
 from __future__ import annotations

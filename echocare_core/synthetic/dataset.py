@@ -24,7 +24,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage
 
 from echocare_core.data.contract import TASK_COLUMNS
-from echocare_core.data.synthetic import (
+from echocare_core.files import write_atomic
+from echocare_core.synthetic.ultrasound import (
     CLASSES,
     ENHANCEMENT_PAIR,
     LANDMARK_NAMES,
@@ -39,7 +40,6 @@ from echocare_core.data.synthetic import (
     lookup_option,
     profile_for_site,
 )
-from echocare_core.files import write_atomic
 
 __all__ = [
     "CLIP_FRAMES",
@@ -185,7 +185,7 @@ def _write_site(
     _write_text_atomic(folder / "manifest.csv", text.getvalue())
     what = f"clips of {CLIP_FRAMES} frames" if task == "regression" else "images"
     header = (
-        f"# Synthetic ultrasound dataset written by echocare_core.data.synthetic "
+        f"# Synthetic ultrasound dataset written by echocare_core.synthetic.ultrasound "
         f"(seed {seed}, site {site}, {per_site} {what} of {size}x{size}).\n"
     )
     _write_text_atomic(folder / "dataset.yaml", header + yaml.safe_dump(_site_meta(ctx), sort_keys=False))
