@@ -30,7 +30,6 @@ import torch
 
 from echocare_core.data.contract import load_spec, read_manifest
 from echocare_core.data.finetune import TaskDataset
-from echocare_core.engine.metrics import MAIN_METRIC
 from echocare_core.engine.training import LocalTraining, evaluate
 from echocare_core.federation.job import Job
 from echocare_core.federation.rounds import aggregate, initial_state
@@ -38,6 +37,7 @@ from echocare_core.federation.site import build_job_model, site_round
 from echocare_core.federation.strategies import StrategyConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.synthetic.dataset import keep_patients, pool_sites, write_dataset
+from echocare_core.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4)
@@ -60,7 +60,7 @@ def held_out_metric(job: Job, state: dict[str, torch.Tensor], folder: Path) -> f
     model.load_state_dict(state)
     spec, rows = load_spec(folder), read_manifest(folder)[1]
     ds = TaskDataset(folder, spec, rows, ENCODER.img_size, ENCODER.in_chans, False, ENCODER.scale)
-    return evaluate(model, ds, torch.device("cpu"), job.num_outputs, 16)[MAIN_METRIC[job.task]]
+    return evaluate(model, ds, torch.device("cpu"), job.num_outputs, 16)[get_task(job.task).main_metric]
 
 
 def run(task: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict:
@@ -99,7 +99,7 @@ def run(task: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict:
         "seed": seed,
         "train_images": train,
         "test_images": args.test_per_site,
-        "metric": MAIN_METRIC[task],
+        "metric": get_task(task).main_metric,
         "scores": scores,
         "seconds": time.perf_counter() - t0,
     }

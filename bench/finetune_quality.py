@@ -26,10 +26,10 @@ import yaml
 from echocare_core.config import load_config
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
-from echocare_core.engine.metrics import MAIN_METRIC
 from echocare_core.engine.pretrain import run_pretraining
 from echocare_core.engine.pretrain_config import PretrainConfig
 from echocare_core.synthetic.dataset import write_dataset
+from echocare_core.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = {"variant": "mini", "in_chans": 1, "img_size": 128, "window_size": 8, "drop_path": 0.1}
@@ -93,7 +93,7 @@ def finetune(
         "mode": mode,
         "init": "pretrained" if init else "random",
         "seed": seed,
-        "test": result.test.get(MAIN_METRIC[task], float("nan")),
+        "test": result.test.get(get_task(task).main_metric, float("nan")),
         "trainable": result.trainable,
         "metrics": result.test,
         "seconds": sum(r["seconds"] for r in result.history),

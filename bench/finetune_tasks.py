@@ -29,9 +29,10 @@ import yaml
 from finetune_quality import ROOT, finetune, pretrain
 
 from echocare_core.data.io import read_image
-from echocare_core.engine.metrics import MAIN_METRIC, enhancement_metrics
-from echocare_core.engine.text_metrics import bleu, finding_metrics
 from echocare_core.synthetic.dataset import write_dataset
+from echocare_core.tasks import get_task
+from echocare_core.tasks.enhancement import enhancement_metrics
+from echocare_core.tasks.text_metrics import bleu, finding_metrics
 
 PER_SITE = {"landmarks": 240, "detection": 240, "regression": 240, "enhancement": 240, "report": 400}
 # regression collapses to the mean at 1e-3
@@ -109,7 +110,7 @@ def main() -> None:
                     else {"frames": args.frames}
                 )
                 r = finetune(folder, tmp / f"{task}_{mode}", init, mode, args.epochs, lr=LR[task], **extra)
-                results.append({**r, "baseline": baseline, "metric": MAIN_METRIC[task]})
+                results.append({**r, "baseline": baseline, "metric": get_task(task).main_metric})
                 if task == "report":
                     results[-1]["baseline_finding_f1"] = common_report_f1(folder)
     print(f"{'task':<11} {'mode':<5} {'init':<11} {'metric':<6} {'test':>7} {'baseline':>9} {'train s':>8}")

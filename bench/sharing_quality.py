@@ -36,7 +36,6 @@ from safetensors.torch import load_file
 from echocare_core.config import load_config
 from echocare_core.data.contract import load_spec, read_manifest
 from echocare_core.data.finetune import TaskDataset
-from echocare_core.engine.metrics import MAIN_METRIC
 from echocare_core.engine.pretrain import run_pretraining
 from echocare_core.engine.pretrain_config import PretrainConfig
 from echocare_core.engine.training import LocalTraining, evaluate
@@ -45,6 +44,7 @@ from echocare_core.federation.rounds import aggregate, initial_state
 from echocare_core.federation.site import build_job_model, local_layers_file, site_round
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.synthetic.dataset import keep_patients, write_dataset
+from echocare_core.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4)
@@ -96,7 +96,7 @@ def test_metric(job: Job, weights: dict, folder: Path) -> float:
     model = build_job_model(job)
     model.load_state_dict(weights)
     ds = TaskDataset(folder, spec, read_manifest(folder)[1], ENCODER.img_size, ENCODER.in_chans, False, ENCODER.scale)
-    return evaluate(model, ds, torch.device("cpu"), job.num_outputs, 16)[MAIN_METRIC[job.task]]
+    return evaluate(model, ds, torch.device("cpu"), job.num_outputs, 16)[get_task(job.task).main_metric]
 
 
 def sites(tmp: Path, task: str, shares: tuple[float, ...], args: argparse.Namespace, seed: int) -> tuple[list, list]:

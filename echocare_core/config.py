@@ -21,7 +21,16 @@ import yaml
 
 from echocare_core.files import write_atomic
 
-__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "apply_overrides", "save_config"]
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "check_ranges",
+    "did_you_mean",
+    "from_dict",
+    "load_config",
+    "save_config",
+    "to_dict",
+]
 
 T = TypeVar("T")
 
@@ -30,8 +39,9 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file, key, value and the fix."""
 
 
-def _hint(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+def did_you_mean(value: str, allowed: list[str], cutoff: float = 0.5) -> str:
+    """The one did-you-mean of the toolkit's messages: " Did you mean 'x'?" for the closest allowed value, or ""."""
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=cutoff)
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
@@ -54,7 +64,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            hint = _hint(str(value), [str(a) for a in allowed])
+            hint = did_you_mean(str(value), [str(a) for a in allowed])
             raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {list(allowed)}.{hint}")
         return value
     if dataclasses.is_dataclass(tp):
@@ -113,7 +123,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     for key, value in (data or {}).items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown key '{path}'.{_hint(str(key), list(fields))} Allowed here: {', '.join(fields)}")
+            raise ConfigError(
+                f"unknown key '{path}'.{did_you_mean(str(key), list(fields))} Allowed here: {', '.join(fields)}"
+            )
         kwargs[key] = _convert(value, hints[key], path)
     missing = [
         n

@@ -9,6 +9,7 @@ from pathlib import Path
 from echocare_core.federation.coordinator import RoundSettings
 from echocare_core.federation.job import Job, task_jobs
 from echocare_core.federation.strategies import StrategyConfig
+from echocare_core.tasks import get_task
 
 __all__ = ["FederationConfig", "RoundSettings", "ServerSettings"]
 
@@ -89,9 +90,10 @@ class FederationConfig:
         if (
             self.job.train.privacy.on
             and self.job.train.privacy.mode == "ghost"
-            and {"regression", "report"} & set(tasks)
+            and any(get_task(t).sample_parts for t in tasks)
         ):
+            parts = " or ".join(get_task(t).sample_parts for t in tasks if get_task(t).sample_parts)
             raise ValueError(
                 f"job.train.privacy.mode ghost with task(s) {', '.join(tasks)}: ghost clipping keeps per-image "
-                f"gradient norms, which do not add up to a clip's or a report's; use mode hooks"
+                f"gradient norms, which do not add up to the norm of {parts}; use mode hooks"
             )

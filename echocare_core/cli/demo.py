@@ -23,9 +23,9 @@ from echocare_core.data.contract import load_spec
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
-from echocare_core.engine.metrics import MAIN_METRIC
 from echocare_core.federation.runtime.testbed import run_on_this_machine
 from echocare_core.synthetic.dataset import keep_patients, pool_sites, write_dataset
+from echocare_core.tasks import get_task
 
 PROG = "echocare-demo"
 ENCODER = {"variant": "test", "img_size": 64, "window_size": 4}  # the smallest of the EchoCare family
@@ -115,7 +115,7 @@ def _federated_demo(args: argparse.Namespace) -> int:
     )
     models["centralised"] = _train(pool_sites(sites, out / "pooled"), out / "centralised", args)
     local = {site: _train(site, out / "local" / site.name, args) for site in sites}
-    main = MAIN_METRIC[args.task]
+    main = get_task(args.task).main_metric
     table = Table(title=f"test {main} at each site ({out})")
     for col in ("site", "test images", "federated", "local-only", "centralised"):
         table.add_column(col, justify="left" if col == "site" else "right")

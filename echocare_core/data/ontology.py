@@ -100,7 +100,7 @@ class Ontology:
         table = self._lowered_index()
         if key in table:
             return table[key]
-        close = difflib.get_close_matches(key, list(table), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(key, list(table), n=1, cutoff=0.6)  # shown in the ontology's own case
         hint = f" Did you mean '{self.names()[table[close[0]]]}'?" if close else ""
         raise ValueError(
             f"anatomy label '{label}' is not in the ontology.{hint} "

@@ -14,10 +14,12 @@ from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.engine.metrics import MAIN_METRIC, detection_ap, enhancement_metrics, match_detections
 from echocare_core.engine.quality import QualityWeights, quality_metrics
-from echocare_core.engine.text_metrics import bleu
-from echocare_core.engine.training import check_dataset, num_classes, predict, task_metrics
+from echocare_core.engine.training import check_dataset, num_classes, predict
+from echocare_core.tasks import get_task
+from echocare_core.tasks.detection import detection_ap, match_detections
+from echocare_core.tasks.enhancement import enhancement_metrics
+from echocare_core.tasks.text_metrics import bleu
 
 __all__ = ["evaluate_checkpoint", "bootstrap_ci", "check_fits"]
 
@@ -78,7 +80,7 @@ def bootstrap_ci(
             values.append(bleu([pred[i] for i in idx], [true[i] for i in idx]))
         else:
             rows = torch.from_numpy(idx)
-            values.append(task_metrics(task, pred[rows], true[rows], k)[MAIN_METRIC[task]])
+            values.append(get_task(task).metrics(pred[rows], true[rows], k)[get_task(task).main_metric])
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if len(values) else (np.nan, np.nan)
@@ -142,10 +144,10 @@ def evaluate_checkpoint(
         raise ValueError(f"{folder}: no readable sample in the '{split}' split")
     pred, true, used = out
     k = meta["head"]["num_classes"]
-    metrics = task_metrics(spec.task, pred, true, k, meta.get("metrics", {}).get("youden_threshold"), spec.findings)
+    metrics = get_task(spec.task).metrics(pred, true, k, meta.get("metrics", {}).get("youden_threshold"), spec.findings)
     if spec.task == "enhancement":
         metrics |= quality_metrics(pred, true, quality)
-    main = MAIN_METRIC[spec.task]
+    main = get_task(spec.task).main_metric
     patients = [rows[i].get("patient") or f"row{i}" for i in used.tolist()]
     lo, hi = bootstrap_ci(spec.task, pred, true, k, patients, rounds)
     return {

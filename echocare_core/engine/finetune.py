@@ -32,12 +32,10 @@ from echocare_core.engine.training import (
     check_dataset,
     evaluate,
     num_classes,
-    score,
     shuffled_keys,
     steps_per_epoch,
     target_stats,
     task_loader,
-    task_loss,
     train_epoch,
 )
 from echocare_core.files import write_atomic
@@ -45,6 +43,7 @@ from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
 from echocare_core.privacy.settings import BudgetExceeded
+from echocare_core.tasks import get_task
 from echocare_core.weights import load_encoder_weights
 
 __all__ = ["FinetuneResult", "build_task_model", "run_finetune", "tokenizer_for", "write_json", "write_json_lines"]
@@ -276,7 +275,8 @@ def run_finetune(
     save_config(cfg, out / "config.yaml")
     history = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= start]
     write_json_lines(out / "metrics.jsonl", history)
-    loss_fn = task_loss(spec, stats, tok, cfg.model.report)
+    task = get_task(spec.task)
+    loss_fn = task.loss(spec, stats, tok, cfg.model.report)
     status, epoch = "finished", start
     private = _private(cfg, model, recipe, sets["train"]) if t.privacy.on else None
     for epoch in range(start + 1, cfg.epochs + 1):
@@ -308,8 +308,8 @@ def run_finetune(
         }
         history.append(row)
         write_json_lines(out / "metrics.jsonl", history)
-        if best is None or score(val, spec.task) > best:  # the first epoch is best until one beats it
-            best, best_metrics = score(val, spec.task), val
+        if best is None or task.score(val) > best:  # the first epoch is best until one beats it
+            best, best_metrics = task.score(val), val
             save_checkpoint(out / "best", model, _meta(cfg, spec, model, epoch, {**val, **spent}, tok))
         save_checkpoint(
             out / "last",

@@ -19,33 +19,17 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.losses import DiceCELoss, SSIMLoss
 from torch.utils.data import DataLoader
 
 from echocare_core.config import check_ranges
 from echocare_core.data.contract import DatasetSpec, load_spec, read_manifest, verify_dataset
 from echocare_core.data.finetune import TaskDataset, collate_task, from_model_points
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.engine.metrics import (
-    LOWER_IS_BETTER,
-    MAIN_METRIC,
-    classification_metrics,
-    detection_metrics,
-    enhancement_metrics,
-    landmark_metrics,
-    multilabel_metrics,
-    regression_metrics,
-    segmentation_metrics,
-)
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.pretrain import NonFiniteLossError
-from echocare_core.engine.text_metrics import report_metrics, stated
-from echocare_core.models.detection import detection_loss
-from echocare_core.models.landmarks import heatmap_loss
-from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.task import EchoCareTaskModel
 from echocare_core.privacy.settings import DPSettings
+from echocare_core.tasks import get_task
 
 __all__ = [
     "DatasetInvalidError",
@@ -56,11 +40,8 @@ __all__ = [
     "evaluate",
     "num_classes",
     "predict",
-    "score",
     "target_stats",
     "task_loader",
-    "task_loss",
-    "task_metrics",
     "train_epoch",
 ]
 
@@ -150,19 +131,9 @@ def check_dataset(folder: Path) -> DatasetSpec:
     return spec
 
 
-def num_outputs(task: str, classes: int, labels: int, landmarks: int, tokenizer: ReportTokenizer | None = None) -> int:
-    """A head's outputs: classes (classification, detection), declared mask values (segmentation), points
-    (landmarks), the tokenizer's ids (report; byte-level unless given), 1 (regression, enhancement)."""
-    if task == "report":
-        return (tokenizer or ReportTokenizer()).vocab_size
-    return {"classification": classes, "detection": classes, "segmentation": labels, "landmarks": landmarks}.get(
-        task, 1
-    )
-
-
 def num_classes(spec: DatasetSpec, tokenizer: ReportTokenizer | None = None) -> int:
-    """The head's outputs for a dataset (`num_outputs`)."""
-    return num_outputs(spec.task, len(spec.classes), len(spec.labels), len(spec.landmark_names), tokenizer)
+    """The head's outputs for a dataset (`Task.outputs`)."""
+    return get_task(spec.task).outputs(len(spec.classes), len(spec.labels), len(spec.landmark_names), tokenizer)
 
 
 def target_stats(spec: DatasetSpec, rows: list[dict[str, str]]) -> tuple[float, float]:
@@ -172,59 +143,6 @@ def target_stats(spec: DatasetSpec, rows: list[dict[str, str]]) -> tuple[float, 
     values = np.array([float(r["target"]) for r in rows])
     std = float(values.std())
     return float(values.mean()), std if std > 1e-6 else 1.0
-
-
-def report_loss(
-    tokenizer: ReportTokenizer, head: ReportHeadConfig | None = None
-) -> Callable[[tuple[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor]:
-    """Per report, the next-token cross-entropy (mean over its tokens, padding left out) plus, where the head
-    classifies findings, `findings_weight` times the findings' binary cross-entropy, labelled by whether the
-    report's text (as far as its ids reach) states each; then the mean over reports."""
-    findings, weight = (head.findings, head.findings_weight) if head and head.classifies else ((), 0.0)
-
-    def loss(out: tuple[torch.Tensor, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:  # [B, L - 1, vocab], [B, F]
-        logits, finding_logits = out
-        target = ids[:, 1:]
-        keep = (target != tokenizer.pad).float()
-        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, L - 1]
-        per_report = (ce * keep).sum(1) / keep.sum(1).clamp(min=1)
-        if findings:
-            labels = stated([tokenizer.decode(r) for r in ids], findings)
-            bce = F.binary_cross_entropy_with_logits(
-                finding_logits, torch.as_tensor(labels, dtype=finding_logits.dtype, device=ids.device), reduction="none"
-            )
-            per_report = per_report + weight * bce.mean(1)
-        return per_report.mean()
-
-    return loss
-
-
-def task_loss(
-    spec: DatasetSpec,
-    stats: tuple[float, float],
-    tokenizer: ReportTokenizer | None = None,
-    head: ReportHeadConfig | None = None,
-) -> Callable[[Any, Any], torch.Tensor]:
-    """The task's training loss, computed per sample and averaged (so DP can clip per sample); report generation
-    needs its tokenizer and head config."""
-    if spec.task == "classification":
-        return F.binary_cross_entropy_with_logits if spec.multi_label else F.cross_entropy
-    if spec.task == "segmentation":
-        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
-        return lambda logits, target: dice_ce(logits, target[:, None])
-    if spec.task == "landmarks":
-        return heatmap_loss
-    if spec.task == "detection":
-        return detection_loss
-    if spec.task == "report":
-        if tokenizer is None:
-            raise ValueError("report generation's loss needs the tokenizer")
-        return report_loss(tokenizer, head)
-    if spec.task == "enhancement":  # L1 + (1 - SSIM) on the enhanced image in [0, 1]
-        ssim = SSIMLoss(spatial_dims=2, data_range=1.0)
-        return lambda logits, target: F.l1_loss(logits.sigmoid(), target) + ssim(logits.sigmoid(), target)
-    mean, std = stats
-    return lambda pred, target: F.smooth_l1_loss(pred, (target - mean) / std)
 
 
 def task_loader(ds: TaskDataset, keys: list[tuple[int, int]], batch: int, workers: int) -> DataLoader:
@@ -251,8 +169,8 @@ def train_epoch(
 ) -> tuple[list[float], int]:
     """One pass of `loader`'s batches; returns the batch losses and the number of unreadable samples.
 
-    Precision and clipping follow `recipe.train`. Report generation's model reads the target too (teacher
-    forcing).
+    Precision and clipping follow `recipe.train`. A task with teacher forcing (report generation) gives the model
+    the target too.
 
     Args:
         dp: a `DPTraining` whose module, optimizer and Poisson loader these are: per-sample clipping and noise
@@ -263,7 +181,9 @@ def train_epoch(
         PrivacyError: under DP, a per-sample gradient that is not per sample.
     """
     optimizer = dp.optimizer if dp is not None else recipe.optimizer
-    bf16, clip, teacher = recipe.train.bf16(device), recipe.train.clip_grad, model_task(model) == "report"
+    task = model_task(model)
+    bf16, clip = recipe.train.bf16(device), recipe.train.clip_grad
+    teacher = task is not None and get_task(task).teacher_forcing
     losses, skipped = [], 0
     for batch in loader:
         skipped += batch["skipped"]
@@ -345,26 +265,6 @@ def predict(
     )
 
 
-def task_metrics(
-    task: str, pred: Any, true: Any, k: int, threshold: float | None = None, findings: tuple[str, ...] = ()
-) -> dict[str, float]:
-    """The task's metrics; `threshold` fixes the binary operating point (else the Youden one of this data);
-    `findings` are the report dataset's declared findings."""
-    if task == "report":
-        return report_metrics(pred, true, findings)
-    if task == "segmentation":
-        return segmentation_metrics(pred, true, k)
-    if task == "landmarks":
-        return landmark_metrics(pred, true)
-    if task == "detection":
-        return detection_metrics(pred, true, k)
-    if task == "regression":
-        return regression_metrics(pred, true)
-    if task == "enhancement":
-        return enhancement_metrics(pred, true)
-    return multilabel_metrics(pred, true) if true.ndim == 2 else classification_metrics(pred, true, threshold)
-
-
 def evaluate(
     model: EchoCareTaskModel,
     ds: TaskDataset,
@@ -379,12 +279,4 @@ def evaluate(
     loader = task_loader(ds, [(0, i) for i in range(len(ds))], batch_size, workers)
     out = predict(model, loader, device, beam)
     findings = ds.spec.findings if model.task == "report" else ()
-    return task_metrics(model.task, out[0], out[1], k, threshold, findings) if out is not None else {}
-
-
-def score(metrics: dict[str, float], task: str) -> float:
-    """The main metric as "higher is better"; -inf when it is undefined."""
-    value = metrics.get(MAIN_METRIC[task], float("nan"))
-    if not math.isfinite(value):
-        return float("-inf")
-    return -value if MAIN_METRIC[task] in LOWER_IS_BETTER else value
+    return get_task(model.task).metrics(out[0], out[1], k, threshold, findings) if out is not None else {}

@@ -21,7 +21,6 @@ import torch
 
 from echocare_core.config import check_ranges
 from echocare_core.engine.finetune import write_json_lines
-from echocare_core.engine.metrics import MAIN_METRIC
 from echocare_core.engine.run_report import privacy_spent, write_federation_report
 from echocare_core.federation.audit import AuditLog, manifest
 from echocare_core.federation.job import Job, job_hash, shared_names, task_jobs
@@ -37,6 +36,7 @@ from echocare_core.federation.rounds import (
 from echocare_core.federation.site import build_job_model
 from echocare_core.federation.strategies import StrategyConfig
 from echocare_core.federation.transport import decode
+from echocare_core.tasks import get_task
 
 __all__ = ["EVENTS", "Coordinator", "Progress", "QuorumError", "Round", "RoundSettings", "check_reply", "nbytes"]
 
@@ -170,7 +170,7 @@ class Coordinator:
         self.tasks = [j.task for j in task_jobs(job)]
         for site in (s for r in self.history for s in r["sites"]):  # rounds of an earlier version name no task
             site.setdefault("task", self.tasks[0])
-            site.setdefault("metric", MAIN_METRIC[self.tasks[0]])
+            site.setdefault("metric", get_task(self.tasks[0]).main_metric)
         self.shared_keys = shared_names(build_job_model(job), job)
         self.expected = {n: self.state[n].shape for n in self.shared_keys}
         self.frozen = {k: v for k, v in self.state.items() if k not in self.expected}  # never changes in a run
@@ -238,7 +238,7 @@ class Coordinator:
             )
             return problem
         task = self.tasks[int(metrics["task_index"]) if self.job.tasks else 0]  # what the site ran, for the tables
-        row.update(task=task, metric=MAIN_METRIC[task])
+        row.update(task=task, metric=get_task(task).main_metric)
         current.updates.append((shared, int(metrics["num-examples"])))
         current.sites.append(row)
         self.progress("reply", sent=sent, round=current.number, **row)

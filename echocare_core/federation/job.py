@@ -25,12 +25,13 @@ from torch import nn
 from echocare_core.config import check_ranges, from_dict, to_dict
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.engine.training import LocalTraining, num_outputs
+from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.federation.transport import text_hash
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig, trainable_state_names
 from echocare_core.privacy.settings import SitePrivacy
+from echocare_core.tasks import get_task
 
 __all__ = [
     "JOB_SCHEMA",
@@ -74,7 +75,7 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class Job:
-    task: str = "segmentation"  # one of echocare_core.models.task.TASKS, or "multitask" (with `tasks`)
+    task: str = "segmentation"  # one of echocare_core.tasks.TASKS, or "multitask" (with `tasks`)
     classes: tuple[str, ...] = ()  # classification, detection
     labels: tuple[int, ...] = ()  # segmentation: the declared mask values
     landmarks: int = 0  # landmarks: points per image
@@ -101,6 +102,8 @@ class Job:
                 f"base={self.base!r}: the SHA-256 of the base weights, 64 hex digits (echocare-server "
                 f"sets it from init; leave it empty)"
             )
+        if self.task != "multitask":
+            get_task(self.task)  # an unknown task is refused with the closest name
         kinds = {replace(t, labels=tuple(sorted(t.labels))) for t in self.tasks}  # a task listed twice never runs
         if (self.task == "multitask") != bool(self.tasks) or len(self.tasks) == 1 or len(kinds) < len(self.tasks):
             raise ValueError(
@@ -124,7 +127,7 @@ class Job:
     @property
     def num_outputs(self) -> int:
         """Head outputs: classes, mask labels, points or the byte-level tokenizer's ids (1 for regression)."""
-        return num_outputs(self.task, len(self.classes), len(self.labels), self.landmarks)
+        return get_task(self.task).outputs(len(self.classes), len(self.labels), self.landmarks)
 
     @property
     def tokenizer(self) -> ReportTokenizer | None:
@@ -201,19 +204,8 @@ def local_patterns(job: Job) -> tuple[str, ...]:
 def _task_reasons(job: Job, spec: DatasetSpec) -> list[str]:
     if job.task != spec.task:
         return [f"job task '{job.task}' but the site's dataset is '{spec.task}'"]
-    if job.task in ("classification", "detection") and (tuple(job.classes), job.multi_label) != (
-        tuple(spec.classes),
-        spec.multi_label,
-    ):
-        return [
-            f"job classes {list(job.classes)} (multi-label {job.multi_label}) but the site declares "
-            f"{list(spec.classes)} (multi-label {spec.multi_label})"
-        ]
-    if job.task == "segmentation" and tuple(sorted(job.labels)) != tuple(sorted(spec.labels)):
-        return [f"job mask values {sorted(job.labels)} but the site declares {sorted(spec.labels)}"]
-    if job.task == "landmarks" and spec.landmark_names and job.landmarks != len(spec.landmark_names):
-        return [f"job has {job.landmarks} landmarks but the site has {len(spec.landmark_names)}"]
-    return []
+    mismatch = get_task(job.task).mismatch(job, spec)
+    return [mismatch] if mismatch else []
 
 
 def _passes(job: Job, train_samples: int) -> float:
@@ -281,8 +273,8 @@ def _privacy_reasons(job: Job, site: SitePrivacy) -> list[str]:
     reasons = []
     if dp.delta > site.delta:
         reasons.append(f"job train.privacy.delta {dp.delta:g} is above the site's delta {site.delta:g}")
-    if job.task in ("regression", "report") and dp.mode == "ghost":
-        parts = "a clip's frames" if job.task == "regression" else "a report's views"
+    parts = get_task(job.task).sample_parts
+    if parts and dp.mode == "ghost":
         reasons.append(f"job train.privacy.mode ghost cannot clip {parts} as one sample (use mode hooks)")
     if job.proximal_mu > 0:
         reasons.append("differential privacy with FedProx (proximal_mu > 0) is not supported yet")

@@ -23,10 +23,10 @@ from echocare_core.checkpoint import (
 )
 from echocare_core.config import from_dict, to_dict
 from echocare_core.data.contract import load_spec
-from echocare_core.engine.metrics import LOWER_IS_BETTER, MAIN_METRIC
 from echocare_core.federation.job import Job, job_hash, local_patterns, task_for, task_jobs
 from echocare_core.federation.site import build_job_model, local_layers_file
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
+from echocare_core.tasks import get_task
 from echocare_core.weights import load_encoder_weights
 
 __all__ = [
@@ -164,7 +164,7 @@ def _task_scores(job: Job, sites: list[dict[str, Any]]) -> dict[str, float]:
     validation samples."""
     scores = {}
     for i, task in enumerate(task_jobs(job)):
-        key = f"global_{MAIN_METRIC[task.task]}"
+        key = f"global_{get_task(task.task).main_metric}"
         scored = [
             (s[key], s.get("val_samples", 1.0))
             for s in sites
@@ -192,7 +192,7 @@ def save_best(out: Path, job: Job, history: list[dict[str, Any]]) -> Path | None
     if best.is_dir() and read_meta(best).get("job_hash") == job_hash(job):  # another job's best is replaced
         kept = read_meta(best)["metrics"]
         before = kept.get("scores") or ({"0": kept["score"]} if "score" in kept else {})  # an earlier version's
-        lower = [MAIN_METRIC[t.task] in LOWER_IS_BETTER for t in task_jobs(job)]
+        lower = [get_task(t.task).lower_is_better for t in task_jobs(job)]
         gains = [
             before[t] - scores[t] if lower[int(t)] else scores[t] - before[t] for t in scores.keys() & before.keys()
         ]

@@ -25,7 +25,6 @@ from echocare_core.engine.training import (
     evaluate,
     shuffled_keys,
     task_loader,
-    task_loss,
     train_epoch,
 )
 from echocare_core.federation.job import Job, check_job, job_hash, local_patterns, shared_names, task_for, task_jobs
@@ -33,6 +32,7 @@ from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.files import write_atomic
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 from echocare_core.privacy.settings import SitePrivacy, steps_per_round
+from echocare_core.tasks import get_task
 from echocare_core.weights import load_encoder_weights
 
 __all__ = [
@@ -262,7 +262,7 @@ def site_round(
     n = len(sets["train"])
     steps = steps_per_round(job.local_epochs, job.local_steps, t.batch_size, n)
     recipe = Recipe.build(model, t, n, steps * rounds, steps * (server_round - 1))  # the job's schedule, this round
-    base_loss = task_loss(spec, (0.0, 1.0), tok, job.report)
+    base_loss = get_task(job.task).loss(spec, (0.0, 1.0), tok, job.report)
     anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ over the whole map with no shift and reads the first `n x n` entries of the full
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +31,8 @@ from monai.networks.blocks import UnetrBasicBlock
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from echocare_core.config import did_you_mean
 
 __all__ = [
     "SWIN_VARIANTS",
@@ -81,8 +82,7 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.variant not in SWIN_VARIANTS:
-            close = difflib.get_close_matches(self.variant, list(SWIN_VARIANTS), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(self.variant, list(SWIN_VARIANTS))
             raise ValueError(f"unknown encoder variant '{self.variant}'; choose one of {list(SWIN_VARIANTS)}.{hint}")
         arch = dict(SWIN_VARIANTS[self.variant])
         for key in ("embed_dim", "depths", "num_heads"):

@@ -20,7 +20,6 @@ landmarks. `generate_echo_clip` animates the heart scene's left ventricle over o
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import logging
 import math
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from echocare_core.config import did_you_mean
 from echocare_core.synthetic.scenes import DEFAULT_SCENE, DEVICE_PROFILES, GEOMETRIES, HEART_SCENE, LV_PART, SCENES
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,7 @@ class SyntheticSample:
 def lookup_option(what: str, value: str, allowed: Mapping[str, Any] | tuple[str, ...]) -> str:
     if value in allowed:
         return value
-    close = difflib.get_close_matches(str(value), list(allowed), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}{hint}")
+    raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}.{did_you_mean(value, list(allowed))}")
 
 
 def profile_for_site(site: int) -> str:

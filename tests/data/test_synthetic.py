@@ -295,7 +295,7 @@ def test_lesion_sequence_is_checked() -> None:
         generate_image(rng, 48, lesion=[])
     with pytest.raises(ValueError, match="1 to 3"):
         generate_image(rng, 48, lesion=["cyst"] * 4)
-    with pytest.raises(ValueError, match="did you mean 'cyst'"):
+    with pytest.raises(ValueError, match="Did you mean 'cyst'"):
         generate_image(rng, 48, lesion=["cyst", "cist"])
 
 

@@ -7,9 +7,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.engine.training import report_loss
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.task import EchoCareTaskModel
+from echocare_core.tasks.report import report_loss
 
 HEAD = ReportHeadConfig(width=32, depth=1, heads=4, max_tokens=24)
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from echocare_core.data.contract import DatasetSpec
-from echocare_core.engine.training import task_loss
 from echocare_core.models.detection import centre_targets, decode_detections, detection_loss
 from echocare_core.models.landmarks import decode_heatmaps, gaussian_heatmaps, heatmap_loss
 from echocare_core.models.task import EchoCareTaskModel
+from echocare_core.tasks import get_task
 
 BOXES = [torch.tensor([[8.0, 10.0, 30.0, 22.0, 1.0], [40.0, 36.0, 56.0, 60.0, 0.0]]), torch.zeros(0, 5)]
 
@@ -28,7 +28,7 @@ LOSSES = {
     "landmarks": heatmap_loss,
     "detection": detection_loss,
     "regression": lambda pred, target: torch.nn.functional.smooth_l1_loss(pred, (target - 50) / 10),
-    "enhancement": task_loss(DatasetSpec("x", "enhancement"), (0.0, 1.0)),
+    "enhancement": get_task("enhancement").loss(DatasetSpec("x", "enhancement")),
 }
 SHAPES = {
     "landmarks": (2, 4, 64, 64),

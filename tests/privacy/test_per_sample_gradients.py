@@ -12,12 +12,13 @@ from torch import nn
 
 from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.engine.training import check_dataset, num_classes, task_loss
+from echocare_core.engine.training import check_dataset, num_classes
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
 from echocare_core.privacy.dp import DPSettings, DPTraining, PrivacyError
 from echocare_core.synthetic.dataset import write_dataset
+from echocare_core.tasks import get_task
 
 ENCODER = EncoderConfig(**{**TINY_ENCODER, "drop_path": 0.0})
 TASKS = ("classification", "segmentation", "landmarks", "detection", "enhancement", "regression", "report")
@@ -93,7 +94,7 @@ def _case(batches, task, mode):
         def forward(m, x, t):
             return m(x)
 
-    return model, forward, images, target, task_loss(spec, (50.0, 10.0), TOKENIZER, report), per_sample
+    return model, forward, images, target, get_task(spec.task).loss(spec, (50.0, 10.0), TOKENIZER, report), per_sample
 
 
 def _single_sample_gradients(model, forward, images, target, loss_fn):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from echocare_core.engine.metrics import classification_metrics, segmentation_metrics, youden
+from echocare_core.tasks.classification import classification_metrics, youden
+from echocare_core.tasks.segmentation import segmentation_metrics
 
 
 def test_perfect_and_shifted_masks():
@@ -40,7 +41,7 @@ def test_multiclass_macro_f1():
 
 
 def test_multilabel_metrics():
-    from echocare_core.engine.metrics import multilabel_metrics
+    from echocare_core.tasks.classification import multilabel_metrics
 
     probs = torch.tensor([[0.9, 0.2], [0.8, 0.7], [0.1, 0.6], [0.3, 0.1]])
     truth = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
@@ -72,7 +73,7 @@ def test_auc_over_present_classes_and_a_fixed_operating_point():
 
 
 def test_landmark_errors_of_a_known_shift():
-    from echocare_core.engine.metrics import landmark_metrics
+    from echocare_core.tasks.landmarks import landmark_metrics
 
     true = torch.tensor([[[10.0, 10.0], [30.0, 40.0]], [[5.0, 5.0], [60.0, 2.0]]])
     shift = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[0.0, 1.5], [-6.0, 8.0]]])  # radial errors 5, 0, 1.5, 10
@@ -83,8 +84,8 @@ def test_landmark_errors_of_a_known_shift():
 
 
 def test_detection_ap_per_class_and_map():
-    from echocare_core.engine.metrics import detection_metrics
     from echocare_core.models.detection import Detections
+    from echocare_core.tasks.detection import detection_metrics
 
     def det(boxes, scores, classes):
         return Detections(
@@ -109,7 +110,7 @@ def test_detection_ap_per_class_and_map():
 
 
 def test_regression_errors():
-    from echocare_core.engine.metrics import regression_metrics
+    from echocare_core.tasks.regression import regression_metrics
 
     m = regression_metrics(torch.tensor([50.0, 62.0, 38.0]), torch.tensor([52.0, 60.0, 40.0]))
     assert m["mae"] == pytest.approx(2.0) and m["rmse"] == pytest.approx(2.0)
@@ -117,7 +118,7 @@ def test_regression_errors():
 
 
 def test_enhancement_metrics_on_hand_made_images():
-    from echocare_core.engine.metrics import enhancement_metrics
+    from echocare_core.tasks.enhancement import enhancement_metrics
 
     target = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     same = enhancement_metrics(target.clone(), target)

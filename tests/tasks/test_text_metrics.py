@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from echocare_core.engine.text_metrics import bleu, finding_metrics, report_metrics, words
+from echocare_core.tasks.text_metrics import bleu, finding_metrics, report_metrics, words
 
 REFS = [
     "A 9 mm anechoic nodule in the left deep field, with a smooth margin and posterior acoustic enhancement.",
