@@ -164,13 +164,7 @@ def _round(site: SiteConfig, request: dict[str, Any]) -> dict[str, Any]:
     from echocare_core.files import write_atomic
 
     state_dir, rnd = Path(site.state_dir), int(request["round"])
-    device = (
-        "cuda"
-        if site.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if site.device == "auto"
-        else site.device
-    )
+    device = site.device if site.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     try:
         job = Job.from_json(str(request["job"]))

@@ -32,6 +32,7 @@ from echocare_core.privacy.settings import DPSettings
 from echocare_core.tasks import get_task
 
 __all__ = [
+    "MIN_LR_RATIO",
     "DatasetInvalidError",
     "LocalTraining",
     "NonFiniteLossError",
@@ -40,6 +41,8 @@ __all__ = [
     "evaluate",
     "num_classes",
     "predict",
+    "shuffled_keys",
+    "steps_per_epoch",
     "target_stats",
     "task_loader",
     "train_epoch",

@@ -103,8 +103,9 @@ def _is_local(name: str, job: Job) -> bool:
 
 def _save_local(model: EchoCareTaskModel, job: Job, path: Path, server_round: int) -> None:
     local = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if _is_local(n, job)}
-    path.parent.mkdir(parents=True, exist_ok=True)  # they pair with that round's global model:
-    write_atomic(path, lambda tmp: save_file(local, str(tmp), metadata={"round": str(server_round)}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: save_file(local, str(tmp), metadata={"round": str(server_round)}))  # they pair
+    # with that round's global model
 
 
 def _local_passes(job: Job, n: int, server_round: int) -> list[list[tuple[int, int]]]:
