@@ -44,7 +44,10 @@ def step_cost(mode: str, dp_mode: str, steps: int) -> dict:
 
     torch.manual_seed(0)
     model = EchoCareTaskModel(
-        EncoderConfig(variant="mini", img_size=128, window_size=8, drop_path=0.0), "segmentation", 2, feature_size=16
+        EncoderConfig(variant="mini", in_chans=1, img_size=128, window_size=8, drop_path=0.0),
+        "segmentation",
+        2,
+        feature_size=16,
     )
     apply_finetune_mode(model, mode, lora_rank=8)
     optimizer = build_optimizer(model, 1e-4, 0.05, (0.9, 0.999))

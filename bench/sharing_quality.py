@@ -48,11 +48,11 @@ from echocare_core.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4)
-MODES = {
-    "whole": dict(mode="full"),
-    "whole, norms local": dict(mode="full", local=("*norm*",)),
-    "lora + head": dict(mode="lora"),
-    "head only": dict(mode="frozen"),
+MODES = {  # arm: (train.mode, the job's site-local layers)
+    "whole": ("full", ()),
+    "whole, norms local": ("full", ("*norm*",)),
+    "lora + head": ("lora", ()),
+    "head only": ("frozen", ()),
 }
 SHARES = (1.0, 0.6, 0.25)
 
@@ -118,8 +118,8 @@ def modes(tmp: Path, init: Path, args: argparse.Namespace, seed: int) -> dict:
         train=LocalTraining(lora_rank=args.lora_rank, lr=args.lr, batch_size=8),
     )
     scores = {}
-    for arm, change in MODES.items():
-        job = replace(base, **change)
+    for arm, (mode, local) in MODES.items():
+        job = replace(base, train=replace(base.train, mode=mode), local=local)
         final = federate(job, init, train, args.rounds, tmp / "state" / arm)
         scores[arm] = [test_metric(job, w, folder) for w, folder in zip(final, test)]
     return {"part": "modes", "seed": seed, "sites": [f"segmentation ({_n(f)} train)" for f in train], "scores": scores}
