@@ -16,7 +16,7 @@
 
 No package is used for NIQE and PIQE: pyiqa, which has both, is licensed for non-commercial use only, and the
 others are unmaintained, heavy or broken on current numpy/scipy (`nr_quality` says which). PSNR and SSIM need no
-weights (`echocare_core.engine.metrics.enhancement_metrics`).
+weights (`echocare_core.tasks.enhancement.enhancement_metrics`).
 """
 
 from __future__ import annotations
