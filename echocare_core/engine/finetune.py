@@ -33,6 +33,7 @@ from echocare_core.engine.training import (
     evaluate,
     num_classes,
     shuffled_keys,
+    split_datasets,
     steps_per_epoch,
     target_stats,
     task_loader,
@@ -246,22 +247,7 @@ def run_finetune(
         "%s, mode %s: %d of %d parameters train (%.2f%%)", spec.task, t.mode, trainable, total, 100 * trainable / total
     )
     enc, k, workers = model.encoder.cfg, num_classes(spec, tok), cfg.data.num_workers
-    sets = {
-        s: TaskDataset(
-            folder,
-            spec,
-            r,
-            enc.img_size,
-            enc.in_chans,
-            s == "train",
-            enc.scale,
-            seed=cfg.seed,
-            frames=cfg.model.frames,
-            tokenizer=tok,
-            views=cfg.model.report.views,
-        )
-        for s, r in rows.items()
-    }
+    sets = split_datasets(folder, spec, rows, enc, cfg.seed, cfg.model.frames, tok, cfg.model.report.views)
     n = len(sets["train"])
     recipe = Recipe.build(model, t, n, steps_per_epoch(n, t.batch_size) * cfg.epochs)
     state = _resume(cfg, out, model, _meta(cfg, spec, model, 0, {}, tok)["head"], recipe, device)

@@ -42,6 +42,7 @@ __all__ = [
     "num_classes",
     "predict",
     "shuffled_keys",
+    "split_datasets",
     "steps_per_epoch",
     "target_stats",
     "task_loader",
@@ -109,6 +110,36 @@ class Recipe:
         return cls(
             train, optimizer, warmup_cosine(optimizer, min(warmup, total_steps), total_steps, MIN_LR_RATIO, done_steps)
         )
+
+
+def split_datasets(
+    folder: Path,
+    spec: DatasetSpec,
+    rows: dict[str, list[dict[str, str]]],
+    encoder: Any,
+    seed: int,
+    frames: int,
+    tokenizer: ReportTokenizer | None,
+    views: int,
+) -> dict[str, TaskDataset]:
+    """A site's splits as task datasets, read with the encoder's input contract (size, channels, intensity scale);
+    the training split is augmented."""
+    return {
+        split: TaskDataset(
+            folder,
+            spec,
+            r,
+            encoder.img_size,
+            encoder.in_chans,
+            split == "train",
+            encoder.scale,
+            seed=seed,
+            frames=frames,
+            tokenizer=tokenizer,
+            views=views,
+        )
+        for split, r in rows.items()
+    }
 
 
 def steps_per_epoch(train_samples: int, batch_size: int) -> int:

@@ -24,6 +24,7 @@ from echocare_core.engine.training import (
     check_dataset,
     evaluate,
     shuffled_keys,
+    split_datasets,
     task_loader,
     train_epoch,
 )
@@ -243,22 +244,7 @@ def site_round(
         log.info("round %d: no kept layers of this job at the site: its %s head starts anew", server_round, job.task)
     model.to(device)
     enc, tok, t, dev = job.encoder, job.tokenizer, job.train, torch.device(device)
-    sets = {
-        s: TaskDataset(
-            folder,
-            spec,
-            r,
-            enc.img_size,
-            enc.in_chans,
-            s == "train",
-            enc.scale,
-            seed=job.seed,
-            frames=job.frames,
-            tokenizer=tok,
-            views=job.report.views,
-        )
-        for s, r in rows.items()
-    }
+    sets = split_datasets(folder, spec, rows, enc, job.seed, job.frames, tok, job.report.views)
     before = evaluate(model, sets["val"], dev, job.num_outputs, t.batch_size, num_workers)
     n = len(sets["train"])
     steps = steps_per_round(job.local_epochs, job.local_steps, t.batch_size, n)

@@ -4,6 +4,7 @@ and direction, what a job and a dataset must agree on, what differential privacy
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -18,8 +19,9 @@ __all__ = ["Loss", "Task"]
 Loss = Callable[[Any, Any], torch.Tensor]
 
 
-class Task:
-    """One fine-tuning task. A subclass sets the class attributes and overrides what differs from the defaults.
+class Task(ABC):
+    """One fine-tuning task. A subclass sets the class attributes, implements `loss` and `metrics`, and overrides
+    what differs from the defaults.
 
     Attributes:
         name: the task's name in dataset.yaml, configs and checkpoints.
@@ -40,6 +42,7 @@ class Task:
         """The head's outputs, from the counts of declared classes, mask values and landmarks."""
         return 1
 
+    @abstractmethod
     def loss(
         self,
         spec: DatasetSpec,
@@ -48,14 +51,13 @@ class Task:
         head: ReportHeadConfig | None = None,
     ) -> Loss:
         """The training loss, computed per sample and averaged (so DP can clip per sample)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def metrics(
         self, pred: Any, true: Any, k: int, threshold: float | None = None, findings: tuple[str, ...] = ()
     ) -> dict[str, float]:
         """The task's metrics of predictions (`EchoCareTaskModel.decode`) against targets; `k` is the head's
         outputs, `threshold` a binary operating point, `findings` a report dataset's declared findings."""
-        raise NotImplementedError
 
     def score(self, metrics: dict[str, float]) -> float:
         """The main metric as "higher is better"; -inf when it is undefined."""
