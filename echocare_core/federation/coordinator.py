@@ -168,9 +168,6 @@ class Coordinator:
             {},
         )
         self.tasks = [j.task for j in task_jobs(job)]
-        for site in (s for r in self.history for s in r["sites"]):  # rounds of an earlier version name no task
-            site.setdefault("task", self.tasks[0])
-            site.setdefault("metric", get_task(self.tasks[0]).main_metric)
         self.shared_keys = shared_names(build_job_model(job), job)
         self.expected = {n: self.state[n].shape for n in self.shared_keys}
         self.frozen = {k: v for k, v in self.state.items() if k not in self.expected}  # never changes in a run

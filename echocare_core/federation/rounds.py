@@ -191,7 +191,7 @@ def save_best(out: Path, job: Job, history: list[dict[str, Any]]) -> Path | None
     best = out / "checkpoints" / "best"
     if best.is_dir() and read_meta(best).get("job_hash") == job_hash(job):  # another job's best is replaced
         kept = read_meta(best)["metrics"]
-        before = kept.get("scores") or ({"0": kept["score"]} if "score" in kept else {})  # an earlier version's
+        before = kept["scores"]
         lower = [get_task(t.task).lower_is_better for t in task_jobs(job)]
         gains = [
             before[t] - scores[t] if lower[int(t)] else scores[t] - before[t] for t in scores.keys() & before.keys()
