@@ -11,13 +11,42 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+from conftest import TINY_ENCODER
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from echocare_client.client_app import train
 from echocare_client.config import SiteConfig
-from echocare_core.config import load_config, to_dict
+from echocare_core.config import from_dict, load_config, to_dict
+from echocare_core.engine.training import LocalTraining
+from echocare_core.federation.job import Job
 from echocare_core.federation.transport import decode, encode
+from echocare_core.models.swin import EncoderConfig
+from echocare_server.config import FederationConfig
+
+TINY_JOB = Job(  # the federation tests' job: the tiny encoder with LoRA, one step per round
+    task="segmentation",
+    labels=(0, 1),
+    encoder=EncoderConfig(**TINY_ENCODER),
+    feature_size=8,
+    local_steps=1,
+    train=LocalTraining(mode="lora", lora_rank=2, batch_size=8),
+)
+
+
+def federation_config(out, job: dict | None = None, strategy: dict | None = None, **rounds) -> FederationConfig:
+    """federation.yaml of an in-process test run of `TINY_JOB` (its keys replaced by `job`), 2 rounds by default."""
+    return from_dict(
+        FederationConfig,
+        {
+            "output": str(out),
+            "server": {"insecure": True},
+            "strategy": strategy or {},
+            "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 2, "deadline": 600, **rounds},
+            "job": {**to_dict(TINY_JOB), **(job or {})},
+        },
+        "federation",
+    )
 
 
 class InProcessGrid:

@@ -93,21 +93,7 @@ def choose_sites(nodes: list[int], participation: float, minimum: int, seed: int
 
 
 def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    if job.tasks:  # the heads are at the sites
-        return {
-            "model_kind": "shared_encoder",
-            "task": job.task,
-            "tasks": [to_dict(t) for t in job.tasks],
-            "encoder": to_dict(job.encoder),
-            "epoch": server_round,
-            "round": server_round,
-            "metrics": metrics,
-            "job_hash": job_hash(job),
-            "job": to_dict(job),
-            "finetune": {"mode": job.train.mode, "lora_rank": job.train.lora_rank, "lora_alpha": job.train.lora_alpha},
-        }
-    return {
-        "model_kind": "task",
+    common = {
         "task": job.task,
         "encoder": to_dict(job.encoder),
         "epoch": server_round,
@@ -115,6 +101,13 @@ def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any
         "metrics": metrics,
         "job_hash": job_hash(job),
         "job": to_dict(job),
+        "finetune": {"mode": job.train.mode, "lora_rank": job.train.lora_rank, "lora_alpha": job.train.lora_alpha},
+    }
+    if job.tasks:  # the heads are at the sites
+        return {"model_kind": "shared_encoder", **common, "tasks": [to_dict(t) for t in job.tasks]}
+    return {
+        "model_kind": "task",
+        **common,
         "head": {
             "num_classes": job.num_outputs,
             "feature_size": job.feature_size,
@@ -130,7 +123,6 @@ def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any
                 else {}
             ),
         },
-        "finetune": {"mode": job.train.mode, "lora_rank": job.train.lora_rank, "lora_alpha": job.train.lora_alpha},
         "input": {**job.encoder.input_spec, "frames": job.frames},
     }
 

@@ -2,17 +2,14 @@
 read back from the coordinator's and the sites' audit logs, and every reply checked for what it may carry."""
 
 import pytest
-from conftest import TINY_ENCODER
 from flwr.supercore.task_identity import TaskIdentity
-from in_process import InProcessGrid, node_config
+from in_process import InProcessGrid, federation_config, node_config
 from safetensors import safe_open
 
-from echocare_core.config import from_dict
 from echocare_core.federation.audit import AuditLog
 from echocare_core.federation.job import shared_names
 from echocare_core.federation.site import build_job_model
 from echocare_core.synthetic.dataset import write_dataset
-from echocare_server.config import FederationConfig
 from echocare_server.server_app import run_rounds
 
 pytestmark = pytest.mark.slow
@@ -35,23 +32,7 @@ def run(tmp_path_factory):
     cls = write_dataset(tmp / "cls", "classification", sites=1, per_site=8, size=64, seed=9)
     folders = {"site_a": seg[0], "site_b": seg[1], "site_nan": seg[2], "site_wrong_task": cls[0]}
     sites = {200 + i: node_config(name, f, tmp / "state") for i, (name, f) in enumerate(folders.items())}
-    cfg = from_dict(
-        FederationConfig,
-        {
-            "output": str(tmp / "run"),
-            "server": {"insecure": True},
-            "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 2, "deadline": 600},
-            "job": {
-                "task": "segmentation",
-                "labels": [0, 1],
-                "encoder": dict(TINY_ENCODER),
-                "feature_size": 8,
-                "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8},
-                "local_steps": 1,
-            },
-        },
-        "federation",
-    )
+    cfg = federation_config(tmp / "run")
     grid = InProcessGrid(sites, tamper={202: lambda sent, _: {k: v.fill_(float("nan")) for k, v in sent.items()}})
     with pytest.MonkeyPatch.context() as mp:
         for key in ("_run_id", "_task_id", "_node_id"):  # what Flower sets in its ServerApp process

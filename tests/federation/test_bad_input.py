@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import TINY_ENCODER
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from in_process import node_config, with_site
+from in_process import TINY_JOB, node_config, with_site
 from PIL import Image
 
 from echocare_client.cli import main as client_main
@@ -21,17 +20,9 @@ from echocare_core.federation.job import Job, shared_names
 from echocare_core.federation.rounds import initial_state
 from echocare_core.federation.site import build_job_model
 from echocare_core.federation.transport import digest
-from echocare_core.models.swin import EncoderConfig
 from echocare_core.synthetic.dataset import write_dataset
 
-JOB = Job(
-    task="segmentation",
-    labels=(0, 1),
-    encoder=EncoderConfig(**TINY_ENCODER),
-    feature_size=8,
-    local_steps=1,
-    train=LocalTraining(mode="lora", lora_rank=2, batch_size=8),
-)
+JOB = TINY_JOB
 
 
 @pytest.fixture

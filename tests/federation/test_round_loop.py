@@ -6,53 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ENCODER
-from in_process import InProcessGrid, node_config, site_of, with_site
+from in_process import TINY_JOB, InProcessGrid, federation_config, node_config, site_of, with_site
 from safetensors import safe_open
 
 from echocare_core.checkpoint import load_weights
-from echocare_core.config import from_dict
-from echocare_core.engine.training import LocalTraining
-from echocare_core.federation.job import Job
 from echocare_core.federation.rounds import choose_sites, initial_state
 from echocare_core.federation.transport import decode
-from echocare_core.models.swin import EncoderConfig
 from echocare_core.synthetic.dataset import write_dataset
-from echocare_server.config import FederationConfig
 from echocare_server.server_app import run_rounds
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_task")]
 
 
-JOB = Job(
-    task="segmentation",
-    labels=(0, 1),
-    encoder=EncoderConfig(**TINY_ENCODER),
-    feature_size=8,
-    local_steps=1,
-    train=LocalTraining(mode="lora", lora_rank=2, batch_size=8),
-)
-
-
-def _config(out, job=None, **rounds):
-    return from_dict(
-        FederationConfig,
-        {
-            "output": str(out),
-            "server": {"insecure": True},
-            "rounds": {"rounds": 2, "min_sites": 2, "wait_for_sites": 2, "deadline": 600, **rounds},
-            "job": {
-                "task": "segmentation",
-                "labels": [0, 1],
-                "encoder": dict(TINY_ENCODER),
-                "feature_size": 8,
-                "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8},
-                "local_steps": 1,
-                **(job or {}),
-            },
-        },
-        "federation",
-    )
+JOB = TINY_JOB
 
 
 def _events(out):
@@ -77,7 +43,7 @@ def test_choose_sites_draws_a_share_reproducibly():
 
 def test_participation_asks_a_share_and_aggregates_exactly_their_replies(sites, tmp_path):
     grid = InProcessGrid(sites)
-    run_rounds(grid, _config(tmp_path / "run", participation=0.5))
+    run_rounds(grid, federation_config(tmp_path / "run", participation=0.5))
     for rnd in (1, 2):
         asked = [node for r, node in grid.asked if r == rnd]
         assert len(asked) == 2 and asked == choose_sites(list(sites), 0.5, 2, 0, rnd)
@@ -119,7 +85,7 @@ def test_the_frozen_model_goes_once_and_again_to_a_site_that_lost_it(sites, tmp_
             cached.unlink()
         return trained
 
-    run_rounds(InProcessGrid(two, tamper={lost: forget}), _config(tmp_path / "run", rounds=2))
+    run_rounds(InProcessGrid(two, tamper={lost: forget}), federation_config(tmp_path / "run", rounds=2))
     replies = [e for e in _events(tmp_path / "run") if e["event"] == "reply"]
     down = {(e["round"], e["site"]): e["bytes_sent"] for e in replies}
     assert down == {
@@ -134,11 +100,13 @@ def test_the_frozen_model_goes_once_and_again_to_a_site_that_lost_it(sites, tmp_
 def test_a_silent_site_misses_the_round_and_a_missing_quorum_fails_the_run(sites, tmp_path):
     three = {n: sites[n] for n in list(sites)[:3]}
     silent = list(three)[2]
-    run_rounds(InProcessGrid(three, silent=(silent,)), _config(tmp_path / "ok", rounds=1, deadline=1))
+    run_rounds(InProcessGrid(three, silent=(silent,)), federation_config(tmp_path / "ok", rounds=1, deadline=1))
     end = [e for e in _events(tmp_path / "ok") if e["event"] == "round_end"]
     assert [s["site"] for s in end[0]["sites"]] == ["site_0", "site_1"]
     with pytest.raises(RuntimeError, match="round 1: 2 valid replies; min_sites is 3"):
-        run_rounds(InProcessGrid(three, silent=(silent,)), _config(tmp_path / "quorum", min_sites=3, deadline=1))
+        run_rounds(
+            InProcessGrid(three, silent=(silent,)), federation_config(tmp_path / "quorum", min_sites=3, deadline=1)
+        )
     assert _events(tmp_path / "quorum")[-1]["event"] == "failed"
     assert not (tmp_path / "quorum" / "checkpoints").exists()
 
@@ -147,7 +115,7 @@ def test_a_site_whose_supernode_restarted_is_asked_again_within_the_round(sites,
     two = {n: sites[n] for n in list(sites)[:2]}
     restarting = list(two)[1]
     grid = InProcessGrid(two, restarting=(restarting,))
-    run_rounds(grid, _config(tmp_path / "run", rounds=1))
+    run_rounds(grid, federation_config(tmp_path / "run", rounds=1))
     assert [node for _, node in grid.asked].count(restarting) == 2  # NODE_UNAVAILABLE, then asked again
     events = _events(tmp_path / "run")
     assert not [e for e in events if e["event"] == "refused"]
@@ -158,15 +126,15 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model_as_an_uninterrupted_ru
     two = {n: sites[n] for n in list(sites)[:2]}
     out = tmp_path / "killed"
     with pytest.raises(RuntimeError, match="killed"):
-        run_rounds(InProcessGrid(two, crash_in_round=2), _config(out, rounds=3))
-    run_rounds(InProcessGrid(two), _config(out, rounds=3))
+        run_rounds(InProcessGrid(two, crash_in_round=2), federation_config(out, rounds=3))
+    run_rounds(InProcessGrid(two), federation_config(out, rounds=3))
     events = _events(out)
     assert [e["resumed_after"] for e in events if e["event"] == "start"] == [0, 1]
     assert [e["round"] for e in events if e["event"] == "round_start"] == [1, 2, 2, 3]
     assert [e["round"] for e in events if e["event"] == "round_end"] == [1, 2, 3]
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     fresh = {n: with_site(c, state_dir=site_of(c).state_dir + "_whole") for n, c in two.items()}  # trains, no replays
-    run_rounds(InProcessGrid(fresh), _config(tmp_path / "whole", rounds=3))
+    run_rounds(InProcessGrid(fresh), federation_config(tmp_path / "whole", rounds=3))
     resumed, whole = (load_weights(tmp_path / run / "checkpoints" / "round_0003") for run in ("killed", "whole"))
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
@@ -186,7 +154,7 @@ def test_a_site_whose_privacy_budget_runs_out_stops_and_the_run_goes_on(sites, t
     two[small] = with_site(two[small], privacy=SitePrivacy(epsilon_budget=budget))
     run_rounds(
         InProcessGrid(two),
-        _config(
+        federation_config(
             tmp_path / "run",
             {"train": {"mode": "lora", "lora_rank": 2, "batch_size": 8, "privacy": {"epsilon": 8.0}}},
             rounds=4,
@@ -221,7 +189,7 @@ def test_a_site_whose_disk_is_full_says_so_and_the_run_goes_on(sites, tmp_path, 
     two = {n: sites[n] for n in list(sites)[:2]}
     full = list(two)[1]
     two[full] = with_site(two[full], state_dir=str(full_disk / "site_1"))
-    run_rounds(InProcessGrid(two), _config(tmp_path / "run", rounds=1, min_sites=1))
+    run_rounds(InProcessGrid(two), federation_config(tmp_path / "run", rounds=1, min_sites=1))
     events = _events(tmp_path / "run")
     (refused,) = [e for e in events if e["event"] == "refused"]
     assert refused["reason"] == "site site_1 failed: the site's disk is full"  # no path, no data
@@ -232,7 +200,7 @@ def test_the_server_keeps_the_newest_rounds_and_the_best_scored_model(sites, tmp
     from echocare_core.checkpoint import read_meta
 
     two = {n: sites[n] for n in list(sites)[:2]}
-    run_rounds(InProcessGrid(two), _config(tmp_path / "run", rounds=4, keep_checkpoints=2))
+    run_rounds(InProcessGrid(two), federation_config(tmp_path / "run", rounds=4, keep_checkpoints=2))
     folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert folders == ["best", "round_0003", "round_0004"]
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -5,16 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_ENCODER
-from in_process import InProcessGrid, node_config
+from in_process import InProcessGrid, federation_config, node_config
 from safetensors import safe_open
 
 from echocare_core.checkpoint import load_weights
-from echocare_core.config import from_dict
 from echocare_core.federation.rounds import outlier_reasons
 from echocare_core.federation.transport import decode
 from echocare_core.synthetic.dataset import write_dataset
-from echocare_server.config import FederationConfig
 from echocare_server.server_app import run_rounds
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_task")]
@@ -30,29 +27,12 @@ def folders(tmp_path_factory):
 
 def _run(folders, out, tamper=None, strategy="fedavg", max_norm_ratio=10.0):
     sites = {HOSTILE + i: node_config(f"site_{i}", f, out / "state") for i, f in enumerate(folders)}
-    cfg = from_dict(
-        FederationConfig,
-        {
-            "output": str(out / "run"),
-            "server": {"insecure": True},
-            "strategy": {"name": strategy, "trim": 0.2},
-            "rounds": {
-                "rounds": 2,
-                "min_sites": 3,
-                "wait_for_sites": 2,
-                "deadline": 600,
-                "max_norm_ratio": max_norm_ratio,
-            },
-            "job": {
-                "task": "segmentation",
-                "labels": [0, 1],
-                "encoder": dict(TINY_ENCODER),
-                "feature_size": 8,
-                "train": {"mode": "lora", "lora_rank": 2, "batch_size": 8},
-                "local_steps": 2,
-            },
-        },
-        "federation",
+    cfg = federation_config(
+        out / "run",
+        {"local_steps": 2},
+        {"name": strategy, "trim": 0.2},
+        min_sites=3,
+        max_norm_ratio=max_norm_ratio,
     )
     run_rounds(InProcessGrid(sites, tamper={HOSTILE: tamper} if tamper else None), cfg)
     events = [json.loads(line) for line in (out / "run" / "progress.jsonl").read_text().splitlines()]

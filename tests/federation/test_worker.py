@@ -10,26 +10,17 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_ENCODER
+from in_process import TINY_JOB
 from safetensors.torch import load_file, save_file
 
 from echocare_client.config import SiteConfig
 from echocare_client.worker import SiteWorker, ask_worker, failure_reason, run_request
 from echocare_core import __version__
-from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.job import Job, job_hash
 from echocare_core.federation.rounds import initial_state
-from echocare_core.models.swin import EncoderConfig
 from echocare_core.synthetic.dataset import write_dataset
 
-JOB = Job(
-    task="segmentation",
-    labels=(0, 1),
-    encoder=EncoderConfig(**TINY_ENCODER),
-    feature_size=8,
-    local_steps=1,
-    train=LocalTraining(mode="lora", lora_rank=2, batch_size=8),
-)
+JOB = TINY_JOB
 
 
 @pytest.fixture(scope="module")
