@@ -37,10 +37,11 @@ def step_cost(mode: str, dp_mode: str, steps: int) -> dict:
     from monai.losses import DiceCELoss
 
     from echocare_core.engine.optim import build_optimizer
+    from echocare_core.models.lora import apply_finetune_mode
     from echocare_core.models.swin import EncoderConfig
-    from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
     from echocare_core.privacy.dp import DPTraining
     from echocare_core.privacy.settings import DPSettings
+    from echocare_core.tasks.model import EchoCareTaskModel
 
     torch.manual_seed(0)
     model = EchoCareTaskModel(

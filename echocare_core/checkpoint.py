@@ -34,9 +34,8 @@ from echocare_core.config import from_dict
 from echocare_core.data.ontology import Ontology
 from echocare_core.files import fsync
 from echocare_core.models.pretrain import EchoCarePretrainModel
-from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
-from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
+from echocare_core.tasks.model import EchoCareTaskModel, TaskMeta
 
 __all__ = [
     "FORMAT_VERSION",
@@ -51,6 +50,7 @@ __all__ = [
     "prune_checkpoints",
     "same_architecture",
     "build_from_checkpoint",
+    "load_task_model",
     "unwrap",
     "fsync",
 ]
@@ -260,19 +260,8 @@ def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     cfg = from_dict(EncoderConfig, meta.get("encoder", {}), "encoder")
     if kind == "pretrain":
         model: nn.Module = EchoCarePretrainModel(cfg, Ontology.from_tree(meta["ontology"], f"{path} ontology"))
-    elif kind == "task":
-        head, ft = meta["head"], meta["finetune"]
-        report = from_dict(ReportHeadConfig, head["report"], "head.report") if "report" in head else None
-        model = EchoCareTaskModel(
-            cfg,
-            meta["task"],
-            head["num_classes"],
-            head["feature_size"],
-            head["multi_label"],
-            head.get("target_stats", (0.0, 1.0)),
-            report,
-        )
-        apply_finetune_mode(model, ft["mode"], ft["lora_rank"], ft["lora_alpha"])
+    elif kind == TaskMeta.KIND:
+        model = TaskMeta.parse(meta, f"{path} meta.json").build()
     elif kind == "shared_encoder":
         raise ValueError(
             f"{path} is a multi-task federation's shared encoder (model_kind 'shared_encoder'), without "
@@ -283,6 +272,21 @@ def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
         raise ValueError(f"{path}: model_kind {kind!r} is not buildable here (known: 'pretrain', 'task')")
     model.load_state_dict(load_weights(path), strict=True)
     return model.to(device), meta
+
+
+def load_task_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[EchoCareTaskModel, TaskMeta]:
+    """A fine-tuned checkpoint's model, with its weights, and its typed metadata.
+
+    Raises:
+        ValueError: not a fine-tuned checkpoint (a pretraining checkpoint, a shared encoder).
+    """
+    kind = read_meta(path).get("model_kind")
+    if kind != TaskMeta.KIND:
+        raise ValueError(
+            f"{path} is a {kind!r} checkpoint, not a fine-tuned one (echocare-finetune writes them to OUTPUT/best)"
+        )
+    model, meta = build_from_checkpoint(path, device)
+    return model, TaskMeta.parse(meta, f"{path} meta.json")
 
 
 RUNTIME_ONLY = ("grad_checkpointing", "fused_attn")  # how the encoder runs, not what it is

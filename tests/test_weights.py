@@ -11,9 +11,10 @@ from safetensors.torch import save_file
 from echocare_core.checkpoint import read_meta, save_checkpoint
 from echocare_core.config import to_dict
 from echocare_core.data.ontology import load_ontology
+from echocare_core.models.lora import apply_finetune_mode
 from echocare_core.models.pretrain import EchoCarePretrainModel
 from echocare_core.models.swin import EncoderConfig, SwinEncoder
-from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
+from echocare_core.tasks.model import EchoCareTaskModel
 from echocare_core.weights import WeightsMismatch, load_encoder_weights
 
 RELEASE_LIKE = dict(variant="test", img_size=64, window_size=4, in_chans=3, drop_path=0.0)

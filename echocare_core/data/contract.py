@@ -21,6 +21,7 @@ import yaml
 
 from echocare_core.data.io import ImageReadError, read_image
 from echocare_core.data.ontology import load_ontology
+from echocare_core.tasks import TASKS
 
 __all__ = [
     "TASK_COLUMNS",
@@ -33,17 +34,8 @@ __all__ = [
     "verify_dataset",
 ]
 
-# the column each task needs besides `image`
-TASK_COLUMNS = {
-    "classification": "label",
-    "segmentation": "mask",
-    "landmarks": "landmarks",
-    "detection": "boxes",
-    "regression": "target",
-    "enhancement": "target_image",
-    "report": "report",
-    "pretrain": None,
-}
+# the column each task needs besides `image` (a pretraining folder needs none; `anatomy` is optional)
+TASK_COLUMNS: dict[str, str | None] = {**{name: column for name, (column, _) in TASKS.items()}, "pretrain": None}
 SPLITS = ("train", "val", "test")
 LAST_FRAME = 1 - 1e-9  # read_image's frame_pick of a clip's last frame (with frame_step 1)
 SPEC_KEYS = {

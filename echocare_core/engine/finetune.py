@@ -40,11 +40,12 @@ from echocare_core.engine.training import (
     train_epoch,
 )
 from echocare_core.files import write_atomic
-from echocare_core.models.report import ReportHeadConfig
+from echocare_core.models.lora import apply_finetune_mode, count_trainable
 from echocare_core.models.swin import EncoderConfig
-from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode, count_trainable
 from echocare_core.privacy.settings import BudgetExceeded
 from echocare_core.tasks import get_task
+from echocare_core.tasks.base import InputSpec, TaskHead
+from echocare_core.tasks.model import EchoCareTaskModel, FinetuneMode, TaskMeta
 from echocare_core.weights import load_encoder_weights
 
 __all__ = ["FinetuneResult", "build_task_model", "run_finetune", "tokenizer_for", "write_json", "write_json_lines"]
@@ -115,63 +116,56 @@ def _meta(
     epoch: int,
     metrics: dict[str, float],
     tokenizer: ReportTokenizer | None,
-) -> dict[str, Any]:
-    enc = model.encoder.cfg
-    report = (
-        {
-            "report": to_dict(cfg.model.report),
-            "tokenizer": tokenizer.to_str(),
-            "findings": list(spec.findings),
-            "beam": cfg.model.beam,
-        }
-        if tokenizer is not None
-        else {}
+) -> TaskMeta:
+    enc, report = model.encoder.cfg, tokenizer is not None
+    return TaskMeta(
+        task=spec.task,
+        encoder=enc,
+        head=TaskHead(
+            num_classes=num_classes(spec, tokenizer),
+            feature_size=cfg.model.feature_size,
+            multi_label=spec.multi_label,
+            classes=spec.classes,
+            labels={str(k): v for k, v in spec.labels.items()},
+            landmark_names=spec.landmark_names,
+            target_name=spec.target_name,
+            target_stats=model.target_stats,
+            report=cfg.model.report if report else None,
+            tokenizer=tokenizer.to_str() if report else "",
+            findings=spec.findings if report else (),
+            beam=cfg.model.beam,
+        ),
+        finetune=FinetuneMode(cfg.train.mode, cfg.train.lora_rank, cfg.train.lora_alpha),
+        input=InputSpec(**enc.input_spec, frames=cfg.model.frames),
+        epoch=epoch,
+        metrics=metrics,
+        dataset=spec.name,
+        config=to_dict(cfg),
     )
-    return {
-        "model_kind": "task",
-        "task": spec.task,
-        "encoder": to_dict(enc),
-        "epoch": epoch,
-        "metrics": metrics,
-        "head": {
-            "num_classes": num_classes(spec, tokenizer),
-            "feature_size": cfg.model.feature_size,
-            **report,
-            "multi_label": spec.multi_label,
-            "classes": list(spec.classes),
-            "labels": {str(k): v for k, v in spec.labels.items()},
-            "landmark_names": list(spec.landmark_names),
-            "target_name": spec.target_name,
-            "target_stats": list(model.target_stats),
-        },
-        "finetune": {"mode": cfg.train.mode, "lora_rank": cfg.train.lora_rank, "lora_alpha": cfg.train.lora_alpha},
-        "input": {**enc.input_spec, "frames": cfg.model.frames},
-        "dataset": spec.name,
-        "config": to_dict(cfg),
-    }
+
+
+def _same_weights(head: TaskHead) -> TaskHead:
+    """The head without the settings that leave its weights alone (beam, findings' phrases and loss weight where the
+    head has no findings classifier)."""
+    r = head.report
+    if r is not None:
+        r = replace(r, findings_weight=1.0, findings=r.findings if r.classifies else ())
+    return replace(head, beam=1, findings=(), report=r)
 
 
 def _resume(
-    cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, head: dict[str, Any], recipe: Recipe, device: torch.device
+    cfg: FinetuneConfig, out: Path, model: EchoCareTaskModel, head: TaskHead, recipe: Recipe, device: torch.device
 ) -> dict[str, Any]:
     """Training state of `out/last`, loaded into model and optimizer; empty when starting afresh."""
     last = out / "last"
     if not (last / "meta.json").is_file():
         return {}
-    meta = read_meta(last)
-
-    def weights(h: dict[str, Any]) -> dict[str, Any]:  # without the report settings that leave the weights alone
-        kept = {k: v for k, v in h.items() if k not in ("beam", "findings")}
-        if "report" in kept:  # the findings' loss weight; their phrases only matter where there is a classifier
-            r = from_dict(ReportHeadConfig, kept["report"], "head.report")
-            kept["report"] = replace(r, findings_weight=1.0, findings=r.findings if r.classifies else ())
-        return kept
-
-    if (meta["finetune"]["mode"], meta["task"], weights(meta["head"])) != (
+    meta = TaskMeta.parse(read_meta(last), f"{last} meta.json")
+    if (meta.finetune.mode, meta.task, _same_weights(meta.head)) != (
         cfg.train.mode,
         model.task,
-        weights(head),
-    ) or not same_architecture(meta["encoder"], to_dict(model.encoder.cfg)):
+        _same_weights(head),
+    ) or not same_architecture(to_dict(meta.encoder), to_dict(model.encoder.cfg)):
         raise ValueError(f"{last} belongs to another task, mode, head or encoder; choose a new output folder")
     state = load_train_state(last)
     model.load_state_dict(load_weights(last, device))
@@ -250,7 +244,7 @@ def run_finetune(
     sets = split_datasets(folder, spec, rows, enc, cfg.seed, cfg.model.frames, tok, cfg.model.report.views)
     n = len(sets["train"])
     recipe = Recipe.build(model, t, n, steps_per_epoch(n, t.batch_size) * cfg.epochs)
-    state = _resume(cfg, out, model, _meta(cfg, spec, model, 0, {}, tok)["head"], recipe, device)
+    state = _resume(cfg, out, model, _meta(cfg, spec, model, 0, {}, tok).head, recipe, device)
     start, best, best_metrics, skipped = (
         state.get("epoch", 0),
         state.get("best"),
@@ -296,11 +290,11 @@ def run_finetune(
         write_json_lines(out / "metrics.jsonl", history)
         if best is None or task.score(val) > best:  # the first epoch is best until one beats it
             best, best_metrics = task.score(val), val
-            save_checkpoint(out / "best", model, _meta(cfg, spec, model, epoch, {**val, **spent}, tok))
+            save_checkpoint(out / "best", model, _meta(cfg, spec, model, epoch, {**val, **spent}, tok).to_meta())
         save_checkpoint(
             out / "last",
             model,
-            _meta(cfg, spec, model, epoch, {**val, **spent}, tok),
+            _meta(cfg, spec, model, epoch, {**val, **spent}, tok).to_meta(),
             {
                 "optimizer": recipe.optimizer.state_dict(),
                 "scheduler": recipe.scheduler.state_dict(),

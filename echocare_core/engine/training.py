@@ -23,13 +23,13 @@ from torch.utils.data import DataLoader
 
 from echocare_core.config import check_ranges
 from echocare_core.data.contract import DatasetSpec, load_spec, read_manifest, verify_dataset
-from echocare_core.data.finetune import TaskDataset, collate_task, from_model_points
+from echocare_core.data.finetune import TaskDataset, collate_task
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.pretrain import NonFiniteLossError
-from echocare_core.models.task import EchoCareTaskModel
 from echocare_core.privacy.settings import DPSettings
 from echocare_core.tasks import get_task
+from echocare_core.tasks.model import EchoCareTaskModel
 
 __all__ = [
     "MIN_LR_RATIO",
@@ -260,43 +260,23 @@ def model_task(model: torch.nn.Module) -> str | None:
 def predict(
     model: EchoCareTaskModel, loader: DataLoader, device: torch.device, beam: int = 1
 ) -> tuple[Any, Any, torch.Tensor] | None:
-    """Predictions (`EchoCareTaskModel.decode`), targets and the dataset rows they belong to; None when
-    nothing was readable. Landmarks come back in the images' own pixels, boxes in the model's grid
-    (IoU does not change with scale); reports as texts written with beam search of width `beam`, next to
-    the manifest's reports."""
+    """Predictions, targets and the dataset rows they belong to (`Task.predict_batch`, joined by `Task.join`);
+    None when nothing was readable. Reports are written with beam search of width `beam`."""
     model.eval()
     preds, targets, rows = [], [], []
     for batch in loader:
         if "image" not in batch:
             continue
-        if model.task == "report":
-            tok, ds = loader.dataset.tokenizer, loader.dataset
-            preds += [tok.decode(ids) for ids in model.generate(batch["image"].to(device), tok.bos, tok.eos, beam)]
-            targets += [ds.rows[int(i)]["report"] for i in batch["row"]]
-            rows.append(batch["row"])
-            continue
-        pred, true = model.decode(model(batch["image"].to(device)).float()), batch["target"]
-        if model.task == "landmarks":
-            size = batch["image"].shape[-1]
-            pred, true = (
-                from_model_points(pred.cpu(), batch["size"], size),
-                from_model_points(true, batch["size"], size),
-            )
-        if model.task == "detection":
-            preds += [d.cpu() for d in pred]
-            targets += list(true)
-        else:
-            preds.append(pred.cpu())
-            targets.append(true)
+        pred, true = model.kind.predict_batch(
+            model, {**batch, "image": batch["image"].to(device)}, loader.dataset, beam
+        )
+        preds += pred
+        targets += true
         rows.append(batch["row"])
     model.train()
     if not rows:
         return None
-    return (
-        (preds, targets, torch.cat(rows))
-        if model.task in ("detection", "report")
-        else (torch.cat(preds), torch.cat(targets), torch.cat(rows))
-    )
+    return model.kind.join(preds), model.kind.join(targets), torch.cat(rows)
 
 
 def evaluate(
@@ -312,5 +292,4 @@ def evaluate(
     """Main and secondary metrics of `model` over all of `ds` (empty when nothing in it was readable)."""
     loader = task_loader(ds, [(0, i) for i in range(len(ds))], batch_size, workers)
     out = predict(model, loader, device, beam)
-    findings = ds.spec.findings if model.task == "report" else ()
-    return get_task(model.task).metrics(out[0], out[1], k, threshold, findings) if out is not None else {}
+    return model.kind.metrics(out[0], out[1], k, threshold, ds.spec.findings) if out is not None else {}

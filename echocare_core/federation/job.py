@@ -55,22 +55,18 @@ MULTITASK_LOCAL = ("head.*",)  # what each site of a multi-task job keeps: its t
 class TaskSpec:
     """One task of a multi-task job: what a site's dataset must declare to run it."""
 
-    task: Literal["classification", "segmentation", "landmarks", "detection", "regression", "enhancement", "report"]
+    task: str  # one of echocare_core.tasks.TASKS
     classes: tuple[str, ...] = ()  # classification, detection
     labels: tuple[int, ...] = ()  # segmentation: the declared mask values
     landmarks: int = 0  # landmarks: points per image
     multi_label: bool = False
 
+    def __post_init__(self) -> None:
+        get_task(self.task)  # an unknown task is refused with the closest name
+
     def describe(self) -> str:
-        detail = {
-            "classification": list(self.classes),
-            "detection": list(self.classes),
-            "segmentation": sorted(self.labels),
-            "landmarks": self.landmarks,
-        }.get(self.task)
-        return " ".join(
-            [self.task, *([str(detail)] if detail is not None else []), *(["multi-label"] if self.multi_label else [])]
-        )
+        detail = get_task(self.task).describe(self)
+        return " ".join([self.task, *([detail] if detail else []), *(["multi-label"] if self.multi_label else [])])
 
 
 @dataclass(frozen=True)

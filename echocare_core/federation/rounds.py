@@ -22,11 +22,13 @@ from echocare_core.checkpoint import (
     save_checkpoint,
 )
 from echocare_core.config import from_dict, to_dict
-from echocare_core.data.contract import load_spec
+from echocare_core.data.contract import DatasetSpec, load_spec
 from echocare_core.federation.job import Job, job_hash, local_patterns, task_for, task_jobs
 from echocare_core.federation.site import build_job_model, local_layers_file
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
 from echocare_core.tasks import get_task
+from echocare_core.tasks.base import InputSpec, TaskHead
+from echocare_core.tasks.model import FinetuneMode, TaskMeta
 from echocare_core.weights import load_encoder_weights
 
 __all__ = [
@@ -92,39 +94,44 @@ def choose_sites(nodes: list[int], participation: float, minimum: int, seed: int
     return [sorted(nodes)[i] for i in sorted(picked)]
 
 
-def _meta(job: Job, server_round: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    common = {
-        "task": job.task,
-        "encoder": to_dict(job.encoder),
-        "epoch": server_round,
-        "round": server_round,
-        "metrics": metrics,
-        "job_hash": job_hash(job),
-        "job": to_dict(job),
-        "finetune": {"mode": job.train.mode, "lora_rank": job.train.lora_rank, "lora_alpha": job.train.lora_alpha},
-    }
+def _meta(job: Job, server_round: int, metrics: dict[str, Any], spec: DatasetSpec | None = None) -> dict[str, Any]:
+    """A round checkpoint's metadata: a task model's (`TaskMeta`), or a multi-task job's shared encoder's. The
+    names of the head's classes, mask values and points are the site's where `spec` is given (a site's own model),
+    else unknown (the job declares mask values and a count of points only)."""
+    common = {"epoch": server_round, "round": server_round, "metrics": metrics, "job_hash": job_hash(job)}
+    mode = FinetuneMode(job.train.mode, job.train.lora_rank, job.train.lora_alpha)
     if job.tasks:  # the heads are at the sites
-        return {"model_kind": "shared_encoder", **common, "tasks": [to_dict(t) for t in job.tasks]}
-    return {
-        "model_kind": "task",
+        return {
+            "model_kind": "shared_encoder",
+            "task": job.task,
+            "encoder": to_dict(job.encoder),
+            "job": to_dict(job),
+            "finetune": to_dict(mode),
+            "tasks": [to_dict(t) for t in job.tasks],
+            **common,
+        }
+    report = job.task == "report"
+    head = TaskHead(
+        num_classes=job.num_outputs,
+        feature_size=job.feature_size,
+        multi_label=job.multi_label,
+        classes=job.classes,
+        labels={str(v): spec.labels.get(v, "") if spec else "" for v in job.labels},
+        landmark_names=spec.landmark_names if spec else (),
+        target_name=spec.target_name if spec else "target",
+        report=job.report if report else None,
+        tokenizer=job.tokenizer.to_str() if report else "",
+        findings=spec.findings if spec and report else (),
+    )
+    return TaskMeta(
+        task=job.task,
+        encoder=job.encoder,
+        head=head,
+        finetune=mode,
+        input=InputSpec(**job.encoder.input_spec, frames=job.frames),
+        job=to_dict(job),
         **common,
-        "head": {
-            "num_classes": job.num_outputs,
-            "feature_size": job.feature_size,
-            "multi_label": job.multi_label,
-            "classes": list(job.classes),
-            "labels": {str(v): str(v) for v in job.labels},
-            "landmark_names": [f"point{i + 1}" for i in range(job.landmarks)],
-            "target_name": "target",
-            "target_stats": [0.0, 1.0],
-            **(
-                {"report": to_dict(job.report), "tokenizer": job.tokenizer.to_str(), "beam": 1}
-                if job.task == "report"
-                else {}
-            ),
-        },
-        "input": {**job.encoder.input_spec, "frames": job.frames},
-    }
+    ).to_meta()
 
 
 def save_round(
@@ -228,10 +235,11 @@ def site_model(checkpoint: Path, data: Path, state_dir: Path, out: Path) -> Path
     from safetensors import safe_open
 
     meta = read_meta(checkpoint)
-    if "job_hash" not in meta or "job" not in meta:
+    if not meta.get("job_hash") or not meta.get("job"):
         raise ValueError(f"{checkpoint} is not a checkpoint of a federated run (no job in its metadata)")
     job = from_dict(Job, meta["job"], f"{checkpoint} job")
-    match = task_for(job, load_spec(data))
+    spec = load_spec(data)
+    match = task_for(job, spec)
     if match is None:
         raise ValueError(
             f"the dataset {data} matches none of the tasks of the job of {checkpoint} "
@@ -259,7 +267,7 @@ def site_model(checkpoint: Path, data: Path, state_dir: Path, out: Path) -> Path
         out,
         model,
         {
-            **_meta(site_job, meta["round"], meta["metrics"]),
+            **_meta(site_job, meta["round"], meta["metrics"], spec),
             "site_model_of": {"checkpoint_job_hash": meta["job_hash"], "round": meta["round"]},
         },
     )

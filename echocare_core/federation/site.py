@@ -31,9 +31,10 @@ from echocare_core.engine.training import (
 from echocare_core.federation.job import Job, check_job, job_hash, local_patterns, shared_names, task_for, task_jobs
 from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.files import write_atomic
-from echocare_core.models.task import EchoCareTaskModel, apply_finetune_mode
+from echocare_core.models.lora import apply_finetune_mode
 from echocare_core.privacy.settings import SitePrivacy, steps_per_round
 from echocare_core.tasks import get_task
+from echocare_core.tasks.model import EchoCareTaskModel
 from echocare_core.weights import load_encoder_weights
 
 __all__ = [

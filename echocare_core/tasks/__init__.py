@@ -1,26 +1,36 @@
-"""EchoCare's fine-tuning tasks as objects: one module per task behind one protocol (`Task`, in `base`), looked up by
-name in `TASKS`. Each module holds what is particular to its task: the head's outputs, the loss, the metrics with
-the main one and its direction, what a job and a dataset must agree on, and what differential privacy clips as one
-sample. docs/architecture.md shows how to add one."""
+"""EchoCare's fine-tuning tasks as objects: one module per task behind one protocol (`Task`, in `base`), registered
+by name in `TASKS` with the manifest column its targets are in.
+
+Each module holds what is particular to its task: the head, how a target is read and flipped, the loss, decoding,
+the metrics with the main one and its direction, the bootstrap, the predictions written for a clinician, what a
+model and a dataset must agree on, and what differential privacy clips as one sample. The registry itself is light
+(a task's module is imported when `get_task` first asks for it), so the data contract can read the columns without
+loading torch. docs/architecture.md shows how to add a task.
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from echocare_core.config import did_you_mean
-from echocare_core.tasks.base import Loss, Task
-from echocare_core.tasks.classification import Classification
-from echocare_core.tasks.detection import Detection
-from echocare_core.tasks.enhancement import Enhancement
-from echocare_core.tasks.landmarks import Landmarks
-from echocare_core.tasks.regression import Regression
-from echocare_core.tasks.report import Report
-from echocare_core.tasks.segmentation import Segmentation
 
-__all__ = ["TASKS", "Loss", "Task", "get_task"]
+if TYPE_CHECKING:
+    from echocare_core.tasks.base import Task
 
-TASKS: dict[str, Task] = {
-    t.name: t
-    for t in (Classification(), Segmentation(), Landmarks(), Detection(), Regression(), Enhancement(), Report())
+__all__ = ["TASKS", "get_task"]
+
+# name -> (the manifest column a sample's target is in, the task's class in this package)
+TASKS: dict[str, tuple[str, str]] = {
+    "classification": ("label", "classification.Classification"),
+    "segmentation": ("mask", "segmentation.Segmentation"),
+    "landmarks": ("landmarks", "landmarks.Landmarks"),
+    "detection": ("boxes", "detection.Detection"),
+    "regression": ("target", "regression.Regression"),
+    "enhancement": ("target_image", "enhancement.Enhancement"),
+    "report": ("report", "report.Report"),
 }
+_made: dict[str, Task] = {}
 
 
 def get_task(name: str) -> Task:
@@ -31,4 +41,7 @@ def get_task(name: str) -> Task:
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}.{did_you_mean(name, list(TASKS))}")
-    return TASKS[name]
+    if name not in _made:
+        module, cls = TASKS[name][1].rsplit(".", 1)
+        _made[name] = getattr(import_module(f"{__name__}.{module}"), cls)()
+    return _made[name]

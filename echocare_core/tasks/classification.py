@@ -4,15 +4,19 @@ accuracy, F1 and, for binary tasks, sensitivity and specificity at the Youden th
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.metrics import compute_roc_auc
+from torch import nn
 
-from echocare_core.data.contract import DatasetSpec
-from echocare_core.tasks.base import Loss, Task
+from echocare_core.models.heads import ClassificationHead
+from echocare_core.tasks.base import Declared, Loss, Task, TaskHead
+
+if TYPE_CHECKING:
+    from echocare_core.data.contract import DatasetSpec
 
 __all__ = ["Classification", "classification_metrics", "multilabel_metrics", "youden"]
 
@@ -24,19 +28,50 @@ class Classification(Task):
     def outputs(self, classes: int, labels: int, landmarks: int, tokenizer: Any = None) -> int:
         return classes
 
+    def head(self, cfg: Any, outputs: int, feature_size: int, report: Any) -> nn.Module:
+        return ClassificationHead(cfg.stage_channels[-1], outputs)
+
+    def forward(self, model: Any, images: torch.Tensor, ids: Any = None) -> torch.Tensor:
+        return model.head(model.encoder(images))
+
+    def decode(self, model: Any, out: torch.Tensor) -> torch.Tensor:
+        """Class probabilities `[B, K]`."""
+        return out.sigmoid() if model.multi_label else out.softmax(-1)
+
+    def target(self, ds: Any, value: str, height: int, width: int) -> torch.Tensor:
+        if ds.spec.multi_label:  # "a;b" -> multi-hot [K]
+            names = {n.strip() for n in value.split(";")}
+            return torch.tensor([float(c in names) for c in ds.spec.classes])
+        return torch.tensor(ds.spec.classes.index(value))
+
     def loss(self, spec: DatasetSpec, stats: Any = None, tokenizer: Any = None, head: Any = None) -> Loss:
         return F.binary_cross_entropy_with_logits if spec.multi_label else F.cross_entropy
 
     def metrics(self, pred: Any, true: Any, k: int, threshold: float | None = None, findings: Any = ()) -> dict:
         return multilabel_metrics(pred, true) if true.ndim == 2 else classification_metrics(pred, true, threshold)
 
-    def mismatch(self, wanted: Any, spec: DatasetSpec) -> str:
-        if (tuple(wanted.classes), wanted.multi_label) != (tuple(spec.classes), spec.multi_label):
+    def describe(self, declared: Declared) -> str:
+        return str(list(declared.classes))
+
+    def mismatch(self, declared: Declared, spec: DatasetSpec, who: str = "job") -> str:
+        if (tuple(declared.classes), declared.multi_label) != (tuple(spec.classes), spec.multi_label):
             return (
-                f"job classes {list(wanted.classes)} (multi-label {wanted.multi_label}) but the site declares "
-                f"{list(spec.classes)} (multi-label {spec.multi_label})"
+                f"{who} classes {list(declared.classes)} (multi-label {declared.multi_label}) but the dataset "
+                f"declares {list(spec.classes)} (multi-label {spec.multi_label})"
             )
         return ""
+
+    def columns(self, head: TaskHead) -> list[str]:
+        return ["file", "prediction", *[f"p_{c}" for c in head.classes]]
+
+    def predict_image(self, model: Any, head: TaskHead, inputs: Any, img: Any, stem: str, out: Any, _: float) -> list:
+        probs = self.decode(model, model(inputs.tensor(img)).float())[0].tolist()
+        chosen = (
+            ";".join(c for c, p in zip(head.classes, probs) if p >= 0.5)
+            if head.multi_label
+            else head.classes[int(np.argmax(probs))]
+        )
+        return [chosen, *[f"{p:.6f}" for p in probs]]
 
 
 def youden(scores: np.ndarray, positive: np.ndarray) -> tuple[float, float, float]:

@@ -4,20 +4,27 @@ IoU 0.5 (MONAI's COCO metric)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou
+from torch import nn
 
-from echocare_core.data.contract import DatasetSpec
-from echocare_core.models.detection import Detections, detection_loss
-from echocare_core.tasks.base import Loss, Task
+from echocare_core.models.detection import HEAT_PRIOR, Detections, decode_detections, detection_loss
+from echocare_core.models.heads import DenseHead
+from echocare_core.tasks.base import Declared, Loss, Task, TaskHead
 from echocare_core.tasks.classification import Classification
+from echocare_core.tasks.drawing import draw, gray_of
+
+if TYPE_CHECKING:
+    from echocare_core.data.contract import DatasetSpec
 
 __all__ = ["Detection", "detection_ap", "detection_metrics", "match_detections"]
 
@@ -25,9 +32,37 @@ __all__ = ["Detection", "detection_ap", "detection_metrics", "match_detections"]
 class Detection(Task):
     name = "detection"
     main_metric = "map50"
+    stacked = False  # boxes per image
 
     def outputs(self, classes: int, labels: int, landmarks: int, tokenizer: Any = None) -> int:
         return classes
+
+    def head(self, cfg: Any, outputs: int, feature_size: int, report: Any) -> nn.Module:
+        """Centre logits per class and two log box sizes; the centre heatmaps start at a low prior, as in
+        CenterNet and RetinaNet."""
+        head = DenseHead(cfg, outputs + 2, feature_size)
+        with torch.no_grad():
+            head.out.conv.conv.bias[:outputs] = math.log(HEAT_PRIOR / (1 - HEAT_PRIOR))
+        return head
+
+    def decode(self, model: Any, out: torch.Tensor) -> list[Detections]:
+        return decode_detections(out)
+
+    def target(self, ds: Any, value: str, height: int, width: int) -> torch.Tensor:
+        """Boxes `[G, 5]`: x1, y1, x2, y2 in the model's pixel edges, class index."""
+        boxes = [[*b[:4], ds.spec.classes.index(str(b[4]))] for b in json.loads(value)]
+        out = torch.tensor(boxes, dtype=torch.float32).view(-1, 5)
+        out[:, 0:4:2] *= ds.img_size / width
+        out[:, 1:4:2] *= ds.img_size / height
+        return out
+
+    def flip(self, target: torch.Tensor, size: int) -> torch.Tensor:
+        """x1, x2 -> S - x2, S - x1."""
+        return torch.stack([size - target[:, 2], target[:, 1], size - target[:, 0], target[:, 3], target[:, 4]], 1)
+
+    def predict_batch(self, model: Any, batch: dict[str, Any], ds: Any, beam: int) -> tuple[list, list]:
+        """Detections in the model's grid (IoU does not change with scale)."""
+        return [d.cpu() for d in self.decode(model, model(batch["image"]).float())], list(batch["target"])
 
     def loss(self, spec: DatasetSpec, stats: Any = None, tokenizer: Any = None, head: Any = None) -> Loss:
         return detection_loss
@@ -35,8 +70,34 @@ class Detection(Task):
     def metrics(self, pred: Any, true: Any, k: int, threshold: float | None = None, findings: Any = ()) -> dict:
         return detection_metrics(pred, true, k)
 
-    def mismatch(self, wanted: Any, spec: DatasetSpec) -> str:
-        return Classification().mismatch(wanted, spec)  # the same declared classes
+    def resampled(self, pred: Any, true: Any, k: int) -> Any:
+        """Matched once; the resampled images' matches give the AP."""
+        matched = match_detections(pred, true)
+        return lambda idx: detection_ap([matched[i] for i in idx], k)["map50"]
+
+    def mismatch(self, declared: Declared, spec: DatasetSpec, who: str = "job") -> str:
+        return Classification().mismatch(declared, spec, who)  # the same declared classes
+
+    def describe(self, declared: Declared) -> str:
+        return Classification().describe(declared)
+
+    def columns(self, head: TaskHead) -> list[str]:
+        return ["file", "boxes", "count", "overlay"]
+
+    def predict_image(
+        self, model: Any, head: TaskHead, inputs: Any, img: Any, stem: str, out: Any, min_score: float
+    ) -> list:
+        """Boxes `[[x1, y1, x2, y2, class, score], ...]` in the input's pixels, those below `min_score` left out."""
+        height, width = img.shape[-2:]
+        det = self.decode(model, model(inputs.tensor(img)).float())[0]
+        keep = det.scores >= min_score
+        scale = torch.tensor([width, height, width, height]) / inputs.size
+        boxes = [
+            [*[round(v, 1) for v in (b * scale).tolist()], head.classes[int(c)], round(float(s), 4), int(c)]
+            for b, s, c in zip(det.boxes[keep], det.scores[keep], det.classes[keep])
+        ]
+        draw(gray_of(img), boxes=boxes).save(out / f"{stem}_overlay.png")
+        return [json.dumps([b[:6] for b in boxes]), str(len(boxes)), f"{stem}_overlay.png"]
 
 
 @contextlib.contextmanager

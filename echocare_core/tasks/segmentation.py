@@ -4,16 +4,20 @@ foreground class (MONAI's metrics)."""
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+from PIL import Image
 
-from echocare_core.data.contract import DatasetSpec
-from echocare_core.tasks.base import Loss, Task
+from echocare_core.tasks.base import Declared, Loss, Task, TaskHead
+from echocare_core.tasks.drawing import gray_of, overlay
+
+if TYPE_CHECKING:
+    from echocare_core.data.contract import DatasetSpec
 
 __all__ = ["Segmentation", "segmentation_metrics"]
 
@@ -25,6 +29,21 @@ class Segmentation(Task):
     def outputs(self, classes: int, labels: int, landmarks: int, tokenizer: Any = None) -> int:
         return labels
 
+    def decode(self, model: Any, out: torch.Tensor) -> torch.Tensor:
+        """Label maps `[B, H, W]` of class indices."""
+        return out.argmax(1)
+
+    def target(self, ds: Any, value: str, height: int, width: int) -> torch.Tensor:
+        """Mask values (e.g. 0 and 255) as class indices 0..K-1 in the order of the declared values."""
+        lut = np.zeros(256, dtype=np.int64)
+        lut[sorted(ds.spec.labels)] = np.arange(len(ds.spec.labels))
+        with Image.open(ds.folder / value) as im:
+            mask = torch.from_numpy(lut[np.asarray(im)])
+        return F.interpolate(mask[None, None].float(), size=(ds.img_size,) * 2, mode="nearest")[0, 0].long()
+
+    def flip(self, target: torch.Tensor, size: int) -> torch.Tensor:
+        return target.flip(-1)
+
     def loss(self, spec: DatasetSpec, stats: Any = None, tokenizer: Any = None, head: Any = None) -> Loss:
         dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
         return lambda logits, target: dice_ce(logits, target[:, None])
@@ -32,10 +51,32 @@ class Segmentation(Task):
     def metrics(self, pred: Any, true: Any, k: int, threshold: float | None = None, findings: Any = ()) -> dict:
         return segmentation_metrics(pred, true, k)
 
-    def mismatch(self, wanted: Any, spec: DatasetSpec) -> str:
-        if tuple(sorted(wanted.labels)) != tuple(sorted(spec.labels)):
-            return f"job mask values {sorted(wanted.labels)} but the site declares {sorted(spec.labels)}"
+    def resampled(self, pred: Any, true: Any, k: int) -> Any:
+        """Per-class Dice of each image once, then the mean over classes of the resampled images' means."""
+        p = F.one_hot(pred.long(), k).permute(0, 3, 1, 2).float()
+        t = F.one_hot(true.long(), k).permute(0, 3, 1, 2).float()
+        dice = compute_dice(p, t, include_background=False).numpy()
+        return lambda idx: float(np.nanmean(np.nanmean(dice[idx], axis=0)))
+
+    def describe(self, declared: Declared) -> str:
+        return str(sorted(declared.labels))
+
+    def mismatch(self, declared: Declared, spec: DatasetSpec, who: str = "job") -> str:
+        if tuple(sorted(declared.labels)) != tuple(sorted(spec.labels)):
+            return f"{who} mask values {sorted(declared.labels)} but the dataset declares {sorted(spec.labels)}"
         return ""
+
+    def columns(self, head: TaskHead) -> list[str]:
+        return ["file", "mask", "overlay", "foreground_fraction"]
+
+    def predict_image(self, model: Any, head: TaskHead, inputs: Any, img: Any, stem: str, out: Any, _: float) -> list:
+        height, width = img.shape[-2:]
+        raw = model(inputs.tensor(img)).float()
+        labels = F.interpolate(raw, size=(height, width), mode="bilinear", align_corners=False)[0].argmax(0)
+        mask = np.array(head.mask_values, dtype=np.uint8)[labels.numpy()]  # back to the declared mask values
+        Image.fromarray(mask).save(out / f"{stem}_mask.png")
+        overlay(gray_of(img), mask).save(out / f"{stem}_overlay.png")
+        return [f"{stem}_mask.png", f"{stem}_overlay.png", f"{float((mask > 0).mean()):.6f}"]
 
 
 def segmentation_metrics(

@@ -8,9 +8,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.models.report import ReportHeadConfig
-from echocare_core.models.task import EchoCareTaskModel
+from echocare_core.tasks import get_task
+from echocare_core.tasks.model import EchoCareTaskModel
 from echocare_core.tasks.report import report_loss
 
+REPORT = get_task("report")
 HEAD = ReportHeadConfig(width=32, depth=1, heads=4, max_tokens=24)
 
 
@@ -126,11 +128,11 @@ def test_greedy_and_beam_decoding(tiny_encoder_cfg):
     torch.manual_seed(0)
     model = EchoCareTaskModel(tiny_encoder_cfg, "report", 259, report=HEAD).eval()
     x = torch.randn(3, 2, 1, 64, 64)
-    greedy, beam1, beam3 = (model.generate(x, 1, 2, beam) for beam in (1, 1, 3))
+    greedy, beam1, beam3 = (REPORT.generate(model, x, 1, 2, beam) for beam in (1, 1, 3))
     assert greedy == beam1 and len(beam3) == 3
     assert all(len(r) <= HEAD.max_tokens - 1 and 2 not in r for r in greedy + beam3)
     with pytest.raises(ValueError, match="beam=0"):
-        model.generate(x, 1, 2, 0)
+        REPORT.generate(model, x, 1, 2, 0)
     with pytest.raises(ValueError, match="reads the report's ids"):
         model(x)
 
@@ -140,8 +142,8 @@ def test_cached_greedy_decoding_equals_recomputing_every_position(tiny_encoder_c
     model = EchoCareTaskModel(tiny_encoder_cfg, "report", 259, report=HEAD).eval()
     x = torch.randn(2, 2, 1, 64, 64)
     with torch.no_grad():
-        memory = model.head.memory(model._views(x))
-        for i, got in enumerate(model.generate(x, 1, 2, beam=1)):
+        memory = model.head.memory(REPORT.views(model, x))
+        for i, got in enumerate(REPORT.generate(model, x, 1, 2, beam=1)):
             ids = torch.tensor([[1]])
             for _ in range(HEAD.max_tokens - 1):  # the whole prefix through the decoder at every step
                 nxt = model.head.decode(memory[i : i + 1], ids)[:, -1].argmax(-1, keepdim=True)

@@ -7,8 +7,8 @@ import torch
 from echocare_core.data.contract import DatasetSpec
 from echocare_core.models.detection import centre_targets, decode_detections, detection_loss
 from echocare_core.models.landmarks import decode_heatmaps, gaussian_heatmaps, heatmap_loss
-from echocare_core.models.task import EchoCareTaskModel
 from echocare_core.tasks import get_task
+from echocare_core.tasks.model import EchoCareTaskModel
 
 BOXES = [torch.tensor([[8.0, 10.0, 30.0, 22.0, 1.0], [40.0, 36.0, 56.0, 60.0, 0.0]]), torch.zeros(0, 5)]
 

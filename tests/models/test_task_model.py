@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from echocare_core.models.task import EchoCareTaskModel, LoRALinear, apply_finetune_mode, count_trainable
+from echocare_core.models.lora import LoRALinear, apply_finetune_mode, count_trainable
+from echocare_core.tasks.model import EchoCareTaskModel
 
 
 @pytest.mark.parametrize("patch,size", [(2, 64), (4, 128)])
@@ -23,7 +24,7 @@ def test_segmentation_head_gives_full_resolution_logits(tiny_encoder_cfg, patch,
 def test_classification_head(tiny_encoder_cfg):
     model = EchoCareTaskModel(tiny_encoder_cfg, "classification", num_classes=4)
     assert model(torch.randn(3, 1, 64, 64)).shape == (3, 4)
-    with pytest.raises(ValueError, match="task 'ranking' has no head"):
+    with pytest.raises(ValueError, match="unknown task 'ranking'"):
         EchoCareTaskModel(tiny_encoder_cfg, "ranking", 2)
 
 

@@ -2,19 +2,18 @@
 must agree on."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 
-from echocare_core.data.contract import DatasetSpec
-from echocare_core.models import task as models_task
+from echocare_core.data.contract import TASK_COLUMNS, DatasetSpec
 from echocare_core.tasks import TASKS, get_task
+from echocare_core.tasks.base import Declared
 
 
-def test_every_task_has_a_head_and_a_main_metric_in_its_own_metrics():
-    assert set(TASKS) == set(models_task.TASKS)  # the model builds a head for each task, and no other
-    for name, task in TASKS.items():
-        assert task.name == name and task.main_metric
+def test_every_registered_task_is_its_own_object_with_a_main_metric_and_a_manifest_column():
+    for name in TASKS:
+        assert get_task(name).name == name and get_task(name).main_metric and get_task(name) is get_task(name)
+    assert {n: c for n, c in TASK_COLUMNS.items() if n != "pretrain"} == {n: c for n, (c, _) in TASKS.items()}
     with pytest.raises(ValueError, match="unknown task 'segmentaton'.*Did you mean 'segmentation'"):
         get_task("segmentaton")
 
@@ -28,11 +27,11 @@ def test_score_is_higher_for_better_models_in_both_directions():
 
 
 def test_a_job_and_a_dataset_must_declare_the_same_labels():
-    job = SimpleNamespace(classes=("benign", "malignant"), labels=(0, 1), landmarks=2, multi_label=False)
+    job = Declared(classes=("benign", "malignant"), labels=(0, 1), landmarks=2)
     spec = DatasetSpec("x", "segmentation", labels={0: "background", 2: "lesion"})
-    assert get_task("segmentation").mismatch(job, spec) == "job mask values [0, 1] but the site declares [0, 2]"
+    assert get_task("segmentation").mismatch(job, spec) == "job mask values [0, 1] but the dataset declares [0, 2]"
     spec = DatasetSpec("x", "classification", classes=("benign", "malignant"))
     assert get_task("classification").mismatch(job, spec) == "" == get_task("detection").mismatch(job, spec)
     spec = DatasetSpec("x", "landmarks", landmark_names=("a", "b", "c"))
-    assert get_task("landmarks").mismatch(job, spec) == "job has 2 landmarks but the site has 3"
-    assert [t for t in TASKS.values() if t.sample_parts] == [get_task("regression"), get_task("report")]
+    assert get_task("landmarks").mismatch(job, spec) == "job has 2 landmarks but the dataset has 3"
+    assert [t for t in map(get_task, TASKS) if t.sample_parts] == [get_task("regression"), get_task("report")]
