@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from echocare_core.data.contract import load_spec, read_manifest
-from echocare_core.data.finetune import TaskDataset
 from echocare_core.engine.training import LocalTraining, evaluate
 from echocare_core.federation.job import Job
 from echocare_core.federation.rounds import aggregate, initial_state
@@ -38,6 +37,7 @@ from echocare_core.federation.strategies import StrategyConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.synthetic.dataset import keep_patients, pool_sites, write_dataset
 from echocare_core.tasks import get_task
+from echocare_core.tasks.dataset import TaskDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4)

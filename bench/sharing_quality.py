@@ -35,7 +35,6 @@ from safetensors.torch import load_file
 
 from echocare_core.config import load_config
 from echocare_core.data.contract import load_spec, read_manifest
-from echocare_core.data.finetune import TaskDataset
 from echocare_core.engine.pretrain import run_pretraining
 from echocare_core.engine.pretrain_config import PretrainConfig
 from echocare_core.engine.training import LocalTraining, evaluate
@@ -45,6 +44,7 @@ from echocare_core.federation.site import build_job_model, local_layers_file, si
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.synthetic.dataset import keep_patients, write_dataset
 from echocare_core.tasks import get_task
+from echocare_core.tasks.dataset import TaskDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4)

@@ -21,21 +21,29 @@ import yaml
 
 from echocare_core.data.io import ImageReadError, read_image
 from echocare_core.data.ontology import load_ontology
+from echocare_core.data.spec import DatasetSpec
 from echocare_core.tasks import TASKS
 
 __all__ = [
-    "TASK_COLUMNS",
+    "PRETRAIN",
     "DatasetSpec",
     "Problem",
     "VerifyReport",
     "load_spec",
     "read_manifest",
+    "task_column",
     "patient_splits",
     "verify_dataset",
 ]
 
-# the column each task needs besides `image` (a pretraining folder needs none; `anatomy` is optional)
-TASK_COLUMNS: dict[str, str | None] = {**{name: column for name, (column, _) in TASKS.items()}, "pretrain": None}
+PRETRAIN = "pretrain"  # a pretraining folder: images, and optionally their `anatomy`
+
+
+def task_column(task: str) -> str | None:
+    """The manifest column a task's dataset needs besides `image` (None for a pretraining folder)."""
+    return None if task == PRETRAIN else TASKS[task][0]
+
+
 SPLITS = ("train", "val", "test")
 LAST_FRAME = 1 - 1e-9  # read_image's frame_pick of a clip's last frame (with frame_step 1)
 SPEC_KEYS = {
@@ -53,22 +61,6 @@ SPEC_KEYS = {
     "findings",
     "target_name",
 }
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """`dataset.yaml`, checked."""
-
-    name: str
-    task: str
-    channels: int = 1
-    classes: tuple[str, ...] = ()
-    labels: dict[int, str] = field(default_factory=dict)
-    multi_label: bool = False
-    ontology: str = "default"
-    landmark_names: tuple[str, ...] = ()  # landmarks: the points' names in manifest order (optional)
-    target_name: str = "target"  # regression: what the number is, e.g. "ejection_fraction"
-    findings: tuple[str, ...] = ()  # report: phrases a report states only when the finding is present
 
 
 @dataclass(frozen=True)
@@ -139,8 +131,8 @@ def load_spec(folder: str | Path) -> DatasetSpec:
                 + (f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(sorted(SPEC_KEYS))}"),
             )
     task = data.get("task")
-    if task not in TASK_COLUMNS:
-        raise _spec_error(file, "task", task, f"choose one of {', '.join(TASK_COLUMNS)}")
+    if task not in TASKS and task != PRETRAIN:
+        raise _spec_error(file, "task", task, f"choose one of {', '.join([*TASKS, PRETRAIN])}")
     channels = data.get("channels", 1)
     if channels not in (1, 3):
         raise _spec_error(file, "channels", channels, "1 (grayscale) or 3")
@@ -365,8 +357,8 @@ def verify_dataset(folder: str | Path) -> VerifyReport:
         report.problems.append(Problem(str(exc).split(":")[0].rsplit("/", 1)[-1], None, None, "", str(exc)))
         return report
     report.task, report.rows = spec.task, len(rows)
-    task_column = TASK_COLUMNS[spec.task]
-    required = ["image"] + ([task_column] if task_column else [])
+    column = task_column(spec.task)
+    required = ["image"] + ([column] if column else [])
     for col in dict.fromkeys(required + [c for c in columns]):
         report.columns[col] = {
             "required": col in required,
@@ -387,12 +379,12 @@ def verify_dataset(folder: str | Path) -> VerifyReport:
         )
     if absent:
         return report
-    _check_rows(_Checker(folder, spec, report), rows, task_column)
+    _check_rows(_Checker(folder, spec, report), rows, column)
     _check_splits(report, rows)
     return report
 
 
-def _check_rows(check: _Checker, rows: list[dict[str, str]], task_column: str | None) -> None:
+def _check_rows(check: _Checker, rows: list[dict[str, str]], column: str | None) -> None:
     cell = {
         "label": check.label,
         "mask": check.mask,
@@ -409,18 +401,18 @@ def _check_rows(check: _Checker, rows: list[dict[str, str]], task_column: str | 
             size = check.image_size(row, "image", values["image"])
         if values.get("image2"):  # report: the study's second image
             check.image_size(row, "image2", values["image2"])
-        if task_column and not values.get(task_column):
+        if column and not values.get(column):
             check.report.problems.append(
                 Problem(
                     "manifest.csv",
                     row,
-                    task_column,
+                    column,
                     "",
                     f"a value: every sample of a '{check.spec.task}' dataset needs one",
                 )
             )
-        elif task_column in cell:
-            cell[task_column](row, values[task_column], size)
+        elif column in cell:
+            cell[column](row, values[column], size)
         if values.get("split") and values["split"] not in SPLITS:
             check.wrong(row, "split", values["split"], f"one of {', '.join(SPLITS)}, or empty for an automatic split")
         if values.get("anatomy"):

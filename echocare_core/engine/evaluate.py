@@ -10,11 +10,11 @@ import torch
 
 from echocare_core.checkpoint import load_task_model
 from echocare_core.data.contract import DatasetSpec
-from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.engine.quality import QualityWeights, quality_metrics
 from echocare_core.engine.training import check_dataset, predict
 from echocare_core.tasks import get_task
 from echocare_core.tasks.base import Task
+from echocare_core.tasks.dataset import TaskDataset, collate_task, split_rows
 from echocare_core.tasks.model import TaskMeta
 
 __all__ = ["evaluate_checkpoint", "bootstrap_ci", "check_fits"]

@@ -22,7 +22,6 @@ import torch
 from echocare_core.checkpoint import load_train_state, load_weights, read_meta, same_architecture, save_checkpoint
 from echocare_core.config import from_dict, save_config, to_dict
 from echocare_core.data.contract import DatasetSpec
-from echocare_core.data.finetune import TaskDataset, split_rows
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.distributed import init_distributed
 from echocare_core.engine.finetune_config import FinetuneConfig
@@ -45,6 +44,7 @@ from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.settings import BudgetExceeded
 from echocare_core.tasks import get_task
 from echocare_core.tasks.base import InputSpec, TaskHead
+from echocare_core.tasks.dataset import TaskDataset, split_rows
 from echocare_core.tasks.model import EchoCareTaskModel, FinetuneMode, TaskMeta
 from echocare_core.weights import load_encoder_weights
 

@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader
 
 from echocare_core.config import check_ranges
 from echocare_core.data.contract import DatasetSpec, load_spec, read_manifest, verify_dataset
-from echocare_core.data.finetune import TaskDataset, collate_task
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.optim import build_optimizer, warmup_cosine
 from echocare_core.engine.pretrain import NonFiniteLossError
 from echocare_core.privacy.settings import DPSettings
 from echocare_core.tasks import get_task
+from echocare_core.tasks.dataset import TaskDataset, collate_task
 from echocare_core.tasks.model import EchoCareTaskModel
 
 __all__ = [

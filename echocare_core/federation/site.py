@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from echocare_core.data.finetune import TaskDataset, split_rows
 from echocare_core.engine.training import (
     Recipe,
     check_dataset,
@@ -34,6 +33,7 @@ from echocare_core.files import write_atomic
 from echocare_core.models.lora import apply_finetune_mode
 from echocare_core.privacy.settings import SitePrivacy, steps_per_round
 from echocare_core.tasks import get_task
+from echocare_core.tasks.dataset import TaskDataset, split_rows
 from echocare_core.tasks.model import EchoCareTaskModel
 from echocare_core.weights import load_encoder_weights
 

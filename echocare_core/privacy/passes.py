@@ -11,10 +11,10 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from echocare_core.data.finetune import TaskDataset, collate_task
 from echocare_core.privacy.dp import DPTraining, noise_multiplier, poisson_batches, secret_generator
 from echocare_core.privacy.ledger import PrivacyLedger, Spend, dataset_fingerprint
 from echocare_core.privacy.settings import DPSettings
+from echocare_core.tasks.dataset import TaskDataset, collate_task
 
 __all__ = ["PrivatePasses"]
 

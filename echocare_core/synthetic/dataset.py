@@ -23,7 +23,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage
 
-from echocare_core.data.contract import TASK_COLUMNS
+from echocare_core.data.contract import task_column
 from echocare_core.files import write_atomic
 from echocare_core.synthetic.ultrasound import (
     CLASSES,
@@ -172,7 +172,7 @@ def _write_site(
     draw_of = (
         _patient_hearts(len(split_of), rng) if task == "regression" else _patient_lesions(task, len(split_of), rng)
     )
-    rows = [("image", "patient", "split", TASK_COLUMNS[task] or "anatomy", *(["image2"] if task == "report" else []))]
+    rows = [("image", "patient", "split", task_column(task) or "anatomy", *(["image2"] if task == "report" else []))]
     width = max(5, len(str(per_site - 1)))
     for i, p in enumerate(patient_of):
         patient, img_rng = f"site{site:02d}_p{p:04d}", np.random.default_rng([seed, site, i])

@@ -20,15 +20,15 @@ if TYPE_CHECKING:
 
 __all__ = ["TASKS", "get_task"]
 
-# name -> (the manifest column a sample's target is in, the task's class in this package)
+# name -> (the manifest column a sample's target is in, "module:Class" of the task)
 TASKS: dict[str, tuple[str, str]] = {
-    "classification": ("label", "classification.Classification"),
-    "segmentation": ("mask", "segmentation.Segmentation"),
-    "landmarks": ("landmarks", "landmarks.Landmarks"),
-    "detection": ("boxes", "detection.Detection"),
-    "regression": ("target", "regression.Regression"),
-    "enhancement": ("target_image", "enhancement.Enhancement"),
-    "report": ("report", "report.Report"),
+    "classification": ("label", "echocare_core.tasks.classification:Classification"),
+    "segmentation": ("mask", "echocare_core.tasks.segmentation:Segmentation"),
+    "landmarks": ("landmarks", "echocare_core.tasks.landmarks:Landmarks"),
+    "detection": ("boxes", "echocare_core.tasks.detection:Detection"),
+    "regression": ("target", "echocare_core.tasks.regression:Regression"),
+    "enhancement": ("target_image", "echocare_core.tasks.enhancement:Enhancement"),
+    "report": ("report", "echocare_core.tasks.report:Report"),
 }
 _made: dict[str, Task] = {}
 
@@ -42,6 +42,6 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}.{did_you_mean(name, list(TASKS))}")
     if name not in _made:
-        module, cls = TASKS[name][1].rsplit(".", 1)
-        _made[name] = getattr(import_module(f"{__name__}.{module}"), cls)()
+        module, cls = TASKS[name][1].split(":")
+        _made[name] = getattr(import_module(module), cls)()
     return _made[name]

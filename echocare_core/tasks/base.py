@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -17,13 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from echocare_core.data.io import ImageReadError, read_image
+from echocare_core.data.spec import DatasetSpec
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.models.heads import DenseHead
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
-
-if TYPE_CHECKING:
-    from echocare_core.data.contract import DatasetSpec
 
 __all__ = ["Declared", "InputSpec", "Loss", "Task", "TaskHead"]
 

@@ -4,7 +4,7 @@ accuracy, F1 and, for binary tasks, sensitivity and specificity at the Youden th
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,11 +12,9 @@ import torch.nn.functional as F
 from monai.metrics import compute_roc_auc
 from torch import nn
 
+from echocare_core.data.spec import DatasetSpec
 from echocare_core.models.heads import ClassificationHead
 from echocare_core.tasks.base import Declared, Loss, Task, TaskHead
-
-if TYPE_CHECKING:
-    from echocare_core.data.contract import DatasetSpec
 
 __all__ = ["Classification", "classification_metrics", "multilabel_metrics", "youden"]
 

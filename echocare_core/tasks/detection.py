@@ -8,7 +8,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,14 +17,12 @@ from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou
 from torch import nn
 
+from echocare_core.data.spec import DatasetSpec
 from echocare_core.models.detection import HEAT_PRIOR, Detections, decode_detections, detection_loss
 from echocare_core.models.heads import DenseHead
 from echocare_core.tasks.base import Declared, Loss, Task, TaskHead
 from echocare_core.tasks.classification import Classification
 from echocare_core.tasks.drawing import draw, gray_of
-
-if TYPE_CHECKING:
-    from echocare_core.data.contract import DatasetSpec
 
 __all__ = ["Detection", "detection_ap", "detection_metrics", "match_detections"]
 

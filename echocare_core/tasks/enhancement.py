@@ -3,7 +3,7 @@ PSNR and L1 (MONAI's metrics; FID, BRISQUE, NIQE and PIQE in `engine/quality.py`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,11 +14,9 @@ from PIL import Image
 from torch import nn
 
 from echocare_core.data.io import read_image
+from echocare_core.data.spec import DatasetSpec
 from echocare_core.models.heads import DenseHead
 from echocare_core.tasks.base import Loss, Task, TaskHead
-
-if TYPE_CHECKING:
-    from echocare_core.data.contract import DatasetSpec
 
 __all__ = ["Enhancement", "enhancement_metrics"]
 

@@ -4,16 +4,14 @@ detection rates."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from echocare_core.data.spec import DatasetSpec
 from echocare_core.models.landmarks import decode_heatmaps, heatmap_loss
 from echocare_core.tasks.base import Declared, Loss, Task, TaskHead
 from echocare_core.tasks.drawing import draw, gray_of
-
-if TYPE_CHECKING:
-    from echocare_core.data.contract import DatasetSpec
 
 __all__ = ["SDR_RADII", "Landmarks", "from_model_points", "landmark_metrics", "to_model_points"]
 

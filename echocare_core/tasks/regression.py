@@ -4,7 +4,7 @@ standardised targets; MAE, RMSE, bias and Pearson's r."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,11 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from echocare_core.data.io import read_clip
+from echocare_core.data.spec import DatasetSpec
 from echocare_core.models.heads import ClipRegressionHead
 from echocare_core.tasks.base import Loss, Task
-
-if TYPE_CHECKING:
-    from echocare_core.data.contract import DatasetSpec
 
 __all__ = ["Regression", "regression_metrics"]
 

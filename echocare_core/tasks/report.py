@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,13 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from echocare_core.data.io import ImageReadError, read_image
+from echocare_core.data.spec import DatasetSpec
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.models.report import ReportHead, ReportHeadConfig
 from echocare_core.tasks.base import InputSpec, Loss, Task, TaskHead
 from echocare_core.tasks.text_metrics import bleu, report_metrics, stated
-
-if TYPE_CHECKING:
-    from echocare_core.data.contract import DatasetSpec
 
 __all__ = ["Report", "report_loss", "studies"]
 

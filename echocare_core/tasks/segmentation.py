@@ -4,7 +4,7 @@ foreground class (MONAI's metrics)."""
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,11 +13,9 @@ from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from PIL import Image
 
+from echocare_core.data.spec import DatasetSpec
 from echocare_core.tasks.base import Declared, Loss, Task, TaskHead
 from echocare_core.tasks.drawing import gray_of, overlay
-
-if TYPE_CHECKING:
-    from echocare_core.data.contract import DatasetSpec
 
 __all__ = ["Segmentation", "segmentation_metrics"]
 

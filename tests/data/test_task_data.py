@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from echocare_core.data.contract import load_spec, read_manifest
-from echocare_core.data.finetune import TaskDataset, collate_task
+from echocare_core.tasks.dataset import TaskDataset, collate_task
 from echocare_core.tasks.landmarks import from_model_points, to_model_points
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from conftest import TINY_ENCODER
 
-from echocare_core.data.finetune import split_rows
 from echocare_core.engine.optim import warmup_cosine
 from echocare_core.engine.training import MIN_LR_RATIO, LocalTraining, Recipe, train_epoch
 from echocare_core.federation.job import Job
@@ -16,6 +15,7 @@ from echocare_core.federation.site import JobRefused, site_round
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.settings import DPSettings
 from echocare_core.synthetic.dataset import write_dataset
+from echocare_core.tasks.dataset import split_rows
 
 JOB = Job(
     task="segmentation",

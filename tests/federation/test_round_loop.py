@@ -141,9 +141,9 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model_as_an_uninterrupted_ru
 
 def test_a_site_whose_privacy_budget_runs_out_stops_and_the_run_goes_on(sites, tmp_path):
     from echocare_core.checkpoint import read_meta
-    from echocare_core.data.finetune import split_rows
     from echocare_core.privacy.dp import epsilon, noise_multiplier
     from echocare_core.privacy.settings import DPSettings, SitePrivacy
+    from echocare_core.tasks.dataset import split_rows
 
     two = {n: with_site(sites[n], state_dir=site_of(sites[n]).state_dir + "_dp") for n in list(sites)[:2]}
     small = list(two)[0]

@@ -10,7 +10,6 @@ import torch
 from conftest import TINY_ENCODER
 from torch import nn
 
-from echocare_core.data.finetune import TaskDataset, collate_task, split_rows
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.training import check_dataset, num_classes
 from echocare_core.models.lora import apply_finetune_mode
@@ -19,6 +18,7 @@ from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.dp import DPSettings, DPTraining, PrivacyError
 from echocare_core.synthetic.dataset import write_dataset
 from echocare_core.tasks import get_task
+from echocare_core.tasks.dataset import TaskDataset, collate_task, split_rows
 from echocare_core.tasks.model import EchoCareTaskModel
 
 ENCODER = EncoderConfig(**{**TINY_ENCODER, "drop_path": 0.0})

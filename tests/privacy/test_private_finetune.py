@@ -7,13 +7,13 @@ from conftest import TINY_ENCODER
 
 from echocare_core.checkpoint import read_meta
 from echocare_core.config import load_config
-from echocare_core.data.finetune import split_rows
 from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.privacy.dp import epsilon, noise_multiplier
 from echocare_core.privacy.ledger import PrivacyLedger
 from echocare_core.privacy.settings import DPSettings
 from echocare_core.synthetic.dataset import write_dataset
+from echocare_core.tasks.dataset import split_rows
 
 
 def test_private_finetuning_spends_per_epoch_and_stops_at_the_budget(tmp_path):

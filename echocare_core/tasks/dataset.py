@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from echocare_core.data.contract import TASK_COLUMNS, DatasetSpec, patient_splits, read_manifest
+from echocare_core.data.contract import DatasetSpec, patient_splits, read_manifest, task_column
 from echocare_core.data.io import ImageReadError, read_image
 from echocare_core.data.text import ReportTokenizer
 from echocare_core.tasks import get_task
@@ -104,7 +104,7 @@ class TaskDataset(Dataset):
         try:
             frames = self.task.read(self.folder / row["image"], self.channels, self.frames)  # [T, C, H, W]
             height, width = frames.shape[-2:]
-            target = self.task.target(self, row[TASK_COLUMNS[self.spec.task]], height, width)
+            target = self.task.target(self, row[task_column(self.spec.task)], height, width)
             x = self._resize(frames)
             if self.views == 2:  # the study's second image
                 second = read_image(self.folder / (row.get("image2") or row["image"]), self.channels)[None]
