@@ -280,12 +280,11 @@ def load_task_model(path: str | os.PathLike, device: str | torch.device = "cpu")
     Raises:
         ValueError: not a fine-tuned checkpoint (a pretraining checkpoint, a shared encoder).
     """
-    kind = read_meta(path).get("model_kind")
-    if kind != TaskMeta.KIND:
+    if read_meta(path).get("model_kind") == "pretrain":
         raise ValueError(
-            f"{path} is a {kind!r} checkpoint, not a fine-tuned one (echocare-finetune writes them to OUTPUT/best)"
+            f"{path} is a pretraining checkpoint, not a fine-tuned one (echocare-finetune writes them to OUTPUT/best)"
         )
-    model, meta = build_from_checkpoint(path, device)
+    model, meta = build_from_checkpoint(path, device)  # a shared encoder is refused with how to make a site's model
     return model, TaskMeta.parse(meta, f"{path} meta.json")
 
 

@@ -8,7 +8,6 @@ it before anything trains and never writes to the folder.
 from __future__ import annotations
 
 import csv
-import difflib
 import json
 import math
 from collections import Counter, defaultdict
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from echocare_core.config import did_you_mean
 from echocare_core.data.io import ImageReadError, read_image
 from echocare_core.data.ontology import load_ontology
 from echocare_core.data.spec import DatasetSpec
@@ -122,13 +122,9 @@ def load_spec(folder: str | Path) -> DatasetSpec:
         raise ValueError(f"{file}: expected a mapping of keys")
     for key in data:
         if key not in SPEC_KEYS:
-            close = difflib.get_close_matches(str(key), sorted(SPEC_KEYS), n=1)
+            allowed = sorted(SPEC_KEYS)
             raise _spec_error(
-                file,
-                key,
-                data[key],
-                "unknown key"
-                + (f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(sorted(SPEC_KEYS))}"),
+                file, key, data[key], f"unknown key; allowed: {', '.join(allowed)}.{did_you_mean(str(key), allowed)}"
             )
     task = data.get("task")
     if task not in TASKS and task != PRETRAIN:
@@ -247,13 +243,12 @@ class _Checker:
         names = value.split(";") if self.spec.multi_label else [value]
         for name in names:
             if name.strip() not in self.spec.classes:
-                close = difflib.get_close_matches(name, self.spec.classes, n=1)
+                classes = list(self.spec.classes)
                 self.wrong(
                     row,
                     "label",
                     value,
-                    f"one of the classes in dataset.yaml: {', '.join(self.spec.classes)}"
-                    + (f" (did you mean '{close[0]}'?)" if close else ""),
+                    f"one of the classes in dataset.yaml: {', '.join(classes)}.{did_you_mean(name.strip(), classes)}",
                 )
 
     def mask(self, row: int, value: str, size: tuple[int, int] | None) -> None:

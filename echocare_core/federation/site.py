@@ -161,6 +161,7 @@ def _train_private(
         losses,
         unread,
         {
+            "train_steps": float(spend.steps),  # an empty Poisson batch is a (noise) step without a loss
             "epsilon": spend.epsilon,
             "delta": spend.delta,
             "noise_multiplier": private.sigma,

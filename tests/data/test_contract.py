@@ -44,7 +44,7 @@ def test_classification_labels_must_be_declared(tmp_path):
         classes=["benign", "malignant"],
     )
     found = _found(verify_dataset(folder))
-    assert found[0][:2] == (3, "label") and "did you mean 'malignant'" in found[0][2]
+    assert found[0][:2] == (3, "label") and "Did you mean 'malignant'" in found[0][2]
     assert found[1][:2] == (4, "label") and "needs one" in found[1][2]
 
 
@@ -145,7 +145,7 @@ def test_structure_errors(tmp_path):
     (tmp_path / "a" / "dataset.yaml").write_text("name: x\ntask: segmentaton\n")
     assert "choose one of" in verify_dataset(tmp_path / "a").problems[0].allowed
     (tmp_path / "a" / "dataset.yaml").write_text("name: x\ntask: pretrain\nclases: [a]\n")
-    with pytest.raises(ValueError, match="did you mean 'classes'"):
+    with pytest.raises(ValueError, match="Did you mean 'classes'"):
         load_spec(tmp_path / "a")
     broken = _dataset(
         tmp_path / "b",

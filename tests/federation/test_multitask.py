@@ -60,7 +60,7 @@ def test_a_multi_task_job_needs_two_different_tasks_and_something_to_share():
     ):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(JOB, **bad)
-    with pytest.raises(ConfigError, match=r"job.tasks\[1\].task: 'segmentaton' is not allowed"):
+    with pytest.raises(ConfigError, match=r"job.tasks\[1\]: unknown task 'segmentaton'.*Did you mean 'segmentation'"):
         Job.from_json('{"schema": 2, "task": "multitask", "tasks": [{"task": "regression"}, {"task": "segmentaton"}]}')
     assert Job.from_json(JOB.to_json()) == JOB
     assert json.loads(Job().to_json()) == {"schema": JOB_SCHEMA}  # values at their defaults leave the hash alone
