@@ -93,6 +93,7 @@ def utility(args: argparse.Namespace, tmp: Path) -> list[dict]:
     from echocare_core.federation.job import Job
     from echocare_core.federation.rounds import aggregate, initial_state
     from echocare_core.federation.site import site_round
+    from echocare_core.federation.strategies import StrategyConfig
     from echocare_core.models.swin import EncoderConfig
     from echocare_core.privacy.settings import DPSettings, SitePrivacy
     from echocare_core.synthetic.dataset import keep_patients, write_dataset
@@ -126,7 +127,9 @@ def utility(args: argparse.Namespace, tmp: Path) -> list[dict]:
                 )
                 for i, site in enumerate(sites)
             ]
-            state, _ = aggregate(state, [(r.shared, r.samples) for r in results])
+            state, _ = aggregate(
+                state, [(r.shared, r.samples) for r in results], run, StrategyConfig("fedavg")
+            )  # as measured in docs
             spent = [r.metrics.get("epsilon", 0.0) for r in results]
         dice = [held_out_metric(run, state, test) for test in held_out]
         out.append(

@@ -35,8 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENCODER = {"variant": "mini", "in_chans": 1, "img_size": 128, "window_size": 8, "drop_path": 0.1}
 
 
-def pretrain(tmp: Path, steps: int) -> Path:
-    sources = write_dataset(tmp / "unlabelled", "pretrain", sites=3, per_site=200, size=128, seed=11)
+def pretrain(tmp: Path, steps: int, size: int = 128, overrides: tuple[str, ...] = ()) -> Path:
+    """An encoder pretrained (MIM + anatomy, the demo's pretrain.yaml with `overrides`) on 600 unlabelled
+    synthetic images of three scanners, none of them a benchmark's labelled images."""
+    sources = write_dataset(tmp / "unlabelled", "pretrain", sites=3, per_site=200, size=size, seed=11)
     cfg = load_config(
         PretrainConfig,
         ROOT / "hospital_configs" / "pretrain_demo.yaml",
@@ -46,6 +48,7 @@ def pretrain(tmp: Path, steps: int) -> Path:
             f"optim.steps={steps}",
             f"checkpoint.every_steps={steps}",
             "device=cpu",
+            *overrides,
         ],
     )
     run_pretraining(cfg)

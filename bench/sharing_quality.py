@@ -31,22 +31,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from finetune_quality import pretrain  # the benchmarks' one pretraining recipe
 from safetensors.torch import load_file
 
-from echocare_core.config import load_config
 from echocare_core.data.contract import load_spec, read_manifest
-from echocare_core.engine.pretrain import run_pretraining
-from echocare_core.engine.pretrain_config import PretrainConfig
 from echocare_core.engine.training import LocalTraining, evaluate
 from echocare_core.federation.job import MULTITASK_LOCAL, Job, TaskSpec, job_hash, task_for
 from echocare_core.federation.rounds import aggregate, initial_state
 from echocare_core.federation.site import build_job_model, local_layers_file, site_round
+from echocare_core.federation.strategies import StrategyConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.synthetic.dataset import keep_patients, write_dataset
 from echocare_core.tasks import get_task
 from echocare_core.tasks.dataset import TaskDataset
 
+FEDAVG = StrategyConfig("fedavg")  # as measured in docs/benchmarks.md (the default fednova: federated_quality.py)
 ROOT = Path(__file__).resolve().parents[1]
+TEST_SIZE = ("model.variant=test", "model.img_size=64", "model.window_size=4", "mim.mask_patch_size=16")
 ENCODER = EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4)
 MODES = {  # arm: (train.mode, the job's site-local layers)
     "whole": ("full", ()),
@@ -57,35 +58,13 @@ MODES = {  # arm: (train.mode, the job's site-local layers)
 SHARES = (1.0, 0.6, 0.25)
 
 
-def pretrain(tmp: Path, steps: int) -> Path:
-    """A test-size encoder pretrained (MIM + anatomy) on 600 unlabelled synthetic images of three scanners."""
-    sources = write_dataset(tmp / "unlabelled", "pretrain", sites=3, per_site=200, size=64, seed=11)
-    cfg = load_config(
-        PretrainConfig,
-        ROOT / "hospital_configs" / "pretrain_demo.yaml",
-        [
-            f"data.sources=[{','.join(map(str, sources))}]",
-            f"output={tmp / 'pretrain'}",
-            "model.variant=test",
-            "model.img_size=64",
-            "model.window_size=4",
-            "mim.mask_patch_size=16",
-            f"optim.steps={steps}",
-            f"checkpoint.every_steps={steps}",
-            "device=cpu",
-        ],
-    )
-    run_pretraining(cfg)
-    return tmp / "pretrain" / "checkpoints" / f"step_{steps:06d}"
-
-
 def federate(job: Job, init: Path, folders: list[Path], rounds: int, state_dir: Path) -> list[dict]:
     """Each site's final weights (the global model, with the layers it kept) after `rounds` rounds."""
     state = initial_state(job, str(init))
     local = [local_layers_file(state_dir / f"site_{i}", job_hash(job)) for i in range(len(folders))]
     for rnd in range(1, rounds + 1):
         results = [site_round(job, state, f, rnd, local_file=file, rounds=rounds) for f, file in zip(folders, local)]
-        state, _ = aggregate(state, [(r.shared, r.samples) for r in results])
+        state, _ = aggregate(state, [(r.shared, r.samples) for r in results], job, FEDAVG)
     return [{**state, **(load_file(str(file)) if file.is_file() else {})} for file in local]
 
 
@@ -219,7 +198,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="echocare_sq_") as name:
         t0 = time.perf_counter()
-        init = pretrain(Path(name), args.pretrain_steps)
+        init = pretrain(Path(name), args.pretrain_steps, 64, TEST_SIZE)
         print(f"pretrained in {time.perf_counter() - t0:.0f} s", flush=True)
         for seed in args.seeds:
             for part in args.parts:

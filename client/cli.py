@@ -119,15 +119,23 @@ def show_ledger(cfg: SiteConfig, state: Path) -> int:
     return 0
 
 
-def _site_model(cfg: SiteConfig, state: Path, checkpoint: Path, out: Path) -> int:
+def _site_model(cfg: SiteConfig, state: Path, checkpoint: Path, out: Path, personalise: int) -> int:
     from safetensors import SafetensorError
 
     from echocare_core.federation.rounds import site_model
 
     try:
-        path = site_model(checkpoint, Path(cfg.data), state, out)
+        path, scores = site_model(checkpoint, Path(cfg.data), state, out, personalise, cfg.split_seed)
     except (ValueError, OSError, RuntimeError, SafetensorError) as exc:  # RuntimeError: the layers do not fit
         return fail(PROG, str(exc))
+    if scores:
+        table = Table(title=f"site {cfg.name}: validation split, global and personalised model ({personalise} epochs)")
+        for column in ("metric", "global", "personalised"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for name in (k.removeprefix("global_") for k in scores if k.startswith("global_")):
+            table.add_row(name, f"{scores[f'global_{name}']:.4f}", f"{scores.get(f'local_{name}', float('nan')):.4f}")
+        console.print(table)
+        console.print("the personalised model was trained here without the job's DP: keep it at this site")
     console.print(f"site {cfg.name}: its model is in {path} (echocare-evaluate / echocare-predict --checkpoint {path})")
     return 0
 
@@ -152,9 +160,19 @@ def main(argv: list[str] | None = None) -> int:
         help="model: a global checkpoint of the federation (from the coordinator's OUTPUT/checkpoints)",
     )
     parser.add_argument("--out", type=Path, help="model: the folder to write the site's model to")
+    parser.add_argument(
+        "--personalise",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="model: fine-tune the global model on this site's training split for EPOCHS epochs first, and "
+        "compare both on its validation split (0: the global model as it is)",
+    )
     args = parser.parse_args(argv)
     if args.action == "model" and not (args.checkpoint and args.out):
         parser.error("model needs --checkpoint and --out")
+    if args.personalise < 0:
+        parser.error(f"--personalise {args.personalise}: epochs must be >= 0")
     setup_logging(args.verbose)
     try:
         cfg = load_config(SiteConfig, args.config, args.overrides)
@@ -172,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "privacy":
             return show_ledger(cfg, state)
         if args.action == "model":
-            return _site_model(cfg, state, args.checkpoint, args.out)
+            return _site_model(cfg, state, args.checkpoint, args.out, args.personalise)
         PrivacyLedger(state / "privacy", cfg.privacy.epsilon_budget, cfg.privacy.delta)  # refuse a broken ledger
     except LedgerError as exc:
         return fail(PROG, str(exc), code=1)

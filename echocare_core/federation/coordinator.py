@@ -264,7 +264,7 @@ class Coordinator:
         if len(updates) < s.min_sites:
             self.progress("failed", round=number, reason=f"{len(updates)} valid replies, min_sites is {s.min_sites}")
             raise QuorumError(f"round {number}: {len(updates)} valid replies; min_sites is {s.min_sites}")
-        self.state, self.server_state = aggregate(self.state, updates, self.strategy, self.server_state)
+        self.state, self.server_state = aggregate(self.state, updates, self.job, self.strategy, self.server_state)
         self.history.append(
             {
                 "round": number,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ from echocare_core.checkpoint import (
 from echocare_core.config import from_dict, to_dict
 from echocare_core.data.contract import DatasetSpec, load_spec
 from echocare_core.federation.job import Job, job_hash, local_patterns, task_for, task_jobs
-from echocare_core.federation.site import build_job_model, local_layers_file
+from echocare_core.federation.site import build_job_model, local_layers_file, site_round
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
+from echocare_core.privacy.settings import DPSettings, steps_per_round
 from echocare_core.tasks import get_task
 from echocare_core.tasks.base import InputSpec, TaskHead
 from echocare_core.tasks.model import FinetuneMode, TaskMeta
@@ -60,11 +62,17 @@ def initial_state(job: Job, init: str | None, partial: bool = False) -> dict[str
 def aggregate(
     state: dict[str, torch.Tensor],
     updates: list[tuple[dict[str, torch.Tensor], int]],
+    job: Job,
     strategy: StrategyConfig = StrategyConfig(),
     server_state: ServerState | None = None,
 ) -> tuple[dict[str, torch.Tensor], ServerState]:
-    """The next global state (the strategy's new shared parameters, the rest unchanged) and server state."""
-    shared, server_state = aggregate_updates(strategy, state, updates, server_state or {})
+    """The next global state (the strategy's new shared parameters, the rest unchanged) and server state.
+
+    The sites' local steps (for fednova) follow from `job` and each update's sample count: the coordinator
+    knows them better than a site could report them.
+    """
+    steps = [steps_per_round(job.local_epochs, job.local_steps, job.train.batch_size, n) for _, n in updates]
+    shared, server_state = aggregate_updates(strategy, state, updates, server_state or {}, steps)
     return {**state, **shared}, server_state
 
 
@@ -221,12 +229,21 @@ def resume(out: Path, job: Job) -> tuple[dict[str, torch.Tensor], int, list[dict
     return load_weights(last), int(state["round"]), list(state["history"]), dict(state.get("server_state", {}))
 
 
-def site_model(checkpoint: Path, data: Path, state_dir: Path, out: Path) -> Path:
+PERSONAL_LR = 0.3  # personalisation trains at this share of the job's learning rate (bench/federated_quality.py)
+
+
+def site_model(
+    checkpoint: Path, data: Path, state_dir: Path, out: Path, personalise: int = 0, split_seed: int = 0
+) -> tuple[Path, dict[str, float]]:
     """Write this site's own model: the federation's global checkpoint with the layers the site kept for that job
     (its task's head in a multi-task job, the job's `local` layers), as a fine-tuned checkpoint for
-    `echocare-evaluate` and `echocare-predict`.
+    `echocare-evaluate` and `echocare-predict`; returns its path and, when personalised, the validation metrics
+    of the global (`global_*`) and the personalised model (`local_*`).
 
     The site keeps its layers of the last round it took part in, which fit that round's global checkpoint only.
+    `personalise` > 0: that many epochs of the job's recipe on the site's training split (at `PERSONAL_LR` of
+    its learning rate, a cosine over those epochs, every trainable layer its own). Without the job's DP: the
+    model stays at the site.
 
     Raises:
         ValueError: not a federation checkpoint, the site's dataset matches none of the job's tasks, or the site
@@ -261,13 +278,32 @@ def site_model(checkpoint: Path, data: Path, state_dir: Path, out: Path) -> Path
                 f"{checkpoint} is the global model of round {meta['round']}, but this site's layers are "
                 f"from round {kept or '(not recorded)'}: use the coordinator's checkpoint of that round"
             )
+    state, scores = {**load_weights(checkpoint), **local}, {}
+    if personalise > 0:
+        t = site_job.train
+        own = replace(
+            site_job,
+            train=replace(t, lr=t.lr * PERSONAL_LR, warmup_epochs=0, privacy=DPSettings()),
+            local=(),
+            local_epochs=personalise,
+            local_steps=0,
+            proximal_mu=0.0,
+        )
+        result = site_round(own, state, data, 1, split_seed=split_seed)
+        state = {**state, **result.shared}
+        scores = {k: v for k, v in result.metrics.items() if k.startswith(("global_", "local_"))}
     model = build_job_model(site_job)
-    model.load_state_dict({**load_weights(checkpoint), **local})
-    return save_checkpoint(
+    model.load_state_dict(state)
+    path = save_checkpoint(
         out,
         model,
         {
-            **_meta(site_job, meta["round"], meta["metrics"], spec),
-            "site_model_of": {"checkpoint_job_hash": meta["job_hash"], "round": meta["round"]},
+            **_meta(site_job, meta["round"], scores or meta["metrics"], spec),
+            "site_model_of": {
+                "checkpoint_job_hash": meta["job_hash"],
+                "round": meta["round"],
+                "personalised_epochs": personalise,
+            },
         },
     )
+    return path, scores

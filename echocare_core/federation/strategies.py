@@ -1,6 +1,11 @@
 """Aggregation strategies over the sites' shared parameters, in float64, with the server state they keep.
 
 - `fedavg` / `fedprox`: sample-weighted mean (FedProx differs at the sites: `Job.proximal_mu`).
+- `fednova` (Wang et al. 2020): each site's update divided by its local optimiser steps before the weighted mean,
+  times the sites' mean step count. A site's update grows with the steps it took, so FedAvg weights a large site
+  by its samples twice; FedNova weights every site's images as pooling them would.
+- For these three, `server_lr` scales the step from the global model to the aggregate (FedAvg with a server
+  learning rate; 1 is the plain mean).
 - `fedadam` / `fedyogi` (Reddi et al. 2021): the weighted mean minus the global model is a pseudo-
   gradient for a server-side Adam / Yogi step; its moments are server state, checkpointed each round.
 - `fedmedian`: coordinate-wise median; `fedtrimmedavg`: coordinate-wise mean after dropping the
@@ -21,14 +26,20 @@ from echocare_core.federation.job import weighted_mean
 
 __all__ = ["STRATEGIES", "StrategyConfig", "aggregate_updates"]
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fednova", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+MEANS = ("fedavg", "fedprox", "fednova")  # a weighted mean, then a step of `server_lr` towards it
+# fednova's 2 was tuned on bench/federated_quality.py (docs/benchmarks.md, "What to expect from a federation")
+USUAL_STEP = {"fedavg": 1.0, "fedprox": 1.0, "fednova": 2.0, "fedadam": 0.1, "fedyogi": 0.1}
 Updates = list[tuple[dict[str, torch.Tensor], int]]
 
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"] = "fedavg"
-    server_lr: float = 0.1  # fedadam / fedyogi step size
+    name: Literal["fedavg", "fedprox", "fednova", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"] = (
+        "fednova"
+    )
+    server_lr: float | None = None  # fedavg / fedprox / fednova: the step to the aggregate (1: the plain mean);
+    # fedadam / fedyogi: the Adam step size; None: the strategy's usual value (USUAL_STEP)
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3  # fedadam / fedyogi: adaptivity (added to the root of the second moment)
@@ -36,10 +47,19 @@ class StrategyConfig:
     krum_f: int = 0  # krum: sites that may be faulty
 
     def __post_init__(self) -> None:
-        if self.server_lr <= 0 or not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1 or self.tau <= 0:
-            raise ValueError("need server_lr > 0, 0 <= beta1, beta2 < 1 and tau > 0")
+        if self.server_lr is not None and self.server_lr <= 0:
+            raise ValueError(f"server_lr={self.server_lr}: must be > 0 (or null: the strategy's usual value)")
+        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1 or self.tau <= 0:
+            raise ValueError(
+                f"beta1={self.beta1}, beta2={self.beta2}, tau={self.tau}: need 0 <= beta1, beta2 < 1 and tau > 0"
+            )
         if not 0 <= self.trim < 0.5 or self.krum_f < 0:
             raise ValueError(f"trim={self.trim} must be in [0, 0.5) and krum_f={self.krum_f} >= 0")
+
+    @property
+    def step(self) -> float:
+        """The server's step size: `server_lr`, or the strategy's usual value."""
+        return USUAL_STEP.get(self.name, 1.0) if self.server_lr is None else self.server_lr
 
 
 def _stack(updates: Updates, name: str) -> torch.Tensor:
@@ -67,8 +87,24 @@ def _krum(updates: Updates, f: int) -> dict[str, torch.Tensor]:
     return dict(updates[int(scores.argmin())][0])
 
 
+def _normalised(current: dict[str, torch.Tensor], updates: Updates, steps: list[int]) -> Updates:
+    """FedNova: each update's change divided by its steps, times the sample-weighted mean of the steps."""
+    if len(steps) != len(updates) or any(t <= 0 for t in steps):
+        raise ValueError(f"fednova needs each update's local steps (> 0), got {steps} for {len(updates)} updates")
+    total = sum(n for _, n in updates)
+    mean_steps = sum(n * t for (_, n), t in zip(updates, steps)) / total
+    return [
+        ({k: current[k].double() + (v.double() - current[k].double()) * (mean_steps / t) for k, v in u.items()}, n)
+        for (u, n), t in zip(updates, steps)
+    ]
+
+
 def aggregate_updates(
-    cfg: StrategyConfig, current: dict[str, torch.Tensor], updates: Updates, server_state: dict[str, torch.Tensor]
+    cfg: StrategyConfig,
+    current: dict[str, torch.Tensor],
+    updates: Updates,
+    server_state: dict[str, torch.Tensor],
+    steps: list[int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The new values of the shared parameters and the new server state.
 
@@ -76,13 +112,21 @@ def aggregate_updates(
         current: the global model's current values of (at least) the shared parameters.
         updates: each site's shared parameters and sample count.
         server_state: what the strategy kept from earlier rounds (`m.NAME`, `v.NAME` for fedadam/fedyogi).
+        steps: each update's local optimiser steps (fednova needs them).
 
     Raises:
-        ValueError: no update, mismatched names, or too few replies for krum.
+        ValueError: no update, mismatched names, too few replies for krum, or fednova without steps.
     """
     mean = weighted_mean(updates)  # also checks the updates agree
-    if cfg.name in ("fedavg", "fedprox"):
-        return mean, server_state
+    if cfg.name == "fednova":
+        mean = weighted_mean(_normalised(current, updates, steps or []))
+    if cfg.name in MEANS:
+        if cfg.step == 1:
+            return {n: v.to(current[n].dtype) for n, v in mean.items()}, server_state
+        return {
+            n: (current[n].double() + cfg.step * (v.double() - current[n].double())).to(current[n].dtype)
+            for n, v in mean.items()
+        }, server_state
     names = list(mean)
     if cfg.name == "fedmedian":
         return {n: _median(_stack(updates, n)).to(mean[n].dtype) for n in names}, server_state
@@ -101,5 +145,5 @@ def aggregate_updates(
         else:  # fedyogi: v moves towards delta^2 by a bounded step
             v = v - (1 - cfg.beta2) * delta**2 * torch.sign(v - delta**2)
         state[f"m.{n}"], state[f"v.{n}"] = m, v
-        new[n] = (w + cfg.server_lr * m / (v.sqrt() + cfg.tau)).to(mean[n].dtype)
+        new[n] = (w + cfg.step * m / (v.sqrt() + cfg.tau)).to(mean[n].dtype)
     return new, state

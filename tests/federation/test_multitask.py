@@ -20,6 +20,7 @@ from echocare_core.federation.rounds import aggregate, initial_state, save_best,
 from echocare_core.federation.runtime.testbed import run_on_this_machine
 from echocare_core.federation.site import JobRefused, build_job_model, local_layers_file, site_round
 from echocare_core.federation.site_terms import SiteLimits
+from echocare_core.federation.strategies import StrategyConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.ledger import PrivacyLedger
 from echocare_core.privacy.settings import DPSettings
@@ -99,7 +100,7 @@ def test_sites_send_only_the_shared_encoder_and_keep_their_heads_across_rounds(s
     heads = [load_file(str(f)) for f in local]  # each site's own head, at the site
     assert all(h and all(k.startswith(HEADS) for k in h) for h in heads)
     assert {k for k in heads[0] if k.startswith("head.")}.isdisjoint({k for k in heads[1] if k.startswith("head.")})
-    new, _ = aggregate(state, [(r.shared, r.samples) for r in results])
+    new, _ = aggregate(state, [(r.shared, r.samples) for r in results], JOB, StrategyConfig("fedavg"))
     assert new.keys() == state.keys()  # heads were never part of the aggregation
     frozen = [k for k in state if k not in names[0]]
     assert frozen and all(torch.equal(new[k], state[k]) for k in frozen)
@@ -118,7 +119,7 @@ def test_sites_send_only_the_shared_encoder_and_keep_their_heads_across_rounds(s
 def test_a_site_makes_its_own_model_from_the_shared_encoder_and_its_head(sites, tmp_path):
     state = initial_state(JOB, None)
     result = site_round(JOB, state, sites[1], 1, local_file=local_layers_file(tmp_path / "state", job_hash(JOB)))
-    new, _ = aggregate(state, [(result.shared, result.samples)])
+    new, _ = aggregate(state, [(result.shared, result.samples)], JOB)
     path = save_round(tmp_path / "run", JOB, new, 1, {}, [])
     meta = read_meta(path)
     assert meta["model_kind"] == "shared_encoder" and [t["task"] for t in meta["tasks"]] == [t.task for t in TASKS]
@@ -132,7 +133,8 @@ def test_a_site_makes_its_own_model_from_the_shared_encoder_and_its_head(sites, 
     later = save_round(tmp_path / "run", JOB, new, 2, {}, [])
     with pytest.raises(ValueError, match="global model of round 2, but this site's layers are from round 1"):
         site_model(later, sites[1], tmp_path / "state", tmp_path / "nothing")
-    mine = site_model(path, sites[1], tmp_path / "state", tmp_path / "mine")
+    mine, scores = site_model(path, sites[1], tmp_path / "state", tmp_path / "mine")
+    assert scores == {}
     model, own = build_from_checkpoint(mine)
     weights = model.state_dict()
     head = load_file(str(local_layers_file(tmp_path / "state", job_hash(JOB))))
@@ -141,6 +143,12 @@ def test_a_site_makes_its_own_model_from_the_shared_encoder_and_its_head(sites, 
     assert all(torch.equal(weights[k], v) for k, v in new.items() if k not in head)
     assert 0 <= evaluate_checkpoint(mine, sites[1], "val")["metrics"]["accuracy"] <= 1
     assert not (tmp_path / "nothing").exists()
+    personal, scores = site_model(path, sites[1], tmp_path / "state", tmp_path / "personal", personalise=1)
+    assert {"global_accuracy", "local_accuracy"} <= set(scores)  # the site's validation split, before and after
+    tuned, meta = build_from_checkpoint(personal)
+    assert meta["site_model_of"]["personalised_epochs"] == 1 and meta["metrics"].keys() == scores.keys()
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, weights[k])]
+    assert any(k.startswith("head.") for k in changed) and any(".lora_" in k for k in changed)
 
 
 @pytest.mark.slow

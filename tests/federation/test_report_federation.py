@@ -102,7 +102,7 @@ def test_two_report_sites_train_a_federated_model_whose_checkpoint_writes_report
     for r in results:
         assert r.metrics["train_loss"] > 0 and 0 <= r.metrics["local_bleu1"] <= 1
         assert 0 <= r.metrics["local_finding_accuracy"] <= 1  # the site's declared findings, scored at the site
-    new, _ = aggregate(state, [(r.shared, r.samples) for r in results])
+    new, _ = aggregate(state, [(r.shared, r.samples) for r in results], JOB)
     ev = evaluate_checkpoint(save_round(tmp_path, JOB, new, 1, {}, []), sites[0], "val", rounds=20)
     assert ev["main_metric"] == "bleu4" and {"meteor", "rouge_l", "finding_f1"} <= set(ev["metrics"])
 

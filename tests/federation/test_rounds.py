@@ -14,6 +14,7 @@ from echocare_core.federation.job import Job, check_job, job_hash, weighted_mean
 from echocare_core.federation.rounds import aggregate, initial_state, resume, save_round
 from echocare_core.federation.site import JobRefused, site_round
 from echocare_core.federation.site_terms import SiteLimits
+from echocare_core.federation.strategies import StrategyConfig
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.synthetic.dataset import write_dataset
 
@@ -108,7 +109,7 @@ def test_two_sites_aggregate_checkpoint_evaluate_and_resume(sites, tmp_path):
     job = dataclasses.replace(JOB, local=())
     state = initial_state(job, None)
     results = [site_round(job, state, folder, 1) for folder in sites[:2]]
-    new, _ = aggregate(state, [(r.shared, r.samples) for r in results])
+    new, _ = aggregate(state, [(r.shared, r.samples) for r in results], job, StrategyConfig("fedavg"))
     n0, n1 = results[0].samples, results[1].samples
     name = next(iter(results[0].shared))
     expected = (results[0].shared[name] * n0 + results[1].shared[name] * n1) / (n0 + n1)

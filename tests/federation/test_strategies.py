@@ -14,8 +14,8 @@ UPDATES = [
 ]
 
 
-def _agg(name, updates=UPDATES, state=None, **kw):
-    return aggregate_updates(StrategyConfig(name=name, **kw), CURRENT, updates, state or {})
+def _agg(name, updates=UPDATES, state=None, steps=None, **kw):
+    return aggregate_updates(StrategyConfig(name=name, **kw), CURRENT, updates, state or {}, steps)
 
 
 def test_weighted_mean_median_and_trimmed_mean():
@@ -23,6 +23,26 @@ def test_weighted_mean_median_and_trimmed_mean():
     assert _agg("fedmedian")[0]["w"].tolist() == pytest.approx([2.5, 0.0, 15.0])  # even count: middle two
     assert _agg("fedtrimmedavg", trim=0.25)[0]["w"].tolist() == pytest.approx([2.5, 0.0, 15.0])
     assert _agg("fedtrimmedavg", trim=0.0)[0]["w"].tolist() == pytest.approx([106 / 4, 0.0, 10 / 4])
+
+
+def test_fednova_weights_every_image_once_and_the_server_steps_towards_the_mean():
+    def w(name, updates, steps=None, **kw):
+        return _agg(name, updates=updates, steps=steps, **kw)[0]["w"].tolist()
+
+    # site 0: 4 samples, 4 steps; site 1: 1 sample, 1 step; the steps' sample-weighted mean is 3.4
+    same = [({"w": torch.full((3,), 4.0)}, 4), ({"w": torch.full((3,), 1.0)}, 1)]  # one unit per step at each site
+    assert w("fednova", same, [4, 1], server_lr=1.0) == pytest.approx([3.4] * 3)
+    assert w("fedavg", same, server_lr=1.0) == pytest.approx([17 / 5] * 3)  # FedAvg agrees when steps move alike
+    faster = [({"w": torch.full((3,), 8.0)}, 4), ({"w": torch.full((3,), 1.0)}, 1)]  # site 0: two units per step
+    assert w("fednova", faster, [4, 1], server_lr=1.0) == pytest.approx([3.4 * (0.8 * 2 + 0.2 * 1)] * 3)
+    assert w("fedavg", faster, server_lr=1.0) == pytest.approx([33 / 5] * 3)  # its steps counted twice
+    assert w("fedavg", same, server_lr=2.0) == pytest.approx([2 * 17 / 5] * 3)
+    assert w("fednova", same, [4, 1]) == pytest.approx([2 * 3.4] * 3)  # fednova's usual step is 2
+    assert StrategyConfig(name="fedadam").step == 0.1 and StrategyConfig(name="fedavg").step == 1.0
+    with pytest.raises(ValueError, match="fednova needs each update's local steps"):
+        w("fednova", same)
+    with pytest.raises(ValueError, match="server_lr=0: must be > 0"):
+        StrategyConfig(server_lr=0)
 
 
 def test_krum_picks_an_update_close_to_the_others_and_never_the_outlier():
