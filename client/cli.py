@@ -129,13 +129,16 @@ def _site_model(cfg: SiteConfig, state: Path, checkpoint: Path, out: Path, perso
     except (ValueError, OSError, RuntimeError, SafetensorError) as exc:  # RuntimeError: the layers do not fit
         return fail(PROG, str(exc))
     if scores:
-        table = Table(title=f"site {cfg.name}: validation split, global and personalised model ({personalise} epochs)")
+        table = Table(title=f"site {cfg.name}: validation split")
         for column in ("metric", "global", "personalised"):
             table.add_column(column, justify="left" if column == "metric" else "right")
         for name in (k.removeprefix("global_") for k in scores if k.startswith("global_")):
             table.add_row(name, f"{scores[f'global_{name}']:.4f}", f"{scores.get(f'local_{name}', float('nan')):.4f}")
         console.print(table)
-        console.print("the personalised model was trained here without the job's DP: keep it at this site")
+        console.print(
+            f"personalised: {personalise} epoch(s) on this site's training split, without the job's DP: "
+            "keep it at this site"
+        )
     console.print(f"site {cfg.name}: its model is in {path} (echocare-evaluate / echocare-predict --checkpoint {path})")
     return 0
 

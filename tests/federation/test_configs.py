@@ -109,3 +109,33 @@ def test_the_site_model_command_needs_its_arguments_and_names_what_is_wrong(tmp_
     ]
     assert client_main(args) == 2
     assert "nowhere" in capsys.readouterr().err and not (tmp_path / "mine").exists()
+
+
+def test_a_site_personalises_the_global_model_and_sees_both_scores(tmp_path, capsys):
+    from conftest import TINY_ENCODER
+
+    from echocare_core.checkpoint import read_meta
+    from echocare_core.engine.training import LocalTraining
+    from echocare_core.federation.job import Job
+    from echocare_core.federation.rounds import initial_state, save_round
+    from echocare_core.models.swin import EncoderConfig
+    from echocare_core.synthetic.dataset import write_dataset
+
+    folder = write_dataset(tmp_path / "data", "segmentation", sites=1, per_site=8, size=64, seed=1)[0]
+    site = {"name": "site_x", "insecure": True, "data": str(folder), "state_dir": str(tmp_path / "state")}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(site))
+    job = Job(labels=(0, 1), encoder=EncoderConfig(**TINY_ENCODER), feature_size=8, train=LocalTraining(mode="lora"))
+    checkpoint = save_round(tmp_path / "run", job, initial_state(job, None), 3, {}, [])
+    args = ["model", "--config", str(tmp_path / "site.yaml"), "--checkpoint", str(checkpoint)]
+    with pytest.raises(SystemExit) as exc:
+        client_main([*args, "--out", str(tmp_path / "mine"), "--personalise", "-1"])
+    assert exc.value.code == 2 and "--personalise -1: epochs must be >= 0" in capsys.readouterr().err
+    assert client_main([*args, "--out", str(tmp_path / "mine"), "--personalise", "1"]) == 0
+    out = " ".join(capsys.readouterr().err.split())
+    assert "site_x: validation split" in out and "personalised" in out and "dice" in out
+    assert "personalised: 1 epoch(s) on this site's training split, without the job's DP: keep it at this site" in out
+    assert read_meta(tmp_path / "mine")["site_model_of"] == {
+        "checkpoint_job_hash": read_meta(checkpoint)["job_hash"],
+        "round": 3,
+        "personalised_epochs": 1,
+    }

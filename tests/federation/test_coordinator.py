@@ -9,7 +9,7 @@ from conftest import TINY_ENCODER
 from echocare_core.checkpoint import load_weights
 from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.coordinator import EVENTS, Coordinator, QuorumError, RoundSettings
-from echocare_core.federation.job import Job, weighted_mean
+from echocare_core.federation.job import Job
 from echocare_core.federation.transport import encode
 from echocare_core.models.swin import EncoderConfig
 
@@ -38,16 +38,17 @@ def test_a_round_aggregates_the_valid_replies_and_leaves_out_the_others(tmp_path
     before = coordinator.shared()
     current = coordinator.plan(1, [11, 12, 13, 14, 15])
     assert current.nodes == [11, 12, 13, 14, 15]
-    replies = {11: _trained(coordinator, 0.01, 4), 12: _trained(coordinator, 0.02, 12), 13: _trained(coordinator, 50.0)}
+    replies = {11: _trained(coordinator, 0.01, 4), 12: _trained(coordinator, 0.01, 20), 13: _trained(coordinator, 50.0)}
     for node, (sent, metrics) in replies.items():
         assert coordinator.receive(current, node, f"site_{node}", sent, metrics) == ""
     broken = {k: v[..., :1] for k, v in replies[11][0].items()}
     assert "names or shapes" in coordinator.receive(current, 14, "site_14", broken, replies[11][1])
     assert coordinator.receive(current, 15, "site_15", replies[11][0], {"num-examples": 0.0}) == "no training samples"
     path = coordinator.close(current)  # site_13's update is 2500x the median distance: screened out
-    expected = weighted_mean(
-        [({k: v + 0.01 for k, v in before.items()}, 4), ({k: v + 0.02 for k, v in before.items()}, 12)]
-    )
+    # the default strategy, fednova with a server step of 2: the coordinator counts site_11's local steps (4 samples
+    # at batch 16: 1) and site_12's (20 samples: 2) from the job, so per step they moved 0.01 and 0.005
+    mean_steps = (4 * 1 + 20 * 2) / 24
+    expected = {k: v + 2 * mean_steps * (4 / 24 * 0.01 + 20 / 24 * 0.005) for k, v in before.items()}
     saved = load_weights(path)
     for name, value in expected.items():
         torch.testing.assert_close(saved[name], value)

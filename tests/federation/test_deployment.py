@@ -3,6 +3,7 @@
 (echocare-keys). One site has the wrong task and is refused; one is not on the allow-list and never takes part."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def federation(tmp_path_factory):
     return tmp, sites, _run(tmp, sites, rounds=2)
 
 
-def test_two_rounds_aggregate_the_sample_weighted_mean(federation):
+def test_two_rounds_aggregate_with_the_default_strategy(federation):
     tmp, _, code = federation
     assert code == 0
     assert [e["event"] for e in _events(tmp)][-1] == "done"
@@ -75,8 +76,12 @@ def test_two_rounds_aggregate_the_sample_weighted_mean(federation):
         assert all(v.dtype == torch.int16 for v in a.values())  # bf16 bits
         a, b = decode(a, reference, "bf16"), decode(b, reference, "bf16")
         global_state = load_weights(tmp / "run" / "checkpoints" / f"round_{rnd:04d}")
+        ta, tb = (math.ceil(n / 8) for n in (na, nb))  # the sites' local steps: one epoch at batch 8
+        mean_steps = (na * ta + nb * tb) / (na + nb)
         for name in a:
-            expected = (a[name].double() * na + b[name].double() * nb) / (na + nb)
+            ref = reference[name].double()
+            per_step = (na * (a[name].double() - ref) / ta + nb * (b[name].double() - ref) / tb) / (na + nb)
+            expected = ref + 2 * mean_steps * per_step  # fednova, the default strategy, with its server step of 2
             torch.testing.assert_close(global_state[name].double(), expected, rtol=1e-6, atol=1e-7)
     full = initial_state(job, None)
     whole, shared = (
