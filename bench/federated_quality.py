@@ -17,7 +17,7 @@ scanner, so that small sites are not judged on three test images). Prints a tabl
 The round loop is run in-process: Flower's transport changes the cost (see federation_overhead.py), not the
 arithmetic. Not a test.
 
-    python bench/federated_quality.py                          # about 15 minutes on 2 CPU cores
+    python bench/federated_quality.py --tasks segmentation     # 12 minutes on 2 CPU cores (both tasks: twice that)
     python bench/federated_quality.py --seeds 0 --rounds 4     # quicker
 """
 
