@@ -295,7 +295,7 @@ def site_round(
     shared = {n: state[n].detach().cpu() for n in shared_names(model, job)}
     metrics = {
         "train_loss": float(np.mean(losses)) if losses else float("nan"),
-        "train_steps": float(len(losses)),
+        "train_steps": float(len(losses)),  # a DP round's `spent` says instead how many steps its ledger paid for
         "train_unreadable": float(unread),
         "lr": recipe.optimizer.param_groups[0]["lr"],
         "val_samples": float(len(rows["val"])),
