@@ -22,10 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from federated_quality import TEST_SIZE, held_out_metric  # the same encoder and test as that benchmark
+from finetune_quality import pretrain  # the benchmarks' one pretraining recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("full", "frozen", "lora")
@@ -83,87 +85,8 @@ def step_cost(mode: str, dp_mode: str, steps: int) -> dict:
     }
 
 
-def utility(args: argparse.Namespace, tmp: Path) -> list[dict]:
-    """Mean held-out Dice over the three sites after a federated run, per epsilon (0: no DP)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from federated_quality import SHARES, held_out_metric  # noqa: E402 - the same sites and test as that benchmark
-
-    from echocare_core.data.contract import load_spec
-    from echocare_core.engine.training import LocalTraining
-    from echocare_core.federation.job import Job
-    from echocare_core.federation.rounds import aggregate, initial_state
-    from echocare_core.federation.site import site_round
-    from echocare_core.federation.strategies import StrategyConfig
-    from echocare_core.models.swin import EncoderConfig
-    from echocare_core.privacy.settings import DPSettings, SitePrivacy
-    from echocare_core.synthetic.dataset import keep_patients, write_dataset
-
-    sites = write_dataset(tmp / "sites", "segmentation", len(SHARES), args.per_site, size=64, seed=0)
-    for site, share in zip(sites, SHARES):
-        keep_patients(site, share)
-    held_out = write_dataset(tmp / "test", "segmentation", len(SHARES), 40, size=64, seed=1000)
-    spec = load_spec(sites[0])
-    job = Job(
-        task="segmentation",
-        labels=tuple(sorted(spec.labels)),
-        feature_size=8,
-        encoder=EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4),
-        train=LocalTraining(mode="full", lr=1e-3, batch_size=16),
-    )
-    out = []
-    for eps in [0.0, *args.epsilons]:
-        run = replace(job, train=replace(job.train, privacy=DPSettings(epsilon=eps, max_grad_norm=args.clip)))
-        state, t0, spent = initial_state(run, None), time.perf_counter(), []
-        for rnd in range(1, args.rounds + 1):
-            results = [
-                site_round(
-                    run,
-                    state,
-                    site,
-                    rnd,
-                    privacy=SitePrivacy(),
-                    ledger_dir=tmp / f"ledger_{eps}_{i}",
-                    rounds=args.rounds,
-                )
-                for i, site in enumerate(sites)
-            ]
-            state, _ = aggregate(
-                state, [(r.shared, r.samples) for r in results], run, StrategyConfig("fedavg")
-            )  # as measured in docs
-            spent = [r.metrics.get("epsilon", 0.0) for r in results]
-        dice = [held_out_metric(run, state, test) for test in held_out]
-        out.append(
-            {
-                "epsilon": eps,
-                "dice": dice,
-                "mean_dice": sum(dice) / len(dice),
-                "spent": spent,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        print(
-            f"epsilon {eps or 'no DP'}: mean Dice {out[-1]['mean_dice']:.3f} ({out[-1]['seconds']:.0f} s)", flush=True
-        )
-    return out
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration (after 2 warm-up steps)")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--per-site", type=int, default=200, help="images at the largest site")
-    p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
-    p.add_argument("--clip", type=float, default=1.0, help="per-sample max_grad_norm")
-    p.add_argument("--skip-utility", action="store_true")
-    p.add_argument("--one", nargs=2, metavar=("MODE", "DP"), help=argparse.SUPPRESS)  # a child process
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dp_cost.json")
-    args = p.parse_args()
-    torch.set_num_threads(2)
-    if args.one:
-        print(json.dumps(step_cost(args.one[0], args.one[1], args.steps)))
-        return
+def step_costs(args: argparse.Namespace) -> list[dict]:
+    """Every (mode, DP mode) configuration's step cost, each in a fresh process; prints the table."""
     costs = []
     for mode in MODES:
         for dp_mode in DP_MODES:
@@ -192,16 +115,158 @@ def main() -> None:
             + "  "
             + " ".join(f"{row[d]['added_peak_mb']:>15.0f}" for d in DP_MODES)
         )
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "step_cost": costs}
+    return costs
+
+
+def utility(args: argparse.Namespace, tmp: Path, seed: int, init: str | None) -> list[dict]:
+    """Mean held-out Dice over the sites after a federated run, per arm (mode, epsilon; 0: no DP)."""
+    from echocare_core.data.contract import load_spec, read_manifest
+    from echocare_core.engine.training import LocalTraining
+    from echocare_core.federation.job import Job
+    from echocare_core.federation.rounds import aggregate, initial_state
+    from echocare_core.federation.site import site_round
+    from echocare_core.federation.site_terms import SiteLimits
+    from echocare_core.models.swin import EncoderConfig
+    from echocare_core.privacy.settings import DPSettings, SitePrivacy
+    from echocare_core.synthetic.dataset import write_dataset
+
+    sites = write_dataset(tmp / f"sites_{seed}", "segmentation", args.sites, args.per_site, size=64, seed=seed)
+    held_out = write_dataset(tmp / f"test_{seed}", "segmentation", args.sites, 40, size=64, seed=seed + 1000)
+    spec = load_spec(sites[0])
+    train = [sum(r["split"] == "train" for r in read_manifest(site)[1]) for site in sites]
+    out = []
+    for arm in args.arms:
+        mode, eps = arm.split(":")
+        job = Job(
+            task="segmentation",
+            labels=tuple(sorted(spec.labels)),
+            feature_size=8,
+            seed=seed,
+            encoder=EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4),
+            train=LocalTraining(
+                mode=mode,  # type: ignore[arg-type]
+                lora_rank=4,
+                lr=args.lr,
+                batch_size=args.batch,
+                privacy=DPSettings(epsilon=float(eps), max_grad_norm=args.clip),
+            ),
+        )
+        state, server_state, t0, spent = initial_state(job, init), {}, time.perf_counter(), []
+        for rnd in range(1, args.rounds + 1):
+            results = [
+                site_round(
+                    job,
+                    state,
+                    site,
+                    rnd,
+                    SiteLimits(max_batch_size=args.batch),  # a site with the memory for it
+                    privacy=SitePrivacy(),
+                    ledger_dir=tmp / f"ledger_{seed}_{arm}_{i}",
+                    rounds=args.rounds,
+                )
+                for i, site in enumerate(sites)
+            ]
+            state, server_state = aggregate(
+                state, [(r.shared, r.samples) for r in results], job, server_state=server_state
+            )
+            spent = [r.metrics.get("epsilon", 0.0) for r in results]
+        dice = [held_out_metric(job, state, test) for test in held_out]
+        out.append(
+            {
+                "seed": seed,
+                "mode": mode,
+                "epsilon": float(eps),
+                "train_images": train,
+                "dice": dice,
+                "mean_dice": sum(dice) / len(dice),
+                "spent": spent,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(
+            f"seed {seed} {mode} epsilon {eps}: mean Dice {out[-1]['mean_dice']:.3f} ({out[-1]['seconds']:.0f} s)",
+            flush=True,
+        )
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Mean Dice against epsilon per mode (no DP drawn as a dashed line), mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for i, mode in enumerate(dict.fromkeys(r["mode"] for r in rows)):
+        eps = sorted({r["epsilon"] for r in rows if r["mode"] == mode and r["epsilon"]})
+        mean = {
+            e: np.mean([r["mean_dice"] for r in rows if r["mode"] == mode and r["epsilon"] == e]) for e in [0.0, *eps]
+        }
+        ax.plot(eps, [mean[e] for e in eps], "o-", color=f"C{i}", label=f"{mode}, DP")
+        if not np.isnan(mean[0.0]):
+            ax.axhline(mean[0.0], color=f"C{i}", ls="--", label=f"{mode}, no DP")
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon for the whole job (delta 1e-5)")
+    ax.set_ylabel("mean held-out Dice")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration (after 2 warm-up steps)")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--per-site", type=int, default=1000, help="images per site (about 70%% of them train)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of one local epoch")
+    p.add_argument("--batch", type=int, default=128, help="expected (Poisson) batch size")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--clip", type=float, default=1.0, help="per-sample max_grad_norm")
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=["lora:0", "lora:8", "lora:3", "lora:1", "full:0", "full:8"],
+        help="MODE:EPSILON (0: no DP)",
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--init", choices=("pretrained", "random"), default="pretrained")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="echocare-pretrain steps for --init pretrained")
+    p.add_argument("--skip-utility", action="store_true")
+    p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--one", nargs=2, metavar=("MODE", "DP"), help=argparse.SUPPRESS)  # a child process
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dp_cost.json")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    if args.one:
+        print(json.dumps(step_cost(args.one[0], args.one[1], args.steps)))
+        return
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    if not args.skip_cost:
+        results["step_cost"] = step_costs(args)
     if not args.skip_utility:
         with tempfile.TemporaryDirectory(prefix="echocare_dp_") as name:
-            results["utility"] = utility(args, Path(name))
-        print(f"{'epsilon':>8} {'mean Dice':>10}  per site  (epsilon spent per site)")
-        for u in results["utility"]:
+            init = str(pretrain(Path(name), args.pretrain_steps, 64, TEST_SIZE)) if args.init == "pretrained" else None
+            results["utility"] = [u for seed in args.seeds for u in utility(args, Path(name), seed, init)]
+        rows = results["utility"]
+        print(
+            f"\nmean held-out Dice over {args.sites} sites ({rows[0]['train_images']} training images), "
+            f"mean ± sd over {len(args.seeds)} seed(s); per site; epsilon spent per site (PRV, delta 1e-5)"
+        )
+        print(f"{'mode':<6} {'epsilon':>8} {'mean Dice':>14}  per site")
+        for arm in args.arms:
+            mode, eps = arm.split(":")
+            runs = [r for r in rows if r["mode"] == mode and r["epsilon"] == float(eps)]
+            dice = [r["mean_dice"] for r in runs]
+            per_site = np.mean([r["dice"] for r in runs], 0)
+            spent = np.mean([r["spent"] for r in runs], 0)
             print(
-                f"{u['epsilon'] or 'no DP':>8} {u['mean_dice']:>10.3f}  "
-                f"{' / '.join(f'{d:.3f}' for d in u['dice'])}  ({' / '.join(f'{e:.2f}' for e in u['spent'])})"
+                f"{mode:<6} {float(eps) or 'no DP':>8} {np.mean(dice):>8.3f} ± {np.std(dice):.3f}  "
+                f"{' / '.join(f'{d:.3f}' for d in per_site)}  ({' / '.join(f'{e:.2f}' for e in spent)})"
             )
+        plot(rows, args.out.with_suffix(".png"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -10,8 +10,9 @@ scanner (`--test-per-site`). Flower's transport changes the cost of a round, not
   the head only (frozen encoder). Test Dice per site.
 - multitask: two segmentation and two classification sites (one large, one small each). Each site alone;
   single-task federations (each task's sites together) sharing LoRA adapters and head, or the adapters
-  only (heads local, as in a multi-task federation); one multi-task federation of all four (adapters
-  shared, heads local). Test Dice / AUC per site.
+  only (heads local); one multi-task federation of all four, adapters shared by all, each task's head
+  shared by its sites (the default, `heads: shared`) or kept at each site (`heads: local`). Test Dice /
+  AUC per site.
 
 Prints tables, writes JSON. Not a test.
 
@@ -36,7 +37,7 @@ from safetensors.torch import load_file
 
 from echocare_core.data.contract import load_spec, read_manifest
 from echocare_core.engine.training import LocalTraining, evaluate
-from echocare_core.federation.job import MULTITASK_LOCAL, Job, TaskSpec, job_hash, task_for
+from echocare_core.federation.job import MULTITASK_LOCAL, Job, TaskSpec, job_hash, task_for, task_view
 from echocare_core.federation.rounds import aggregate, initial_state
 from echocare_core.federation.site import build_job_model, local_layers_file, site_round
 from echocare_core.federation.strategies import StrategyConfig
@@ -71,9 +72,9 @@ def federate(job: Job, init: Path, folders: list[Path], rounds: int, state_dir: 
 def test_metric(job: Job, weights: dict, folder: Path) -> float:
     """The main metric of the site's model on all images of `folder` (fresh images of the site's scanner)."""
     spec = load_spec(folder)
-    _, job = task_for(job, spec)
+    index, job = task_for(job, spec)
     model = build_job_model(job)
-    model.load_state_dict(weights)
+    model.load_state_dict(task_view(weights, index))  # a multi-task job's shared head of the site's task
     ds = TaskDataset(folder, spec, read_manifest(folder)[1], ENCODER.img_size, ENCODER.in_chans, False, ENCODER.scale)
     return evaluate(model, ds, torch.device("cpu"), job.num_outputs, 16)[get_task(job.task).main_metric]
 
@@ -144,11 +145,13 @@ def multitask(tmp: Path, init: Path, args: argparse.Namespace, seed: int) -> dic
         for i, f in enumerate(folders)
     ]
     together = federate(multi, init, folders, args.rounds, tmp / "state" / "multi")
+    apart = federate(replace(multi, heads="local"), init, folders, args.rounds, tmp / "state" / "multi_local")
     scores = {
         "site alone": [test_metric(multi, w, f) for w, f in zip(alone, tests)],
         "single-task federation": [test_metric(multi, w, f) for w, f in zip(single, tests)],
         "single-task, heads local": [test_metric(multi, w, f) for w, f in zip(heads_local, tests)],
-        "multi-task federation": [test_metric(multi, w, f) for w, f in zip(together, tests)],
+        "multi-task, heads local": [test_metric(multi, w, f) for w, f in zip(apart, tests)],
+        "multi-task, heads shared": [test_metric(multi, w, f) for w, f in zip(together, tests)],
     }
     return {
         "part": "multitask",

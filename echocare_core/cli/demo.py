@@ -1,11 +1,12 @@
 """`echocare-demo`: federated fine-tuning on this machine, compared with what each site could do alone.
 
-Synthetic ultrasound for three hospitals (different device profiles and sizes, one small), then a
-coordinator (`echocare-server`) and one `echocare-client` per hospital as separate processes on
-127.0.0.1, a few rounds of federated fine-tuning of a small encoder, and the comparison users care
-about on each site's test split: federated vs local-only (each site alone, same epochs) vs
-centralised (all data pooled, which real hospitals cannot do). Everything it starts, it stops, also
-on Ctrl-C. `--pretrain` runs the pretraining demo instead.
+Synthetic ultrasound for three hospitals (different device profiles and sizes, one small); a small encoder
+of the EchoCare family pretrained on unlabelled images of their scanners (`echocare-pretrain`, standing in
+for the EchoCare release a real federation starts from); then a coordinator (`echocare-server`) and one
+`echocare-client` per hospital as separate processes on 127.0.0.1, a few rounds of federated fine-tuning
+from that encoder, and the comparison users care about on each site's test split: federated vs local-only
+(each site alone, same epochs) vs centralised (all data pooled, which real hospitals cannot do). Everything
+it starts, it stops, also on Ctrl-C. `--pretrain` runs the pretraining demo instead.
 """
 
 from __future__ import annotations
@@ -32,6 +33,22 @@ ENCODER = {"variant": "test", "img_size": 64, "window_size": 4}  # the smallest 
 SHARES = (1.0, 0.6, 0.25)  # of the largest site's images: one small hospital
 
 
+def _pretrain(out: Path, sources: list[Path], overrides: list[str]) -> int:
+    """`echocare-pretrain` with the demo's pretrain.yaml on `sources` into `out` (resumes a run cut short)."""
+    with resources.as_file(resources.files("echocare_core.resources") / "pretrain_demo.yaml") as config:
+        return pretrain.main(
+            [
+                "--config",
+                str(config),
+                "--set",
+                f"data.sources=[{','.join(map(str, sources))}]",
+                "--set",
+                f"output={out}",
+                *sum((["--set", o] for o in overrides), []),
+            ]
+        )
+
+
 def _pretrain_demo(out: Path, overrides: list[str]) -> int:
     data = out / "data"
     sites = [data / f"site_{i:02d}" for i in range(2)]
@@ -40,19 +57,23 @@ def _pretrain_demo(out: Path, overrides: list[str]) -> int:
             return fail(PROG, f"{data} holds something other than the demo data; choose another --out")
         console.print(f"writing synthetic ultrasound for 2 sites x 160 images to {data}")
         write_dataset(data, "pretrain", 2, 160, size=128, seed=0, overwrite=True)
-    sources = ",".join(map(str, sites))
-    with resources.as_file(resources.files("echocare_core.resources") / "pretrain_demo.yaml") as config:
-        return pretrain.main(
-            [
-                "--config",
-                str(config),
-                "--set",
-                f"data.sources=[{sources}]",
-                "--set",
-                f"output={out / 'run'}",
-                *sum((["--set", o] for o in overrides), []),
-            ]
-        )
+    return _pretrain(out / "run", sites, overrides)
+
+
+def _pretrained_encoder(out: Path, args: argparse.Namespace) -> Path | None:
+    """The demo's encoder pretrained on unlabelled images of the hospitals' scanners (none of the labelled
+    ones), `--pretrain-steps` steps; None with 0 steps (random weights)."""
+    if not args.pretrain_steps:
+        return None
+    unlabelled = out / "data" / "unlabelled"
+    if not (unlabelled / f"site_{args.sites - 1:02d}" / "dataset.yaml").is_file():
+        write_dataset(unlabelled, "pretrain", args.sites, 100, size=args.size, seed=11, overwrite=True)
+    sources = sorted(p for p in unlabelled.iterdir() if p.is_dir())
+    size = [f"model.{k}={v}" for k, v in ENCODER.items()]
+    steps = [f"optim.steps={args.pretrain_steps}", f"checkpoint.every_steps={args.pretrain_steps}"]
+    if _pretrain(out / "pretrained", sources, [*size, "mim.mask_patch_size=8", "data.num_workers=0", *steps]) != 0:
+        raise RuntimeError(f"pretraining the demo's encoder failed; see {out / 'pretrained'}")
+    return out / "pretrained" / "checkpoints" / f"step_{args.pretrain_steps:06d}"
 
 
 TRAIN = {"mode": "full", "lr": 1e-3, "batch_size": 8, "warmup_epochs": 0}  # one recipe for all three arms
@@ -72,10 +93,11 @@ def _job(folder: Path, args: argparse.Namespace) -> dict:
     }
 
 
-def _federate(out: Path, sites: list[Path], args: argparse.Namespace) -> Path:
+def _federate(out: Path, sites: list[Path], init: Path | None, args: argparse.Namespace) -> Path:
     """Run server and clients as processes; returns the final global checkpoint."""
     fed = {
         "output": str(out / "federated"),
+        "init": str(init) if init else None,
         "rounds": {"rounds": args.rounds, "min_sites": len(sites), "wait_for_sites": 300, "deadline": 1800},
         "job": _job(sites[0], args),
     }
@@ -84,16 +106,20 @@ def _federate(out: Path, sites: list[Path], args: argparse.Namespace) -> Path:
     return out / "federated" / "checkpoints" / f"round_{args.rounds:04d}"
 
 
-def _train(folder: Path, out: Path, args: argparse.Namespace) -> Path:
+def _train(folder: Path, out: Path, init: Path | None, args: argparse.Namespace) -> Path:
     """Local fine-tuning with the federation's recipe and budget (rounds x local epochs, one schedule over
-    them); returns the best checkpoint."""
+    them) from the same encoder; returns the best checkpoint."""
     base = {
         "output": str(out),
         "device": "cpu",
         "epochs": args.rounds * args.local_epochs,
         "train": TRAIN,
         "data": {"folder": str(folder), "num_workers": 0},
-        "model": {"encoder": ENCODER, "feature_size": FEATURE_SIZE},
+        "model": {
+            "init": str(init) if init else None,
+            "encoder": ENCODER,
+            "feature_size": FEATURE_SIZE,
+        },
     }
     run_finetune(load_config(FinetuneConfig, None, [], base=base))
     return out / "best"
@@ -108,13 +134,19 @@ def _federated_demo(args: argparse.Namespace) -> int:
         for site, share in zip(sites, [*SHARES, *[1.0] * len(sites)]):
             keep_patients(site, share)
     sites = [data / f"site_{i:02d}" for i in range(args.sites)]
+    if args.pretrain_steps:
+        console.print(
+            f"[bold]pretraining[/] the encoder on unlabelled images of the {len(sites)} scanners "
+            f"({args.pretrain_steps} steps; a real federation starts from the EchoCare release)"
+        )
+    init = _pretrained_encoder(out, args)
     console.print(f"[bold]federated:[/] {args.rounds} rounds x {args.local_epochs} local epoch(s), {len(sites)} sites")
-    models = {"federated": _federate(out, sites, args)}
+    models = {"federated": _federate(out, sites, init, args)}
     console.print(
         "[bold]centralised[/] (all data pooled) and [bold]local-only[/] (each site alone), same epochs and recipe"
     )
-    models["centralised"] = _train(pool_sites(sites, out / "pooled"), out / "centralised", args)
-    local = {site: _train(site, out / "local" / site.name, args) for site in sites}
+    models["centralised"] = _train(pool_sites(sites, out / "pooled"), out / "centralised", init, args)
+    local = {site: _train(site, out / "local" / site.name, init, args) for site in sites}
     main = get_task(args.task).main_metric
     table = Table(title=f"test {main} at each site ({out})")
     for col in ("site", "test images", "federated", "local-only", "centralised"):
@@ -140,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="image size in pixels")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=200,
+        help="pretraining steps of the encoder every arm starts from (0: random weights)",
+    )
     parser.add_argument("--pretrain", action="store_true", help="run the pretraining demo instead")
     parser.add_argument(
         "--set",
@@ -153,8 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.pretrain:
         return _pretrain_demo(args.out, args.overrides)
-    if not 2 <= args.sites <= 12 or args.rounds < 1 or args.local_epochs < 1 or args.per_site < 20:
-        return fail(PROG, "need 2-12 sites, rounds >= 1, local epochs >= 1 and at least 20 images per site")
+    if (
+        not 2 <= args.sites <= 12
+        or args.rounds < 1
+        or args.local_epochs < 1
+        or args.per_site < 20
+        or args.pretrain_steps < 0
+    ):
+        return fail(
+            PROG,
+            "need 2-12 sites, rounds >= 1, local epochs >= 1, at least 20 images per site and pretrain steps >= 0",
+        )
     try:
         return _federated_demo(args)
     except KeyboardInterrupt:

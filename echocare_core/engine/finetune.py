@@ -84,7 +84,16 @@ def tokenizer_for(cfg: FinetuneConfig, spec: DatasetSpec) -> ReportTokenizer | N
 
 
 def _encoder_config(cfg: FinetuneConfig) -> EncoderConfig:
-    """An EchoCare checkpoint brings its own encoder config; anything else uses `model.encoder`."""
+    """An EchoCare checkpoint brings its own encoder config; anything else uses `model.encoder`.
+
+    Raises:
+        FileNotFoundError: `model.init` names nothing that exists.
+    """
+    if cfg.model.init and not Path(cfg.model.init).exists():
+        raise FileNotFoundError(
+            f"model.init: nothing at {cfg.model.init} (the EchoCare release .pth, see the README's \"Start from "
+            f'EchoCare", or a toolkit checkpoint; null: random weights)'
+        )
     if cfg.model.init:
         try:
             return from_dict(EncoderConfig, read_meta(cfg.model.init)["encoder"], "encoder")

@@ -23,7 +23,7 @@ from echocare_core.config import check_ranges
 from echocare_core.engine.finetune import write_json_lines
 from echocare_core.engine.run_report import privacy_spent, write_federation_report
 from echocare_core.federation.audit import AuditLog, manifest
-from echocare_core.federation.job import Job, job_hash, shared_names, task_jobs
+from echocare_core.federation.job import Job, job_hash, shared_names, task_jobs, task_of
 from echocare_core.federation.rounds import (
     aggregate,
     choose_sites,
@@ -125,18 +125,18 @@ class Round:
 def check_reply(
     sent: dict[str, torch.Tensor],
     state: dict[str, torch.Tensor],
-    expected: dict[str, torch.Size],
+    expected: list[dict[str, torch.Size]],
     metrics: dict[str, float],
     transport: str,
-    tasks: int,
 ) -> tuple[dict[str, torch.Tensor], str]:
     """A reply's trained shared parameters (fp32, from its deltas or weights) and why they cannot be aggregated
-    ("" when they can): other parameters or shapes than `expected`, another dtype than the transport's,
-    non-finite values, no samples, no task of a multi-task job's `tasks` (0: single-task)."""
-    if {n: t.shape for n, t in sent.items()} != expected:
-        return {}, "its parameters differ from the job's shared parameters (names or shapes)"
-    if tasks and metrics.get("task_index") not in range(tasks):
+    ("" when they can): no task of a multi-task job, other parameters or shapes than `expected` of its task (one
+    entry per task; a single-task job's one), another dtype than the transport's, non-finite values, no samples."""
+    tasks = len(expected)
+    if tasks > 1 and metrics.get("task_index") not in range(tasks):
         return {}, f"it names no task of the job (task_index must be 0-{tasks - 1})"
+    if {n: t.shape for n, t in sent.items()} != expected[int(metrics["task_index"]) if tasks > 1 else 0]:
+        return {}, "its parameters differ from the job's shared parameters (names or shapes)"
     try:
         shared = decode(sent, state, transport)
     except ValueError as exc:
@@ -169,8 +169,11 @@ class Coordinator:
         )
         self.tasks = [j.task for j in task_jobs(job)]
         self.shared_keys = shared_names(build_job_model(job), job)
-        self.expected = {n: self.state[n].shape for n in self.shared_keys}
-        self.frozen = {k: v for k, v in self.state.items() if k not in self.expected}  # never changes in a run
+        self.expected = [  # what a site of each task sends: the encoder's shared part and its task's head if shared
+            {n: self.state[n].shape for n in self.shared_keys if task_of(n) in (None, i)}
+            for i in range(len(self.tasks))
+        ]
+        self.frozen = {k: v for k, v in self.state.items() if k not in self.shared_keys}  # never changes in a run
         self.progress(
             "start", rounds=settings.rounds, resumed_after=self.done, job_hash=job_hash(job), strategy=strategy.name
         )
@@ -222,7 +225,7 @@ class Coordinator:
             "bytes_sent": current.down.get(node, 0),
             "bytes_received": nbytes(sent),
         }
-        shared, problem = check_reply(sent, self.state, self.expected, metrics, self.job.transport, len(self.job.tasks))
+        shared, problem = check_reply(sent, self.state, self.expected, metrics, self.job.transport)
         if problem:
             self.progress(
                 "rejected",

@@ -7,8 +7,10 @@ whose task or labels do not match its dataset or that asks for more than the sit
 the server aggregates them with sample weights (`weighted_mean`).
 
 A multi-task job (`task: multitask`, two or more `tasks`) lets sites with different label types train one
-encoder: each site runs the task its dataset declares (`task_for`), its head stays at the site
-(`MULTITASK_LOCAL`), and the server holds and aggregates only the encoder with its adapters.
+encoder: each site runs the task its dataset declares (`task_for`). The server holds the encoder with its
+adapters and one head per task (`heads.<index>.*`, `heads: shared`): the encoder part is aggregated over all
+sites, each task's head over the sites of that task; a site sees its task's head as its own `head.*`
+(`task_view`, `server_names`). With `heads: local` every site keeps its head (`MULTITASK_LOCAL`).
 """
 
 from __future__ import annotations
@@ -41,14 +43,17 @@ __all__ = [
     "check_job",
     "job_hash",
     "local_patterns",
+    "server_names",
     "shared_names",
     "task_for",
+    "task_of",
+    "task_view",
     "task_jobs",
     "weighted_mean",
 ]
 
-JOB_SCHEMA = 2  # raise it when a default changes what a job means (its hash names only non-default values)
-MULTITASK_LOCAL = ("head.*",)  # what each site of a multi-task job keeps: its task's own layers
+JOB_SCHEMA = 3  # raise it when a default changes what a job means (its hash names only non-default values)
+MULTITASK_LOCAL = ("head.*",)  # what each site of a multi-task job with heads: local keeps: its task's own layers
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,7 @@ class Job:
     transport: Literal["bf16", "fp16", "fp32"] = "bf16"  # what sites send: deltas in 16 bits, or fp32 weights
     seed: int = 0
     tasks: tuple[TaskSpec, ...] = ()  # task "multitask": each site runs the one its dataset declares
+    heads: Literal["shared", "local"] = "shared"  # multi-task: shared among the sites of a task, or kept at each site
     report: ReportHeadConfig = field(default_factory=ReportHeadConfig)  # report generation (byte-level tokens)
     base: str = ""  # SHA-256 of the weights the encoder starts from (echocare-server sets it from `init`); a site
     # holding a file with that digest (site.yaml base_weights) builds the frozen part from it, never downloads it
@@ -105,6 +111,11 @@ class Job:
             raise ValueError(
                 f"task '{self.task}' with {len(self.tasks)} tasks: a multi-task job needs task: "
                 f"multitask and two or more different tasks; a single-task job lists none"
+            )
+        if self.heads not in ("shared", "local") or (self.heads == "local" and not self.tasks):
+            raise ValueError(
+                f"heads '{self.heads}': a multi-task job's heads are shared (among the sites of each task) or "
+                f"local (each site's own); a single-task job keeps its head at the sites with local: ['head.*']"
             )
         if self.tasks and self.train.mode == "frozen":
             raise ValueError(
@@ -168,7 +179,7 @@ def job_hash(job: Job) -> str:
 
 def task_jobs(job: Job) -> list[Job]:
     """The single-task jobs the sites run: `job` itself, or one per task of a multi-task job (its head
-    site-local)."""
+    site-local when the job's heads are local)."""
     if not job.tasks:
         return [job]
     return [
@@ -180,6 +191,7 @@ def task_jobs(job: Job) -> list[Job]:
             landmarks=t.landmarks,
             multi_label=t.multi_label,
             tasks=(),
+            heads="shared",  # a single-task job says what stays at the site in `local`
             local=local_patterns(job),
         )
         for t in job.tasks
@@ -193,8 +205,30 @@ def task_for(job: Job, spec: DatasetSpec) -> tuple[int, Job] | None:
 
 
 def local_patterns(job: Job) -> tuple[str, ...]:
-    """Parameter-name patterns that never leave a site: the job's `local`, and the heads of a multi-task job."""
-    return (*job.local, *MULTITASK_LOCAL) if job.tasks else job.local
+    """Parameter-name patterns that never leave a site: the job's `local`, and the heads of a multi-task job
+    whose heads are local."""
+    return (*job.local, *MULTITASK_LOCAL) if job.tasks and job.heads == "local" else job.local
+
+
+def task_of(name: str) -> int | None:
+    """The task index of a multi-task server's head parameter (`heads.<index>.*`); None for the encoder's."""
+    match = re.match(r"heads\.(\d+)\.", name)
+    return int(match[1]) if match else None
+
+
+def task_view(state: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """A multi-task site's view of the server's state: task `index`'s head as `head.*`, no other task's head."""
+    prefix = f"heads.{index}."
+    return {
+        (f"head.{k[len(prefix) :]}" if k.startswith(prefix) else k): v
+        for k, v in state.items()
+        if task_of(k) in (None, index)
+    }
+
+
+def server_names(shared: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """A multi-task site's shared parameters under the server's names (its `head.*` as `heads.<index>.*`)."""
+    return {(f"heads.{index}.{k[5:]}" if k.startswith("head.") else k): v for k, v in shared.items()}
 
 
 def _task_reasons(job: Job, spec: DatasetSpec) -> list[str]:

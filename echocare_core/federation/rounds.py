@@ -1,7 +1,8 @@
 """The coordinator's side of a federated run, without Flower: the initial model, aggregation, and round
 checkpoints that `echocare-evaluate` and `echocare-predict` load like any fine-tuned checkpoint. A multi-task
-job's checkpoints hold the shared encoder only (`model_kind` "shared_encoder"); `site_model` gives a site its
-own model: a global checkpoint with the layers the site kept (its head, the job's `local` layers)."""
+job's checkpoints hold the shared encoder and the shared heads (`model_kind` "shared_encoder"); `site_model`
+gives a site its own model: a global checkpoint with its task's head and the layers the site kept (a local
+head, the job's `local` layers)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from echocare_core.checkpoint import (
 )
 from echocare_core.config import from_dict, to_dict
 from echocare_core.data.contract import DatasetSpec, load_spec
-from echocare_core.federation.job import Job, job_hash, local_patterns, task_for, task_jobs
+from echocare_core.federation.job import Job, job_hash, local_patterns, task_for, task_jobs, task_of, task_view
 from echocare_core.federation.site import build_job_model, local_layers_file, site_round
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
 from echocare_core.privacy.settings import DPSettings, steps_per_round
@@ -69,11 +70,20 @@ def aggregate(
     """The next global state (the strategy's new shared parameters, the rest unchanged) and server state.
 
     The sites' local steps (for fednova) follow from `job` and each update's sample count: the coordinator
-    knows them better than a site could report them.
+    knows them better than a site could report them. A multi-task job's shared heads are aggregated over the
+    sites of their task (a head no site of its task trained in this round stays as it was).
     """
     steps = [steps_per_round(job.local_epochs, job.local_steps, job.train.batch_size, n) for _, n in updates]
-    shared, server_state = aggregate_updates(strategy, state, updates, server_state or {}, steps)
-    return {**state, **shared}, server_state
+    new, server_state = {}, dict(server_state or {})
+    groups: dict[int | None, list[int]] = {}
+    for i, (update, _) in enumerate(updates):
+        for index in {task_of(name) for name in update}:
+            groups.setdefault(index, []).append(i)
+    for index, members in groups.items():
+        part = [({k: v for k, v in updates[i][0].items() if task_of(k) == index}, updates[i][1]) for i in members]
+        shared, server_state = aggregate_updates(strategy, state, part, server_state, [steps[i] for i in members])
+        new.update(shared)
+    return {**state, **new}, server_state
 
 
 def outlier_reasons(
@@ -108,7 +118,7 @@ def _meta(job: Job, server_round: int, metrics: dict[str, Any], spec: DatasetSpe
     else unknown (the job declares mask values and a count of points only)."""
     common = {"epoch": server_round, "round": server_round, "metrics": metrics, "job_hash": job_hash(job)}
     mode = FinetuneMode(job.train.mode, job.train.lora_rank, job.train.lora_alpha)
-    if job.tasks:  # the heads are at the sites
+    if job.tasks:  # one head per task, or none (local heads)
         return {
             "model_kind": "shared_encoder",
             "task": job.task,
@@ -236,7 +246,7 @@ def site_model(
     checkpoint: Path, data: Path, state_dir: Path, out: Path, personalise: int = 0, split_seed: int = 0
 ) -> tuple[Path, dict[str, float]]:
     """Write this site's own model: the federation's global checkpoint with the layers the site kept for that job
-    (its task's head in a multi-task job, the job's `local` layers), as a fine-tuned checkpoint for
+    (its task's head in a multi-task job with local heads, the job's `local` layers), as a fine-tuned checkpoint for
     `echocare-evaluate` and `echocare-predict`; returns its path and, when personalised, the validation metrics
     of the global (`global_*`) and the personalised model (`local_*`).
 
@@ -278,7 +288,7 @@ def site_model(
                 f"{checkpoint} is the global model of round {meta['round']}, but this site's layers are "
                 f"from round {kept or '(not recorded)'}: use the coordinator's checkpoint of that round"
             )
-    state, scores = {**load_weights(checkpoint), **local}, {}
+    state, scores = {**task_view(load_weights(checkpoint), match[0]), **local}, {}
     if personalise > 0:
         t = site_job.train
         own = replace(

@@ -1,8 +1,9 @@
 """One federated round at a site: take the global weights, train locally, return only what the job shares.
 
 Plain functions, no Flower: the ClientApp calls `site_round`, and so can a test. Parameters the job
-names site-local (`Job.local`, and a multi-task job's heads) are kept in the site's state folder between
-rounds and never leave; the server need not send them (a multi-task server has no heads at all).
+names site-local (`Job.local`, and a multi-task job's heads when they are local) are kept in the site's state
+folder between rounds and never leave; the server need not send them. A site of a multi-task job with shared
+heads receives and returns its task's head under the server's name for it (`heads.<index>.*`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,17 @@ from echocare_core.engine.training import (
     task_loader,
     train_epoch,
 )
-from echocare_core.federation.job import Job, check_job, job_hash, local_patterns, shared_names, task_for, task_jobs
+from echocare_core.federation.job import (
+    Job,
+    check_job,
+    job_hash,
+    local_patterns,
+    server_names,
+    shared_names,
+    task_for,
+    task_jobs,
+    task_view,
+)
 from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.files import write_atomic
 from echocare_core.models.lora import apply_finetune_mode
@@ -63,11 +74,15 @@ class RoundResult:
 
 class SharedEncoder(torch.nn.Module):
     """What the server of a multi-task job holds: the encoder with the job's adapters, named as in every site's
-    model (`encoder.*`); the heads live at the sites."""
+    model (`encoder.*`), and with `heads: shared` one head per task (`heads.<index>.*`); local heads live at
+    the sites."""
 
     def __init__(self, job: Job) -> None:
         super().__init__()
-        self.encoder = _task_model(task_jobs(job)[0]).encoder
+        models = [_task_model(j) for j in task_jobs(job)]
+        self.encoder = models[0].encoder
+        if job.heads == "shared":
+            self.heads = torch.nn.ModuleList(m.head for m in models)
 
 
 def _task_model(job: Job) -> EchoCareTaskModel:
@@ -222,18 +237,19 @@ def site_round(
         raise JobRefused(f"round {server_round} of a job of {rounds} rounds")
     federation_job = job_hash(job)  # what the site's ledger and the coordinator know the job by
     task = task_for(job, spec) if job.tasks else None  # (index, this site's single-task job)
+    heads_local = bool(task) and job.heads == "local"
     if task:
-        job = task[1]
+        job, global_state = task[1], task_view(global_state, task[0])
     if not rows["train"] or not rows["val"]:
         raise JobRefused(f"the site needs train and val samples (has {len(rows['train'])} and {len(rows['val'])})")
     torch.manual_seed(hash((job.seed, server_round)) & 0x7FFFFFFF)
     model = _task_model(job)
     own = model.state_dict()
-    expected = {k: v for k, v in own.items() if not (task and k.startswith("head."))}  # multi-task: no heads sent
+    expected = {k: v for k, v in own.items() if not (heads_local and k.startswith("head."))}  # local heads: not sent
     mismatch = _mismatch(expected, global_state)
     if mismatch:
         raise JobRefused(f"the global weights do not fit the job's model ({mismatch})")
-    model.load_state_dict(global_state, strict=False)  # checked above: only a multi-task site's head is missing
+    model.load_state_dict(global_state, strict=False)  # checked above: only a local head is missing
     if local_file is not None and local_file.is_file():
         kept = load_file(str(local_file))
         if _mismatch({k: v for k, v in own.items() if _is_local(k, job)}, kept):
@@ -242,7 +258,7 @@ def site_round(
                 f"remove {local_file.name} from state_dir/local_layers to start them anew"
             )
         model.load_state_dict(kept, strict=False)
-    elif task:
+    elif heads_local:
         log.info("round %d: no kept layers of this job at the site: its %s head starts anew", server_round, job.task)
     model.to(device)
     enc, tok, t, dev = job.encoder, job.tokenizer, job.train, torch.device(device)
@@ -293,6 +309,8 @@ def site_round(
         _save_local(model, job, local_file, server_round)
     state = model.state_dict()
     shared = {n: state[n].detach().cpu() for n in shared_names(model, job)}
+    if task:
+        shared = server_names(shared, task[0])
     metrics = {
         "train_loss": float(np.mean(losses)) if losses else float("nan"),
         "train_steps": float(len(losses)),  # a DP round's `spent` says instead how many steps its ledger paid for

@@ -84,6 +84,13 @@ def test_starts_from_a_pretrained_encoder(sites, tmp_path, pretrain_data):
     assert result.status == "finished"
 
 
+def test_a_missing_init_stops_before_anything_is_written(sites, tmp_path):
+    missing = tmp_path / "models" / "echocare_encoder.pth"
+    with pytest.raises(FileNotFoundError, match=r"model.init: nothing at .*echocare_encoder.pth .the EchoCare release"):
+        run_finetune(_cfg(sites["classification"], tmp_path / "run", init=str(missing)))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_dataset_that_fails_the_check_is_refused(sites, tmp_path, capsys):
     folder = tmp_path / "bad"
     import shutil

@@ -10,7 +10,7 @@ from echocare_core.checkpoint import build_from_checkpoint
 from echocare_core.data.contract import load_spec
 from echocare_core.engine.evaluate import evaluate_checkpoint
 from echocare_core.engine.training import LocalTraining
-from echocare_core.federation.job import Job, check_job, job_hash, weighted_mean
+from echocare_core.federation.job import JOB_SCHEMA, Job, check_job, job_hash, weighted_mean
 from echocare_core.federation.rounds import aggregate, initial_state, resume, save_round
 from echocare_core.federation.site import JobRefused, site_round
 from echocare_core.federation.site_terms import SiteLimits
@@ -54,9 +54,9 @@ def test_weighted_mean_is_exact_and_checks_its_input():
 def test_job_round_trips_as_json_and_sites_check_it(sites):
     assert Job.from_json(JOB.to_json()) == JOB and len(job_hash(JOB)) == 64
     with pytest.raises(ValueError, match="Did you mean 'task'"):
-        Job.from_json('{"schema": 2, "tak": "segmentation"}')
-    with pytest.raises(ValueError, match="job schema 1: this toolkit reads schema 2"):
-        Job.from_json('{"schema": 1, "task": "segmentation"}')
+        Job.from_json(f'{{"schema": {JOB_SCHEMA}, "tak": "segmentation"}}')
+    with pytest.raises(ValueError, match=f"job schema {JOB_SCHEMA - 1}: this toolkit reads schema {JOB_SCHEMA}"):
+        Job.from_json(f'{{"schema": {JOB_SCHEMA - 1}, "task": "segmentation"}}')
     seg, cls = load_spec(sites[0]), load_spec(sites[2])
     assert check_job(JOB, seg, SiteLimits()) == []
     assert check_job(JOB, cls, SiteLimits()) == ["job task 'segmentation' but the site's dataset is 'classification'"]
