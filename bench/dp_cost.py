@@ -1,15 +1,19 @@
-"""Benchmark: what differential privacy costs at a site: step time and memory, and Dice at epsilon 1, 3, 8.
+"""Benchmark: what differential privacy costs at a site: step time and memory, and quality against epsilon.
 
 Step cost: a segmentation model (the `mini` encoder at 128 px, batch 16) in each fine-tuning mode
 (full, frozen, LoRA), without DP and with DP-SGD in each of our modes (hooks: every per-sample
 gradient; ghost: per-sample norms only with the mixed Linear rule, two backward passes), each in a
-fresh process: median time of a training step and the peak resident memory the steps added. Utility: three synthetic hospitals federate a segmentation model (the test encoder at
-64 px, full fine-tuning from random initialisation) with FedAvg, without DP and with DP at each
-epsilon for the whole job, tested on held-out images of every site's scanner. Prints tables, writes
-JSON. Not a test.
+fresh process: median time of a training step and the peak resident memory the steps added.
 
-    python bench/dp_cost.py                       # about 20 minutes on 2 CPU cores
+Utility: three synthetic hospitals of realistic size (`--per-site` images each, different scanners)
+federate a segmentation (or `--task classification`) model from a pretrained EchoCare-family encoder
+(the test member at 64 px, pretrained here as in federated_quality.py) with the default strategy, for
+each arm MODE:EPSILON (epsilon for the whole job, delta 1e-5; 0: no DP), Poisson batches of `--batch`
+expected samples, and are tested on 40 held-out images of every site's scanner. Prints tables, writes
+JSON and a plot of the task's metric against epsilon. Not a test.
+
     python bench/dp_cost.py --skip-utility        # step cost only, a few minutes
+    python bench/dp_cost.py --skip-cost           # utility: about 40 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import numpy as np
 import torch
 from federated_quality import TEST_SIZE, held_out_metric  # the same encoder and test as that benchmark
 from finetune_quality import pretrain  # the benchmarks' one pretraining recipe
+
+from echocare_core.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("full", "frozen", "lora")
@@ -119,7 +125,7 @@ def step_costs(args: argparse.Namespace) -> list[dict]:
 
 
 def utility(args: argparse.Namespace, tmp: Path, seed: int, init: str | None) -> list[dict]:
-    """Mean held-out Dice over the sites after a federated run, per arm (mode, epsilon; 0: no DP)."""
+    """The task's held-out metric at each site after a federated run, per arm (mode, epsilon; 0: no DP)."""
     from echocare_core.data.contract import load_spec, read_manifest
     from echocare_core.engine.training import LocalTraining
     from echocare_core.federation.job import Job
@@ -130,16 +136,17 @@ def utility(args: argparse.Namespace, tmp: Path, seed: int, init: str | None) ->
     from echocare_core.privacy.settings import DPSettings, SitePrivacy
     from echocare_core.synthetic.dataset import write_dataset
 
-    sites = write_dataset(tmp / f"sites_{seed}", "segmentation", args.sites, args.per_site, size=64, seed=seed)
-    held_out = write_dataset(tmp / f"test_{seed}", "segmentation", args.sites, 40, size=64, seed=seed + 1000)
+    sites = write_dataset(tmp / f"sites_{seed}", args.task, args.sites, args.per_site, size=64, seed=seed)
+    held_out = write_dataset(tmp / f"test_{seed}", args.task, args.sites, 40, size=64, seed=seed + 1000)
     spec = load_spec(sites[0])
     train = [sum(r["split"] == "train" for r in read_manifest(site)[1]) for site in sites]
     out = []
     for arm in args.arms:
         mode, eps = arm.split(":")
         job = Job(
-            task="segmentation",
+            task=args.task,
             labels=tuple(sorted(spec.labels)),
+            classes=spec.classes,
             feature_size=8,
             seed=seed,
             encoder=EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4),
@@ -170,28 +177,28 @@ def utility(args: argparse.Namespace, tmp: Path, seed: int, init: str | None) ->
                 state, [(r.shared, r.samples) for r in results], job, server_state=server_state
             )
             spent = [r.metrics.get("epsilon", 0.0) for r in results]
-        dice = [held_out_metric(job, state, test) for test in held_out]
+        scores = [held_out_metric(job, state, test) for test in held_out]
         out.append(
             {
                 "seed": seed,
                 "mode": mode,
                 "epsilon": float(eps),
                 "train_images": train,
-                "dice": dice,
-                "mean_dice": sum(dice) / len(dice),
+                "scores": scores,
+                "mean": sum(scores) / len(scores),
                 "spent": spent,
                 "seconds": time.perf_counter() - t0,
             }
         )
         print(
-            f"seed {seed} {mode} epsilon {eps}: mean Dice {out[-1]['mean_dice']:.3f} ({out[-1]['seconds']:.0f} s)",
+            f"seed {seed} {mode} epsilon {eps}: mean {args.task} score {out[-1]['mean']:.3f} ({out[-1]['seconds']:.0f} s)",
             flush=True,
         )
     return out
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Mean Dice against epsilon per mode (no DP drawn as a dashed line), mean over seeds."""
+def plot(rows: list[dict], metric: str, path: Path) -> None:
+    """The mean metric against epsilon per mode (no DP drawn as a dashed line), mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,15 +207,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for i, mode in enumerate(dict.fromkeys(r["mode"] for r in rows)):
         eps = sorted({r["epsilon"] for r in rows if r["mode"] == mode and r["epsilon"]})
-        mean = {
-            e: np.mean([r["mean_dice"] for r in rows if r["mode"] == mode and r["epsilon"] == e]) for e in [0.0, *eps]
-        }
+        mean = {e: np.mean([r["mean"] for r in rows if r["mode"] == mode and r["epsilon"] == e]) for e in [0.0, *eps]}
         ax.plot(eps, [mean[e] for e in eps], "o-", color=f"C{i}", label=f"{mode}, DP")
         if not np.isnan(mean[0.0]):
             ax.axhline(mean[0.0], color=f"C{i}", ls="--", label=f"{mode}, no DP")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon for the whole job (delta 1e-5)")
-    ax.set_ylabel("mean held-out Dice")
+    ax.set_ylabel(f"mean held-out {metric}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -219,16 +224,17 @@ def main() -> None:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--steps", type=int, default=8, help="timed steps per configuration (after 2 warm-up steps)")
+    p.add_argument("--task", choices=("segmentation", "classification"), default="segmentation")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--per-site", type=int, default=1000, help="images per site (about 70%% of them train)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds of one local epoch")
-    p.add_argument("--batch", type=int, default=128, help="expected (Poisson) batch size")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rounds", type=int, default=10, help="rounds of one local epoch")
+    p.add_argument("--batch", type=int, default=64, help="expected (Poisson) batch size")
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--clip", type=float, default=1.0, help="per-sample max_grad_norm")
     p.add_argument(
         "--arms",
         nargs="+",
-        default=["lora:0", "lora:8", "lora:3", "lora:1", "full:0", "full:8"],
+        default=["lora:0", "lora:64", "lora:8", "lora:3", "lora:1"],
         help="MODE:EPSILON (0: no DP)",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -250,23 +256,23 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="echocare_dp_") as name:
             init = str(pretrain(Path(name), args.pretrain_steps, 64, TEST_SIZE)) if args.init == "pretrained" else None
             results["utility"] = [u for seed in args.seeds for u in utility(args, Path(name), seed, init)]
-        rows = results["utility"]
+        rows, metric = results["utility"], get_task(args.task).main_metric
         print(
-            f"\nmean held-out Dice over {args.sites} sites ({rows[0]['train_images']} training images), "
+            f"\nmean held-out {metric} over {args.sites} sites ({rows[0]['train_images']} training images), "
             f"mean ± sd over {len(args.seeds)} seed(s); per site; epsilon spent per site (PRV, delta 1e-5)"
         )
-        print(f"{'mode':<6} {'epsilon':>8} {'mean Dice':>14}  per site")
+        print(f"{'mode':<6} {'epsilon':>8} {'mean ' + metric:>14}  per site")
         for arm in args.arms:
             mode, eps = arm.split(":")
             runs = [r for r in rows if r["mode"] == mode and r["epsilon"] == float(eps)]
-            dice = [r["mean_dice"] for r in runs]
-            per_site = np.mean([r["dice"] for r in runs], 0)
+            means = [r["mean"] for r in runs]
+            per_site = np.mean([r["scores"] for r in runs], 0)
             spent = np.mean([r["spent"] for r in runs], 0)
             print(
-                f"{mode:<6} {float(eps) or 'no DP':>8} {np.mean(dice):>8.3f} ± {np.std(dice):.3f}  "
+                f"{mode:<6} {float(eps) or 'no DP':>8} {np.mean(means):>8.3f} ± {np.std(means):.3f}  "
                 f"{' / '.join(f'{d:.3f}' for d in per_site)}  ({' / '.join(f'{e:.2f}' for e in spent)})"
             )
-        plot(rows, args.out.with_suffix(".png"))
+        plot(rows, metric, args.out.with_suffix(".png"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
