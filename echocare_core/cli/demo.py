@@ -66,9 +66,9 @@ def _pretrained_encoder(out: Path, args: argparse.Namespace) -> Path | None:
     if not args.pretrain_steps:
         return None
     unlabelled = out / "data" / "unlabelled"
-    if not (unlabelled / f"site_{args.sites - 1:02d}" / "dataset.yaml").is_file():
+    sources = [unlabelled / f"site_{i:02d}" for i in range(args.sites)]
+    if not (sources[-1] / "dataset.yaml").is_file():
         write_dataset(unlabelled, "pretrain", args.sites, 100, size=args.size, seed=11, overwrite=True)
-    sources = sorted(p for p in unlabelled.iterdir() if p.is_dir())
     size = [f"model.{k}={v}" for k, v in ENCODER.items()]
     steps = [f"optim.steps={args.pretrain_steps}", f"checkpoint.every_steps={args.pretrain_steps}"]
     if _pretrain(out / "pretrained", sources, [*size, "mim.mask_patch_size=8", "data.num_workers=0", *steps]) != 0:
