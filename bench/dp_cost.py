@@ -32,8 +32,22 @@ import numpy as np
 import torch
 from federated_quality import TEST_SIZE, held_out_metric  # the same encoder and test as that benchmark
 from finetune_quality import pretrain  # the benchmarks' one pretraining recipe
+from monai.losses import DiceCELoss
 
+from echocare_core.data.contract import load_spec, read_manifest
+from echocare_core.engine.optim import build_optimizer
+from echocare_core.engine.training import LocalTraining
+from echocare_core.federation.job import Job
+from echocare_core.federation.rounds import aggregate, initial_state
+from echocare_core.federation.site import site_round
+from echocare_core.federation.site_terms import SiteLimits
+from echocare_core.models.lora import apply_finetune_mode
+from echocare_core.models.swin import EncoderConfig
+from echocare_core.privacy.dp import DPTraining
+from echocare_core.privacy.settings import DPSettings, SitePrivacy
+from echocare_core.synthetic.dataset import write_dataset
 from echocare_core.tasks import get_task
+from echocare_core.tasks.model import EchoCareTaskModel
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("full", "frozen", "lora")
@@ -42,15 +56,6 @@ DP_MODES = ("none", "hooks", "ghost")
 
 def step_cost(mode: str, dp_mode: str, steps: int) -> dict:
     """Median step time and added peak RSS of one configuration (run in its own process)."""
-    from monai.losses import DiceCELoss
-
-    from echocare_core.engine.optim import build_optimizer
-    from echocare_core.models.lora import apply_finetune_mode
-    from echocare_core.models.swin import EncoderConfig
-    from echocare_core.privacy.dp import DPTraining
-    from echocare_core.privacy.settings import DPSettings
-    from echocare_core.tasks.model import EchoCareTaskModel
-
     torch.manual_seed(0)
     model = EchoCareTaskModel(
         EncoderConfig(variant="mini", in_chans=1, img_size=128, window_size=8, drop_path=0.0),
@@ -126,16 +131,6 @@ def step_costs(args: argparse.Namespace) -> list[dict]:
 
 def utility(args: argparse.Namespace, tmp: Path, seed: int, init: str | None) -> list[dict]:
     """The task's held-out metric at each site after a federated run, per arm (mode, epsilon; 0: no DP)."""
-    from echocare_core.data.contract import load_spec, read_manifest
-    from echocare_core.engine.training import LocalTraining
-    from echocare_core.federation.job import Job
-    from echocare_core.federation.rounds import aggregate, initial_state
-    from echocare_core.federation.site import site_round
-    from echocare_core.federation.site_terms import SiteLimits
-    from echocare_core.models.swin import EncoderConfig
-    from echocare_core.privacy.settings import DPSettings, SitePrivacy
-    from echocare_core.synthetic.dataset import write_dataset
-
     sites = write_dataset(tmp / f"sites_{seed}", args.task, args.sites, args.per_site, size=64, seed=seed)
     held_out = write_dataset(tmp / f"test_{seed}", args.task, args.sites, 40, size=64, seed=seed + 1000)
     spec = load_spec(sites[0])
@@ -204,13 +199,15 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by: dict[tuple[str, float], list[float]] = {}  # (mode, epsilon): the mean of each seed
+    for r in rows:
+        by.setdefault((r["mode"], r["epsilon"]), []).append(r["mean"])
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for i, mode in enumerate(dict.fromkeys(r["mode"] for r in rows)):
-        eps = sorted({r["epsilon"] for r in rows if r["mode"] == mode and r["epsilon"]})
-        mean = {e: np.mean([r["mean"] for r in rows if r["mode"] == mode and r["epsilon"] == e]) for e in [0.0, *eps]}
-        ax.plot(eps, [mean[e] for e in eps], "o-", color=f"C{i}", label=f"{mode}, DP")
-        if not np.isnan(mean[0.0]):
-            ax.axhline(mean[0.0], color=f"C{i}", ls="--", label=f"{mode}, no DP")
+    for i, mode in enumerate(dict.fromkeys(m for m, _ in by)):
+        eps = sorted(e for m, e in by if m == mode and e)
+        ax.plot(eps, [np.mean(by[mode, e]) for e in eps], "o-", color=f"C{i}", label=f"{mode}, DP")
+        if (mode, 0.0) in by:
+            ax.axhline(np.mean(by[mode, 0.0]), color=f"C{i}", ls="--", label=f"{mode}, no DP")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon for the whole job (delta 1e-5)")
     ax.set_ylabel(f"mean held-out {metric}")

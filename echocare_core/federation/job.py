@@ -218,9 +218,8 @@ def task_of(name: str) -> int | None:
 
 def task_view(state: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
     """A multi-task site's view of the server's state: task `index`'s head as `head.*`, no other task's head."""
-    prefix = f"heads.{index}."
     return {
-        (f"head.{k[len(prefix) :]}" if k.startswith(prefix) else k): v
+        (f"head.{k.removeprefix(f'heads.{index}.')}" if task_of(k) == index else k): v
         for k, v in state.items()
         if task_of(k) in (None, index)
     }
@@ -228,7 +227,7 @@ def task_view(state: dict[str, torch.Tensor], index: int) -> dict[str, torch.Ten
 
 def server_names(shared: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
     """A multi-task site's shared parameters under the server's names (its `head.*` as `heads.<index>.*`)."""
-    return {(f"heads.{index}.{k[5:]}" if k.startswith("head.") else k): v for k, v in shared.items()}
+    return {(f"heads.{index}.{k.removeprefix('head.')}" if k.startswith("head.") else k): v for k, v in shared.items()}
 
 
 def _task_reasons(job: Job, spec: DatasetSpec) -> list[str]:
