@@ -7,13 +7,14 @@ fresh process: median time of a training step and the peak resident memory the s
 
 Utility: three synthetic hospitals of realistic size (`--per-site` images each, different scanners)
 federate a segmentation (or `--task classification`) model from a pretrained EchoCare-family encoder
-(the test member at 64 px, pretrained here as in federated_quality.py) with the default strategy, for
-each arm MODE:EPSILON (epsilon for the whole job, delta 1e-5; 0: no DP), Poisson batches of `--batch`
-expected samples, and are tested on 40 held-out images of every site's scanner. Prints tables, writes
-JSON and a plot of the task's metric against epsilon. Not a test.
+(the test member at 64 px, pretrained here as in federated_quality.py; segmentation with the few-parameter
+`light` decoder unless `--decoder unetr`) with the default strategy, for each arm MODE:EPSILON (epsilon for
+the whole job, delta 1e-5; 0: no DP), Poisson batches of `--batch` expected samples, and are tested on 40
+held-out images of every site's scanner. Prints tables, writes JSON and a plot of the task's metric against
+epsilon. Not a test.
 
     python bench/dp_cost.py --skip-utility        # step cost only, a few minutes
-    python bench/dp_cost.py --skip-cost           # utility: about 40 minutes on 2 CPU cores
+    python bench/dp_cost.py --skip-cost           # utility: about 20 minutes per seed on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from echocare_core.federation.job import Job
 from echocare_core.federation.rounds import aggregate, initial_state
 from echocare_core.federation.site import site_round
 from echocare_core.federation.site_terms import SiteLimits
+from echocare_core.federation.strategies import StrategyConfig
 from echocare_core.models.lora import apply_finetune_mode
 from echocare_core.models.swin import EncoderConfig
 from echocare_core.privacy.dp import DPTraining
@@ -142,7 +144,8 @@ def utility(args: argparse.Namespace, tmp: Path, seed: int, init: str | None) ->
             task=args.task,
             labels=tuple(sorted(spec.labels)),
             classes=spec.classes,
-            feature_size=8,
+            feature_size=args.width,
+            decoder=args.decoder,
             seed=seed,
             encoder=EncoderConfig(variant="test", in_chans=1, img_size=64, window_size=4),
             train=LocalTraining(
@@ -161,7 +164,7 @@ def utility(args: argparse.Namespace, tmp: Path, seed: int, init: str | None) ->
                     state,
                     site,
                     rnd,
-                    SiteLimits(max_batch_size=args.batch),  # a site with the memory for it
+                    SiteLimits(max_batch_size=args.site_max_batch),  # larger batches: in pieces
                     privacy=SitePrivacy(),
                     ledger_dir=tmp / f"ledger_{seed}_{arm}_{i}",
                     rounds=args.rounds,
@@ -169,7 +172,11 @@ def utility(args: argparse.Namespace, tmp: Path, seed: int, init: str | None) ->
                 for i, site in enumerate(sites)
             ]
             state, server_state = aggregate(
-                state, [(r.shared, r.samples) for r in results], job, server_state=server_state
+                state,
+                [(r.shared, r.samples) for r in results],
+                job,
+                StrategyConfig(server_lr=args.server_lr),
+                server_state,
             )
             spent = [r.metrics.get("epsilon", 0.0) for r in results]
         scores = [held_out_metric(job, state, test) for test in held_out]
@@ -227,11 +234,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10, help="rounds of one local epoch")
     p.add_argument("--batch", type=int, default=64, help="expected (Poisson) batch size")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument(
+        "--site-max-batch", type=int, default=64, help="the sites' max_batch_size (a larger --batch is accumulated)"
+    )
     p.add_argument("--clip", type=float, default=1.0, help="per-sample max_grad_norm")
+    p.add_argument(
+        "--server-lr", type=float, default=None, help="fednova's server step (default: 2 without DP, 1 under DP)"
+    )
+    p.add_argument("--decoder", choices=("unetr", "light"), default="light", help="segmentation: the dense decoder")
+    p.add_argument("--width", type=int, default=16, help="segmentation: the decoder's feature_size")
     p.add_argument(
         "--arms",
         nargs="+",
-        default=["lora:0", "lora:64", "lora:8", "lora:3", "lora:1"],
+        default=["lora:0", "lora:8", "lora:3", "lora:1"],
         help="MODE:EPSILON (0: no DP)",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -247,6 +262,7 @@ def main() -> None:
         print(json.dumps(step_cost(args.one[0], args.one[1], args.steps)))
         return
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_cost:
         results["step_cost"] = step_costs(args)
     if not args.skip_utility:
@@ -270,7 +286,6 @@ def main() -> None:
                 f"{' / '.join(f'{d:.3f}' for d in per_site)}  ({' / '.join(f'{e:.2f}' for e in spent)})"
             )
         plot(rows, metric, args.out.with_suffix(".png"))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
 

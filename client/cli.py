@@ -125,7 +125,7 @@ def _site_model(cfg: SiteConfig, state: Path, checkpoint: Path, out: Path, perso
     from echocare_core.federation.rounds import site_model
 
     try:
-        path, scores = site_model(checkpoint, Path(cfg.data), state, out, personalise, cfg.split_seed)
+        path, scores = site_model(checkpoint, Path(cfg.data), state, out, personalise, cfg.split_seed, cfg.limits)
     except (ValueError, OSError, RuntimeError, SafetensorError) as exc:  # RuntimeError: the layers do not fit
         return fail(PROG, str(exc))
     if scores:

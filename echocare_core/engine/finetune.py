@@ -110,7 +110,14 @@ def build_task_model(
 ) -> EchoCareTaskModel:
     enc = _encoder_config(cfg)
     model = EchoCareTaskModel(
-        enc, spec.task, num_classes(spec, tokenizer), cfg.model.feature_size, spec.multi_label, stats, cfg.model.report
+        enc,
+        spec.task,
+        num_classes(spec, tokenizer),
+        cfg.model.feature_size,
+        spec.multi_label,
+        stats,
+        cfg.model.report,
+        cfg.model.decoder,
     )
     if cfg.model.init:
         load_encoder_weights(model.encoder, cfg.model.init, cfg.model.init_partial)
@@ -133,6 +140,7 @@ def _meta(
         head=TaskHead(
             num_classes=num_classes(spec, tokenizer),
             feature_size=cfg.model.feature_size,
+            decoder=cfg.model.decoder,
             multi_label=spec.multi_label,
             classes=spec.classes,
             labels={str(k): v for k, v in spec.labels.items()},
@@ -250,6 +258,7 @@ def run_finetune(
         "%s, mode %s: %d of %d parameters train (%.2f%%)", spec.task, t.mode, trainable, total, 100 * trainable / total
     )
     enc, k, workers = model.encoder.cfg, num_classes(spec, tok), cfg.data.num_workers
+    physical = min(t.batch_size, cfg.max_batch_size or t.batch_size)  # what the device holds at once
     sets = split_datasets(folder, spec, rows, enc, cfg.seed, cfg.model.frames, tok, cfg.model.report.views)
     n = len(sets["train"])
     recipe = Recipe.build(model, t, n, steps_per_epoch(n, t.batch_size) * cfg.epochs)
@@ -273,7 +282,7 @@ def run_finetune(
         t0 = time.perf_counter()
         if private is None:
             loader = task_loader(sets["train"], shuffled_keys(n, [cfg.seed, epoch], epoch), t.batch_size, workers)
-            losses, unread = train_epoch(model, loader, recipe, loss_fn, device)
+            losses, unread = train_epoch(model, loader, recipe, loss_fn, device, max_batch=cfg.max_batch_size)
             spent = {}
         else:
             try:
@@ -283,10 +292,12 @@ def run_finetune(
                 status, epoch = "privacy budget spent", epoch - 1
                 break
             dp = private.training
-            losses, unread = train_epoch(dp.module, loader, recipe, loss_fn, device, dp=dp)
+            losses, unread = train_epoch(
+                dp.module, loader, recipe, loss_fn, device, dp=dp, max_batch=cfg.max_batch_size
+            )
             spent = {"epsilon": spend.epsilon, "delta": spend.delta}
         skipped += unread
-        val = evaluate(model, sets["val"], device, k, t.batch_size, workers, beam=cfg.model.beam)
+        val = evaluate(model, sets["val"], device, k, physical, workers, beam=cfg.model.beam)
         row = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
@@ -323,7 +334,7 @@ def run_finetune(
         model.load_state_dict(load_weights(out / "best", device))
         # the binary operating point chosen on validation, not on the test split itself
         test = evaluate(
-            model, sets["test"], device, k, t.batch_size, workers, best_metrics.get("youden_threshold"), cfg.model.beam
+            model, sets["test"], device, k, physical, workers, best_metrics.get("youden_threshold"), cfg.model.beam
         )
         write_json(out / "test_metrics.json", {"split": "test", "samples": len(rows["test"]), **test})
     return FinetuneResult(status, epoch, best_metrics, test, trainable, total, out, skipped, history)

@@ -8,6 +8,7 @@ from typing import Literal
 
 from echocare_core.config import check_ranges
 from echocare_core.engine.training import LocalTraining
+from echocare_core.models.heads import Decoder
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 
@@ -35,6 +36,7 @@ class FinetuneModel:
     init_partial: bool = False  # load only the tensors of `init` that fit (otherwise a mismatch stops the run)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # used when `init` is not a toolkit checkpoint
     feature_size: int = 16  # width of the dense decoder (segmentation, landmarks, detection)
+    decoder: Decoder = "unetr"  # the dense decoder: unetr (skips from every stage) or light (few parameters, for DP)
     frames: int = 16  # regression over clips: frames the model sees per clip, evenly spaced
     report: ReportHeadConfig = field(default_factory=ReportHeadConfig)  # report generation: the text decoder
     tokenizer: str | None = None  # report: a tokenizers JSON file (tokenizer.json); null = byte-level, any language
@@ -62,11 +64,15 @@ class FinetuneConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     epochs: int = 20  # passes over the training split
+    max_batch_size: int = 0  # the most images the device holds at once: a larger train.batch_size goes through in
+    # pieces of this size, accumulated into one step (0: no limit)
     data: FinetuneData = field(default_factory=FinetuneData)
     model: FinetuneModel = field(default_factory=FinetuneModel)
     train: LocalTraining = field(default_factory=LocalTraining)  # the recipe, as a federation job's `train`
     ledger: FinetuneLedger = field(default_factory=FinetuneLedger)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs}: must be >= 1")
+        check_ranges(
+            self,
+            {"epochs": (self.epochs >= 1, ">= 1"), "max_batch_size": (self.max_batch_size >= 0, ">= 0 (0: no limit)")},
+        )

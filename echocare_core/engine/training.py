@@ -200,15 +200,19 @@ def train_epoch(
     loss_fn: Callable,
     device: torch.device,
     dp: Any = None,
+    max_batch: int = 0,
 ) -> tuple[list[float], int]:
     """One pass of `loader`'s batches; returns the batch losses and the number of unreadable samples.
 
     Precision and clipping follow `recipe.train`. A task with teacher forcing (report generation) gives the model
-    the target too.
+    the target too. A batch larger than `max_batch` (a site's memory) goes through the model in pieces of at most
+    that many samples whose gradients add up to the whole batch's: one optimiser step per batch, as if it had
+    been one piece (under DP: every piece's per-sample gradients clipped, then one draw of noise).
 
     Args:
         dp: a `DPTraining` whose module, optimizer and Poisson loader these are: per-sample clipping and noise
             replace `clip_grad`, every batch is checked to be per sample, and an empty batch is still a (noise) step.
+        max_batch: the most samples the model sees at once (0: a batch at once).
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite.
@@ -228,22 +232,31 @@ def train_epoch(
                 optimizer.zero_grad(set_to_none=True)
                 recipe.scheduler.step()
             continue
-        target = _to(batch["target"], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(batch["image"].to(device), *([target] if teacher else []))
-        out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()  # report: tokens, findings
-        loss = loss_fn(out, target) if dp is None else dp.loss(loss_fn, out, target)
-        value = loss.item()
+        n = len(batch["image"])
+        piece = max_batch or n
+        value = 0.0
+        for start in range(0, n, piece):
+            image, target = batch["image"][start : start + piece], _to(batch["target"][start : start + piece], device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(image.to(device), *([target] if teacher else []))
+            out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()  # report: tokens, findings
+            loss = loss_fn(out, target) if dp is None else dp.loss(loss_fn, out, target)
+            share = len(image) / n  # the piece's part of the batch mean (DP scales per sample by itself)
+            value += loss.item() * share
+            (loss if dp is not None else loss * share).backward()
+            if dp is not None:
+                dp.check(len(image))
+                if start + piece < n:  # clip this piece's per-sample gradients into the sum; no step, no noise
+                    optimizer.signal_skip_step(do_skip=True)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"non-finite loss after {len(losses)} batches of this epoch; lower train.lr "
                 f"or use train.precision: fp32"
             )
-        loss.backward()
         if dp is None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
-        else:
-            dp.check(len(batch["image"]))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         recipe.scheduler.step()

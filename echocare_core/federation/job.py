@@ -30,6 +30,7 @@ from echocare_core.data.text import ReportTokenizer
 from echocare_core.engine.training import LocalTraining
 from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.federation.transport import text_hash
+from echocare_core.models.heads import Decoder
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig, trainable_state_names
 from echocare_core.privacy.settings import SitePrivacy
@@ -83,6 +84,7 @@ class Job:
     multi_label: bool = False
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     feature_size: int = 16
+    decoder: Decoder = "unetr"  # the dense decoder: unetr, or light (few parameters, for DP)
     frames: int = 16
     train: LocalTraining = field(default_factory=LocalTraining)  # how every site trains (as echocare-finetune's
     # `train`); the schedule and DP's epsilon cover the whole job, every round continuing where the last stopped
@@ -274,10 +276,6 @@ def check_job(
             ]
         job = match[1]
     reasons = _task_reasons(job, spec)
-    if job.train.batch_size > limits.max_batch_size:
-        reasons.append(
-            f"job train.batch_size {job.train.batch_size} exceeds the site's max_batch_size {limits.max_batch_size}"
-        )
     if not job.local_steps and job.local_epochs > limits.max_local_epochs:
         reasons.append(
             f"job local_epochs {job.local_epochs} exceeds the site's max_local_epochs {limits.max_local_epochs}"

@@ -27,6 +27,7 @@ from echocare_core.config import from_dict, to_dict
 from echocare_core.data.contract import DatasetSpec, load_spec
 from echocare_core.federation.job import Job, job_hash, local_patterns, task_for, task_jobs, task_of, task_view
 from echocare_core.federation.site import build_job_model, local_layers_file, site_round
+from echocare_core.federation.site_terms import SiteLimits
 from echocare_core.federation.strategies import StrategyConfig, aggregate_updates
 from echocare_core.privacy.settings import DPSettings, steps_per_round
 from echocare_core.tasks import get_task
@@ -70,11 +71,13 @@ def aggregate(
     """The next global state (the strategy's new shared parameters, the rest unchanged) and server state.
 
     The sites' local steps (for fednova) follow from `job` and each update's sample count: the coordinator
-    knows them better than a site could report them. A multi-task job's shared heads are aggregated over the
+    knows them better than a site could report them. Under DP, fednova steps 1 unless `server_lr` says otherwise
+    (`StrategyConfig.private`). A multi-task job's shared heads are aggregated over the
     sites of their task (a head no site of its task trained in this round stays as it was).
     """
     steps = [steps_per_round(job.local_epochs, job.local_steps, job.train.batch_size, n) for _, n in updates]
     new, server_state = {}, dict(server_state or {})
+    strategy = strategy.private(job.train.privacy.on)
     groups: dict[int | None, list[int]] = {}
     for i, (update, _) in enumerate(updates):
         for index in {task_of(name) for name in update}:
@@ -132,6 +135,7 @@ def _meta(job: Job, server_round: int, metrics: dict[str, Any], spec: DatasetSpe
     head = TaskHead(
         num_classes=job.num_outputs,
         feature_size=job.feature_size,
+        decoder=job.decoder,
         multi_label=job.multi_label,
         classes=job.classes,
         labels={str(v): spec.labels.get(v, "") if spec else "" for v in job.labels},
@@ -243,7 +247,13 @@ PERSONAL_LR = 0.3  # personalisation trains at this share of the job's learning 
 
 
 def site_model(
-    checkpoint: Path, data: Path, state_dir: Path, out: Path, personalise: int = 0, split_seed: int = 0
+    checkpoint: Path,
+    data: Path,
+    state_dir: Path,
+    out: Path,
+    personalise: int = 0,
+    split_seed: int = 0,
+    limits: SiteLimits = SiteLimits(),
 ) -> tuple[Path, dict[str, float]]:
     """Write this site's own model: the federation's global checkpoint with the layers the site kept for that job
     (its task's head in a multi-task job with local heads, the job's `local` layers), as a fine-tuned checkpoint for
@@ -252,8 +262,8 @@ def site_model(
 
     The site keeps its layers of the last round it took part in, which fit that round's global checkpoint only.
     `personalise` > 0: that many epochs of the job's recipe on the site's training split (at `PERSONAL_LR` of
-    its learning rate, a cosine over those epochs, every trainable layer its own). Without the job's DP: the
-    model stays at the site.
+    its learning rate, a cosine over those epochs, every trainable layer its own, in batches the site's `limits`
+    hold). Without the job's DP: the model stays at the site.
 
     Raises:
         ValueError: not a federation checkpoint, the site's dataset matches none of the job's tasks, or the site
@@ -299,7 +309,7 @@ def site_model(
             local_steps=0,
             proximal_mu=0.0,
         )
-        result = site_round(own, state, data, 1, split_seed=split_seed)
+        result = site_round(own, state, data, 1, limits, split_seed=split_seed)
         state = {**state, **result.shared}
         scores = {k: v for k, v in result.metrics.items() if k.startswith(("global_", "local_"))}
     model = build_job_model(site_job)

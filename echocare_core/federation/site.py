@@ -87,7 +87,13 @@ class SharedEncoder(torch.nn.Module):
 
 def _task_model(job: Job) -> EchoCareTaskModel:
     model = EchoCareTaskModel(
-        job.encoder, job.task, job.num_outputs, job.feature_size, job.multi_label, report=job.report
+        job.encoder,
+        job.task,
+        job.num_outputs,
+        job.feature_size,
+        job.multi_label,
+        report=job.report,
+        decoder=job.decoder,
     )
     apply_finetune_mode(model, job.train.mode, job.train.lora_rank, job.train.lora_alpha)
     return model
@@ -148,6 +154,7 @@ def _train_private(
     device: torch.device,
     num_workers: int,
     ledger_job: str,
+    max_batch: int,
 ) -> tuple[list[float], int, dict]:
     """DP-SGD for one round, paid for in the site's ledger (under `ledger_job`, the federation's job hash)
     before it trains; returns the batch losses, the unreadable samples and the privacy metrics (the epsilon the
@@ -170,7 +177,7 @@ def _train_private(
         log.error("%s", exc)
         raise JobRefused("the site's privacy ledger cannot be trusted (see the site's log)") from exc
     dp = private.training
-    losses, unread = train_epoch(dp.module, loader, recipe, loss_fn, device, dp=dp)
+    losses, unread = train_epoch(dp.module, loader, recipe, loss_fn, device, dp=dp, max_batch=max_batch)
     dp.module.remove_hooks()
     return (
         losses,
@@ -262,8 +269,9 @@ def site_round(
         log.info("round %d: no kept layers of this job at the site: its %s head starts anew", server_round, job.task)
     model.to(device)
     enc, tok, t, dev = job.encoder, job.tokenizer, job.train, torch.device(device)
+    physical = min(t.batch_size, limits.max_batch_size)  # what the site's memory holds at once
     sets = split_datasets(folder, spec, rows, enc, job.seed, job.frames, tok, job.report.views)
-    before = evaluate(model, sets["val"], dev, job.num_outputs, t.batch_size, num_workers)
+    before = evaluate(model, sets["val"], dev, job.num_outputs, physical, num_workers)
     n = len(sets["train"])
     steps = steps_per_round(job.local_epochs, job.local_steps, t.batch_size, n)
     recipe = Recipe.build(model, t, n, steps * rounds, steps * (server_round - 1))  # the job's schedule, this round
@@ -292,19 +300,25 @@ def site_round(
             dev,
             num_workers,
             federation_job,
+            limits.max_batch_size,
         )
     else:
         losses, unread, spent = [], 0, {}
         for keys in _local_passes(job, n, server_round):
             batch_losses, skipped = train_epoch(
-                model, task_loader(sets["train"], keys, t.batch_size, num_workers), recipe, loss_fn, dev
+                model,
+                task_loader(sets["train"], keys, t.batch_size, num_workers),
+                recipe,
+                loss_fn,
+                dev,
+                max_batch=limits.max_batch_size,
             )
             losses, unread = losses + batch_losses, unread + skipped
     if unread:
         log.warning(
             "round %d: %d training samples could not be read (echocare-data verify names them)", server_round, unread
         )
-    after = evaluate(model, sets["val"], dev, job.num_outputs, t.batch_size, num_workers)
+    after = evaluate(model, sets["val"], dev, job.num_outputs, physical, num_workers)
     if local_file is not None and job.local:
         _save_local(model, job, local_file, server_round)
     state = model.state_dict()

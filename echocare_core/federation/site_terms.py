@@ -11,7 +11,8 @@ __all__ = ["SiteLimits"]
 
 @dataclass(frozen=True)
 class SiteLimits:
-    """What a site accepts: the largest batch (its GPU memory) and the most local epochs per round."""
+    """What a site accepts: the most local epochs per round, and the largest batch its memory holds (a job's larger
+    batches go through in pieces of that size, their gradients accumulated into one step)."""
 
     max_batch_size: int = 64
     max_local_epochs: int = 10

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -28,7 +28,8 @@ __all__ = ["STRATEGIES", "StrategyConfig", "aggregate_updates"]
 
 STRATEGIES = ("fedavg", "fedprox", "fednova", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 MEANS = ("fedavg", "fedprox", "fednova")  # a weighted mean, then a step of `server_lr` towards it
-# fednova's 2 was tuned on bench/federated_quality.py (docs/benchmarks.md, "What to expect from a federation")
+# fednova's 2 was tuned on bench/federated_quality.py (docs/benchmarks.md, "What to expect from a federation"); under
+# DP its usual step is 1 (`StrategyConfig.private`): 2 doubles the noise in every update with the signal (bench/dp_cost.py)
 USUAL_STEP = {"fedavg": 1.0, "fedprox": 1.0, "fednova": 2.0, "fedadam": 0.1, "fedyogi": 0.1}
 Updates = list[tuple[dict[str, torch.Tensor], int]]
 
@@ -60,6 +61,10 @@ class StrategyConfig:
     def step(self) -> float:
         """The server's step size: `server_lr`, or the strategy's usual value."""
         return USUAL_STEP.get(self.name, 1.0) if self.server_lr is None else self.server_lr
+
+    def private(self, dp: bool) -> StrategyConfig:
+        """The config for a job with (`dp`) or without differential privacy: under DP, fednova's usual step is 1."""
+        return replace(self, server_lr=1.0) if dp and self.name == "fednova" and self.server_lr is None else self
 
 
 def _stack(updates: Updates, name: str) -> torch.Tensor:

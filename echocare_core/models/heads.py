@@ -6,13 +6,25 @@ LayerNorm / InstanceNorm and no in-place activation, so per-sample gradients (DP
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import nn
 
 from echocare_core.models.swin import EncoderConfig
 
-__all__ = ["ClassificationHead", "ClipRegressionHead", "DenseHead", "no_inplace"]
+__all__ = [
+    "DECODERS",
+    "Decoder",
+    "ClassificationHead",
+    "ClipRegressionHead",
+    "DenseHead",
+    "LightDenseHead",
+    "dense_head",
+    "no_inplace",
+]
 
 
 def no_inplace(module: nn.Module) -> nn.Module:
@@ -91,3 +103,47 @@ class DenseHead(nn.Module):
         for up, skip in zip(self.ups, reversed(skips[:-1])):
             x = up(x, skip)
         return self.out(self.to_image(x, self.stem(image.contiguous())))
+
+    @property
+    def out_conv(self) -> nn.Conv2d:
+        """The last convolution (its bias sets a detection head's prior)."""
+        return self.out.conv.conv
+
+
+class LightDenseHead(nn.Module):
+    """A dense decoder with few parameters, for differential privacy: each of the encoder's five maps through a
+    1x1 convolution to `feature_size` channels, upsampled to the first map's resolution and summed, then one 3x3
+    convolution and a 1x1 to the outputs, upsampled to the image (about 10k parameters on the test encoder at
+    width 16, against 790k for `DenseHead` at width 8). DP-SGD's noise grows with the square root of what trains.
+
+    `forward(image, stage_maps) -> [B, out_channels, H, W]`, as `DenseHead`.
+    """
+
+    def __init__(self, cfg: EncoderConfig, out_channels: int, feature_size: int = 16) -> None:
+        super().__init__()
+        f = feature_size
+        self.lateral = nn.ModuleList(nn.Conv2d(c, f, kernel_size=1) for c in cfg.stage_channels)
+        self.fuse = nn.Conv2d(f, f, kernel_size=3, padding=1)
+        self.out = nn.Conv2d(f, out_channels, kernel_size=1)
+
+    def forward(self, image: torch.Tensor, stage_maps: list[torch.Tensor]) -> torch.Tensor:
+        size = stage_maps[0].shape[-2:]
+        x = sum(
+            F.interpolate(lateral(m), size=size, mode="bilinear", align_corners=False)
+            for lateral, m in zip(self.lateral, stage_maps)
+        )
+        x = self.out(F.gelu(self.fuse(F.gelu(x))))
+        return F.interpolate(x, size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+    @property
+    def out_conv(self) -> nn.Conv2d:
+        return self.out
+
+
+DECODERS = {"unetr": DenseHead, "light": LightDenseHead}
+Decoder = Literal["unetr", "light"]
+
+
+def dense_head(cfg: EncoderConfig, out_channels: int, feature_size: int, decoder: str) -> DenseHead | LightDenseHead:
+    """The dense decoder a job or a fine-tuning config names (`unetr`, the default, or `light` for DP)."""
+    return DECODERS[decoder](cfg, out_channels, feature_size)

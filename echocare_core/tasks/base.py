@@ -19,7 +19,7 @@ from torch import nn
 from echocare_core.data.io import ImageReadError, read_image
 from echocare_core.data.spec import DatasetSpec
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.models.heads import DenseHead
+from echocare_core.models.heads import Decoder, dense_head
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 
@@ -48,6 +48,7 @@ class TaskHead:
 
     num_classes: int  # the head's outputs (classes, mask values, points, the tokenizer's ids; 1 for regression)
     feature_size: int = 16
+    decoder: Decoder = "unetr"  # the dense decoder (models.heads.DECODERS)
     multi_label: bool = False
     classes: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)  # mask value -> name ("" where unknown)
@@ -129,9 +130,16 @@ class Task(ABC):
         """The head's outputs, from the counts of declared classes, mask values and landmarks."""
         return 1
 
-    def head(self, cfg: EncoderConfig, outputs: int, feature_size: int, report: ReportHeadConfig | None) -> nn.Module:
-        """The head on the encoder (default: the dense decoder with skips from every stage)."""
-        return DenseHead(cfg, outputs, feature_size)
+    def head(
+        self,
+        cfg: EncoderConfig,
+        outputs: int,
+        feature_size: int,
+        report: ReportHeadConfig | None,
+        decoder: str = "unetr",
+    ) -> nn.Module:
+        """The head on the encoder (default: the dense decoder `decoder` of width `feature_size`)."""
+        return dense_head(cfg, outputs, feature_size, decoder)
 
     def forward(self, model: Any, images: torch.Tensor, ids: torch.Tensor | None = None) -> Any:
         """The head's raw output for `images` (`EchoCareTaskModel.forward`)."""

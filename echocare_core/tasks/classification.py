@@ -26,7 +26,7 @@ class Classification(Task):
     def outputs(self, classes: int, labels: int, landmarks: int, tokenizer: Any = None) -> int:
         return classes
 
-    def head(self, cfg: Any, outputs: int, feature_size: int, report: Any) -> nn.Module:
+    def head(self, cfg: Any, outputs: int, feature_size: int, report: Any, decoder: str = "unetr") -> nn.Module:
         return ClassificationHead(cfg.stage_channels[-1], outputs)
 
     def forward(self, model: Any, images: torch.Tensor, ids: Any = None) -> torch.Tensor:

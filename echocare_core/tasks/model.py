@@ -38,6 +38,7 @@ class EchoCareTaskModel(nn.Module):
         target_stats: regression: (mean, std) of the training targets; the head predicts standardised values,
             `decode` gives them in the target's units.
         report: the report decoder's size.
+        decoder: the dense decoder (`models.heads.DECODERS`: `unetr`, or `light` with few parameters for DP).
 
     Raises:
         ValueError: an unknown task (with the closest name).
@@ -52,12 +53,13 @@ class EchoCareTaskModel(nn.Module):
         multi_label: bool = False,
         target_stats: tuple[float, float] = (0.0, 1.0),
         report: ReportHeadConfig | None = None,
+        decoder: str = "unetr",
     ) -> None:
         super().__init__()
         self.kind = get_task(task)
         self.task, self.multi_label, self.target_stats = task, multi_label, tuple(target_stats)
         self.encoder = SwinEncoder(cfg)
-        self.head = self.kind.head(cfg, num_classes, feature_size, report)
+        self.head = self.kind.head(cfg, num_classes, feature_size, report, decoder)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor | None = None) -> Any:
         """`images` `[B, C, H, W]`; clips `[B, T, C, H, W]` for regression; the views of each report
@@ -123,6 +125,7 @@ class TaskMeta:
             self.head.multi_label,
             self.head.target_stats,
             self.head.report,
+            self.head.decoder,
         )
         apply_finetune_mode(model, self.finetune.mode, self.finetune.lora_rank, self.finetune.lora_alpha)
         return model

@@ -25,7 +25,7 @@ class Regression(Task):
     lower_is_better = True
     sample_parts = "a clip's frames"
 
-    def head(self, cfg: Any, outputs: int, feature_size: int, report: Any) -> nn.Module:
+    def head(self, cfg: Any, outputs: int, feature_size: int, report: Any, decoder: str = "unetr") -> nn.Module:
         return ClipRegressionHead(cfg.stage_channels[-1])
 
     def forward(self, model: Any, images: torch.Tensor, ids: Any = None) -> torch.Tensor:

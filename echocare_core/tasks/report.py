@@ -32,7 +32,9 @@ class Report(Task):
     def outputs(self, classes: int, labels: int, landmarks: int, tokenizer: ReportTokenizer | None = None) -> int:
         return (tokenizer or ReportTokenizer()).vocab_size  # byte-level unless the site names a tokenizer
 
-    def head(self, cfg: Any, outputs: int, feature_size: int, report: ReportHeadConfig | None) -> nn.Module:
+    def head(
+        self, cfg: Any, outputs: int, feature_size: int, report: ReportHeadConfig | None, decoder: str = "unetr"
+    ) -> nn.Module:
         return ReportHead(cfg.stage_channels[-1], cfg.stage_resolutions[-1] ** 2, outputs, report or ReportHeadConfig())
 
     def forward(self, model: Any, images: torch.Tensor, ids: torch.Tensor | None = None) -> Any:

@@ -15,6 +15,7 @@ from echocare_core.engine.finetune import run_finetune
 from echocare_core.engine.finetune_config import FinetuneConfig
 from echocare_core.engine.pretrain import run_pretraining
 from echocare_core.engine.training import DatasetInvalidError
+from echocare_core.models.heads import DenseHead, LightDenseHead
 from echocare_core.synthetic.dataset import write_dataset
 
 pytestmark = pytest.mark.slow
@@ -43,16 +44,27 @@ def _cfg(folder, out, *overrides, train=None, **model):
 
 
 @pytest.mark.parametrize(
-    "task,mode", [("classification", "lora"), ("segmentation", "frozen"), ("segmentation", "full")]
+    "task,mode,decoder",
+    [
+        ("classification", "lora", "unetr"),
+        ("segmentation", "frozen", "unetr"),
+        ("segmentation", "full", "unetr"),
+        ("segmentation", "lora", "light"),
+    ],
 )
-def test_finetune_then_rebuild_the_best_model(sites, tmp_path, task, mode):
-    result = run_finetune(_cfg(sites[task], tmp_path / "run", train={"mode": mode}))
+def test_finetune_then_rebuild_the_best_model(sites, tmp_path, task, mode, decoder):
+    # batches of 8 on a device that holds 3: each step in pieces of 3, 3 and 2
+    result = run_finetune(
+        _cfg(sites[task], tmp_path / "run", "max_batch_size=3", train={"mode": mode}, decoder=decoder)
+    )
     assert result.status == "finished" and [r["epoch"] for r in result.history] == [1, 2]
     main = "auc" if task == "classification" else "dice"
     assert 0.0 <= result.test[main] <= 1.0 and (tmp_path / "run" / "test_metrics.json").is_file()
     model, meta = build_from_checkpoint(tmp_path / "run" / "best")
     assert result.trainable < result.total if mode != "full" else result.trainable == result.total
-    assert meta["model_kind"] == "task" and meta["finetune"]["mode"] == mode
+    assert meta["model_kind"] == "task" and meta["finetune"]["mode"] == mode and meta["head"]["decoder"] == decoder
+    if task == "segmentation":
+        assert isinstance(model.head, {"unetr": DenseHead, "light": LightDenseHead}[decoder])
     assert model(torch.zeros(1, 1, 64, 64)).shape[:2] == (1, 2)
 
 

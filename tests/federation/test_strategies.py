@@ -39,6 +39,10 @@ def test_fednova_weights_every_image_once_and_the_server_steps_towards_the_mean(
     assert w("fedavg", same, server_lr=2.0) == pytest.approx([2 * 17 / 5] * 3)
     assert w("fednova", same, [4, 1]) == pytest.approx([2 * 3.4] * 3)  # fednova's usual step is 2
     assert StrategyConfig(name="fedadam").step == 0.1 and StrategyConfig(name="fedavg").step == 1.0
+    # under DP fednova steps 1 (2 would double every update's noise too), unless the coordinator sets server_lr
+    assert StrategyConfig().private(True).step == 1.0 and StrategyConfig().private(False).step == 2.0
+    assert StrategyConfig(server_lr=3.0).private(True).step == 3.0
+    assert StrategyConfig(name="fedadam").private(True).step == 0.1
     with pytest.raises(ValueError, match="fednova needs each update's local steps"):
         w("fednova", same)
     with pytest.raises(ValueError, match="server_lr=0: must be > 0"):
@@ -69,3 +73,19 @@ def test_fedyogi_second_moment_moves_by_a_bounded_step():
     delta2 = torch.tensor([109 / 5, 0.0, 8.0], dtype=torch.float64) ** 2
     expected = 1e-6 - 0.01 * delta2 * torch.sign(1e-6 - delta2)
     torch.testing.assert_close(state["v.w"], expected)
+
+
+def test_a_private_job_aggregates_with_fednova_stepping_one():
+    from dataclasses import replace
+
+    from echocare_core.engine.training import LocalTraining
+    from echocare_core.federation.job import Job
+    from echocare_core.federation.rounds import aggregate
+    from echocare_core.privacy.settings import DPSettings
+
+    job = Job(train=LocalTraining(batch_size=1, privacy=DPSettings(epsilon=8.0)))  # a site's steps: its samples
+    same = [({"w": torch.full((3,), 4.0)}, 4), ({"w": torch.full((3,), 1.0)}, 1)]
+    assert aggregate(CURRENT, same, job)[0]["w"].tolist() == pytest.approx([3.4] * 3)
+    assert aggregate(CURRENT, same, replace(job, train=LocalTraining(batch_size=1)))[0]["w"].tolist() == pytest.approx(
+        [6.8] * 3
+    )

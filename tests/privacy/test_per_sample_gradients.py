@@ -62,7 +62,7 @@ def _sample(target, i):
     return [target[i]] if isinstance(target, list) else target[i : i + 1]
 
 
-def _case(batches, task, mode):
+def _case(batches, task, mode, decoder="unetr"):
     """A float64 model in `mode` for `task`, its forward, non-contiguous images, targets, loss and images per
     sample."""
     spec, batch, per_sample = batches[task]
@@ -76,6 +76,7 @@ def _case(batches, task, mode):
         multi_label=spec.multi_label,
         target_stats=(50.0, 10.0),
         report=report,
+        decoder=decoder,
     )
     apply_finetune_mode(model, mode, lora_rank=2)
     model.double()
@@ -109,9 +110,11 @@ def _single_sample_gradients(model, forward, images, target, loss_fn):
 
 
 @pytest.mark.parametrize("mode", ["full", "frozen", "lora"])
-@pytest.mark.parametrize("task", TASKS)
-def test_per_sample_gradients_equal_single_sample_gradients(batches, task, mode):
-    model, forward, images, target, loss_fn, per_sample = _case(batches, task, mode)
+@pytest.mark.parametrize(
+    "task,decoder", [(t, "unetr") for t in TASKS] + [("segmentation", "light"), ("detection", "light")]
+)
+def test_per_sample_gradients_equal_single_sample_gradients(batches, task, decoder, mode):
+    model, forward, images, target, loss_fn, per_sample = _case(batches, task, mode, decoder)
     dp = DPTraining(
         model,
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),

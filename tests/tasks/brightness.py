@@ -16,7 +16,7 @@ class Brightness(Task):
     main_metric = "mae"
     lower_is_better = True
 
-    def head(self, cfg: Any, outputs: int, feature_size: int, report: Any) -> nn.Module:
+    def head(self, cfg: Any, outputs: int, feature_size: int, report: Any, decoder: str = "unetr") -> nn.Module:
         return ClassificationHead(cfg.stage_channels[-1], 1)
 
     def forward(self, model: Any, images: torch.Tensor, ids: Any = None) -> torch.Tensor:
