@@ -59,9 +59,11 @@ def test_all_five_outputs_equal_monais_on_the_same_weights(kwargs, fused):
         expected, got = ref(x), enc.forward_intermediates(x, intermediates_only=True)
         final = enc.forward_features(x)
     assert [tuple(t.shape[1:]) for t in got] == [(c, r, r) for c, r in zip(cfg.stage_channels, cfg.stage_resolutions)]
+    # float32 rounding; fused attention sums in another order, which grows to ~1e-5 by the last stage of `mini`
+    atol = 3e-5 if fused else 1e-5
     for i, (a, b) in enumerate(zip(got, expected)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"output {i}")
-    torch.testing.assert_close(final, expected[-1].permute(0, 2, 3, 1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-5, msg=f"output {i}")
+    torch.testing.assert_close(final, expected[-1].permute(0, 2, 3, 1), atol=atol, rtol=1e-5)
 
 
 def test_timm_style_api_and_finite_backward():
