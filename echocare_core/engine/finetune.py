@@ -29,6 +29,7 @@ from echocare_core.engine.run_report import read_metrics
 from echocare_core.engine.training import (
     Recipe,
     check_dataset,
+    device_batch,
     evaluate,
     num_classes,
     shuffled_keys,
@@ -258,7 +259,7 @@ def run_finetune(
         "%s, mode %s: %d of %d parameters train (%.2f%%)", spec.task, t.mode, trainable, total, 100 * trainable / total
     )
     enc, k, workers = model.encoder.cfg, num_classes(spec, tok), cfg.data.num_workers
-    physical = min(t.batch_size, cfg.max_batch_size or t.batch_size)  # what the device holds at once
+    physical = device_batch(t.batch_size, cfg.max_batch_size)
     sets = split_datasets(folder, spec, rows, enc, cfg.seed, cfg.model.frames, tok, cfg.model.report.views)
     n = len(sets["train"])
     recipe = Recipe.build(model, t, n, steps_per_epoch(n, t.batch_size) * cfg.epochs)

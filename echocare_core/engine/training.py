@@ -38,6 +38,7 @@ __all__ = [
     "NonFiniteLossError",
     "Recipe",
     "check_dataset",
+    "device_batch",
     "evaluate",
     "num_classes",
     "predict",
@@ -193,6 +194,11 @@ def _to(target: torch.Tensor | list[torch.Tensor], device: torch.device) -> torc
     return [t.to(device) for t in target] if isinstance(target, list) else target.to(device)
 
 
+def device_batch(batch_size: int, max_batch: int) -> int:
+    """How many samples go through the model at once: the batch, or the device's `max_batch` (0: no limit)."""
+    return min(batch_size, max_batch or batch_size)
+
+
 def train_epoch(
     model: EchoCareTaskModel,
     loader: DataLoader,
@@ -233,7 +239,7 @@ def train_epoch(
                 recipe.scheduler.step()
             continue
         n = len(batch["image"])
-        piece = max_batch or n
+        piece = device_batch(n, max_batch)
         value = 0.0
         for start in range(0, n, piece):
             image, target = batch["image"][start : start + piece], _to(batch["target"][start : start + piece], device)

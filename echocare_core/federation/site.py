@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from echocare_core.engine.training import (
     Recipe,
     check_dataset,
+    device_batch,
     evaluate,
     shuffled_keys,
     split_datasets,
@@ -269,7 +270,7 @@ def site_round(
         log.info("round %d: no kept layers of this job at the site: its %s head starts anew", server_round, job.task)
     model.to(device)
     enc, tok, t, dev = job.encoder, job.tokenizer, job.train, torch.device(device)
-    physical = min(t.batch_size, limits.max_batch_size)  # what the site's memory holds at once
+    physical = device_batch(t.batch_size, limits.max_batch_size)
     sets = split_datasets(folder, spec, rows, enc, job.seed, job.frames, tok, job.report.views)
     before = evaluate(model, sets["val"], dev, job.num_outputs, physical, num_workers)
     n = len(sets["train"])

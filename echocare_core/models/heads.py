@@ -22,7 +22,6 @@ __all__ = [
     "ClipRegressionHead",
     "DenseHead",
     "LightDenseHead",
-    "dense_head",
     "no_inplace",
 ]
 
@@ -140,10 +139,5 @@ class LightDenseHead(nn.Module):
         return self.out
 
 
-DECODERS = {"unetr": DenseHead, "light": LightDenseHead}
+DECODERS = {"unetr": DenseHead, "light": LightDenseHead}  # the dense decoders a job or a fine-tuning config names
 Decoder = Literal["unetr", "light"]
-
-
-def dense_head(cfg: EncoderConfig, out_channels: int, feature_size: int, decoder: str) -> DenseHead | LightDenseHead:
-    """The dense decoder a job or a fine-tuning config names (`unetr`, the default, or `light` for DP)."""
-    return DECODERS[decoder](cfg, out_channels, feature_size)

@@ -19,7 +19,7 @@ from torch import nn
 from echocare_core.data.io import ImageReadError, read_image
 from echocare_core.data.spec import DatasetSpec
 from echocare_core.data.text import ReportTokenizer
-from echocare_core.models.heads import Decoder, dense_head
+from echocare_core.models.heads import DECODERS, Decoder
 from echocare_core.models.report import ReportHeadConfig
 from echocare_core.models.swin import EncoderConfig
 
@@ -139,7 +139,7 @@ class Task(ABC):
         decoder: str = "unetr",
     ) -> nn.Module:
         """The head on the encoder (default: the dense decoder `decoder` of width `feature_size`)."""
-        return dense_head(cfg, outputs, feature_size, decoder)
+        return DECODERS[decoder](cfg, outputs, feature_size)
 
     def forward(self, model: Any, images: torch.Tensor, ids: torch.Tensor | None = None) -> Any:
         """The head's raw output for `images` (`EchoCareTaskModel.forward`)."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from echocare_core.data.spec import DatasetSpec
 from echocare_core.models.detection import HEAT_PRIOR, Detections, decode_detections, detection_loss
-from echocare_core.models.heads import dense_head
+from echocare_core.models.heads import DECODERS
 from echocare_core.tasks.base import Declared, Loss, Task, TaskHead
 from echocare_core.tasks.classification import Classification
 from echocare_core.tasks.drawing import draw, gray_of
@@ -38,7 +38,7 @@ class Detection(Task):
     def head(self, cfg: Any, outputs: int, feature_size: int, report: Any, decoder: str = "unetr") -> nn.Module:
         """Centre logits per class and two log box sizes; the centre heatmaps start at a low prior, as in
         CenterNet and RetinaNet."""
-        head = dense_head(cfg, outputs + 2, feature_size, decoder)
+        head = DECODERS[decoder](cfg, outputs + 2, feature_size)
         with torch.no_grad():
             head.out_conv.bias[:outputs] = math.log(HEAT_PRIOR / (1 - HEAT_PRIOR))
         return head

@@ -15,7 +15,7 @@ from torch import nn
 
 from echocare_core.data.io import read_image
 from echocare_core.data.spec import DatasetSpec
-from echocare_core.models.heads import dense_head
+from echocare_core.models.heads import DECODERS
 from echocare_core.tasks.base import Loss, Task, TaskHead
 
 __all__ = ["Enhancement", "enhancement_metrics"]
@@ -26,7 +26,7 @@ class Enhancement(Task):
     main_metric = "ssim"
 
     def head(self, cfg: Any, outputs: int, feature_size: int, report: Any, decoder: str = "unetr") -> nn.Module:
-        return dense_head(cfg, cfg.in_chans, feature_size, decoder)  # an image of the input's channels
+        return DECODERS[decoder](cfg, cfg.in_chans, feature_size)  # an image of the input's channels
 
     def decode(self, model: Any, out: torch.Tensor) -> torch.Tensor:
         """Enhanced images `[B, C, H, W]` in [0, 1]."""
